@@ -1,0 +1,117 @@
+"""Baseline checkpoints: save, read with clear errors, and check they fit the requested net.
+
+A baseline file is ``{"format": 1, "kind": "baseline", "net", "width", "num_classes",
+"state_dict", "meta"}`` written with ``torch.save`` and read with ``weights_only=True``.
+A bare state_dict of a ``build_vgg`` model is accepted too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import torch_save_atomic
+from rl_mtd.models import CFGS, build_vgg, check_net_name
+
+CHECKPOINT_FORMAT = 1
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with an error that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise RlMtdError(f"checkpoint {path} does not exist; pass an existing file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as exc:
+        raise RlMtdError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it may be "
+            "truncated or not a PyTorch file - re-save it or train a new baseline"
+        ) from None
+    if not isinstance(data, dict):
+        raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
+    return data
+
+
+def save_baseline(
+    path: str | os.PathLike, model: nn.Module, *, net: str, width: float, num_classes: int = 10,
+    meta: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch_save_atomic(
+        {"format": CHECKPOINT_FORMAT, "kind": "baseline", "net": net, "width": float(width),
+         "num_classes": int(num_classes), "state_dict": state, "meta": dict(meta or {})},
+        path,
+    )  # fmt: skip
+
+
+def _guess_net(state: dict[str, torch.Tensor]) -> str | None:
+    """The VGG whose conv count matches a state_dict's 4-D weights, if any."""
+    n_conv = sum(1 for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+    for name, cfg in CFGS.items():
+        if sum(1 for v in cfg if v != "M") == n_conv:
+            return name
+    return None
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RlMtdError(
+                f"{source}: tensor {name} holds NaN or inf values; the training that made it "
+                "diverged - retrain the baseline or pass another checkpoint"
+            )
+
+
+def load_baseline(
+    path: str | os.PathLike, *, net: str, width: float | None = None, num_classes: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a baseline for ``net``; a checkpoint of another net or width stops with a clear error.
+
+    Returns the model and the checkpoint's metadata (net, width, num_classes, meta).
+    """
+    check_net_name(net)
+    data = read_checkpoint(path)
+    if data.get("kind") == "compressed":
+        raise RlMtdError(
+            f"{path} is a compressed checkpoint; pass the uncompressed baseline as --checkpoint"
+        )
+    state = data.get("state_dict", data)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RlMtdError(f"{path} holds no state_dict of tensors")
+    saved_net = data.get("net")
+    if saved_net is not None and saved_net != net:
+        raise RlMtdError(
+            f"checkpoint {path} is a {saved_net}, not a {net}; pass --net {saved_net} or a "
+            f"{net} checkpoint"
+        )
+    saved_width = data.get("width")
+    if width is None:
+        width = float(saved_width) if saved_width is not None else 1.0
+    elif saved_width is not None and float(saved_width) != float(width):
+        raise RlMtdError(
+            f"checkpoint {path} is {net} at width {saved_width}, not {width}; pass "
+            f"--width {saved_width}"
+        )
+    if num_classes is None:
+        num_classes = int(data.get("num_classes", 10))
+    model = build_vgg(net, num_classes=num_classes, width=width)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        guess = _guess_net(state)
+        hint = f" It looks like a {guess}: pass --net {guess}." if guess and guess != net else ""
+        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
+        raise RlMtdError(
+            f"checkpoint {path} does not fit {net} at width {width}:{first[0]}{hint}"
+        ) from None
+    check_finite(model, str(path))
+    info = {"net": net, "width": width, "num_classes": num_classes, "meta": data.get("meta", {})}
+    return model, info

@@ -1,0 +1,357 @@
+"""Conv layers as decomposed blocks: Tucker-2 and CP, their parameter counts, and a factor cache.
+
+- ``tucker2`` (Kim et al. 2016): 1x1 conv ``I -> r_in`` (``U_in^T``), kxk core conv
+  ``r_in -> r_out`` (``G``, the original stride/padding/dilation), 1x1 conv ``r_out -> O``
+  (``U_out``, the original bias).
+- ``cp`` (Lebedev et al. 2015): 1x1 conv ``I -> R`` (``B^T``), depthwise ``kh x 1`` (``C``),
+  depthwise ``1 x kw`` (``D``), 1x1 conv ``R -> O`` (``A``, the original bias).
+
+Factors are cached by (hash of the kernel bytes, method, rank) in memory and on disk, so a layer
+is decomposed once across episodes, processes and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rl_mtd import factorize
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import cache_dir, torch_save_atomic
+
+log = logging.getLogger(__name__)
+
+METHODS = ("keep", "tucker2", "cp")
+DECOMPOSED = ("tucker2", "cp")
+# Bump when a factorisation changes, so stale cached factors are not reused.
+FACTOR_VERSION = 1
+
+Rank = int | tuple[int, int] | None
+
+
+class DecomposedConv(nn.Sequential):
+    """A conv replaced by a chain of smaller convs; keeps what it replaced for printing."""
+
+    def __init__(self, method: str, rank: Rank, source_shape: tuple[int, ...], *layers: nn.Module):
+        super().__init__(*layers)
+        self.method = method
+        self.rank = rank
+        self.source_shape = tuple(source_shape)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, rank={self.rank}, replaces={self.source_shape}"
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The model's original conv layers in forward (registration) order.
+
+    Convs inside a ``DecomposedConv`` are parts of a decomposition, not layers of their own.
+    """
+    inner: set[int] = set()
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, DecomposedConv):
+            inner.update(id(m) for m in module.modules())
+        elif isinstance(module, nn.Conv2d) and id(module) not in inner:
+            found.append((name, module))
+    return found
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise RlMtdError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def _check_conv(conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise RlMtdError(f"cannot decompose a grouped conv (groups={conv.groups})")
+
+
+def normalize_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank:
+    """Validate a rank for ``conv`` and return its canonical form (tuple for Tucker-2, int for CP)."""
+    _check_method(method)
+    o, i = conv.out_channels, conv.in_channels
+    if method == "keep":
+        return None
+    if method == "tucker2":
+        if isinstance(rank, int | float) and not isinstance(rank, bool):
+            pair = (int(rank), int(rank))
+        elif isinstance(rank, list | tuple) and len(rank) == 2:
+            pair = (int(rank[0]), int(rank[1]))
+        else:
+            raise RlMtdError(f"tucker2 rank must be an int or (r_out, r_in), got {rank!r}")
+        if not (1 <= pair[0] <= o and 1 <= pair[1] <= i):
+            raise RlMtdError(
+                f"tucker2 rank {pair} out of range for a conv with {o} outputs and {i} inputs"
+            )
+        return pair
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise RlMtdError(f"cp rank must be a positive int, got {rank!r}")
+    return int(rank)
+
+
+def layer_params(conv: nn.Conv2d) -> int:
+    """Parameters of the conv itself (weight and bias)."""
+    return conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+
+
+def decomposed_params(conv: nn.Conv2d, method: str, rank: Rank) -> int:
+    """Parameters of ``decompose_conv(conv, method, rank)``, computed without building it."""
+    rank = normalize_rank(conv, method, rank)
+    o, i = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    bias = o if conv.bias is not None else 0
+    if method == "keep":
+        return layer_params(conv)
+    if method == "tucker2":
+        r_out, r_in = rank  # type: ignore[misc]
+        return i * r_in + r_in * r_out * kh * kw + r_out * o + bias
+    return rank * (i + kh + kw + o) + bias  # type: ignore[operator]
+
+
+def _tucker_ranks_for(conv: nn.Conv2d, r_in: int) -> tuple[int, int]:
+    """Tucker-2 ranks that keep the layer's out/in channel proportion."""
+    o, i = conv.out_channels, conv.in_channels
+    return (min(o, max(1, round(r_in * o / i))), r_in)
+
+
+def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
+    """The rank whose decomposition has closest to ``layer_params / ratio`` parameters.
+
+    ``keep`` returns None. Tucker-2 keeps ``r_out / r_in = O / I``. Both methods are compared at
+    one parameter budget this way.
+    """
+    _check_method(method)
+    if method == "keep":
+        return None
+    if not ratio > 0 or not math.isfinite(ratio):
+        raise RlMtdError(f"ratio must be a positive number, got {ratio!r}")
+    budget = layer_params(conv) / ratio
+    if method == "cp":
+        # Params are linear in the rank: solve, then check the two neighbours.
+        per = sum((conv.in_channels, *conv.kernel_size, conv.out_channels))
+        bias = conv.out_channels if conv.bias is not None else 0
+        r = max(1, int((budget - bias) // per))
+        candidates: list[Rank] = [r, r + 1]
+    else:
+        candidates = [_tucker_ranks_for(conv, r) for r in range(1, conv.in_channels + 1)]
+    return min(candidates, key=lambda rk: abs(decomposed_params(conv, method, rk) - budget))
+
+
+# ----------------------------------------------------------------------------- the factor cache
+
+
+def weight_key(weight: torch.Tensor) -> str:
+    """Content hash of a kernel: its shape, dtype and bytes."""
+    w = weight.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(w.shape)}|{w.dtype}|v{FACTOR_VERSION}".encode())
+    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+class FactorCache:
+    """Factors by (kernel hash, method, rank): an LRU in memory over an optional disk store.
+
+    Disk entries are written atomically (temp file, then rename), so several processes can share
+    one directory: the worst case is two of them computing the same factors once each.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, max_items: int = 512):
+        self.directory = Path(directory) if directory is not None else None
+        self.max_items = max_items
+        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.disk_hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(wkey: str, method: str, rank: Rank) -> str:
+        r = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
+        return f"{wkey}-{method}-{r}"
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key]
+        path = self._path(key)
+        if path is not None and path.exists():
+            try:
+                value = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a torn or foreign file: recompute rather than fail
+                log.warning("ignoring unreadable cached factors %s (%s)", path, exc)
+            else:
+                self.disk_hits += 1
+                self._remember(key, value)
+                return value
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: dict[str, torch.Tensor]) -> None:
+        value = {k: v.detach().cpu() for k, v in value.items()}
+        self._remember(key, value)
+        path = self._path(key)
+        if path is not None:
+            try:
+                torch_save_atomic(value, path)
+            except OSError as exc:  # full disk or read-only cache: keep going from memory
+                log.warning("could not write factor cache %s (%s)", path, exc)
+
+    def _remember(self, key: str, value: dict[str, torch.Tensor]) -> None:
+        self._memory[key] = value
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+
+
+_default_cache: FactorCache | None = None
+
+
+def default_cache() -> FactorCache:
+    """The process-wide cache, on disk under ``cache_dir()/factors``."""
+    global _default_cache
+    directory = cache_dir() / "factors"
+    if _default_cache is None or _default_cache.directory != directory:
+        _default_cache = FactorCache(directory)
+    return _default_cache
+
+
+def compute_factors(weight: torch.Tensor, method: str, rank: Rank) -> dict[str, torch.Tensor]:
+    """Factor tensors for one kernel, uncached."""
+    if not torch.isfinite(weight).all():
+        raise RlMtdError(
+            "the conv kernel holds NaN or inf weights; the checkpoint is damaged or training "
+            "diverged - retrain or pass another --checkpoint"
+        )
+    if method == "tucker2":
+        t = factorize.tucker2(weight, rank)  # type: ignore[arg-type]
+        return {"core": t.core, "u_out": t.u_out, "u_in": t.u_in}
+    f = factorize.cp(weight, rank)  # type: ignore[arg-type]
+    return {"out": f.out, "inp": f.inp, "vertical": f.vertical, "horizontal": f.horizontal}
+
+
+def get_factors(
+    conv: nn.Conv2d,
+    method: str,
+    rank: Rank,
+    *,
+    cache: FactorCache | None = None,
+    wkey: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Factors of ``conv`` for ``method`` at ``rank``, from the cache when it has them."""
+    cache = cache if cache is not None else default_cache()
+    key = FactorCache.key(wkey or weight_key(conv.weight), method, rank)
+    found = cache.get(key)
+    if found is None:
+        found = compute_factors(conv.weight.detach(), method, rank)
+        cache.put(key, found)
+    return found
+
+
+# ----------------------------------------------------------------------------- building layers
+
+
+def _conv(cin: int, cout: int, kernel: tuple[int, int], **kw) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, **kw)
+
+
+def build_decomposed(conv: nn.Conv2d, method: str, rank: Rank) -> nn.Module:
+    """The decomposed block's structure with untrained weights (for loading a state_dict)."""
+    _check_conv(conv)
+    rank = normalize_rank(conv, method, rank)
+    o, i = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    ph, pw = _padding(conv)
+    dh, dw = conv.dilation
+    bias = conv.bias is not None
+    common = {"padding_mode": conv.padding_mode}
+    if method == "keep":
+        clone = nn.Conv2d(
+            i, o, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode,
+        )  # fmt: skip
+        return clone
+    if method == "tucker2":
+        r_out, r_in = rank  # type: ignore[misc]
+        layers = [
+            _conv(i, r_in, (1, 1), bias=False),
+            _conv(r_in, r_out, (kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
+                  bias=False, **common),
+            _conv(r_out, o, (1, 1), bias=bias),
+        ]  # fmt: skip
+    else:
+        r = int(rank)  # type: ignore[arg-type]
+        layers = [
+            _conv(i, r, (1, 1), bias=False),
+            _conv(r, r, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r,
+                  bias=False, **common),
+            _conv(r, r, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r,
+                  bias=False, **common),
+            _conv(r, o, (1, 1), bias=bias),
+        ]  # fmt: skip
+    block = DecomposedConv(method, rank, tuple(conv.weight.shape), *layers)
+    return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        raise RlMtdError("padding='same' convs are not supported; use explicit integer padding")
+    return conv.padding  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def load_factors(block: nn.Module, conv: nn.Conv2d, factors: dict[str, torch.Tensor]) -> None:
+    """Write factor tensors into a block made by ``build_decomposed``."""
+    dev, dt = conv.weight.device, conv.weight.dtype
+    f = {k: v.to(device=dev, dtype=dt) for k, v in factors.items()}
+    layers = list(block.children())
+    if "core" in f:
+        layers[0].weight.copy_(f["u_in"].T[:, :, None, None])
+        layers[1].weight.copy_(f["core"])
+        layers[2].weight.copy_(f["u_out"][:, :, None, None])
+    else:
+        kh, kw = conv.kernel_size
+        r = f["out"].shape[1]
+        layers[0].weight.copy_(f["inp"].T[:, :, None, None])
+        layers[1].weight.copy_(f["vertical"].T.reshape(r, 1, kh, 1))
+        layers[2].weight.copy_(f["horizontal"].T.reshape(r, 1, 1, kw))
+        layers[3].weight.copy_(f["out"][:, :, None, None])
+    if conv.bias is not None:
+        layers[-1].bias.copy_(conv.bias)
+
+
+def decompose_conv(
+    conv: nn.Conv2d,
+    method: str,
+    rank: Rank,
+    *,
+    cache: FactorCache | None = None,
+    wkey: str | None = None,
+) -> nn.Module:
+    """Replace ``conv`` by its ``method`` decomposition at ``rank``; ``keep`` returns a copy.
+
+    ``rank`` is ``(r_out, r_in)`` or an int for Tucker-2, an int for CP. Stride, padding, dilation
+    and bias carry over. Factors come from ``cache`` (default: the process-wide disk cache).
+    """
+    block = build_decomposed(conv, method, rank)
+    if method == "keep":
+        block.load_state_dict(conv.state_dict())
+        return block
+    rank = normalize_rank(conv, method, rank)
+    load_factors(block, conv, get_factors(conv, method, rank, cache=cache, wkey=wkey))
+    return block

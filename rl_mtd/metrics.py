@@ -1,0 +1,110 @@
+"""Counting parameters and multiply-accumulates, and measuring latency.
+
+What is counted:
+- parameters: every trainable tensor of the model (convs, BatchNorm affine, the head); running
+  statistics are buffers and are not counted.
+- MACs: multiply-accumulates of ``nn.Conv2d`` and ``nn.Linear`` layers for one image of
+  ``input_shape`` (batch 1); BatchNorm, ReLU and pooling are not counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters of the whole model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _module_macs(module: nn.Module, output: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        per_output = (module.in_channels // module.groups) * kh * kw
+        return int(output[0].numel()) * per_output
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    return 0
+
+
+@torch.no_grad()
+def macs_by_layer(
+    model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)
+) -> OrderedDict[str, int]:
+    """MACs of every conv and linear layer for one input, keyed by module name, in call order.
+
+    Output shapes come from one forward pass of a single zero image.
+    """
+    found: OrderedDict[str, int] = OrderedDict()
+    names = {m: n for n, m in model.named_modules()}
+    hooks = []
+
+    def hook(module: nn.Module, _inp, out):
+        found[names[module]] = found.get(names[module], 0) + _module_macs(module, out)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        device = _device_of(model)
+        was_training = model.training
+        model.eval()
+        model(torch.zeros((1, *input_shape[1:]), device=device))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Total conv and linear MACs for one image of ``input_shape``."""
+    return sum(macs_by_layer(model, input_shape).values())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    warmup: int = 5,
+    repeats: int = 20,
+    input_size: int = 32,
+) -> dict[str, float]:
+    """Median (and spread) of forward-pass wall time in milliseconds, after a warm-up."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        model(x)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p10_ms": times[len(times) // 10],
+        "p90_ms": times[(len(times) * 9) // 10],
+        "batch_size": float(batch_size),
+        "repeats": float(repeats),
+    }
