@@ -1,0 +1,141 @@
+"""Command line of ``run_agent.py`` and the ``rl-mtd`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+from agents.config import PRESETS, RunConfig
+from rl_mtd.decompose import METHODS
+from rl_mtd.errors import RlMtdError
+from rl_mtd.models import NET_NAMES
+
+log = logging.getLogger("rl_mtd")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for mistyped choices."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if "invalid choice" in message:
+            bad = message.split("'")[1] if "'" in message else ""
+            pool = list(NET_NAMES) + list(PRESETS) + ["auto", "cpu", "cuda"]
+            close = difflib.get_close_matches(bad, pool, n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        super().error(message)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    for n in names:
+        if n not in METHODS:
+            close = difflib.get_close_matches(n, METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise argparse.ArgumentTypeError(
+                f"unknown method {n!r}{hint}; choose from {', '.join(METHODS)}"
+            )
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="run_agent.py",
+        description="Search per-layer Tucker-2/CP decompositions of a VGG with PPO, apply the "
+        "best policy, fine-tune and report.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--net", default="vgg16", choices=NET_NAMES, help="network")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--data", default=None, help="CIFAR-10 source: torchvision folder, ImageFolder "
+                   "dir/.tar.gz/.zip, 'synthetic'; default $RL_MTD_DATA, else download")
+    p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: train one "
+                   "and cache it)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<net>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    p.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="budgets: smoke (seconds), cpu (about an hour), paper (GPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, training and the agent")
+    g = p.add_argument_group("search")
+    g.add_argument("--target-ratio", type=float, default=None,
+                   help="whole-model parameter compression target (default 32)")
+    g.add_argument("--tradeoff", action="store_true",
+                   help="no target: reward accuracy against log compression instead")
+    g.add_argument("--methods", type=_methods, default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)}")
+    g.add_argument("--levels", type=_floats, default=None,
+                   help="comma-separated per-layer reduction factors (default 2,4,...,128)")
+    g.add_argument("--episodes", type=int, default=None, help="search episodes (preset sets it)")
+    g.add_argument("--timesteps", type=int, default=None, help="search length in env steps "
+                   "(overrides --episodes)")
+    g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
+    g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
+    g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
+    t = p.add_argument_group("training")
+    t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
+    t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
+    t.add_argument("--kd", type=float, default=0.0, help="distillation weight from the baseline "
+                   "during fine-tuning (0 off, e.g. 0.5)")
+    t.add_argument("--train-size", type=int, default=None, help="use only this many training images")
+    t.add_argument("--test-size", type=int, default=None, help="use only this many test images")
+    r = p.add_argument_group("replay and resume")
+    r.add_argument("--replay", default=None, help="policy.json or agent.zip to apply instead of "
+                   "searching (with --checkpoint)")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a search")
+    r.add_argument("--on-interrupt", default="ask", choices=["ask", "report", "stop"],
+                   help="after Ctrl-C in the search: ask, go on to the report, or stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
+    overrides = {
+        "net": args.net, "width": args.width, "data": args.data, "checkpoint": args.checkpoint,
+        "out": args.out, "overwrite": args.overwrite, "device": args.device, "seed": args.seed,
+        "methods": args.methods, "levels": args.levels, "episodes": args.episodes,
+        "timesteps": args.timesteps, "n_envs": args.n_envs, "proxy_size": args.proxy_size,
+        "bn_batches": args.bn_batches, "baseline_epochs": args.baseline_epochs,
+        "finetune_epochs": args.finetune_epochs, "kd": args.kd, "train_size": args.train_size,
+        "test_size": args.test_size, "replay": args.replay, "resume": args.resume,
+        "on_interrupt": args.on_interrupt, "progress": not args.no_progress, "argv": argv,
+        "target_ratio": args.target_ratio,
+    }  # fmt: skip
+    cfg = RunConfig.with_preset(args.preset, **overrides)
+    if args.tradeoff:
+        if args.target_ratio is not None:
+            raise RlMtdError("--tradeoff and --target-ratio exclude each other; pass one")
+        cfg.target_ratio = None
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stdout)  # fmt: skip
+    from agents.pipeline import run  # heavy imports after argument errors are reported
+
+    try:
+        run(config_from_args(args, argv))
+    except RlMtdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, a read-only directory
+        print(f"error: {exc.strerror or exc} ({exc.filename or ''}); free space or pick another "
+              "--out / RL_MTD_CACHE", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0

@@ -1,0 +1,98 @@
+"""The one configuration of a run: every setting, its documentation, and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from envs.mixed_decomposition import DEFAULT_LEVELS
+from rl_mtd.decompose import METHODS
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: a pipeline check, not a result.
+    "smoke": dict(
+        baseline_epochs=4, train_size=2000, proxy_size=500, test_size=1000, episodes=16,
+        bn_batches=4, finetune_epochs=0.5, latency_repeats=3,
+    ),
+    # A real but small search that fits a 2-core CPU in about an hour at width 0.25.
+    "cpu": dict(
+        baseline_epochs=15, train_size=None, proxy_size=2000, test_size=None, episodes=120,
+        bn_batches=8, finetune_epochs=5, latency_repeats=10,
+    ),
+    # Paper scale; meant for a GPU.
+    "paper": dict(
+        baseline_epochs=60, train_size=None, proxy_size=5000, test_size=None, episodes=600,
+        bn_batches=20, finetune_epochs=30, latency_repeats=20,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one ``run_agent.py`` run (written to ``config.json``)."""
+
+    net: str = "vgg16"
+    """Network: vgg11, vgg13, vgg16 or vgg19."""
+    width: float = 1.0
+    """Channel width multiplier (0.125 for tests, 1.0 for the real nets)."""
+    data: str | None = None
+    """Dataset source: a torchvision CIFAR-10 folder, an ImageFolder dir/.tar.gz/.zip, 'synthetic'
+    or None for $RL_MTD_DATA, else torchvision's download."""
+    checkpoint: str | None = None
+    """Baseline checkpoint; None trains one (cached under the cache directory)."""
+    out: str | None = None
+    """Run directory; None means runs/<net>-<time>."""
+    overwrite: bool = False
+    preset: str = "paper"
+    device: str = "auto"
+    seed: int = 0
+    # budgets (set by the preset unless given)
+    baseline_epochs: float = 60
+    train_size: int | None = None
+    proxy_size: int = 5000
+    test_size: int | None = None
+    episodes: int = 600
+    """Search length in episodes (timesteps = episodes x conv layers unless --timesteps)."""
+    timesteps: int | None = None
+    bn_batches: int = 20
+    finetune_epochs: float = 30
+    latency_repeats: int = 20
+    # search
+    target_ratio: float | None = 32.0
+    """Whole-model parameter compression target; None for the accuracy/size trade-off mode."""
+    methods: tuple[str, ...] = METHODS
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    n_envs: int = 1
+    # training
+    lr: float = 0.05
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    kd: float = 0.0
+    """Distillation weight from the baseline during fine-tuning (0: off)."""
+    # replay / resume
+    replay: str | None = None
+    resume: str | None = None
+    on_interrupt: str = "ask"
+    progress: bool = True
+    argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def with_preset(cls, preset: str, **overrides: Any) -> RunConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["methods"], d["levels"] = list(self.methods), list(self.levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["methods"] = tuple(values.get("methods", METHODS))
+        values["levels"] = tuple(values.get("levels", DEFAULT_LEVELS))
+        return cls(**values)

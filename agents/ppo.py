@@ -1,0 +1,97 @@
+"""PPO construction with defaults that suit short, terminal-reward episodes, and agent files."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3 import PPO
+from stable_baselines3.common.vec_env import VecEnv
+
+from rl_mtd.errors import RlMtdError
+
+AGENT_META = "rl_mtd.json"  # extra member of agent.zip; SB3 ignores non-.pth extras
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters. Rollouts are whole episodes: ``n_steps = episodes_per_rollout * L``."""
+
+    episodes_per_rollout: int = 4
+    """Episodes per environment per rollout."""
+    n_epochs: int = 10
+    batch_episodes: int = 2
+    """Minibatch size in episodes."""
+    learning_rate: float = 3e-4
+    gamma: float = 0.99
+    """Near 1: the only reward arrives at the end of the episode."""
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    clip_range: float = 0.2
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_ppo(
+    env: VecEnv, episode_length: int, *, config: PPOConfig | None = None, seed: int = 0,
+    tensorboard_log: str | None = None, device: str = "cpu",
+) -> PPO:  # fmt: skip
+    """A PPO agent whose rollouts hold whole episodes of ``env``."""
+    cfg = config or PPOConfig()
+    n_steps = max(2, cfg.episodes_per_rollout * episode_length)
+    batch = max(2, cfg.batch_episodes * episode_length)
+    total = n_steps * env.num_envs
+    while total % batch:  # SB3 warns on a truncated last minibatch
+        batch -= 1
+    return PPO(
+        "MlpPolicy", env, n_steps=n_steps, batch_size=batch, n_epochs=cfg.n_epochs,
+        learning_rate=cfg.learning_rate, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+        ent_coef=cfg.ent_coef, clip_range=cfg.clip_range,
+        policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed,
+        tensorboard_log=tensorboard_log, device=device, verbose=0,
+    )  # fmt: skip
+
+
+def save_agent(model: PPO, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Save the SB3 model plus what replay needs to check it fits (net, width, methods, levels)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.zip")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as zf:
+        zf.writestr(AGENT_META, json.dumps(meta, indent=2))
+    os.replace(tmp, path)
+
+
+def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The rl_mtd metadata inside an agent.zip, with a clear error for foreign or broken files."""
+    path = Path(path)
+    if not path.is_file():
+        raise RlMtdError(f"agent file {path} does not exist")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if AGENT_META not in zf.namelist():
+                raise RlMtdError(
+                    f"{path} is not an rl_mtd agent (no {AGENT_META} inside); replay the "
+                    "agent.zip of a run_agent.py run"
+                )
+            meta = json.loads(zf.read(AGENT_META))
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RlMtdError(f"agent file {path} is damaged ({exc}); it may be truncated") from None
+    for key in ("net", "width", "methods", "levels"):
+        if key not in meta:
+            raise RlMtdError(f"agent file {path}: its metadata lacks {key!r}")
+    return meta
+
+
+def load_agent(path: str | os.PathLike, device: str = "cpu") -> PPO:
+    read_agent_meta(path)
+    try:
+        return PPO.load(path, device=device)
+    except Exception as exc:  # SB3 raises many types for a broken zip
+        raise RlMtdError(f"agent file {path} cannot be loaded ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,285 @@
+"""The environment: one step per conv layer, each action a decomposition method and a level."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from rl_mtd.decompose import DECOMPOSED, METHODS, decomposed_params, layer_params, rank_for_ratio
+from rl_mtd.errors import RlMtdError
+from rl_mtd.metrics import macs_by_layer
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+
+DEFAULT_LEVELS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
+N_STATE = 5  # budget used, budget left, remaining original share, previous method, previous level
+
+
+@dataclass
+class EnvConfig:
+    """Settings of ``MixedDecompositionEnv``."""
+
+    methods: tuple[str, ...] = METHODS
+    """Methods the agent may pick, from ``keep tucker2 cp``."""
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    """Per-layer parameter reduction factors, weakest first."""
+    target_ratio: float | None = 32.0
+    """Whole-model compression target (budget mode); None for the trade-off mode."""
+    beyond_target_weight: float = 0.05
+    """Budget mode: reward per doubling of compression beyond the target."""
+    tradeoff_weight: float = 0.05
+    """Trade-off mode: reward per doubling of compression."""
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.levels = tuple(float(v) for v in self.levels)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise RlMtdError(
+                f"methods must be distinct names from {', '.join(METHODS)}; got {self.methods}"
+            )
+        if not any(m in DECOMPOSED for m in self.methods):
+            raise RlMtdError("methods must include tucker2 or cp; 'keep' alone compresses nothing")
+        if not self.levels or any(not (v > 1) or not math.isfinite(v) for v in self.levels):
+            raise RlMtdError(f"levels must be finite reduction factors > 1, got {self.levels}")
+        if list(self.levels) != sorted(self.levels):
+            raise RlMtdError(f"levels must be in increasing order, got {self.levels}")
+        if self.target_ratio is not None and not self.target_ratio > 1:
+            raise RlMtdError(f"target ratio must be > 1, got {self.target_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Layer:
+    name: str
+    original: int
+    options: dict[tuple[int, int], tuple[Any, int]] = field(default_factory=dict)
+    """(method index, level index) -> (rank, parameters)."""
+
+
+class MixedDecompositionEnv(gym.Env):
+    """Choose, layer by layer, how to decompose a CNN's convolutions.
+
+    ## Description
+    One episode walks through the network's conv layers in forward order. At each layer the agent
+    picks a method (``keep``, ``tucker2`` or ``cp``) and a level: the factor by which the layer's
+    parameters should shrink. After the last layer the whole policy is scored by the proxy
+    (``rl_mtd.proxy.Proxy``): accuracy after a BatchNorm re-estimate on the proxy split.
+
+    ## Action Space
+    ``Discrete(len(methods) * len(levels))``; action ``a`` means method ``methods[a // L]`` at
+    level ``levels[a % L]`` (``L = len(levels)``). For ``keep`` the level is ignored. The rank for
+    a level is ``rank_for_ratio(conv, method, level)``, so both methods meet one budget.
+
+    ## Observation Space
+    ``Box(0, 1, (13,), float32)``. Static layer features, each min-max normalised over the
+    network's conv layers: 0 index, 1 in channels, 2 out channels, 3 kernel size, 4 stride,
+    5 input feature-map size, 6 parameters, 7 MACs. Episode state: 8 budget used (compressed
+    parameters chosen so far / original model parameters), 9 budget left (parameters still
+    allowed under the target / original parameters; 0 in trade-off mode), 10 share of the
+    original conv parameters in this and later layers, 11 previous method index / (methods - 1),
+    12 previous level index / (levels - 1).
+
+    ## Rewards
+    0 on every step but the last. On the last, with ``a`` the proxy accuracy, ``a0`` the
+    baseline's proxy accuracy (both 0..1) and ``c`` the whole-model compression ratio:
+    - budget mode (``target_ratio`` T set): ``(a - a0) + beyond_target_weight * log2(c / T)``
+      for ``c > T`` (the second term is 0 otherwise; the wall below keeps ``c >= T``);
+    - trade-off mode (``target_ratio=None``): ``(a - a0) + tradeoff_weight * log2(c)``.
+
+    ## Budget wall (budget mode)
+    After each action, if the layers still to come could not reach the target even at their
+    strongest level, this layer's level is raised just enough (AMC's "action wall"; a ``keep``
+    becomes the first decomposition method that fits). ``info["action"]`` is the action actually
+    taken, ``info["requested_action"]`` the agent's.
+
+    ## Episode End
+    Terminates after the last conv layer; never truncated. ``info`` on the last step carries the
+    policy (``info["policy"]``, a dict) and the proxy's result (``info["proxy"]``).
+
+    ## Arguments
+    ``proxy``: a ``Proxy`` over the baseline model; ``config``: an ``EnvConfig``.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, proxy: Proxy, config: EnvConfig | None = None):
+        super().__init__()
+        self.proxy = proxy
+        self.config = config or EnvConfig()
+        self.methods = self.config.methods
+        self.levels = self.config.levels
+        self.action_space = spaces.Discrete(len(self.methods) * len(self.levels))
+        self.observation_space = spaces.Box(0.0, 1.0, (N_STATIC + N_STATE,), dtype=np.float32)
+        self._layers, self._static = self._describe_layers()
+        self.params_original = proxy.params_original
+        conv_total = sum(layer.original for layer in self._layers)
+        self._fixed = self.params_original - conv_total  # BatchNorm, head: never decomposed
+        self._conv_total = conv_total
+        self._min_after = self._suffix_minimum()
+        self.max_ratio = self.params_original / (self._fixed + self._min_after[0])
+        if self.config.target_ratio is not None and self.config.target_ratio > self.max_ratio:
+            raise RlMtdError(
+                f"target ratio {self.config.target_ratio:g} is beyond what these levels can reach "
+                f"on this model (at most {self.max_ratio:.1f}x); lower --target-ratio or add "
+                "stronger --levels"
+            )
+        self._i = 0
+        self._choices: list[tuple[int, int]] = []
+
+    # ----------------------------------------------------------------- setup
+    def _describe_layers(self) -> tuple[list[_Layer], np.ndarray]:
+        model = self.proxy.model
+        sizes: dict[str, int] = {}
+        hooks = []
+        for name, conv in self.proxy.convs:
+
+            def record(_module, inputs, name=name):
+                sizes[name] = inputs[0].shape[-1]
+
+            hooks.append(conv.register_forward_pre_hook(record))
+        try:
+            macs = macs_by_layer(model)  # the same forward pass records each conv's input size
+        finally:
+            for h in hooks:
+                h.remove()
+        layers, rows = [], []
+        for idx, (name, conv) in enumerate(self.proxy.convs):
+            layer = _Layer(name, layer_params(conv))
+            for mi, method in enumerate(self.methods):
+                for li, level in enumerate(self.levels):
+                    rank = rank_for_ratio(conv, method, level)
+                    layer.options[(mi, li)] = (rank, decomposed_params(conv, method, rank))
+            layers.append(layer)
+            rows.append([idx, conv.in_channels, conv.out_channels, conv.kernel_size[0],
+                         conv.stride[0], sizes[name], layer.original, macs[name]])  # fmt: skip
+        table = np.asarray(rows, dtype=np.float64)
+        span = table.max(0) - table.min(0)
+        static = np.where(span > 0, (table - table.min(0)) / np.where(span > 0, span, 1), 0.0)
+        return layers, static.astype(np.float32)
+
+    def _cheapest(self, layer: _Layer) -> int:
+        return min(p for _, p in layer.options.values())
+
+    def _suffix_minimum(self) -> list[int]:
+        """Fewest parameters layers ``i..`` can have, for every ``i`` (and 0 past the end)."""
+        out = [0] * (len(self._layers) + 1)
+        for i in range(len(self._layers) - 1, -1, -1):
+            out[i] = out[i + 1] + self._cheapest(self._layers[i])
+        return out
+
+    # ----------------------------------------------------------------- gym API
+    def _obs(self) -> np.ndarray:
+        i = min(self._i, len(self._layers) - 1)
+        used = self._fixed + sum(self._params_of(k, c) for k, c in enumerate(self._choices))
+        target = self.config.target_ratio
+        left = 0.0
+        if target is not None:
+            left = max(0.0, self.params_original / target - used) / self.params_original
+        remaining = sum(layer.original for layer in self._layers[self._i:]) / self._conv_total
+        if self._choices:
+            pm, pl = self._choices[-1]
+            prev = [pm / max(1, len(self.methods) - 1), pl / max(1, len(self.levels) - 1)]
+        else:
+            prev = [0.0, 0.0]
+        state = [min(1.0, used / self.params_original), min(1.0, left), remaining, *prev]
+        return np.clip(np.concatenate([self._static[i], np.asarray(state, np.float32)]), 0, 1)
+
+    def _params_of(self, i: int, choice: tuple[int, int]) -> int:
+        return self._layers[i].options[choice][1]
+
+    def decode(self, action: int) -> tuple[int, int]:
+        """``(method index, level index)`` of an action."""
+        a = int(action)
+        if not 0 <= a < self.action_space.n:
+            raise ValueError(f"action {action} outside 0..{self.action_space.n - 1}")
+        return divmod(a, len(self.levels))
+
+    def encode(self, method_index: int, level_index: int) -> int:
+        return method_index * len(self.levels) + level_index
+
+    def _wall(self, choice: tuple[int, int]) -> tuple[int, int]:
+        """Raise this layer's level just enough that the target stays reachable."""
+        target = self.config.target_ratio
+        if target is None:
+            return choice
+        allowed = self.params_original / target
+        before = self._fixed + sum(self._params_of(k, c) for k, c in enumerate(self._choices))
+        rest = self._min_after[self._i + 1]
+
+        def fits(c: tuple[int, int]) -> bool:
+            return before + self._params_of(self._i, c) + rest <= allowed
+
+        if fits(choice):
+            return choice
+        mi, li = choice
+        order = [mi] if self.methods[mi] != "keep" else []
+        order += [k for k, m in enumerate(self.methods) if m != "keep" and k not in order]
+        for m in order:
+            for lv in range(li if m == mi else 0, len(self.levels)):
+                if fits((m, lv)):
+                    return (m, lv)
+        # Unreachable while target <= max_ratio; fall back to this layer's cheapest option.
+        return min(self._layers[self._i].options, key=lambda c: self._params_of(self._i, c))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._i = 0
+        self._choices = []
+        return self._obs(), {}
+
+    def step(self, action):
+        if self._i >= len(self._layers):
+            raise RuntimeError("episode is over; call reset()")
+        requested = self.decode(action)
+        choice = self._wall(requested)
+        layer = self._layers[self._i]
+        self._choices.append(choice)
+        info: dict[str, Any] = {
+            "layer": layer.name,
+            "requested_action": self.encode(*requested),
+            "action": self.encode(*choice),
+            "method": self.methods[choice[0]],
+            "level": self.levels[choice[1]],
+            "wall": choice != requested,
+        }
+        self._i += 1
+        terminated = self._i == len(self._layers)
+        reward = 0.0
+        if terminated:
+            policy = self.current_policy()
+            result = self.proxy.evaluate(policy)
+            reward = self.reward(result.accuracy, result.compression_ratio)
+            info.update(policy=policy.to_dict(), proxy=result.to_dict(), reward=reward,
+                        baseline_acc=self.proxy.baseline_acc)  # fmt: skip
+        return self._obs(), float(reward), terminated, False, info
+
+    # ----------------------------------------------------------------- helpers
+    def reward(self, accuracy: float, ratio: float) -> float:
+        gain = accuracy - self.proxy.baseline_acc
+        target = self.config.target_ratio
+        if target is None:
+            return gain + self.config.tradeoff_weight * math.log2(ratio)
+        return gain + self.config.beyond_target_weight * max(0.0, math.log2(ratio / target))
+
+    def current_policy(self) -> Policy:
+        choices = []
+        for layer, (mi, li) in zip(self._layers, self._choices):
+            method = self.methods[mi]
+            choices.append((method, layer.options[(mi, li)][0] if method != "keep" else None))
+        return Policy.from_choices(
+            self.proxy.model, choices, net=self.proxy.net, width=self.proxy.width,
+            num_classes=self.proxy.num_classes, meta={"target_ratio": self.config.target_ratio},
+        )  # fmt: skip
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)

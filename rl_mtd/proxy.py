@@ -1,0 +1,134 @@
+"""The quick proxy that scores a policy: compression and accuracy, on the GPU when there is one.
+
+``Proxy.evaluate(policy)``: apply the policy from cached factors, re-estimate BatchNorm statistics
+on a few training batches (no gradients), measure top-1 on the proxy split (carved from the
+training images; never the test split). Results are memoised by the per-layer choices, and the
+baseline is measured once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rl_mtd.data import Split
+from rl_mtd.decompose import FactorCache, conv_layers, weight_key
+from rl_mtd.errors import RlMtdError
+from rl_mtd.metrics import count_macs, count_params
+from rl_mtd.policy import Policy, apply_policy
+from rl_mtd.train import evaluate, reestimate_bn
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when there is one; asking for CUDA without one is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RlMtdError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+@dataclass
+class ProxyResult:
+    accuracy: float
+    compression_ratio: float
+    """Parameters of the whole original model / of the whole compressed model."""
+    macs_ratio: float
+    params: int
+    macs: int
+    seconds: float
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ProxyConfig:
+    bn_batches: int = 10
+    """Training batches for the BatchNorm re-estimate (0 turns it off)."""
+    bn_batch_size: int = 128
+    eval_batch_size: int = 1000
+    seed: int = 0
+
+
+class Proxy:
+    """Scores policies on one baseline model; memoises by policy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        train: Split,
+        proxy: Split,
+        device: str | torch.device | None = "auto",
+        config: ProxyConfig | None = None,
+        cache: FactorCache | None = None,
+        net: str | None = None,
+        width: float | None = None,
+    ):
+        if len(proxy) == 0:
+            raise RlMtdError("the proxy split is empty; give it some images (--proxy-size)")
+        self.device = resolve_device(device)
+        self.config = config or ProxyConfig()
+        self.model = model.to(self.device).eval()
+        self.net = net or getattr(model, "net_name", None)
+        self.width = float(width if width is not None else getattr(model, "width", 1.0))
+        head = getattr(model, "classifier", None)
+        self.num_classes = int(getattr(head, "out_features", 10))
+        if self.net is None:
+            raise ValueError("pass net=...: the model does not say which VGG it is")
+        self.train_split = train.to(self.device)
+        self.proxy_split = proxy.to(self.device)
+        self.cache = cache
+        self.convs = conv_layers(self.model)
+        self.wkeys = [weight_key(c.weight) for _, c in self.convs]  # hashed once, not per episode
+        self.params_original = count_params(self.model)
+        self.macs_original = count_macs(self.model)
+        self._memo: dict[tuple, ProxyResult] = {}
+        self.evaluations = 0  # real (non-memoised) evaluations
+        t0 = time.perf_counter()
+        self.baseline_acc = evaluate(self.model, self.proxy_split, batch_size=self.config.eval_batch_size)
+        self.baseline_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def policy_key(policy: Policy) -> tuple:
+        return tuple((c.method, c.rank) for c in policy.layers)
+
+    def compress(self, policy: Policy) -> nn.Module:
+        """The compressed model with re-estimated BatchNorm statistics (when configured)."""
+        model = apply_policy(self.model, policy, cache=self.cache, wkeys=self.wkeys)
+        if self.config.bn_batches > 0 and any(c.method != "keep" for c in policy.layers):
+            reestimate_bn(
+                model, self.train_split, batches=self.config.bn_batches,
+                batch_size=self.config.bn_batch_size, seed=self.config.seed,
+            )  # fmt: skip
+        return model.eval()
+
+    def evaluate(self, policy: Policy) -> ProxyResult:
+        key = self.policy_key(policy)
+        if key in self._memo:
+            hit = self._memo[key]
+            return ProxyResult(**{**hit.to_dict(), "cached": True})
+        t0 = time.perf_counter()
+        model = self.compress(policy)
+        acc = evaluate(model, self.proxy_split, batch_size=self.config.eval_batch_size)
+        params, macs = count_params(model), count_macs(model)
+        result = ProxyResult(
+            accuracy=acc,
+            compression_ratio=self.params_original / params,
+            macs_ratio=self.macs_original / macs,
+            params=params,
+            macs=macs,
+            seconds=time.perf_counter() - t0,
+        )
+        self._memo[key] = result
+        self.evaluations += 1
+        return result
