@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rl_mtd.decompose import DECOMPOSED, METHODS, decomposed_params, layer_params, rank_for_ratio
+from rl_mtd.budget import BudgetTable
+from rl_mtd.decompose import DECOMPOSED, METHODS, layer_params
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
 from rl_mtd.policy import Policy
@@ -55,14 +56,6 @@ class EnvConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class _Layer:
-    name: str
-    original: int
-    options: dict[tuple[int, int], tuple[Any, int]] = field(default_factory=dict)
-    """(method index, level index) -> (rank, parameters)."""
 
 
 class MixedDecompositionEnv(gym.Env):
@@ -119,25 +112,17 @@ class MixedDecompositionEnv(gym.Env):
         self.levels = self.config.levels
         self.action_space = spaces.Discrete(len(self.methods) * len(self.levels))
         self.observation_space = spaces.Box(0.0, 1.0, (N_STATIC + N_STATE,), dtype=np.float32)
-        self._layers, self._static = self._describe_layers()
-        self.params_original = proxy.params_original
-        conv_total = sum(layer.original for layer in self._layers)
-        self._fixed = self.params_original - conv_total  # BatchNorm, head: never decomposed
-        self._conv_total = conv_total
-        self._min_after = self._suffix_minimum()
-        self.max_ratio = self.params_original / (self._fixed + self._min_after[0])
-        if self.config.target_ratio is not None and self.config.target_ratio > self.max_ratio:
-            raise RlMtdError(
-                f"target ratio {self.config.target_ratio:g} is beyond what these levels can reach "
-                f"on this model (at most {self.max_ratio:.1f}x); lower --target-ratio or add "
-                "stronger --levels"
-            )
+        self.table = BudgetTable(proxy.model, self.methods, self.levels)
+        self.table.check_target(self.config.target_ratio)
+        self.max_ratio = self.table.max_ratio
+        self.params_original = self.table.params_original
+        self._static = self._describe_layers()
         self._i = 0
         self._choices: list[tuple[int, int]] = []
 
     # ----------------------------------------------------------------- setup
-    def _describe_layers(self) -> tuple[list[_Layer], np.ndarray]:
-        model = self.proxy.model
+    def _describe_layers(self) -> np.ndarray:
+        """Min-max normalised static features, one row per conv layer."""
         sizes: dict[str, int] = {}
         hooks = []
         for name, conv in self.proxy.convs:
@@ -147,44 +132,27 @@ class MixedDecompositionEnv(gym.Env):
 
             hooks.append(conv.register_forward_pre_hook(record))
         try:
-            macs = macs_by_layer(model)  # the same forward pass records each conv's input size
+            macs = macs_by_layer(self.proxy.model)  # the same pass records each conv's input size
         finally:
             for h in hooks:
                 h.remove()
-        layers, rows = [], []
-        for idx, (name, conv) in enumerate(self.proxy.convs):
-            layer = _Layer(name, layer_params(conv))
-            for mi, method in enumerate(self.methods):
-                for li, level in enumerate(self.levels):
-                    rank = rank_for_ratio(conv, method, level)
-                    layer.options[(mi, li)] = (rank, decomposed_params(conv, method, rank))
-            layers.append(layer)
-            rows.append([idx, conv.in_channels, conv.out_channels, conv.kernel_size[0],
-                         conv.stride[0], sizes[name], layer.original, macs[name]])  # fmt: skip
+        rows = [[idx, conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                 sizes[name], layer_params(conv), macs[name]]
+                for idx, (name, conv) in enumerate(self.proxy.convs)]  # fmt: skip
         table = np.asarray(rows, dtype=np.float64)
         span = table.max(0) - table.min(0)
         static = np.where(span > 0, (table - table.min(0)) / np.where(span > 0, span, 1), 0.0)
-        return layers, static.astype(np.float32)
-
-    def _cheapest(self, layer: _Layer) -> int:
-        return min(p for _, p in layer.options.values())
-
-    def _suffix_minimum(self) -> list[int]:
-        """Fewest parameters layers ``i..`` can have, for every ``i`` (and 0 past the end)."""
-        out = [0] * (len(self._layers) + 1)
-        for i in range(len(self._layers) - 1, -1, -1):
-            out[i] = out[i + 1] + self._cheapest(self._layers[i])
-        return out
+        return static.astype(np.float32)
 
     # ----------------------------------------------------------------- gym API
     def _obs(self) -> np.ndarray:
-        i = min(self._i, len(self._layers) - 1)
-        used = self._fixed + sum(self._params_of(k, c) for k, c in enumerate(self._choices))
+        i = min(self._i, self.num_layers - 1)
+        used = self.table.used(self._choices)
         target = self.config.target_ratio
         left = 0.0
         if target is not None:
             left = max(0.0, self.params_original / target - used) / self.params_original
-        remaining = sum(layer.original for layer in self._layers[self._i:]) / self._conv_total
+        remaining = sum(lay.original for lay in self.table.layers[self._i :]) / self.table.conv_original
         if self._choices:
             pm, pl = self._choices[-1]
             prev = [pm / max(1, len(self.methods) - 1), pl / max(1, len(self.levels) - 1)]
@@ -192,9 +160,6 @@ class MixedDecompositionEnv(gym.Env):
             prev = [0.0, 0.0]
         state = [min(1.0, used / self.params_original), min(1.0, left), remaining, *prev]
         return np.clip(np.concatenate([self._static[i], np.asarray(state, np.float32)]), 0, 1)
-
-    def _params_of(self, i: int, choice: tuple[int, int]) -> int:
-        return self._layers[i].options[choice][1]
 
     def decode(self, action: int) -> tuple[int, int]:
         """``(method index, level index)`` of an action."""
@@ -206,30 +171,6 @@ class MixedDecompositionEnv(gym.Env):
     def encode(self, method_index: int, level_index: int) -> int:
         return method_index * len(self.levels) + level_index
 
-    def _wall(self, choice: tuple[int, int]) -> tuple[int, int]:
-        """Raise this layer's level just enough that the target stays reachable."""
-        target = self.config.target_ratio
-        if target is None:
-            return choice
-        allowed = self.params_original / target
-        before = self._fixed + sum(self._params_of(k, c) for k, c in enumerate(self._choices))
-        rest = self._min_after[self._i + 1]
-
-        def fits(c: tuple[int, int]) -> bool:
-            return before + self._params_of(self._i, c) + rest <= allowed
-
-        if fits(choice):
-            return choice
-        mi, li = choice
-        order = [mi] if self.methods[mi] != "keep" else []
-        order += [k for k, m in enumerate(self.methods) if m != "keep" and k not in order]
-        for m in order:
-            for lv in range(li if m == mi else 0, len(self.levels)):
-                if fits((m, lv)):
-                    return (m, lv)
-        # Unreachable while target <= max_ratio; fall back to this layer's cheapest option.
-        return min(self._layers[self._i].options, key=lambda c: self._params_of(self._i, c))
-
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._i = 0
@@ -237,11 +178,11 @@ class MixedDecompositionEnv(gym.Env):
         return self._obs(), {}
 
     def step(self, action):
-        if self._i >= len(self._layers):
+        if self._i >= self.num_layers:
             raise RuntimeError("episode is over; call reset()")
         requested = self.decode(action)
-        choice = self._wall(requested)
-        layer = self._layers[self._i]
+        choice = self.table.wall(self._choices, requested, self.config.target_ratio)
+        layer = self.table.layers[self._i]
         self._choices.append(choice)
         info: dict[str, Any] = {
             "layer": layer.name,
@@ -252,7 +193,7 @@ class MixedDecompositionEnv(gym.Env):
             "wall": choice != requested,
         }
         self._i += 1
-        terminated = self._i == len(self._layers)
+        terminated = self._i == self.num_layers
         reward = 0.0
         if terminated:
             policy = self.current_policy()
@@ -271,15 +212,12 @@ class MixedDecompositionEnv(gym.Env):
         return gain + self.config.beyond_target_weight * max(0.0, math.log2(ratio / target))
 
     def current_policy(self) -> Policy:
-        choices = []
-        for layer, (mi, li) in zip(self._layers, self._choices):
-            method = self.methods[mi]
-            choices.append((method, layer.options[(mi, li)][0] if method != "keep" else None))
         return Policy.from_choices(
-            self.proxy.model, choices, net=self.proxy.net, width=self.proxy.width,
-            num_classes=self.proxy.num_classes, meta={"target_ratio": self.config.target_ratio},
+            self.proxy.model, self.table.to_choices(self._choices), net=self.proxy.net,
+            width=self.proxy.width, num_classes=self.proxy.num_classes,
+            meta={"target_ratio": self.config.target_ratio},
         )  # fmt: skip
 
     @property
     def num_layers(self) -> int:
-        return len(self._layers)
+        return len(self.table.layers)
