@@ -1,0 +1,100 @@
+"""Training, collapse recovery, distillation, evaluation and the BatchNorm re-estimate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from rl_mtd.data import Split, load_cifar10, make_splits, normalize
+from rl_mtd.models import build_vgg
+from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    data = load_cifar10("synthetic:800,200")
+    return make_splits(data, proxy_size=200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(splits):
+    torch.manual_seed(0)
+    model = build_vgg("vgg11", width=0.125)
+    result = train(model, splits.train, config=TrainConfig(epochs=4, lr=0.05, batch_size=64),
+                   val_split=splits.proxy, progress=False)  # fmt: skip
+    return model, result
+
+
+def test_training_learns_the_synthetic_task(splits, trained):
+    model, result = trained
+    acc = evaluate(model, splits.test)
+    assert acc > 0.5, f"a tiny VGG should learn the synthetic classes, got {acc:.3f}"
+    assert result.best_acc == pytest.approx(evaluate(model, splits.proxy))
+    assert result.steps == 4 * (len(splits.train) // 64)
+    assert all("val_acc" in h for h in result.history)
+
+
+def test_collapse_is_detected_and_the_best_state_kept(splits, trained):
+    model = copy.deepcopy(trained[0])
+    before = evaluate(model, splits.proxy)
+    # A learning rate far too high, no clipping: SGD diverges within an epoch.
+    cfg = TrainConfig(epochs=2, lr=50.0, batch_size=64, grad_clip=None, evals_per_epoch=4,
+                      max_recoveries=2)  # fmt: skip
+    result = train(model, splits.train, config=cfg, val_split=splits.proxy, progress=False)
+    assert result.recoveries >= 1
+    after = evaluate(model, splits.proxy)
+    assert after >= before, "training must leave the best state it has seen"
+    assert after == pytest.approx(result.best_acc)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_distillation_runs_and_moves_towards_the_teacher(splits, trained):
+    teacher = trained[0]
+    student = build_vgg("vgg11", width=0.125)
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=64, kd_alpha=0.9, kd_temperature=4.0)
+    x = normalize(splits.proxy.x[:64])
+    teacher.eval()
+    student.eval()
+    gap_before = (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean()
+    train(student, splits.train, config=cfg, teacher=teacher, progress=False)
+    student.eval()
+    gap_after = (student(x).softmax(1) - teacher(x).softmax(1)).abs().mean()
+    assert gap_after < gap_before
+
+
+def test_reestimate_bn_matches_the_data_statistics():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4))
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    split = Split(images, torch.zeros(256, dtype=torch.int64))
+    model.eval()
+    reestimate_bn(model, split, batches=100, batch_size=64)  # all 4 batches
+    with torch.no_grad():
+        feats = conv(normalize(images))
+    expected = feats.mean(dim=(0, 2, 3))
+    assert torch.allclose(model[1].running_mean, expected, atol=1e-4)
+    assert model[1].momentum == 0.1, "the BN momentum must be restored"
+    assert not model.training, "the caller's eval mode must be restored"
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="kd_alpha"):
+        TrainConfig(kd_alpha=2.0)
+
+
+def test_too_small_training_split_is_a_clear_error(splits):
+    tiny = Split(splits.train.x[:10], splits.train.y[:10])
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        train(build_vgg("vgg11", width=0.125), tiny, config=TrainConfig(batch_size=64),
+              progress=False)  # fmt: skip
