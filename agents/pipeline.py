@@ -26,7 +26,7 @@ from torch import nn
 from agents.config import RunConfig
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.checkpoints import load_baseline, save_baseline
-from rl_mtd.data import DataSplits, load_cifar10, make_splits
+from rl_mtd.data import Cifar, DataSplits, load_cifar10, make_splits
 from rl_mtd.decompose import conv_layers, layer_params
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir, write_json_atomic
@@ -96,13 +96,13 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
 # ----------------------------------------------------------------------------- stages
 
 
-def load_data(cfg: RunConfig) -> tuple[DataSplits, str]:
+def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
     data = load_cifar10(cfg.data, progress=cfg.progress)
     splits = make_splits(
         data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=cfg.train_size,
         test_size=cfg.test_size,
     )  # fmt: skip
-    return splits, data.source
+    return splits, data
 
 
 def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:
@@ -317,8 +317,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         cfg = _resume_config(cfg)
     replay = validate(cfg)
     device = resolve_device(cfg.device)
-    splits, source = load_data(cfg)
-    data_key = source
+    splits, data = load_data(cfg)
+    source, data_key = data.source, data.key
     splits = splits.to(device)
     run_dir = Path(cfg.out) if cfg.out else default_out(cfg)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data_key).exists()

@@ -1,0 +1,71 @@
+"""Shared setup of the benchmark scripts: data, a cached baseline, and small statistics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+
+import numpy as np
+import torch
+
+from agents.config import RunConfig
+from agents.pipeline import get_baseline, load_data
+from rl_mtd.data import DataSplits
+from rl_mtd.proxy import resolve_device
+
+
+def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: float = 0.25) -> None:
+    p.add_argument("--net", default=net)
+    p.add_argument("--width", type=float, default=width)
+    p.add_argument("--data", default=None, help="dataset source (default $RL_MTD_DATA)")
+    p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: train, cached)")
+    p.add_argument("--baseline-epochs", type=float, default=10)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--proxy-size", type=int, default=2000)
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the baseline")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def setup(args: argparse.Namespace) -> tuple[RunConfig, DataSplits, torch.nn.Module, torch.device]:
+    """Data splits and the baseline (trained once and cached, exactly as run_agent.py does)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = RunConfig(net=args.net, width=args.width, data=args.data, checkpoint=args.checkpoint,
+                    baseline_epochs=args.baseline_epochs, train_size=args.train_size,
+                    proxy_size=args.proxy_size, test_size=args.test_size, device=args.device,
+                    seed=args.seed, progress=not args.no_progress, batch_size=args.batch_size,
+                    lr=args.lr)  # fmt: skip
+    device = resolve_device(cfg.device)
+    splits, data = load_data(cfg)
+    splits = splits.to(device)
+    baseline, _ = get_baseline(cfg, splits, data.key, device)
+    return cfg, splits, baseline.eval(), device
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+            f"threads, {gpu}, torch {torch.__version__}")  # fmt: skip
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(x: list[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # average the ranks of ties
+            idx = x == v
+            r[idx] = r[idx].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])

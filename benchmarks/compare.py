@@ -1,0 +1,191 @@
+"""At one parameter budget, does the learned mixed policy beat what a user could do without it?
+
+For one baseline and dataset, runs PPO and every baseline strategy at each target, fine-tunes each
+result with the same budget and seed, and prints a Markdown table: strategy, target, reached ratio
+(parameters, whole model), MACs reduction, proxy accuracy, fine-tuned test accuracy, drop from the
+baseline, search seconds, CPU latency speed-up at batch 1 and 128. Draws test accuracy against
+compression ratio per strategy as a PNG.
+
+All strategies share one factor cache, pre-filled for every (layer, method, level) option before
+the first strategy runs, so search seconds compare search work, not who factorised first. Each
+strategy gets a fresh proxy (no memoised results carried over), except that the sensitivity
+study is run once and serves every target (its search seconds at the first target include the
+study). ``random`` gets as many proxy evaluations as the PPO run used at that target.
+
+    python benchmarks/compare.py --data ../shared/data/cifar10-jpeg.tar.gz --targets 8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+from _common import add_common_args, machine, setup
+
+from agents.config import RunConfig
+from agents.pipeline import finetune, search
+from rl_mtd.baselines import DEFAULT_LEVELS, SensitivityStudy, strategy_policy
+from rl_mtd.budget import BudgetTable
+from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.io import write_json_atomic, write_text_atomic
+from rl_mtd.metrics import count_macs, count_params, measure_latency
+from rl_mtd.proxy import Proxy, ProxyConfig
+from rl_mtd.train import evaluate
+
+ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity")
+
+
+def prefill_factors(model) -> float:
+    t0 = time.perf_counter()
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    for (_, conv), layer in zip(conv_layers(model), table.layers):
+        for (mi, _), (rank, _) in layer.options.items():
+            if METHODS[mi] != "keep":
+                get_factors(conv, METHODS[mi], rank, cache=default_cache())
+    return time.perf_counter() - t0
+
+
+def latency_speedup(baseline, compressed, repeats: int) -> tuple[float, float]:
+    out = []
+    for bs in (1, 128):
+        kw = {"batch_size": bs, "device": "cpu", "repeats": repeats, "warmup": 2}
+        a = measure_latency(copy.deepcopy(baseline).cpu(), **kw)["median_ms"]
+        b = measure_latency(copy.deepcopy(compressed).cpu(), **kw)["median_ms"]
+        out.append(a / b)
+    return out[0], out[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--targets", default="8,16", help="comma-separated whole-model targets")
+    p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
+    p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
+    p.add_argument("--bn-batches", type=int, default=8)
+    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--kd", type=float, default=0.0)
+    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument("--out-dir", default="benchmarks/results/compare")
+    args = p.parse_args()
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in ALL]
+    if unknown:
+        p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+    targets = [float(t) for t in args.targets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    cfg, splits, baseline, device = setup(args)
+    base_test = evaluate(baseline, splits.test)
+    params0, macs0 = count_params(baseline), count_macs(baseline)
+    prefill_s = prefill_factors(baseline)
+    print(f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
+          flush=True)  # fmt: skip
+    proxy_cfg = ProxyConfig(bn_batches=args.bn_batches, seed=args.seed)
+
+    def new_proxy() -> Proxy:
+        return Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,
+                     config=proxy_cfg, net=args.net, width=args.width)  # fmt: skip
+
+    study = None
+    rows = []
+    for seed in seeds:
+        for target in targets:
+            ppo_evals = None
+            for name in strategies:
+                proxy = new_proxy()
+                t0 = time.perf_counter()
+                if name == "ppo":
+                    rcfg = RunConfig(net=args.net, width=args.width, episodes=args.episodes,
+                                     target_ratio=target, seed=seed, progress=False,
+                                     on_interrupt="stop")  # fmt: skip
+                    run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    policy, _, _ = search(rcfg, proxy, run_dir, baseline_path="")
+                    ppo_evals = proxy.evaluations
+                elif name == "sensitivity":
+                    # One study serves every target: its per-layer evaluations are cached.
+                    if study is None:
+                        study = SensitivityStudy(proxy)
+                    proxy = study.proxy
+                    policy = strategy_policy(name, proxy, target, study=study)
+                else:
+                    policy = strategy_policy(name, proxy, target, seed=seed,
+                                             n_random=ppo_evals or args.episodes)  # fmt: skip
+                search_s = time.perf_counter() - t0
+                res = proxy.evaluate(policy)
+                ft_cfg = RunConfig(net=args.net, width=args.width, seed=seed, kd=args.kd,
+                                   batch_size=args.batch_size,
+                                   finetune_epochs=args.finetune_epochs,
+                                   finetune_lr=args.finetune_lr,
+                                   progress=not args.no_progress)  # fmt: skip
+                model, ft = finetune(ft_cfg, proxy, policy, baseline, splits)
+                test = evaluate(model, splits.test)
+                b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
+                row = {"strategy": name, "target": target, "seed": seed,
+                       "ratio": params0 / count_params(model),
+                       "macs_reduction": macs0 / count_macs(model), "proxy_acc": res.accuracy,
+                       "test_acc": test, "drop": base_test - test, "search_s": search_s,
+                       "speedup_b1": b1, "speedup_b128": b128, "recoveries": ft.recoveries,
+                       "methods": policy.methods()}  # fmt: skip
+                rows.append(row)
+                policy.save(out_dir / f"{name}-{target:g}x-seed{seed}.policy.json")
+                print(_row(row), flush=True)
+                write_json_atomic(out_dir / "rows.json", rows)
+
+    table = _table(rows, cfg, base_test, args)
+    print(table)
+    write_text_atomic(out_dir / "table.md", table + "\n")
+    _plot(rows, out_dir / "accuracy_vs_ratio.png", base_test)
+    write_json_atomic(out_dir / "rows.json", rows)
+    print(json.dumps({"out_dir": str(out_dir)}))
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['strategy']} | {r['target']:g}x | {r['seed']} | {r['ratio']:.1f}x | "
+            f"{r['macs_reduction']:.1f}x | {100 * r['proxy_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
+            f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {r['speedup_b1']:.2f}x | "
+            f"{r['speedup_b128']:.2f}x |")  # fmt: skip
+
+
+def _table(rows: list[dict], cfg, base_test: float, args) -> str:
+    head = [
+        f"{cfg.net} width {cfg.width:g}, baseline test accuracy {100 * base_test:.2f}%; "
+        f"fine-tune {args.finetune_epochs:g} epoch(s) at lr {args.finetune_lr:g} (kd {args.kd:g}) "
+        f"for every strategy; PPO {args.episodes} episodes; {machine()}",
+        "",
+        "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "
+        "fine-tuned test acc | drop (pts) | search s | CPU speed-up b1 | CPU speed-up b128 |",
+        "|-|-:|-:|-:|-:|-:|-:|-:|-:|-:|-:|",
+    ]  # fmt: skip
+    return "\n".join(head + [_row(r) for r in rows])
+
+
+def _plot(rows: list[dict], path: Path, base_test: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        pts = sorted((r["ratio"], r["test_acc"]) for r in rows if r["strategy"] == name)
+        ax.plot([x for x, _ in pts], [100 * y for _, y in pts], "o-", label=name)
+    ax.axhline(100 * base_test, color="gray", ls="--", label="baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (parameters, whole model)")
+    ax.set_ylabel("fine-tuned test accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Paper-scale run for a lent GPU (H100/H200): full-width baseline, PPO at targets 32, 37 and 50
+# (plus uniform Tucker-2 at the same budgets for reference), fine-tune, and the table printed last.
+#
+#   bash benchmarks/gpu_paper.sh vgg16              # on the GPU machine (see prepare below)
+#   bash benchmarks/gpu_paper.sh vgg16 --dry-run    # same code path, smoke scale, CPU, $RL_MTD_DATA
+#
+# Before a GPU run, on the dev machine: bash benchmarks/gpu_paper.sh prepare
+# copies the wheels (../shared/wheels-py312) and the CIFAR-10 archive into .gpu/ (git-ignored);
+# name .gpu in the device tool's carry. Budgets are sized for about 8 minutes per net on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "prepare" ]]; then
+  mkdir -p .gpu/wheels
+  cp ../shared/wheels-py312/*.whl .gpu/wheels/
+  cp ../shared/data/cifar10-jpeg.tar.gz .gpu/
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  du -sh .gpu
+  exit 0
+fi
+
+NET=${1:?usage: gpu_paper.sh NET [--dry-run] | gpu_paper.sh prepare}
+DRY=0
+[[ "${2:-}" == "--dry-run" ]] && DRY=1
+WORK=/tmp/rl_mtd_gpu          # everything the run writes; the key files are copied to $OUT
+OUT_DIR="${OUT:-$WORK}"        # the device tool brings back at most 8 files from $OUT
+mkdir -p "$WORK" "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+
+if [[ $DRY == 1 ]]; then
+  DATA="${RL_MTD_DATA:?--dry-run reads the dataset from RL_MTD_DATA; set it}"
+  ARGS=(--width 0.125 --device cpu --baseline-epochs 1 --train-size 1000 --proxy-size 200
+        --test-size 500 --targets 8,16 --episodes 3 --finetune-epochs 0.2 --latency-repeats 2
+        --no-progress)
+  export RL_MTD_CACHE="${RL_MTD_CACHE:-$WORK/cache}"
+else
+  DATA=.gpu/cifar10-jpeg.tar.gz
+  [[ -f $DATA ]] || { echo "error: $DATA missing; run 'bash benchmarks/gpu_paper.sh prepare' and carry .gpu" >&2; exit 2; }
+  if ! python3 -c "import gymnasium, stable_baselines3, tensorly" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  fi
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  export RL_MTD_CACHE="${RL_MTD_CACHE:-/tmp/rl_mtd_cache}"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  ARGS=(--width 1 --device cuda --baseline-epochs 30 --batch-size 256 --lr 0.1
+        --proxy-size 5000 --targets 32,37,50 --episodes 100 --finetune-epochs 6
+        --kd 0.5 --latency-repeats 10 --no-progress)
+fi
+
+set -o pipefail
+"${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,tucker2 \
+  --out-dir "$WORK/$NET" "${ARGS[@]}" 2>&1 | tee "$OUT_DIR/$NET-log.txt"
+# The per-row reports and the plot beside the log, then the table last (the tool returns the tail).
+cp "$WORK/$NET/rows.json" "$OUT_DIR/$NET-report.json"
+cp "$WORK/$NET/accuracy_vs_ratio.png" "$OUT_DIR/$NET-accuracy_vs_ratio.png"
+echo
+cat "$WORK/$NET/table.md"

@@ -1,0 +1,101 @@
+"""Seconds per proxy episode and search episodes per minute, with a warm factor cache.
+
+The weights do not change the cost of an episode, so the net is freshly initialised unless
+``--checkpoint`` is given. Steps: (1) factorise every (layer, method, level) option once (the
+cold cost, reported); (2) time proxy evaluations of random policies on a fresh Proxy (no memo,
+warm factors); (3) run a short PPO search and count episodes per minute.
+
+    python benchmarks/proxy_speed.py --net vgg16 --width 1 --proxy-size 2000 \
+        --data ../shared/data/cifar10-jpeg.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+
+from _common import machine
+
+from rl_mtd.baselines import DEFAULT_LEVELS, random_policies
+from rl_mtd.budget import BudgetTable
+from rl_mtd.checkpoints import load_baseline
+from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.models import build_vgg
+from rl_mtd.proxy import Proxy, ProxyConfig, resolve_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="vgg16")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--data", default=None)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--proxy-size", type=int, default=2000)
+    p.add_argument("--bn-batches", type=int, default=8)
+    p.add_argument("--target", type=float, default=32.0)
+    p.add_argument("--policies", type=int, default=3, help="timed proxy evaluations")
+    p.add_argument("--episodes", type=int, default=4, help="episodes of the timed PPO search")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device(args.device)
+    splits = make_splits(load_cifar10(args.data), proxy_size=args.proxy_size, seed=0).to(device)
+    if args.checkpoint:
+        model, _ = load_baseline(args.checkpoint, net=args.net, width=args.width)
+    else:
+        model = build_vgg(args.net, width=args.width)
+    model = model.to(device).eval()
+
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    convs = [c for _, c in conv_layers(model)]
+    t0 = time.perf_counter()
+    n_fact = 0
+    for conv, layer in zip(convs, table.layers):
+        for (mi, _), (rank, _) in layer.options.items():
+            if METHODS[mi] != "keep":
+                get_factors(conv, METHODS[mi], rank, cache=default_cache())
+                n_fact += 1
+    warm_s = time.perf_counter() - t0
+
+    cfg = ProxyConfig(bn_batches=args.bn_batches)
+    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device, config=cfg,
+                  net=args.net, width=args.width)  # fmt: skip
+    times = []
+    for policy in random_policies(proxy, args.target, args.policies, seed=1):
+        times.append(proxy.evaluate(policy).seconds)
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.callbacks import SearchCallback
+    from agents.ppo import make_ppo
+    from envs import EnvConfig, MixedDecompositionEnv
+
+    search_proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+                         config=cfg, net=args.net, width=args.width)  # fmt: skip
+    env_cfg = EnvConfig(target_ratio=args.target)
+    venv = DummyVecEnv([lambda: MixedDecompositionEnv(search_proxy, env_cfg)])
+    with tempfile.TemporaryDirectory() as run_dir:
+        agent = make_ppo(venv, len(convs), seed=0)
+        callback = SearchCallback(run_dir, max_episodes=args.episodes)
+        t1 = time.perf_counter()
+        agent.learn(args.episodes * len(convs) * 4, callback=callback)
+        search_s = time.perf_counter() - t1
+        n_eps = len(callback.episodes)
+
+    print(f"machine: {machine()}; device {device}")
+    print(f"| what | value |\n|-|-|\n"
+          f"| net | {args.net} width {args.width:g}, {len(convs)} conv layers |\n"
+          f"| proxy split / BN batches | {len(splits.proxy)} images / {args.bn_batches} x 128 |\n"
+          f"| cold: factorise all {n_fact} (layer, method, level) options once | {warm_s:.1f} s |\n"
+          f"| proxy seconds per episode, warm cache (median of {len(times)}) | "
+          f"{statistics.median(times):.2f} s |\n"
+          f"| PPO search: {n_eps} episodes in {search_s:.1f} s | "
+          f"{60 * n_eps / search_s:.2f} episodes/min |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Tests for the baseline strategies (rl_mtd.baselines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rl_mtd.baselines import (
+    DEFAULT_LEVELS,
+    STRATEGIES,
+    SensitivityStudy,
+    _vbmf_choices,
+    random_policies,
+    random_search,
+    sensitivity_policy,
+    strategy_policy,
+    uniform_policy,
+    vbmf_policy,
+    vbmf_ranks,
+)
+from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.decompose import (
+    FactorCache,
+    conv_layers,
+    decomposed_params,
+    layer_params,
+    rank_for_ratio,
+)
+from rl_mtd.errors import RlMtdError
+from rl_mtd.metrics import count_params
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, apply_policy
+from rl_mtd.proxy import Proxy
+
+WIDTH = 0.125
+NET = "vgg11"
+STUDY_LEVELS = (4, 16, 64)  # fewer than the default, to keep the study to a few seconds
+N_RANDOM = 4
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    """Keep the on-disk factor cache out of ~/.cache."""
+    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny convs on a shared 2-core box run ~10x faster without thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_vgg(NET, width=WIDTH)
+
+
+@pytest.fixture(scope="module")
+def proxy(model) -> Proxy:
+    splits = make_splits(load_cifar10("synthetic:600,200"), proxy_size=200)
+    # A memory-only factor cache: module-scoped, so it cannot use the per-test RL_MTD_CACHE.
+    return Proxy(model, train=splits.train, proxy=splits.proxy, device="cpu", cache=FactorCache())
+
+
+@pytest.fixture(scope="module")
+def study(proxy) -> SensitivityStudy:
+    return SensitivityStudy(proxy, methods=("tucker2", "cp"), levels=STUDY_LEVELS)
+
+
+def _ratio(model: nn.Module, policy: Policy) -> float:
+    return count_params(model) / policy.predicted_params(model)
+
+
+def _policy(name: str, proxy: Proxy, study: SensitivityStudy, target: float) -> Policy:
+    return strategy_policy(name, proxy, target, n_random=N_RANDOM, study=study)
+
+
+# ----------------------------------------------------------------------------- every strategy
+
+
+@pytest.mark.parametrize("target", [4, 8])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_returns_valid_policy_reaching_target(name, target, model, proxy, study):
+    policy = _policy(name, proxy, study, target)
+    assert len(policy.layers) == len(conv_layers(model))
+    assert (policy.net, policy.width, policy.num_classes) == (NET, WIDTH, 10)
+    assert policy.meta["strategy"] == name
+    assert policy.meta["target_ratio"] == target
+    assert any(c.method != "keep" for c in policy.layers)
+    # JSON round trip gives the same policy.
+    again = Policy.from_dict(json.loads(json.dumps(policy.to_dict())))
+    assert again == policy
+    # Reaches the target, counted on the whole model, and the prediction is exact.
+    assert policy.predicted_params(model) <= count_params(model) / target
+    assert _ratio(model, policy) >= target
+    built = apply_policy(model, policy, factorize=False)
+    assert count_params(built) == policy.predicted_params(model)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_unreachable_target_raises(name, proxy, study):
+    before = proxy.evaluations
+    with pytest.raises(RlMtdError, match="cannot be reached|beyond what"):
+        _policy(name, proxy, study, 1e5)
+    assert proxy.evaluations == before  # found out before any evaluation
+
+
+@pytest.mark.parametrize("bad", [0, -2, math.nan, math.inf])
+def test_bad_target_raises(bad, proxy, study):
+    with pytest.raises(RlMtdError, match="target ratio"):
+        _policy("tucker2", proxy, study, bad)
+
+
+def test_unknown_strategy_raises(proxy):
+    with pytest.raises(RlMtdError, match="unknown strategy 'svd'"):
+        strategy_policy("svd", proxy, 4)
+
+
+# ----------------------------------------------------------------------------- uniform
+
+
+@pytest.mark.parametrize("target", [4, 8])
+@pytest.mark.parametrize("method", ["tucker2", "cp"])
+def test_uniform_is_one_method_one_ratio_close_to_target(method, target, model):
+    policy = uniform_policy(model, method, target, net=NET, width=WIDTH)
+    assert {c.method for c in policy.layers} <= {method, "keep"}
+    # The big layers are all decomposed; only a too-small layer may be kept.
+    assert all(c.method == method for c in policy.layers[1:])
+    ratio = _ratio(model, policy)
+    assert target <= ratio < 1.25 * target
+    # The shared ratio is the smallest that works: a slightly smaller one misses the target.
+    r = policy.meta["layer_ratio"]
+    choices = []
+    for (_, conv), choice in zip(conv_layers(model), policy.layers):
+        rank = rank_for_ratio(conv, method, r)
+        assert choice.method == "keep" or choice.rank == rank
+        smaller = rank_for_ratio(conv, method, r * 0.999)
+        kept = decomposed_params(conv, method, smaller) >= layer_params(conv)
+        choices.append(("keep", None) if kept else (method, smaller))
+    looser = Policy.from_choices(model, choices, net=NET, width=WIDTH)
+    assert _ratio(model, looser) < target
+
+
+def test_uniform_rejects_keep(model):
+    with pytest.raises(RlMtdError, match="tucker2"):
+        uniform_policy(model, "keep", 4, net=NET, width=WIDTH)
+
+
+# ----------------------------------------------------------------------------- VBMF
+
+
+def _low_rank_conv(o: int, i: int, ranks: tuple[int, int], noise: float, seed: int) -> nn.Conv2d:
+    """A conv whose kernel has multilinear ranks ``ranks`` on its channel modes, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    core = torch.randn(ranks[0], ranks[1], 3, 3, generator=g, dtype=torch.float64)
+    u_out, _ = torch.linalg.qr(torch.randn(o, ranks[0], generator=g, dtype=torch.float64))
+    u_in, _ = torch.linalg.qr(torch.randn(i, ranks[1], generator=g, dtype=torch.float64))
+    w = torch.einsum("abhw,oa,ib->oihw", core, u_out, u_in)
+    w = w + noise * w.std() * torch.randn(w.shape, generator=g, dtype=torch.float64)
+    conv = nn.Conv2d(i, o, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w.float())
+    return conv
+
+
+@pytest.mark.parametrize(
+    "o,i,ranks,seed",
+    [(32, 24, (5, 3), 0), (64, 64, (12, 20), 1), (16, 48, (9, 4), 2)],
+)
+def test_vbmf_ranks_recover_known_multilinear_rank(o, i, ranks, seed):
+    conv = _low_rank_conv(o, i, ranks, noise=0.02, seed=seed)
+    assert vbmf_ranks(conv) == ranks
+
+
+def test_vbmf_ranks_are_at_least_one_and_at_most_channels(model):
+    for _, conv in conv_layers(model):
+        r_out, r_in = vbmf_ranks(conv)
+        assert 1 <= r_out <= conv.out_channels and 1 <= r_in <= conv.in_channels
+
+
+@pytest.mark.parametrize("target", [4, 8])
+def test_vbmf_scale_is_largest_that_reaches_target(target, model):
+    policy = vbmf_policy(model, target, net=NET, width=WIDTH)
+    assert {c.method for c in policy.layers} <= {"tucker2", "keep"}
+    bases = [tuple(b) for b in policy.meta["vbmf_ranks"]]
+    assert bases == [vbmf_ranks(conv) for _, conv in conv_layers(model)]
+    s = policy.meta["scale"]
+    # The ranks are the EVBMF ranks times one common factor, rounded and clipped.
+    for (_, conv), base, choice in zip(conv_layers(model), bases, policy.layers):
+        if choice.method == "tucker2":
+            assert choice.rank == (
+                min(conv.out_channels, max(1, math.floor(s * base[0] + 0.5))),
+                min(conv.in_channels, max(1, math.floor(s * base[1] + 0.5))),
+            )
+    # As close as possible from above: a slightly larger factor misses the target.
+    convs = conv_layers(model)
+    larger = Policy.from_choices(
+        model, _vbmf_choices(convs, bases, s * (1 + 1e-6)), net=NET, width=WIDTH
+    )
+    assert _ratio(model, larger) < target <= _ratio(model, policy)
+
+
+def test_vbmf_uses_the_layer_proportions():
+    """Layers with different EVBMF ranks keep their proportions after scaling."""
+    torch.manual_seed(0)
+    model = build_vgg(NET, width=WIDTH)
+    convs = conv_layers(model)
+    with torch.no_grad():
+        for k, (_, conv) in enumerate(convs[1:], start=1):
+            o, i = conv.out_channels, conv.in_channels
+            r = (max(1, o // 2), max(1, i // 8)) if k % 2 else (max(1, o // 8), max(1, i // 2))
+            conv.weight.copy_(_low_rank_conv(o, i, r, noise=0.02, seed=k).weight)
+    policy = vbmf_policy(model, 4, net=NET, width=WIDTH)
+    bases = policy.meta["vbmf_ranks"]
+    for k in range(2, len(convs)):
+        (bo, bi), choice = bases[k], policy.layers[k]
+        assert choice.method == "tucker2"
+        ro, ri = choice.rank
+        assert (ro > ri) == (bo > bi)  # the ratio's direction survives the scaling
+
+
+# ----------------------------------------------------------------------------- sensitivity
+
+
+def test_sensitivity_study_caches_its_evaluations(proxy, study):
+    results = study.run()
+    keys = study.keys()
+    assert set(results) == {k for k, _ in keys}
+    assert all(0.0 <= acc <= 1.0 for acc in results.values())
+    # Every entry compresses only its layer, so levels that give the same rank share one run.
+    assert 0 < study.evaluations <= len(keys)
+    before, count = proxy.evaluations, study.evaluations
+    assert study.run() == results
+    sensitivity_policy(proxy, 4, study=study)
+    sensitivity_policy(proxy, 8, study=study, levels=STUDY_LEVELS, methods=("tucker2", "cp"))
+    strategy_policy("sensitivity", proxy, 6, study=study)
+    assert proxy.evaluations == before
+    assert study.evaluations == count
+
+
+def test_sensitivity_study_rejects_another_setup(proxy, study):
+    with pytest.raises(RlMtdError, match="levels"):
+        sensitivity_policy(proxy, 4, study=study, levels=(2, 4))
+    with pytest.raises(RlMtdError, match="methods"):
+        sensitivity_policy(proxy, 4, study=study, methods=("cp",))
+    with pytest.raises(RlMtdError, match="unknown method"):
+        SensitivityStudy(proxy, methods=("keep",))
+
+
+def _fabricated_study(proxy: Proxy, sensitive: int) -> SensitivityStudy:
+    """A study whose results are set by hand: only layer ``sensitive`` loses accuracy."""
+    fake = SensitivityStudy(proxy, levels=STUDY_LEVELS)
+    for (i, method, level), _ in fake.keys():
+        fake.results[(i, method, level)] = 0.0 if i == sensitive else proxy.baseline_acc
+    return fake
+
+
+def test_sensitivity_greedy_spares_the_sensitive_layer(model, proxy):
+    last = len(conv_layers(model)) - 1
+    fake = _fabricated_study(proxy, sensitive=last)
+    before = proxy.evaluations
+    policy = sensitivity_policy(proxy, 3, study=fake)
+    assert proxy.evaluations == before and fake.evaluations == 0
+    assert policy.layers[last].method == "keep"
+    assert _ratio(model, policy) >= 3
+    # With no accuracy to lose, the biggest cuts come first: the layer's strongest options.
+    assert policy.layers[last - 1].method != "keep"
+
+
+def test_sensitivity_greedy_prefers_less_loss_per_parameter(model, proxy):
+    fake = SensitivityStudy(proxy, levels=STUDY_LEVELS)
+    base = proxy.baseline_acc
+    for (i, method, level), _ in fake.keys():
+        # CP always costs a little, Tucker-2 nothing: every move should be Tucker-2.
+        fake.results[(i, method, level)] = base - (0.01 if method == "cp" else 0.0)
+    policy = sensitivity_policy(proxy, 4, study=fake)
+    assert {c.method for c in policy.layers} <= {"tucker2", "keep"}
+    assert _ratio(model, policy) >= 4
+
+
+# ----------------------------------------------------------------------------- random
+
+
+def test_random_policies_are_seeded_and_reach_target(model, proxy):
+    a = random_policies(proxy, 8, 5, seed=0)
+    b = random_policies(proxy, 8, 5, seed=0)
+    c = random_policies(proxy, 8, 5, seed=1)
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in b]
+    assert [p.to_dict() for p in a] != [p.to_dict() for p in c]
+    assert len({json.dumps([x.to_dict() for x in p.layers]) for p in a}) > 1  # not all alike
+    for p in a + c:
+        assert len(p.layers) == len(conv_layers(model))
+        assert _ratio(model, p) >= 8
+        assert p.meta["strategy"] == "random" and p.meta["target_ratio"] == 8
+    # From a bare model: net and width come from the model or the keywords.
+    d = random_policies(model, 8, 5, seed=0, net=NET, width=WIDTH, num_classes=10)
+    assert [p.to_dict() for p in d] == [p.to_dict() for p in a]
+    e = random_policies(model, 8, 5, seed=0)
+    assert [p.to_dict() for p in e] == [p.to_dict() for p in a]
+
+
+def test_random_policies_respect_methods_and_levels(model):
+    policies = random_policies(model, 4, 6, methods=("keep", "cp"), levels=(8, 32), seed=3)
+    convs = conv_layers(model)
+    allowed = {None} | {rank_for_ratio(conv, "cp", lv) for _, conv in convs for lv in (8, 32)}
+    for p in policies:
+        assert {c.method for c in p.layers} <= {"keep", "cp"}
+        assert {c.rank for c in p.layers} <= allowed
+    with pytest.raises(RlMtdError, match="besides 'keep'"):
+        random_policies(model, 4, 2, methods=("keep",))
+    assert DEFAULT_LEVELS == (2, 4, 8, 16, 32, 64, 128)
+
+
+def test_random_search_returns_the_best_by_accuracy(model, proxy):
+    best, results = random_search(proxy, 4, N_RANDOM, seed=5)
+    policies = random_policies(proxy, 4, N_RANDOM, seed=5)
+    assert len(results) == N_RANDOM
+    top = max(r.accuracy for r in results)
+    winners = [(r.compression_ratio, p) for r, p in zip(results, policies) if r.accuracy == top]
+    assert best == max(winners, key=lambda w: w[0])[1]
+    k = policies.index(best)
+    assert math.isclose(results[k].compression_ratio, _ratio(model, best))
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def test_baselines_import_neither_gymnasium_nor_sb3():
+    code = (
+        "import sys, rl_mtd.baselines; "
+        "bad = [m for m in ('gymnasium', 'stable_baselines3') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
