@@ -97,12 +97,27 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
 
 
 def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
+    """Load the dataset and split it; size caps above what the data holds mean "all of it"."""
     data = load_cifar10(cfg.data, progress=cfg.progress)
-    splits = make_splits(
-        data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=cfg.train_size,
-        test_size=cfg.test_size,
-    )  # fmt: skip
+    if cfg.proxy_size >= len(data.train):
+        raise RlMtdError(
+            f"--proxy-size {cfg.proxy_size} leaves no training images ({len(data.train)} in "
+            f"{data.source}); pass a smaller --proxy-size"
+        )
+    available = len(data.train) - cfg.proxy_size
+    train_size = _cap("train", cfg.train_size, available)
+    test_size = _cap("test", cfg.test_size, len(data.test))
+    splits = make_splits(data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=train_size,
+                         test_size=test_size)  # fmt: skip
     return splits, data
+
+
+def _cap(what: str, size: int | None, available: int) -> int | None:
+    if size is not None and size > available:
+        log.warning("only %d %s images available; using all of them (asked for %d)",
+                    available, what, size)  # fmt: skip
+        return None
+    return size
 
 
 def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:

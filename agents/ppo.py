@@ -75,7 +75,13 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise RlMtdError(f"agent file {path} does not exist")
     try:
         with zipfile.ZipFile(path) as zf:
-            if AGENT_META not in zf.namelist():
+            names = zf.namelist()
+            if AGENT_META not in names and "data" not in names:
+                raise RlMtdError(
+                    f"agent file {path} is damaged (it may be truncated) or not a "
+                    "stable-baselines3 agent; replay the agent.zip of a run_agent.py run"
+                )
+            if AGENT_META not in names:
                 raise RlMtdError(
                     f"{path} is not an rl_mtd agent (no {AGENT_META} inside); replay the "
                     "agent.zip of a run_agent.py run"

@@ -1,0 +1,392 @@
+"""End-to-end tests of the command line: a smoke run, replays, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.cli import main
+from rl_mtd.checkpoints import save_baseline
+from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.decompose import METHODS
+from rl_mtd.io import CACHE_ENV, DATA_ENV
+from rl_mtd.metrics import count_params
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, load_compressed
+from rl_mtd.train import evaluate
+
+NET, WIDTH = "vgg11", 0.125
+TARGET = 8.0
+# Every run shares these, so one cached baseline (keyed by these settings) serves them all.
+COMMON = [
+    "--net", NET, "--width", str(WIDTH), "--preset", "smoke", "--no-progress", "--quiet",
+    "--data", "synthetic:600,200", "--proxy-size", "200", "--train-size", "400",
+    "--test-size", "200", "--baseline-epochs", "1", "--finetune-epochs", "0.2", "--seed", "0",
+]  # fmt: skip
+# Strong levels keep CP-ALS cheap on a CPU.
+SEARCH = ["--episodes", "3", "--levels", "16,32,64,128", "--target-ratio", str(TARGET)]
+
+RUN_FILES = ("config.json", "policy.json", "agent.zip", "compressed.pt", "report.json",
+             "report.md", "reward_curve.png", "layers.png")  # fmt: skip
+REPORT_FIELDS = (
+    "net", "width", "dataset", "device", "seed", "target_ratio", "baseline_acc", "proxy_acc",
+    "finetuned_acc", "accuracy_drop", "params_original", "params_compressed",
+    "compression_ratio", "macs_original", "macs_compressed", "search_seconds",
+    "finetune_seconds", "layers",
+)  # fmt: skip
+LAYER_FIELDS = ("name", "method", "rank", "params", "macs")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these
+    tiny models 5-100x slower. Restored afterwards, so other test files are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory) -> Path:
+    """One cache directory for every CLI test, so the baseline is trained once."""
+    return tmp_path_factory.mktemp("rl_mtd_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cli_cache, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(cli_cache))
+    monkeypatch.delenv(DATA_ENV, raising=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(cli_cache, tmp_path_factory) -> Path:
+    """One full smoke run (search, fine-tune, report) shared by the tests that read its output."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+        mp.setenv(CACHE_ENV, str(cli_cache))
+        mp.delenv(DATA_ENV, raising=False)
+        rc = main([*COMMON, *SEARCH, "--out", str(out)])
+    assert rc == 0, f"smoke run failed with exit code {rc}"
+    return out
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def fail(argv, capsys, *phrases, code=2) -> str:
+    """Run main(argv), expect a clean failure; returns stderr."""
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == code, (rc, captured.err)
+    assert "error:" in captured.err
+    for phrase in phrases:
+        assert phrase in captured.err, (phrase, captured.err)
+    assert "Traceback" not in captured.out + captured.err
+    return captured.err
+
+
+def layer_choices(layers):
+    return [(layer["name"], layer["method"], layer["rank"]) for layer in layers]
+
+
+# ----------------------------------------------------------------------------- the smoke run
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_file(smoke_run):
+    for name in RUN_FILES:
+        path = smoke_run / name
+        assert path.is_file(), f"{name} missing"
+        assert path.stat().st_size > 0, f"{name} is empty"
+    for png in ("reward_curve.png", "layers.png"):
+        assert (smoke_run / png).read_bytes()[:8] == PNG_MAGIC
+    assert NET in (smoke_run / "report.md").read_text()
+    # No temp files from the atomic writes are left behind.
+    assert not [p.name for p in smoke_run.iterdir() if ".tmp" in p.name]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted((smoke_run / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events file under tb/"
+    found = {}
+    for file in events:
+        acc = EventAccumulator(str(file))
+        acc.Reload()
+        if "search/reward" in acc.Tags()["scalars"]:
+            found[file] = acc.Scalars("search/reward")
+    assert found, "no events file holds the scalar search/reward"
+    rewards = [e.value for scalars in found.values() for e in scalars]
+    report = read_json(smoke_run / "report.json")
+    assert len(rewards) == report["episodes"] == 3
+    assert all(math.isfinite(r) for r in rewards)
+
+
+@pytest.mark.slow
+def test_smoke_run_report(smoke_run):
+    report = read_json(smoke_run / "report.json")
+    missing = [k for k in REPORT_FIELDS if k not in report]
+    assert not missing, missing
+    assert report["net"] == NET and report["width"] == WIDTH and report["seed"] == 0
+    assert report["target_ratio"] == TARGET
+    assert report["device"] == "cpu"
+    assert "synthetic" in report["dataset"]
+    for key in ("baseline_acc", "proxy_acc", "finetuned_acc"):
+        assert 0 <= report[key] <= 1
+    assert report["accuracy_drop"] == pytest.approx(report["baseline_acc"] - report["finetuned_acc"])
+    assert report["search_seconds"] > 0 and report["finetune_seconds"] > 0
+    assert report["params_original"] == count_params(build_vgg(NET, width=WIDTH))
+    assert report["params_compressed"] < report["params_original"]
+    assert report["macs_compressed"] < report["macs_original"]
+    assert report["compression_ratio"] == pytest.approx(
+        report["params_original"] / report["params_compressed"], rel=1e-12
+    )
+    assert report["compression_ratio"] >= TARGET
+
+    layers = report["layers"]
+    assert len(layers) == 8
+    for layer in layers:
+        missing = [k for k in LAYER_FIELDS if k not in layer]
+        assert not missing, (layer, missing)
+        assert layer["method"] in METHODS
+        assert (layer["rank"] is None) == (layer["method"] == "keep")
+        assert layer["params"] > 0 and layer["macs"] > 0
+
+    # The report's layers are the saved policy's.
+    policy = Policy.load(smoke_run / "policy.json")
+    assert layer_choices(layers) == layer_choices(policy.to_dict()["layers"])
+
+    # compressed.pt rebuilds (fresh net + apply_policy + state_dict) into the reported model.
+    model, saved_policy = load_compressed(smoke_run / "compressed.pt")
+    assert layer_choices(saved_policy.to_dict()["layers"]) == layer_choices(layers)
+    assert count_params(model) == report["params_compressed"]
+    assert report["compression_ratio"] == pytest.approx(
+        report["params_original"] / count_params(model), rel=1e-12
+    )
+    # ... with the fine-tuned weights: same test accuracy on the same test subset.
+    splits = make_splits(load_cifar10("synthetic:600,200"), proxy_size=200, seed=0,
+                         train_size=400, test_size=200)  # fmt: skip
+    assert evaluate(model.eval(), splits.test) == pytest.approx(report["finetuned_acc"], abs=1e-9)
+
+    config = read_json(smoke_run / "config.json")
+    assert config["net"] == NET and config["target_ratio"] == TARGET
+    assert config["levels"] == [16.0, 32.0, 64.0, 128.0]
+    assert config["episodes"] == 3 and config["train_size"] == 400
+    assert Path(config["baseline_path"]).is_file()
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+@pytest.mark.slow
+def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
+    baseline = read_json(smoke_run / "config.json")["baseline_path"]
+    original = read_json(smoke_run / "report.json")
+    out = tmp_path / "replay"
+    rc = main([*COMMON, "--replay", str(smoke_run / "policy.json"), "--checkpoint", baseline,
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    report = read_json(out / "report.json")
+    assert layer_choices(report["layers"]) == layer_choices(original["layers"])
+    replayed = Policy.load(out / "policy.json")
+    assert layer_choices(replayed.to_dict()["layers"]) == layer_choices(original["layers"])
+    assert report["params_compressed"] == original["params_compressed"]
+    assert report["compression_ratio"] == original["compression_ratio"]
+    assert report["search_seconds"] == 0
+    assert not (out / "agent.zip").exists()
+
+
+@pytest.mark.slow
+def test_replay_agent_gives_valid_policy(smoke_run, tmp_path):
+    baseline = read_json(smoke_run / "config.json")["baseline_path"]
+    out = tmp_path / "replay-agent"
+    rc = main([*COMMON, "--replay", str(smoke_run / "agent.zip"), "--checkpoint", baseline,
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    policy = Policy.load(out / "policy.json")  # validates every field
+    assert policy.net == NET and policy.width == WIDTH and len(policy.layers) == 8
+    report = read_json(out / "report.json")
+    assert layer_choices(report["layers"]) == layer_choices(policy.to_dict()["layers"])
+    # The agent replays in its own env (levels and target from agent.zip), behind the wall.
+    assert report["compression_ratio"] >= TARGET
+    model, _ = load_compressed(out / "compressed.pt")
+    assert count_params(model) == report["params_compressed"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_net_suggests_a_name(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--net", "vgg17"])
+    assert excinfo.value.code == 2
+    captured = capsys.readouterr()
+    assert "did you mean" in captured.err
+    assert "vgg17" in captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_unknown_method_suggests_a_name(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main([*COMMON, "--methods", "keep,tuker2"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'tucker2'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--width", "0"], "--width must be > 0"),
+        (["--n-envs", "0"], "--n-envs must be >= 1"),
+        (["--levels", "0.5,2"], "levels must be"),
+        (["--levels", "8,2"], "increasing order"),
+        (["--methods", "keep"], "'keep' alone"),
+        (["--tradeoff", "--target-ratio", "8"], "exclude each other"),
+    ],
+)
+def test_invalid_settings(extra, phrase, tmp_path, capsys):
+    out = tmp_path / "out"
+    fail([*COMMON, *extra, "--out", str(out)], capsys, phrase)
+    assert not out.exists()
+
+
+def test_checkpoint_of_another_net(tmp_path, capsys):
+    ckpt = tmp_path / "vgg16.pt"
+    save_baseline(ckpt, build_vgg("vgg16", width=WIDTH), net="vgg16", width=WIDTH)
+    before = ckpt.read_bytes()
+    out = tmp_path / "out"
+    fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, "vgg16",
+         f"not a {NET}")  # fmt: skip
+    assert not out.exists()
+    assert ckpt.read_bytes() == before
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    save_baseline(good, build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
+    blob = good.read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(blob[: len(blob) // 2])
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--checkpoint", str(bad), "--out", str(out)], capsys, "cannot be read")
+    assert "truncated" in err and str(bad) in err
+    assert not out.exists()
+    assert bad.read_bytes() == blob[: len(blob) // 2]
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "out"
+    fail([*COMMON, "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)], capsys,
+         "does not exist")  # fmt: skip
+    assert not out.exists()
+
+
+def test_corrupt_policy_replay(tmp_path, capsys):
+    policy = Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
+    good = tmp_path / "good.json"
+    policy.save(good)
+    text = good.read_text()
+    bad = tmp_path / "policy.json"
+    bad.write_text(text[: len(text) // 2])
+    out = tmp_path / "out"
+    fail([*COMMON, "--replay", str(bad), "--out", str(out)], capsys, "not valid JSON", str(bad))
+    assert not out.exists()
+    assert bad.read_text() == text[: len(text) // 2]
+
+
+def test_missing_data(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*COMMON, "--data", "/nonexistent", "--out", str(out)]  # the later --data wins
+    fail(args, capsys, "/nonexistent", "does not exist")
+    assert not out.exists()
+
+
+def test_target_ratio_below_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    fail([*COMMON, "--target-ratio", "0.5", "--out", str(out)], capsys, "--target-ratio", "> 1")
+    assert not out.exists()
+
+
+def test_target_ratio_out_of_reach(tmp_path, capsys, cli_cache):
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--target-ratio", "100000", "--out", str(out)], capsys, "100000",
+               "at most")  # fmt: skip
+    assert "--target-ratio" in err or "--levels" in err
+    assert not out.exists()
+    # The baseline this needed was trained (or found) once in the shared cache, not per run.
+    assert len(list((cli_cache / "baselines").glob("*.pt"))) == 1
+
+
+def test_existing_out_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "existing"
+    out.mkdir()
+    marker = out / "marker.txt"
+    marker.write_text("keep me\n")
+    mtime = marker.stat().st_mtime_ns
+    fail([*COMMON, *SEARCH, "--out", str(out)], capsys, "already exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["marker.txt"]
+    assert marker.read_text() == "keep me\n"
+    assert marker.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_existing_out_with_overwrite(smoke_run, tmp_path):
+    """The refusal above is about --overwrite: with it, the same directory is written into."""
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "marker.txt").write_text("keep me\n")
+    baseline = read_json(smoke_run / "config.json")["baseline_path"]
+    rc = main([*COMMON, "--replay", str(smoke_run / "policy.json"), "--checkpoint", baseline,
+               "--out", str(out), "--overwrite"])  # fmt: skip
+    assert rc == 0
+    assert (out / "report.json").is_file()
+    assert (out / "marker.txt").read_text() == "keep me\n"
+
+
+def test_policy_of_another_net(tmp_path, capsys):
+    policy_file = tmp_path / "vgg11-policy.json"
+    Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH).save(policy_file)
+    before = policy_file.read_text()
+    out = tmp_path / "out"
+    fail([*COMMON, "--net", "vgg16", "--replay", str(policy_file), "--out", str(out)], capsys,
+         "made for vgg11", "vgg16")  # fmt: skip
+    assert not out.exists()
+    assert policy_file.read_text() == before
+
+
+def test_agent_of_another_net(smoke_run, tmp_path, capsys):
+    agent = tmp_path / "agent.zip"
+    shutil.copy(smoke_run / "agent.zip", agent)
+    out = tmp_path / "out"
+    fail([*COMMON, "--net", "vgg16", "--replay", str(agent), "--out", str(out)], capsys,
+         "made for vgg11", "vgg16")  # fmt: skip
+    assert not out.exists()
+
+
+def test_truncated_agent(smoke_run, tmp_path, capsys):
+    blob = (smoke_run / "agent.zip").read_bytes()
+    agent = tmp_path / "agent.zip"
+    agent.write_bytes(blob[: len(blob) // 2])
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--replay", str(agent), "--out", str(out)], capsys, str(agent))
+    # A half agent.zip can open as the torch archive stored inside it, hence the second phrase.
+    assert "damaged" in err or "not an rl_mtd agent" in err
+    assert not out.exists()

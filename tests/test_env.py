@@ -1,0 +1,393 @@
+"""Tests for the Gymnasium environment: API checks, determinism, the budget wall, rewards."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs
+from envs import DEFAULT_LEVELS, ENV_ID, EnvConfig, MixedDecompositionEnv
+from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.decompose import METHODS, FactorCache
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import CACHE_ENV, DATA_ENV
+from rl_mtd.metrics import count_params
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, apply_policy
+from rl_mtd.proxy import Proxy, ProxyConfig
+from rl_mtd.train import TrainConfig, train
+
+NET, WIDTH = "vgg11", 0.125
+N_LAYERS = 8  # conv layers of VGG11
+# Strong levels only: CP-ALS at high ranks takes seconds per layer on a CPU, and these tests
+# need the real factorisation only where accuracy matters.
+FAST_LEVELS = (16.0, 32.0, 64.0, 128.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these
+    tiny models 5-100x slower. Restored after the module, so other test files are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Nothing goes to ~/.cache; $RL_MTD_DATA is ignored."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(DATA_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits(load_cifar10("synthetic:600,200"), proxy_size=200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def baseline(splits):
+    """A width-0.125 VGG11 trained briefly, so accuracies differ between policies."""
+    torch.manual_seed(0)
+    model = build_vgg(NET, width=WIDTH)
+    train(model, splits.train, config=TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    return model.eval()
+
+
+def make_proxy(model, splits, cache=None) -> Proxy:
+    """A CPU proxy with an in-memory factor cache (never the disk cache)."""
+    return Proxy(
+        model, train=splits.train, proxy=splits.proxy, device="cpu",
+        config=ProxyConfig(bn_batches=2, bn_batch_size=64, seed=0),
+        cache=cache if cache is not None else FactorCache(), net=NET, width=WIDTH,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def proxy(baseline, splits):
+    return make_proxy(baseline, splits)
+
+
+class StructuralProxy(Proxy):
+    """A proxy that builds the compressed structure without factorising (untrained factors).
+
+    The compression ratio depends only on the structure, so the budget-wall tests can run many
+    episodes at the weakest levels (whose CP-ALS would take seconds per layer).
+    """
+
+    def compress(self, policy):
+        return apply_policy(self.model, policy, factorize=False).eval()
+
+
+@pytest.fixture(scope="module")
+def structural_proxy(splits):
+    torch.manual_seed(0)
+    model = build_vgg(NET, width=WIDTH)
+    return StructuralProxy(
+        model, train=splits.train, proxy=splits.proxy, device="cpu",
+        config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=NET, width=WIDTH,
+    )  # fmt: skip
+
+
+def run_episode(env, actions):
+    """Step through one episode; returns (observations, rewards, infos)."""
+    obs, _ = env.reset(seed=0)
+    observations, rewards, infos = [obs], [], []
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        observations.append(obs)
+        rewards.append(reward)
+        infos.append(info)
+        assert not truncated
+        if terminated:
+            break
+    assert terminated, "the episode did not end after the last conv layer"
+    return observations, rewards, infos
+
+
+# ------------------------------------------------------------------------------- API checks
+
+
+def test_sb3_env_checker_passes(proxy):
+    from stable_baselines3.common.env_checker import check_env
+
+    env = MixedDecompositionEnv(proxy, EnvConfig(levels=FAST_LEVELS, target_ratio=8.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, warn=True)
+    sb3 = [w for w in caught if "stable_baselines3" in (w.filename or "")]
+    assert not sb3, [str(w.message) for w in sb3]
+
+
+def test_gymnasium_env_checker_passes(proxy):
+    from gymnasium.utils.env_checker import check_env
+
+    env = MixedDecompositionEnv(proxy, EnvConfig(levels=FAST_LEVELS, target_ratio=8.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, skip_render_check=True)
+    gym_warnings = [
+        w for w in caught if "gymnasium" in (w.filename or "") or "WARN:" in str(w.message)
+    ]
+    assert not gym_warnings, [str(w.message) for w in gym_warnings]
+
+
+def test_registered_and_gym_make_works(proxy):
+    assert envs.ENV_ID == ENV_ID == "rl_mtd/MixedDecomposition-v0"
+    assert ENV_ID in gym.registry
+    config = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
+    env = gym.make(ENV_ID, proxy=proxy, config=config)
+    try:
+        assert isinstance(env.unwrapped, MixedDecompositionEnv)
+        assert env.unwrapped.config is config
+        assert env.action_space == gym.spaces.Discrete(len(METHODS) * len(FAST_LEVELS))
+        obs, info = env.reset(seed=0)
+        assert env.observation_space.contains(obs)
+        assert info == {}
+        obs, reward, terminated, truncated, info = env.step(0)
+        assert env.observation_space.contains(obs)
+        assert reward == 0.0 and not terminated and not truncated
+        assert info["layer"] == "features.0"
+    finally:
+        env.close()
+
+
+# ------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_episode(baseline, splits):
+    """Two envs on two fresh proxies, actions from equally seeded action spaces: same episode."""
+    config = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
+    runs = []
+    for _ in range(2):
+        env = MixedDecompositionEnv(make_proxy(baseline, splits), config)
+        env.action_space.seed(1234)
+        actions = [int(env.action_space.sample()) for _ in range(env.num_layers)]
+        runs.append((actions, *run_episode(env, actions)))
+    (a1, obs1, rew1, inf1), (a2, obs2, rew2, inf2) = runs
+    assert a1 == a2
+    assert len(obs1) == len(obs2) == N_LAYERS + 1
+    for o1, o2 in zip(obs1, obs2):
+        np.testing.assert_array_equal(o1, o2)
+    assert rew1 == rew2
+    assert [i["action"] for i in inf1] == [i["action"] for i in inf2]
+    assert inf1[-1]["policy"]["layers"] == inf2[-1]["policy"]["layers"]
+    p1, p2 = inf1[-1]["proxy"], inf2[-1]["proxy"]
+    assert p1["accuracy"] == p2["accuracy"]
+    assert p1["compression_ratio"] == p2["compression_ratio"]
+    assert not p1["cached"] and not p2["cached"]
+    assert p1["compression_ratio"] >= 8.0
+
+
+def test_fresh_proxies_agree_on_a_policy(baseline, splits):
+    """Factorisation and the BN re-estimate are seeded: identical compressed models."""
+    policy = Policy.from_choices(
+        baseline,
+        [("keep", None), ("tucker2", 2), ("cp", 4), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
+         ("cp", 8), ("tucker2", 6)],
+        net=NET, width=WIDTH,
+    )  # fmt: skip
+    p1, p2 = make_proxy(baseline, splits), make_proxy(baseline, splits)
+    r1, r2 = p1.evaluate(policy), p2.evaluate(policy)
+    assert r1.accuracy == r2.accuracy
+    assert r1.params == r2.params and r1.compression_ratio == r2.compression_ratio
+    x = splits.proxy.x[:32]
+    from rl_mtd.data import normalize
+
+    with torch.no_grad():
+        out1 = p1.compress(policy)(normalize(x))
+        out2 = p2.compress(policy)(normalize(x))
+    assert torch.equal(out1, out2)
+
+
+# ------------------------------------------------------------------------------- budget wall
+
+
+@pytest.mark.parametrize("target", [4.0, 8.0, 16.0])
+def test_budget_wall_reaches_target(structural_proxy, target):
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=target))
+    assert env.config.levels == DEFAULT_LEVELS
+    rng = np.random.default_rng(int(target))
+    n = env.action_space.n
+    keep = env.encode(METHODS.index("keep"), 0)
+    weakest_tucker = env.encode(METHODS.index("tucker2"), 0)
+    sequences = [[keep] * N_LAYERS, [weakest_tucker] * N_LAYERS]
+    sequences += [list(rng.integers(0, n, N_LAYERS)) for _ in range(30)]
+    walls_hit = []
+    for actions in sequences:
+        _, rewards, infos = run_episode(env, actions)
+        ratio = infos[-1]["proxy"]["compression_ratio"]
+        assert ratio >= target, (actions, ratio)
+        # The ratio the proxy measured is the one the budget table predicts for these choices.
+        taken = [env.decode(i["action"]) for i in infos]
+        assert ratio == pytest.approx(env.params_original / env.table.total(taken), rel=1e-12)
+        for a, info in zip(actions, infos):
+            assert info["requested_action"] == int(a)
+            assert info["wall"] == (info["action"] != info["requested_action"])
+        assert all(r == 0.0 for r in rewards[:-1])
+        walls_hit.append(any(i["wall"] for i in infos))
+    assert walls_hit[0], "all-keep actions must hit the wall"
+    assert walls_hit[1], "the weakest Tucker-2 level everywhere must hit the wall"
+
+
+def test_target_at_max_ratio_is_reachable(structural_proxy):
+    probe = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
+    target = probe.max_ratio
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=target))
+    _, _, infos = run_episode(env, [0] * N_LAYERS)  # keep everywhere
+    assert infos[-1]["proxy"]["compression_ratio"] >= target * (1 - 1e-12)
+
+
+def test_target_beyond_reach_names_the_max(structural_proxy):
+    max_ratio = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None)).max_ratio
+    assert 1 < max_ratio < 1000
+    with pytest.raises(RlMtdError, match="at most") as excinfo:
+        MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=1000.0))
+    assert f"{max_ratio:.1f}" in str(excinfo.value)
+    assert "1000" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(target_ratio=0.5), dict(methods=("keep",)), dict(levels=(4.0, 2.0)),
+               dict(levels=(1.0,)), dict(methods=("svd",))],
+)  # fmt: skip
+def test_bad_env_config_is_refused(kwargs):
+    with pytest.raises(RlMtdError):
+        EnvConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------- rewards
+
+
+def test_tradeoff_reward(proxy):
+    weight = 0.1
+    env = MixedDecompositionEnv(
+        proxy, EnvConfig(levels=FAST_LEVELS, target_ratio=None, tradeoff_weight=weight)
+    )
+    # No wall in trade-off mode: all-keep stays all-keep, ratio 1, accuracy the baseline's.
+    _, rewards, infos = run_episode(env, [0] * N_LAYERS)
+    assert not any(i["wall"] for i in infos)
+    assert [layer["method"] for layer in infos[-1]["policy"]["layers"]] == ["keep"] * N_LAYERS
+    res = infos[-1]["proxy"]
+    assert res["compression_ratio"] == pytest.approx(1.0)
+    assert rewards[-1] == pytest.approx(res["accuracy"] - proxy.baseline_acc, abs=1e-12)
+    # A compressing episode: reward = (acc - baseline) + weight * log2(ratio).
+    tucker = METHODS.index("tucker2")
+    actions = [env.encode(tucker, k % len(FAST_LEVELS)) for k in range(N_LAYERS)]
+    _, rewards, infos = run_episode(env, actions)
+    res = infos[-1]["proxy"]
+    assert res["compression_ratio"] > 4
+    expected = (res["accuracy"] - proxy.baseline_acc) + weight * math.log2(res["compression_ratio"])
+    assert rewards[-1] == pytest.approx(expected, abs=1e-12)
+    assert infos[-1]["reward"] == rewards[-1]
+    assert infos[-1]["baseline_acc"] == proxy.baseline_acc
+
+
+def test_budget_reward_bonus_beyond_target(structural_proxy):
+    target, weight = 4.0, 0.05
+    env = MixedDecompositionEnv(
+        structural_proxy, EnvConfig(target_ratio=target, beyond_target_weight=weight)
+    )
+    strongest = [env.encode(METHODS.index("cp"), len(DEFAULT_LEVELS) - 1)] * N_LAYERS
+    _, rewards, infos = run_episode(env, strongest)
+    res = infos[-1]["proxy"]
+    gain = res["accuracy"] - structural_proxy.baseline_acc
+    assert res["compression_ratio"] > target
+    expected = gain + weight * math.log2(res["compression_ratio"] / target)
+    assert rewards[-1] == pytest.approx(expected, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------- spaces
+
+
+def test_observations_float32_in_unit_box(structural_proxy):
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0))
+    assert env.observation_space.shape == (13,)
+    assert env.observation_space.dtype == np.float32
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        actions = list(rng.integers(0, env.action_space.n, N_LAYERS))
+        observations, _, _ = run_episode(env, actions)
+        for obs in observations:
+            assert obs.dtype == np.float32
+            assert obs.shape == (13,)
+            assert np.all(obs >= 0) and np.all(obs <= 1)
+            assert env.observation_space.contains(obs)
+        stacked = np.stack(observations[:-1])
+        # Feature 0 is the layer index, min-max normalised over the layers.
+        np.testing.assert_allclose(stacked[:, 0], np.linspace(0, 1, N_LAYERS), atol=1e-6)
+        # Budget used only grows, budget left and remaining original share only shrink.
+        assert np.all(np.diff(stacked[:, 8]) >= 0)
+        assert np.all(np.diff(stacked[:, 9]) <= 0)
+        assert np.all(np.diff(stacked[:, 10]) < 0)
+        assert stacked[0, 10] == pytest.approx(1.0)
+        assert stacked[0, 11] == 0 and stacked[0, 12] == 0  # no previous action yet
+
+
+def test_tradeoff_mode_has_no_budget_left(structural_proxy):
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
+    obs, _ = env.reset(seed=0)
+    assert obs[9] == 0.0
+
+
+def test_action_decode_encode_round_trip(structural_proxy):
+    config = EnvConfig(levels=(2.0, 8.0, 32.0), methods=("tucker2", "keep", "cp"), target_ratio=4)
+    env = MixedDecompositionEnv(structural_proxy, config)
+    assert env.action_space.n == 9
+    seen = set()
+    for a in range(env.action_space.n):
+        mi, li = env.decode(a)
+        assert 0 <= mi < 3 and 0 <= li < 3
+        assert env.encode(mi, li) == a
+        seen.add((mi, li))
+    assert len(seen) == 9
+    assert env.decode(np.int64(4)) == (1, 1)
+    for bad in (-1, env.action_space.n):
+        with pytest.raises(ValueError):
+            env.decode(bad)
+    # The decoded method is the one the step reports (no wall in trade-off mode).
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
+    env.reset(seed=0)
+    a = env.encode(METHODS.index("cp"), 2)
+    _, _, _, _, info = env.step(a)
+    assert info["method"] == "cp" and info["level"] == DEFAULT_LEVELS[2]
+    assert info["action"] == a
+
+
+def test_step_after_episode_end_raises(structural_proxy):
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
+    run_episode(env, [0] * N_LAYERS)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(0)
+
+
+# ------------------------------------------------------------------------------- proxy
+
+
+def test_proxy_memoises(baseline, splits):
+    proxy = make_proxy(baseline, splits)
+    choices = [("keep", None)] + [("tucker2", 4)] * (N_LAYERS - 1)
+    policy = Policy.from_choices(baseline, choices, net=NET, width=WIDTH)
+    first = proxy.evaluate(policy)
+    assert not first.cached
+    assert proxy.evaluations == 1
+    again = Policy.from_choices(baseline, choices, net=NET, width=WIDTH)  # equal, not identical
+    second = proxy.evaluate(again)
+    assert second.cached
+    assert proxy.evaluations == 1
+    assert second.accuracy == first.accuracy
+    assert second.compression_ratio == first.compression_ratio
+    assert first.compression_ratio == pytest.approx(
+        count_params(baseline) / count_params(proxy.compress(policy))
+    )
+    other = Policy.from_choices(baseline, [("keep", None)] * N_LAYERS, net=NET, width=WIDTH)
+    third = proxy.evaluate(other)
+    assert not third.cached
+    assert proxy.evaluations == 2
+    assert third.accuracy == proxy.baseline_acc  # keep-all: no BN re-estimate, same model
