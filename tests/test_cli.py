@@ -390,3 +390,33 @@ def test_truncated_agent(smoke_run, tmp_path, capsys):
     # A half agent.zip can open as the torch archive stored inside it, hence the second phrase.
     assert "damaged" in err or "not an rl_mtd agent" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- resume, n-envs
+
+
+@pytest.mark.slow
+def test_resume_continues_the_search(tmp_path):
+    out = tmp_path / "resumable"
+    assert main([*COMMON, *SEARCH, "--out", str(out)]) == 0
+    first = read_json(out / "search_state.json")
+    assert len(first["episodes"]) == 3
+    assert main(["--resume", str(out), "--episodes", "5", "--no-progress", "--quiet"]) == 0
+    state = read_json(out / "search_state.json")
+    assert len(state["episodes"]) == 5, "resume must add episodes to the ones already run"
+    assert state["episodes"][:3] == first["episodes"]
+    assert state["best"]["reward"] >= first["best"]["reward"]
+    assert read_json(out / "report.json")["episodes"] == 5
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
+    fail(["--resume", str(tmp_path)], capsys, "no config.json and agent.zip")
+
+
+@pytest.mark.slow
+def test_two_envs_in_subprocesses(tmp_path):
+    out = tmp_path / "two-envs"
+    assert main([*COMMON, *SEARCH, "--n-envs", "2", "--out", str(out)]) == 0
+    report = read_json(out / "report.json")
+    assert report["episodes"] >= 3
+    assert report["compression_ratio"] >= TARGET
