@@ -1,0 +1,309 @@
+"""Tests for policies (rl_mtd.policy) and checkpoints (rl_mtd.checkpoints)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rl_mtd.checkpoints import load_baseline, save_baseline
+from rl_mtd.decompose import (
+    DecomposedConv,
+    FactorCache,
+    conv_layers,
+    layer_params,
+    rank_for_ratio,
+)
+from rl_mtd.errors import RlMtdError
+from rl_mtd.metrics import count_params
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, apply_policy, load_compressed, save_compressed
+
+WIDTH = 0.125
+# One (method, ratio) per vgg11 conv: a mix of keep, Tucker-2 and CP.
+MIXED = [("keep", 1), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
+         ("cp", 4), ("keep", 1), ("tucker2", 16), ("cp", 16)]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    """Keep the on-disk factor cache out of ~/.cache."""
+    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
+
+
+def _model(net: str = "vgg11", seed: int = 0):
+    torch.manual_seed(seed)
+    return build_vgg(net, width=WIDTH)
+
+
+def _mixed_policy(model) -> Policy:
+    choices = [
+        (method, rank_for_ratio(conv, method, ratio))
+        for (_, conv), (method, ratio) in zip(conv_layers(model), MIXED)
+    ]
+    return Policy.from_choices(model, choices, net="vgg11", width=WIDTH, meta={"note": "test"})
+
+
+@pytest.fixture
+def model():
+    return _model()
+
+
+@pytest.fixture
+def policy(model) -> Policy:
+    return _mixed_policy(model)
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def test_apply_policy_params_match_prediction(model, policy: Policy) -> None:
+    assert policy.methods() == [m for m, _ in MIXED]
+    compressed = apply_policy(model, policy, cache=FactorCache())
+    predicted = policy.predicted_params(model)
+    assert count_params(compressed) == predicted
+    assert predicted < count_params(model)
+
+    # The same total from the per-layer ratios alone.
+    convs = conv_layers(model)
+    conv_before = sum(layer_params(c) for _, c in convs)
+    conv_after = sum(layer_params(c) / ch.ratio for (_, c), ch in zip(convs, policy.layers))
+    from_ratios = count_params(model) - conv_before + conv_after
+    assert from_ratios == pytest.approx(predicted, rel=1e-9)
+    ratio = count_params(model) / count_params(compressed)
+    assert ratio == pytest.approx(count_params(model) / from_ratios, rel=1e-9)
+    assert ratio > 1
+
+
+def test_apply_policy_returns_a_copy_with_blocks(model, policy: Policy) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compressed = apply_policy(model, policy, cache=FactorCache())
+    assert compressed is not model
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"apply_policy changed the original model ({k})"
+    for (name, _), choice in zip(conv_layers(model), policy.layers):
+        sub = compressed.get_submodule(name)
+        if choice.method == "keep":
+            assert isinstance(sub, torch.nn.Conv2d)
+        else:
+            assert isinstance(sub, DecomposedConv) and sub.method == choice.method
+    out = compressed.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_keep_all_policy_is_lossless(model) -> None:
+    policy = Policy.keep_all(model, net="vgg11", width=WIDTH)
+    compressed = apply_policy(model, policy)
+    assert count_params(compressed) == count_params(model) == policy.predicted_params(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(compressed.eval()(x), model.eval()(x))
+
+
+def test_vgg11_policy_refused_on_vgg16(policy: Policy) -> None:
+    vgg16 = _model("vgg16")
+    names = [n for n, _ in conv_layers(vgg16)]
+    # vgg11's second conv is 128x64 at width 1; vgg16's second conv is 64x64: the first mismatch.
+    first_bad = names[1]
+    with pytest.raises(RlMtdError) as exc:
+        apply_policy(vgg16, policy)
+    assert first_bad in str(exc.value)
+    assert "vgg11" in str(exc.value)
+    with pytest.raises(RlMtdError, match=first_bad.replace(".", r"\.")):
+        policy.predicted_params(vgg16)
+
+
+def test_policy_with_wrong_choice_count_refused(model) -> None:
+    with pytest.raises(RlMtdError, match="conv layers"):
+        Policy.from_choices(model, [("keep", None)] * 7, net="vgg11", width=WIDTH)
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def test_policy_json_round_trip(tmp_path, policy: Policy) -> None:
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    loaded = Policy.load(path)
+    assert loaded == policy
+    data = json.loads(path.read_text())
+    assert data["format"] == 1 and data["net"] == "vgg11" and data["width"] == WIDTH
+    assert [tuple(layer["shape"]) for layer in data["layers"]] == [c.shape for c in policy.layers]
+    # And the reloaded policy builds the same compressed model.
+    model = _model()
+    x = torch.randn(1, 3, 32, 32)
+    a = apply_policy(model, policy).eval()(x)
+    b = apply_policy(model, loaded).eval()(x)
+    assert torch.equal(a, b)
+
+
+def _write(path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+def _first_decomposed(data: dict) -> int:
+    return next(i for i, layer in enumerate(data["layers"]) if layer["method"] == "cp")
+
+
+def _bad_format(d):
+    d["format"] = 2
+
+
+def _bad_layer_count(d):
+    d["layers"].pop()
+
+
+def _negative_rank(d):
+    d["layers"][_first_decomposed(d)]["rank"] = -4
+
+
+def _negative_tucker_rank(d):
+    i = next(i for i, layer in enumerate(d["layers"]) if layer["method"] == "tucker2")
+    d["layers"][i]["rank"][0] = -1
+
+
+def _unknown_method(d):
+    d["layers"][1]["method"] = "svd"
+
+
+def _wrong_shape(d):
+    d["layers"][2]["shape"] = [1, 2, 3, 3]
+
+
+def _wrong_ratio(d):
+    d["layers"][_first_decomposed(d)]["ratio"] = 123.0
+
+
+def _unknown_net(d):
+    d["net"] = "vgg12"
+
+
+def _missing_net(d):
+    del d["net"]
+
+
+def _bad_width(d):
+    d["width"] = -1
+
+
+@pytest.mark.parametrize(
+    "mutate,words",
+    [
+        (_bad_format, ["format"]),
+        (_bad_layer_count, ["layers", "7", "8"]),
+        (_negative_rank, ["rank", "-4"]),
+        (_negative_tucker_rank, ["rank"]),
+        (_unknown_method, ["method", "svd"]),
+        (_wrong_shape, ["shape", "layers[2]"]),
+        (_wrong_ratio, ["ratio"]),
+        (_unknown_net, ["net", "vgg12"]),
+        (_missing_net, ["net"]),
+        (_bad_width, ["width"]),
+    ],
+)
+def test_bad_policy_file_named(tmp_path, policy: Policy, mutate, words: list[str]) -> None:
+    data = policy.to_dict()
+    mutate(data)
+    path = tmp_path / "policy.json"
+    _write(path, data)
+    with pytest.raises(ValueError) as exc:
+        Policy.load(path)
+    assert isinstance(exc.value, RlMtdError)
+    for word in words:
+        assert word in str(exc.value), (word, str(exc.value))
+
+
+def test_truncated_policy_file(tmp_path, policy: Policy) -> None:
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="JSON") as exc:
+        Policy.load(path)
+    assert "truncated" in str(exc.value)
+
+
+def test_missing_policy_file(tmp_path) -> None:
+    with pytest.raises(RlMtdError, match="does not exist"):
+        Policy.load(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_compressed_checkpoint_round_trip(tmp_path, model, policy: Policy) -> None:
+    compressed = apply_policy(model, policy, cache=FactorCache())
+    # Make the BatchNorm statistics non-trivial so they must be saved too.
+    compressed.train()
+    with torch.no_grad():
+        compressed(torch.randn(8, 3, 32, 32))
+    compressed.eval()
+    path = tmp_path / "compressed.pt"
+    save_compressed(path, compressed, policy, accuracy=0.5)
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["kind"] == "compressed" and raw["accuracy"] == 0.5
+
+    loaded, loaded_policy = load_compressed(path)
+    assert loaded_policy == policy
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), compressed(x))
+    assert count_params(loaded) == count_params(compressed)
+
+
+def test_load_compressed_refuses_baseline(tmp_path, model) -> None:
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH)
+    with pytest.raises(RlMtdError, match="not a compressed checkpoint"):
+        load_compressed(path)
+
+
+def test_baseline_round_trip(tmp_path, model) -> None:
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH, meta={"acc": 0.9})
+    loaded, info = load_baseline(path, net="vgg11")
+    assert info["width"] == WIDTH and info["meta"] == {"acc": 0.9}
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_baseline_of_other_net_refused(tmp_path, model) -> None:
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH)
+    with pytest.raises(RlMtdError) as exc:
+        load_baseline(path, net="vgg16")
+    assert "vgg11" in str(exc.value) and "vgg16" in str(exc.value)
+
+
+def test_bare_state_dict_of_other_net_refused(tmp_path, model) -> None:
+    path = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(RlMtdError) as exc:
+        load_baseline(path, net="vgg16", width=WIDTH)
+    assert "vgg16" in str(exc.value) and "vgg11" in str(exc.value)
+
+
+def test_truncated_baseline_refused(tmp_path, model) -> None:
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(RlMtdError, match="cannot be read"):
+        load_baseline(path, net="vgg11")
+
+
+def test_nan_baseline_refused(tmp_path, model) -> None:
+    with torch.no_grad():
+        conv_layers(model)[2][1].weight[0, 0, 0, 0] = float("nan")
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH)
+    with pytest.raises(RlMtdError, match="NaN"):
+        load_baseline(path, net="vgg11")
+
+
+def test_baseline_of_other_width_refused(tmp_path, model) -> None:
+    path = tmp_path / "base.pt"
+    save_baseline(path, model, net="vgg11", width=WIDTH)
+    with pytest.raises(RlMtdError, match="width"):
+        load_baseline(path, net="vgg11", width=0.25)
