@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -97,6 +96,3 @@ class SearchCallback(BaseCallback):
         """What ``--resume`` needs to continue: every episode so far and the best."""
         return {"episodes": self.episodes, "best": self.best}
 
-
-def episodes_per_minute(episodes: list[dict[str, Any]], seconds: float) -> float:
-    return len(episodes) / (seconds / 60) if seconds > 0 else math.nan

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import time
 
 import numpy as np
 import torch
 
 from agents.config import RunConfig
 from agents.pipeline import get_baseline, load_data
+from rl_mtd.baselines import DEFAULT_LEVELS
+from rl_mtd.budget import BudgetTable
 from rl_mtd.data import DataSplits
+from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
 from rl_mtd.proxy import resolve_device
 
 
@@ -69,3 +73,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def prefill_factors(model: torch.nn.Module) -> tuple[float, int]:
+    """Factorise every (layer, method, level) option once; returns seconds and the count."""
+    t0 = time.perf_counter()
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    n = 0
+    for (_, conv), layer in zip(conv_layers(model), table.layers):
+        for (mi, _), (rank, _) in layer.options.items():
+            if METHODS[mi] != "keep":
+                get_factors(conv, METHODS[mi], rank, cache=default_cache())
+                n += 1
+    return time.perf_counter() - t0, n

@@ -23,29 +23,17 @@ import json
 import time
 from pathlib import Path
 
-from _common import add_common_args, machine, setup
+from _common import add_common_args, machine, prefill_factors, setup
 
 from agents.config import RunConfig
 from agents.pipeline import finetune, search
-from rl_mtd.baselines import DEFAULT_LEVELS, SensitivityStudy, strategy_policy
-from rl_mtd.budget import BudgetTable
-from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.baselines import SensitivityStudy, strategy_policy
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.proxy import Proxy, ProxyConfig
 from rl_mtd.train import evaluate
 
 ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity")
-
-
-def prefill_factors(model) -> float:
-    t0 = time.perf_counter()
-    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
-    for (_, conv), layer in zip(conv_layers(model), table.layers):
-        for (mi, _), (rank, _) in layer.options.items():
-            if METHODS[mi] != "keep":
-                get_factors(conv, METHODS[mi], rank, cache=default_cache())
-    return time.perf_counter() - t0
 
 
 def latency_speedup(baseline, compressed, repeats: int) -> tuple[float, float]:
@@ -84,7 +72,7 @@ def main() -> None:
     cfg, splits, baseline, device = setup(args)
     base_test = evaluate(baseline, splits.test)
     params0, macs0 = count_params(baseline), count_macs(baseline)
-    prefill_s = prefill_factors(baseline)
+    prefill_s, _ = prefill_factors(baseline)
     print(f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
           flush=True)  # fmt: skip
     proxy_cfg = ProxyConfig(bn_batches=args.bn_batches, seed=args.seed)

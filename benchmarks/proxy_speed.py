@@ -17,13 +17,12 @@ import statistics
 import tempfile
 import time
 
-from _common import machine
+from _common import machine, prefill_factors
 
-from rl_mtd.baselines import DEFAULT_LEVELS, random_policies
-from rl_mtd.budget import BudgetTable
+from rl_mtd.baselines import random_policies
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import load_cifar10, make_splits
-from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.decompose import conv_layers
 from rl_mtd.models import build_vgg
 from rl_mtd.proxy import Proxy, ProxyConfig, resolve_device
 
@@ -50,16 +49,8 @@ def main() -> None:
         model = build_vgg(args.net, width=args.width)
     model = model.to(device).eval()
 
-    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
     convs = [c for _, c in conv_layers(model)]
-    t0 = time.perf_counter()
-    n_fact = 0
-    for conv, layer in zip(convs, table.layers):
-        for (mi, _), (rank, _) in layer.options.items():
-            if METHODS[mi] != "keep":
-                get_factors(conv, METHODS[mi], rank, cache=default_cache())
-                n_fact += 1
-    warm_s = time.perf_counter() - t0
+    warm_s, n_fact = prefill_factors(model)
 
     cfg = ProxyConfig(bn_batches=args.bn_batches)
     proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device, config=cfg,
