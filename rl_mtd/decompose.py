@@ -181,7 +181,15 @@ class FactorCache:
     def _path(self, key: str) -> Path | None:
         return None if self.directory is None else self.directory / key[:2] / f"{key}.pt"
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+    def get(
+        self, key: str, expect: dict[str, tuple[int, ...]] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The factors stored under ``key``, or None (a miss).
+
+        With ``expect`` (factor name -> shape), a disk entry that is not exactly such a dict of
+        finite float tensors - a foreign, stale or hand-edited file - counts as a miss, so the
+        caller recomputes and overwrites it instead of failing.
+        """
         if key in self._memory:
             self._memory.move_to_end(key)
             self.hits += 1
@@ -193,9 +201,12 @@ class FactorCache:
             except Exception as exc:  # a torn or foreign file: recompute rather than fail
                 log.warning("ignoring unreadable cached factors %s (%s)", path, exc)
             else:
-                self.disk_hits += 1
-                self._remember(key, value)
-                return value
+                problem = _factor_problem(value, expect) if expect is not None else None
+                if problem is None:
+                    self.disk_hits += 1
+                    self._remember(key, value)
+                    return value
+                log.warning("ignoring cached factors %s: %s", path, problem)
         self.misses += 1
         return None
 
@@ -253,11 +264,41 @@ def get_factors(
     """Factors of ``conv`` for ``method`` at ``rank``, from the cache when it has them."""
     cache = cache if cache is not None else default_cache()
     key = FactorCache.key(wkey or weight_key(conv.weight), method, rank)
-    found = cache.get(key)
+    found = cache.get(key, expect=factor_shapes(conv, method, rank))
     if found is None:
         found = compute_factors(conv.weight.detach(), method, rank)
         cache.put(key, found)
     return found
+
+
+def factor_shapes(conv: nn.Conv2d, method: str, rank: Rank) -> dict[str, tuple[int, ...]]:
+    """The shape of every factor tensor ``compute_factors`` returns for ``conv``."""
+    rank = normalize_rank(conv, method, rank)
+    o, i = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    if method == "tucker2":
+        r_out, r_in = rank  # type: ignore[misc]
+        return {"core": (r_out, r_in, kh, kw), "u_out": (o, r_out), "u_in": (i, r_in)}
+    if method == "cp":
+        return {"out": (o, rank), "inp": (i, rank), "vertical": (kh, rank),
+                "horizontal": (kw, rank)}  # fmt: skip
+    raise RlMtdError(f"method {method!r} has no factors")
+
+
+def _factor_problem(found: object, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why ``found`` is not a usable factor dict of these shapes, or None when it is."""
+    if not isinstance(found, dict):
+        return f"expected a dict of tensors, found {type(found).__name__}"
+    if set(found) != set(shapes):
+        return f"expected tensors {sorted(shapes)}, found {sorted(map(str, found))}"
+    for name, shape in shapes.items():
+        t = found[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"{name} should be a tensor of shape {shape}, found {got}"
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            return f"{name} is not a finite floating-point tensor"
+    return None
 
 
 # ----------------------------------------------------------------------------- building layers

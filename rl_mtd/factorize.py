@@ -196,7 +196,8 @@ def cp(
         strength = max(strength * 100, 1e-4)
         if strength > 1.0:
             # Last resort: a heavily damped fit cannot blow up; better a weak layer than NaN.
-            factors, iters = _cp_als(w, rank, max_iter=20, tol=tol, ridge=10.0, gen=gen)
+            strength = 10.0
+            factors, iters = _cp_als(w, rank, max_iter=20, tol=tol, ridge=strength, gen=gen)
             factors = [torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0) for f in factors]
             break
         factors, iters = _cp_als(w, rank, max_iter=max_iter, tol=tol, ridge=strength, gen=gen)
