@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
     g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
+    g.add_argument("--repair-steps", type=int, default=None, help="SGD steps on each policy "
+                   "before the proxy scores it (0: BN re-estimate only; preset sets it)")
     t = p.add_argument_group("training")
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
@@ -105,7 +107,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "out": args.out, "overwrite": args.overwrite, "device": args.device, "seed": args.seed,
         "methods": args.methods, "levels": args.levels, "episodes": args.episodes,
         "timesteps": args.timesteps, "n_envs": args.n_envs, "proxy_size": args.proxy_size,
-        "bn_batches": args.bn_batches, "baseline_epochs": args.baseline_epochs,
+        "bn_batches": args.bn_batches, "repair_steps": args.repair_steps,
+        "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs, "kd": args.kd, "train_size": args.train_size,
         "test_size": args.test_size, "replay": args.replay, "resume": args.resume,
         "on_interrupt": args.on_interrupt, "progress": not args.no_progress, "argv": argv,

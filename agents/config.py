@@ -9,21 +9,28 @@ from typing import Any
 from envs.mixed_decomposition import DEFAULT_LEVELS
 from rl_mtd.decompose import METHODS
 
+# Proxy repair (SGD steps before scoring; rl_mtd.proxy): enough to rank policies as fine-tuning
+# does (BENCHMARKS.md, proxy fidelity), at about 8 s per episode for VGG11 w0.25 on 2 CPU cores.
+REPAIR_STEPS_CPU = 200
+REPAIR_STEPS_PAPER = 200
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
     "smoke": dict(
         baseline_epochs=4, train_size=2000, proxy_size=500, test_size=1000, episodes=16,
-        bn_batches=4, finetune_epochs=0.5, latency_repeats=3,
+        bn_batches=4, repair_steps=2, finetune_epochs=0.5, latency_repeats=3,
     ),
     # A real but small search that fits a 2-core CPU in about an hour at width 0.25.
     "cpu": dict(
         baseline_epochs=15, train_size=None, proxy_size=2000, test_size=None, episodes=120,
-        bn_batches=8, finetune_epochs=5, latency_repeats=10,
+        bn_batches=8, repair_steps=REPAIR_STEPS_CPU, finetune_epochs=5,
+        latency_repeats=10,
     ),
     # Paper scale; meant for a GPU.
     "paper": dict(
         baseline_epochs=60, train_size=None, proxy_size=5000, test_size=None, episodes=600,
-        bn_batches=20, finetune_epochs=30, latency_repeats=20,
+        bn_batches=20, repair_steps=REPAIR_STEPS_PAPER, finetune_epochs=30,
+        latency_repeats=20,
     ),
 }  # fmt: skip
 
@@ -56,6 +63,8 @@ class RunConfig:
     """Search length in episodes (timesteps = episodes x conv layers unless --timesteps)."""
     timesteps: int | None = None
     bn_batches: int = 20
+    repair_steps: int = REPAIR_STEPS_PAPER
+    """SGD steps (cross-entropy, seeded) on each policy before the proxy scores it."""
     finetune_epochs: float = 30
     latency_repeats: int = 20
     # search

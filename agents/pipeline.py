@@ -64,6 +64,9 @@ def validate(cfg: RunConfig) -> Replay | None:
     env_config(cfg)  # methods and levels
     if cfg.n_envs < 1:
         raise RlMtdError(f"--n-envs must be >= 1, got {cfg.n_envs}")
+    if cfg.bn_batches < 0 or cfg.repair_steps < 0:
+        raise RlMtdError(f"--bn-batches and --repair-steps must be >= 0, got {cfg.bn_batches} "
+                         f"and {cfg.repair_steps}")  # fmt: skip
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         raise RlMtdError(f"--checkpoint {cfg.checkpoint} does not exist")
     if cfg.resume is None and cfg.out is not None and Path(cfg.out).exists() and not cfg.overwrite:
@@ -185,7 +188,8 @@ def print_plan(cfg: RunConfig, splits: DataSplits, device: torch.device, n_layer
         f"  (~{_fmt(est['baseline'])})",
         ("  2. search: replay " + str(replay.path)) if replay else
         f"  2. search: {cfg.episodes} episodes x {n_layers} layers, target "
-        f"{cfg.target_ratio or 'trade-off'}, {cfg.n_envs} env(s) (~{_fmt(est['search'])}, "
+        f"{cfg.target_ratio or 'trade-off'}, {cfg.n_envs} env(s), proxy {cfg.bn_batches} BN "
+        f"batches + {cfg.repair_steps} repair steps (~{_fmt(est['search'])}, "
         f"upper bound: repeated policies and cached factors are faster)",
         f"  3. fine-tune {cfg.finetune_epochs:g} epochs (~{_fmt(est['fine-tune'])}), then test",
         f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "
@@ -214,6 +218,12 @@ def _make_env(proxy: Proxy, env_cfg: EnvConfig):
     return Monitor(MixedDecompositionEnv(proxy, env_cfg))
 
 
+def proxy_config(cfg: RunConfig) -> ProxyConfig:
+    """The proxy settings of a run (one place, so every environment scores alike)."""
+    return ProxyConfig(bn_batches=cfg.bn_batches, repair_steps=cfg.repair_steps,
+                       repair_batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+
+
 def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     """Build an env in a worker process: its own data copy, baseline and proxy (own GPU if any)."""
     from stable_baselines3.common.monitor import Monitor
@@ -225,7 +235,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
-                  config=ProxyConfig(bn_batches=cfg.bn_batches, seed=cfg.seed), net=cfg.net,
+                  config=proxy_config(cfg), net=cfg.net,
                   width=cfg.width)  # fmt: skip
     return Monitor(MixedDecompositionEnv(proxy, env_config(cfg)))
 
@@ -341,13 +351,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     probe = build_vgg(cfg.net, width=cfg.width).to(device)
     t_step = _time_per_train_step(probe, splits, cfg)
     t_episode = _time_episode(probe, splits, cfg) if replay is None else 0.0
+    t_episode += cfg.repair_steps * t_step if replay is None else 0.0
     n_layers = len(conv_layers(probe))
     del probe
     print_plan(cfg, splits, device, n_layers, t_step, t_episode, need_baseline, replay)
     baseline, baseline_path = get_baseline(cfg, splits, data_key, device)
 
     proxy = Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,
-                  config=ProxyConfig(bn_batches=cfg.bn_batches, seed=cfg.seed), net=cfg.net,
+                  config=proxy_config(cfg), net=cfg.net,
                   width=cfg.width)  # fmt: skip
     if replay is None or replay.kind == "policy":
         MixedDecompositionEnv(proxy, env_config(cfg))  # raises if the target is out of reach
@@ -399,7 +410,10 @@ def _resume_config(cfg: RunConfig) -> RunConfig:
     saved = run_dir / "config.json"
     if not saved.exists() or not (run_dir / "agent.zip").exists():
         raise RlMtdError(f"--resume {run_dir}: no config.json and agent.zip there to resume from")
-    old = RunConfig.from_dict(json.loads(saved.read_text()))
+    saved_dict = json.loads(saved.read_text())
+    old = RunConfig.from_dict(saved_dict)
+    if "repair_steps" not in saved_dict:  # written before the proxy repair existed: score alike
+        old.repair_steps = 0
     old.resume, old.out, old.argv = str(run_dir), str(run_dir), cfg.argv
     if cfg.episodes != old.episodes or cfg.timesteps:  # a longer search asked for
         old.episodes, old.timesteps = cfg.episodes, cfg.timesteps
@@ -446,6 +460,7 @@ def build_report(cfg, device, source, baseline, compressed, policy, baseline_acc
         "mode": "budget" if cfg.target_ratio else "trade-off",
         "replay": cfg.replay,
         "baseline_acc": baseline_acc, "baseline_proxy_acc": proxy.baseline_acc,
+        "proxy_bn_batches": proxy.config.bn_batches, "proxy_repair_steps": proxy.config.repair_steps,
         "proxy_acc": proxy_acc, "finetuned_acc": finetuned_acc,
         "accuracy_drop": baseline_acc - finetuned_acc,
         "accuracy_units": "fraction of the test split (0..1)",

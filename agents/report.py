@@ -71,7 +71,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "|-|-:|",
         f"| baseline, test split | {_pct(r['baseline_acc'])} |",
         f"| baseline, proxy split | {_pct(r.get('baseline_proxy_acc'))} |",
-        f"| compressed, proxy split after BN re-estimate | {_pct(r['proxy_acc'])} |",
+        f"| compressed, proxy split after BN re-estimate{_repair_label(r)} | {_pct(r['proxy_acc'])} |",
         f"| compressed, test split after fine-tuning | {_pct(r['finetuned_acc'])} |",
         f"| drop (baseline - fine-tuned, test) | {_pct(r['accuracy_drop'])} |",
         "",
@@ -135,3 +135,8 @@ def _save(fig: plt.Figure, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _repair_label(r: dict) -> str:
+    steps = r.get("proxy_repair_steps")
+    return f" and {steps} repair steps" if steps else ""

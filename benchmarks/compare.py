@@ -23,14 +23,14 @@ import json
 import time
 from pathlib import Path
 
-from _common import add_common_args, machine, prefill_factors, setup
+from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
 from agents.config import RunConfig
 from agents.pipeline import finetune, search
 from rl_mtd.baselines import SensitivityStudy, strategy_policy
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
-from rl_mtd.proxy import Proxy, ProxyConfig
+from rl_mtd.proxy import Proxy
 from rl_mtd.train import evaluate
 
 ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity")
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
-    p.add_argument("--bn-batches", type=int, default=8)
+    add_proxy_args(p)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--kd", type=float, default=0.0)
@@ -75,7 +75,7 @@ def main() -> None:
     prefill_s, _ = prefill_factors(baseline)
     print(f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
           flush=True)  # fmt: skip
-    proxy_cfg = ProxyConfig(bn_batches=args.bn_batches, seed=args.seed)
+    proxy_cfg = proxy_config(args)
 
     def new_proxy() -> Proxy:
         return Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,

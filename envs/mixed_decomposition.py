@@ -65,7 +65,8 @@ class MixedDecompositionEnv(gym.Env):
     One episode walks through the network's conv layers in forward order. At each layer the agent
     picks a method (``keep``, ``tucker2`` or ``cp``) and a level: the factor by which the layer's
     parameters should shrink. After the last layer the whole policy is scored by the proxy
-    (``rl_mtd.proxy.Proxy``): accuracy after a BatchNorm re-estimate on the proxy split.
+    (``rl_mtd.proxy.Proxy``): accuracy on the proxy split after a BatchNorm re-estimate and, when
+    its config asks for one, a short seeded repair (a few hundred SGD steps on training batches).
 
     ## Action Space
     ``Discrete(len(methods) * len(levels))``; action ``a`` means method ``methods[a // L]`` at

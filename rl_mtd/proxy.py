@@ -1,9 +1,15 @@
 """The quick proxy that scores a policy: compression and accuracy, on the GPU when there is one.
 
 ``Proxy.evaluate(policy)``: apply the policy from cached factors, re-estimate BatchNorm statistics
-on a few training batches (no gradients), measure top-1 on the proxy split (carved from the
-training images; never the test split). Results are memoised by the per-layer choices, and the
-baseline is measured once.
+on a few training batches (no gradients), optionally run a short seeded "repair" (a few SGD steps
+on training batches), and measure top-1 on the proxy split (carved
+from the training images; never the test split). Results are memoised by the per-layer choices,
+and the baseline is measured once.
+
+Why the repair: at high compression most policies score near chance straight after decomposition,
+BN re-estimate or not, so the ranking among them is noise.
+A couple of hundred SGD steps separate the
+policies that fine-tuning can rescue from those it cannot (BENCHMARKS.md, proxy fidelity).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from rl_mtd.decompose import FactorCache, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy, apply_policy
-from rl_mtd.train import evaluate, reestimate_bn
+from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,23 @@ class ProxyConfig:
     """Training batches for the BatchNorm re-estimate (0 turns it off)."""
     bn_batch_size: int = 128
     eval_batch_size: int = 1000
+    repair_steps: int = 0
+    """SGD steps of fine-tuning before measuring (0 turns the repair off)."""
+    repair_lr: float = 0.01
+    """Peak learning rate of the repair (cosine schedule)."""
+    repair_kd: float = 0.0
+    """Distillation weight from the baseline during the repair (0: plain cross-entropy, which
+    ranked policies better than kd 0.9 in the fidelity study)."""
+    repair_batch_size: int = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bn_batches < 0 or self.repair_steps < 0:
+            raise RlMtdError("bn_batches and repair_steps must be >= 0")
+        if not self.repair_lr > 0 or self.repair_batch_size < 1:
+            raise RlMtdError("repair_lr and repair_batch_size must be positive")
+        if not 0 <= self.repair_kd <= 1:
+            raise RlMtdError(f"repair_kd must be in [0, 1], got {self.repair_kd}")
 
 
 class Proxy:
@@ -95,7 +117,9 @@ class Proxy:
         self._memo: dict[tuple, ProxyResult] = {}
         self.evaluations = 0  # real (non-memoised) evaluations
         t0 = time.perf_counter()
-        self.baseline_acc = evaluate(self.model, self.proxy_split, batch_size=self.config.eval_batch_size)
+        self.baseline_acc = evaluate(
+            self.model, self.proxy_split, batch_size=self.config.eval_batch_size
+        )
         self.baseline_seconds = time.perf_counter() - t0
 
     @staticmethod
@@ -119,6 +143,8 @@ class Proxy:
             return ProxyResult(**{**hit.to_dict(), "cached": True})
         t0 = time.perf_counter()
         model = self.compress(policy)
+        if self.config.repair_steps > 0 and any(c.method != "keep" for c in policy.layers):
+            self.repair(model)
         acc = evaluate(model, self.proxy_split, batch_size=self.config.eval_batch_size)
         params, macs = count_params(model), count_macs(model)
         result = ProxyResult(
@@ -132,3 +158,19 @@ class Proxy:
         self._memo[key] = result
         self.evaluations += 1
         return result
+
+    def repair(self, model: nn.Module) -> None:
+        """A short seeded fine-tune, in place: the same steps and batches for every policy."""
+        c = self.config
+        if c.repair_steps == 0:
+            return
+        batch = min(c.repair_batch_size, len(self.train_split))
+        train(
+            model, self.train_split, progress=False, desc="proxy repair",
+            teacher=self.model if c.repair_kd > 0 else None,
+            config=TrainConfig(
+                epochs=c.repair_steps / (len(self.train_split) // batch), lr=c.repair_lr,
+                batch_size=batch, schedule="cosine", kd_alpha=c.repair_kd, seed=c.seed,
+            ),
+        )  # fmt: skip
+        model.eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from agents.cli import main
+from agents.config import PRESETS
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
@@ -118,6 +119,8 @@ def test_smoke_run_writes_every_file(smoke_run):
     for png in ("reward_curve.png", "layers.png"):
         assert (smoke_run / png).read_bytes()[:8] == PNG_MAGIC
     assert NET in (smoke_run / "report.md").read_text()
+    config = read_json(smoke_run / "config.json")
+    assert config["repair_steps"] == PRESETS["smoke"]["repair_steps"] > 0  # the proxy repairs
     # No temp files from the atomic writes are left behind.
     assert not [p.name for p in smoke_run.iterdir() if ".tmp" in p.name]
 
@@ -256,6 +259,7 @@ def test_unknown_method_suggests_a_name(capsys):
     [
         (["--width", "0"], "--width must be > 0"),
         (["--n-envs", "0"], "--n-envs must be >= 1"),
+        (["--repair-steps", "-1"], "--repair-steps must be >= 0"),
         (["--levels", "0.5,2"], "levels must be"),
         (["--levels", "8,2"], "increasing order"),
         (["--methods", "keep"], "'keep' alone"),

@@ -391,3 +391,38 @@ def test_proxy_memoises(baseline, splits):
     assert not third.cached
     assert proxy.evaluations == 2
     assert third.accuracy == proxy.baseline_acc  # keep-all: no BN re-estimate, same model
+
+
+def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
+    """The repair trains the compressed copy only, the same way every time, and is skipped for
+    keep-all (whose score stays the baseline's)."""
+    before = {k: v.clone() for k, v in baseline.state_dict().items()}
+    cfg = ProxyConfig(bn_batches=2, bn_batch_size=64, repair_steps=3, repair_batch_size=64, seed=0)
+
+    def repaired_proxy():
+        return Proxy(baseline, train=splits.train, proxy=splits.proxy, device="cpu", config=cfg,
+                     cache=FactorCache(), net=NET, width=WIDTH)  # fmt: skip
+
+    choices = [("keep", None)] + [("tucker2", 2)] * (N_LAYERS - 1)
+    policy = Policy.from_choices(baseline, choices, net=NET, width=WIDTH)
+    p1, p2, plain = repaired_proxy(), repaired_proxy(), make_proxy(baseline, splits)
+    r1, r2 = p1.evaluate(policy), p2.evaluate(policy)
+    assert r1.accuracy == r2.accuracy
+    assert r1.params == plain.evaluate(policy).params  # the repair changes weights, not structure
+    m1 = p1.compress(policy)
+    p1.repair(m1)
+    m_plain = plain.compress(policy)
+    changed = [n for n, v in m1.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, m_plain.state_dict()[n])]  # fmt: skip
+    assert any(n.endswith("weight") for n in changed)  # SGD steps moved the factors
+    for k, v in baseline.state_dict().items():  # the teacher was not trained
+        assert torch.equal(v, before[k]), k
+    keep_all = Policy.from_choices(baseline, [("keep", None)] * N_LAYERS, net=NET, width=WIDTH)
+    assert p1.evaluate(keep_all).accuracy == p1.baseline_acc
+
+
+def test_proxy_config_refuses_bad_repair_settings():
+    with pytest.raises(RlMtdError, match="repair_kd"):
+        ProxyConfig(repair_kd=1.5)
+    with pytest.raises(RlMtdError, match="repair_steps"):
+        ProxyConfig(repair_steps=-1)
