@@ -148,8 +148,8 @@ def get_baseline(
             log.warning("ignoring unusable cached baseline (%s); training a new one", exc)
     log.info("baseline: training %s width %g for %g epochs on %d images", cfg.net, cfg.width,
              cfg.baseline_epochs, len(splits.train))  # fmt: skip
+    torch.manual_seed(cfg.seed)  # before building: the initial weights come from this seed
     model = build_vgg(cfg.net, width=cfg.width).to(device)
-    torch.manual_seed(cfg.seed)
     train(model, splits.train, val_split=splits.proxy if len(splits.proxy) else None,
           config=TrainConfig(epochs=cfg.baseline_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                              seed=cfg.seed, label_smoothing=0.1),

@@ -424,3 +424,23 @@ def test_two_envs_in_subprocesses(tmp_path):
     report = read_json(out / "report.json")
     assert report["episodes"] >= 3
     assert report["compression_ratio"] >= TARGET
+
+
+def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
+    """A baseline trained for a run is the same whatever drew from torch's RNG before (it was
+    built before seeding, so its initial weights - and accuracy - varied from run to run)."""
+    from agents.config import RunConfig
+    from agents.pipeline import get_baseline, load_data
+
+    cfg = RunConfig(net=NET, width=WIDTH, data="synthetic:300,100", proxy_size=100,
+                    baseline_epochs=0.5, progress=False, seed=3)  # fmt: skip
+    splits, data = load_data(cfg)
+    states = []
+    for i, noise in enumerate((1, 1000)):
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / f"cache{i}"))  # train, not load
+        torch.manual_seed(1234 + noise)
+        torch.rand(noise)
+        model, _ = get_baseline(cfg, splits, data.key, torch.device("cpu"))
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
