@@ -190,7 +190,7 @@ def print_plan(cfg: RunConfig, splits: DataSplits, device: torch.device, n_layer
         f"  2. search: {cfg.episodes} episodes x {n_layers} layers, target "
         f"{cfg.target_ratio or 'trade-off'}, {cfg.n_envs} env(s), proxy {cfg.bn_batches} BN "
         f"batches + {cfg.repair_steps} repair steps (~{_fmt(est['search'])}, "
-        f"upper bound: repeated policies and cached factors are faster)",
+        f"plus factorising each new layer option once; repeated policies are faster)",
         f"  3. fine-tune {cfg.finetune_epochs:g} epochs (~{_fmt(est['fine-tune'])}), then test",
         f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "
         f"{t_episode:.1f} s/episode on this device)",
