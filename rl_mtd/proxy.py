@@ -143,8 +143,8 @@ class Proxy:
             return ProxyResult(**{**hit.to_dict(), "cached": True})
         t0 = time.perf_counter()
         model = self.compress(policy)
-        if self.config.repair_steps > 0 and any(c.method != "keep" for c in policy.layers):
-            self.repair(model)
+        if any(c.method != "keep" for c in policy.layers):
+            self.repair(model)  # a no-op with repair_steps 0
         acc = evaluate(model, self.proxy_split, batch_size=self.config.eval_batch_size)
         params, macs = count_params(model), count_macs(model)
         result = ProxyResult(

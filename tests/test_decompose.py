@@ -69,16 +69,22 @@ def test_full_rank_tucker2_reproduces_conv(stride: int, bias: bool, padding: int
     assert (list(block.children())[-1].bias is not None) == bias
 
 
+def _conv_with_kernel(w: torch.Tensor, stride: int = 1) -> nn.Conv2d:
+    """A 3x3 conv (padding 1, random bias) holding kernel ``w``."""
+    conv = nn.Conv2d(w.shape[1], w.shape[0], 3, stride=stride, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.normal_()
+    return conv
+
+
 @pytest.mark.parametrize("seed", [0, 1, 3])
 def test_cp_recovers_exact_low_rank_kernel(seed: int) -> None:
     w = _exact_cp_kernel((32, 16, 3, 3), 6, seed)
     f = factorize.cp(w, 6)
     assert factorize.relative_error(f.reconstruct(), w) < 1e-3
 
-    conv = nn.Conv2d(16, 32, 3, padding=1, bias=True)
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        conv.bias.normal_()
+    conv = _conv_with_kernel(w)
     block = decompose_conv(conv, "cp", 6, cache=FactorCache())
     x = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -88,10 +94,7 @@ def test_cp_recovers_exact_low_rank_kernel(seed: int) -> None:
 @pytest.mark.parametrize("stride", [1, 2])
 def test_cp_keeps_stride_padding_and_bias(stride: int) -> None:
     w = _exact_cp_kernel((12, 8, 3, 3), 4, seed=3)
-    conv = nn.Conv2d(8, 12, 3, stride=stride, padding=1, bias=True)
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        conv.bias.normal_()
+    conv = _conv_with_kernel(w, stride=stride)
     block = decompose_conv(conv, "cp", 4, cache=FactorCache())
     x = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
