@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from envs.mixed_decomposition import DEFAULT_LEVELS
+from rl_mtd.budget import DEFAULT_LEVELS
 from rl_mtd.decompose import METHODS
 
 # Proxy repair (SGD steps before scoring; rl_mtd.proxy): enough to rank policies as fine-tuning

@@ -2,7 +2,8 @@
 
 import gymnasium as gym
 
-from envs.mixed_decomposition import DEFAULT_LEVELS, EnvConfig, MixedDecompositionEnv
+from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
+from rl_mtd.budget import DEFAULT_LEVELS
 
 ENV_ID = "rl_mtd/MixedDecomposition-v0"
 

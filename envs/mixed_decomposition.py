@@ -10,14 +10,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rl_mtd.budget import BudgetTable
-from rl_mtd.decompose import DECOMPOSED, METHODS, layer_params
-from rl_mtd.errors import RlMtdError
+from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable, check_levels, check_methods, check_target
+from rl_mtd.decompose import METHODS, layer_params
 from rl_mtd.metrics import macs_by_layer
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
 
-DEFAULT_LEVELS = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
 N_STATE = 5  # budget used, budget left, remaining original share, previous method, previous level
 
@@ -38,21 +36,10 @@ class EnvConfig:
     """Trade-off mode: reward per doubling of compression."""
 
     def __post_init__(self) -> None:
-        self.methods = tuple(self.methods)
-        self.levels = tuple(float(v) for v in self.levels)
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
-            raise RlMtdError(
-                f"methods must be distinct names from {', '.join(METHODS)}; got {self.methods}"
-            )
-        if not any(m in DECOMPOSED for m in self.methods):
-            raise RlMtdError("methods must include tucker2 or cp; 'keep' alone compresses nothing")
-        if not self.levels or any(not (v > 1) or not math.isfinite(v) for v in self.levels):
-            raise RlMtdError(f"levels must be finite reduction factors > 1, got {self.levels}")
-        if list(self.levels) != sorted(self.levels):
-            raise RlMtdError(f"levels must be in increasing order, got {self.levels}")
-        if self.target_ratio is not None and not self.target_ratio > 1:
-            raise RlMtdError(f"target ratio must be > 1, got {self.target_ratio}")
+        self.methods = check_methods(self.methods)
+        self.levels = check_levels(self.levels)
+        if self.target_ratio is not None:
+            self.target_ratio = check_target(self.target_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

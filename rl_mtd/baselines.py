@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from rl_mtd.budget import BudgetTable
+from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable, check_levels, check_methods, check_target
 from rl_mtd.decompose import (
     DECOMPOSED,
     METHODS,
@@ -40,10 +40,12 @@ from rl_mtd.decompose import (
     conv_layers,
     decomposed_params,
     layer_params,
+    params_after,
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_params
+from rl_mtd.models import model_spec
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyResult
 from rl_mtd.vbmf import estimate_rank
@@ -63,8 +65,6 @@ __all__ = [
 ]
 
 STRATEGIES: tuple[str, ...] = ("tucker2", "cp", "vbmf", "sensitivity", "random")
-DEFAULT_LEVELS: tuple[float, ...] = (2, 4, 8, 16, 32, 64, 128)
-"""Per-layer parameter reduction factors offered to the random search (and the agent)."""
 SENSITIVITY_LEVELS: tuple[float, ...] = (2, 4, 8, 16, 32, 64)
 """Levels of the per-layer sensitivity study."""
 RANDOM_METHODS: tuple[str, ...] = ("keep", "tucker2", "cp")
@@ -78,47 +78,6 @@ Choice = tuple[str, Rank]  # (method, rank), as Policy.from_choices takes it
 # ----------------------------------------------------------------------------- helpers
 
 
-def _check_target(target: float) -> float:
-    if isinstance(target, bool) or not isinstance(target, int | float):
-        raise RlMtdError(f"target ratio must be a number, got {target!r}")
-    if not (math.isfinite(target) and target > 0):
-        raise RlMtdError(f"target ratio must be a positive finite number, got {target!r}")
-    return float(target)
-
-
-def _check_levels(levels: Iterable[float]) -> tuple[float, ...]:
-    out = tuple(levels)
-    if not out:
-        raise RlMtdError("give at least one level")
-    for lv in out:
-        if isinstance(lv, bool) or not isinstance(lv, int | float) or not (
-            math.isfinite(lv) and lv > 0
-        ):
-            raise RlMtdError(f"levels must be positive numbers, got {lv!r}")
-    return out
-
-
-def _check_methods(methods: Iterable[str], allowed: Sequence[str]) -> tuple[str, ...]:
-    out = tuple(methods)
-    if not out:
-        raise RlMtdError("give at least one method")
-    for m in out:
-        if m not in allowed:
-            raise RlMtdError(f"unknown method {m!r} here; choose from {', '.join(allowed)}")
-    if len(set(out)) != len(out):
-        raise RlMtdError(f"methods repeat: {out}")
-    return out
-
-
-def _total_params(model_params: int, convs: list[tuple[str, nn.Conv2d]],
-                  choices: list[Choice]) -> int:  # fmt: skip
-    """Whole-model parameters after ``choices`` (as ``Policy.predicted_params`` counts them)."""
-    total = model_params
-    for (_, conv), (method, rank) in zip(convs, choices):
-        total += decomposed_params(conv, method, rank) - layer_params(conv)
-    return total
-
-
 def _unreachable(target: float, best: int, params_original: int, what: str) -> RlMtdError:
     return RlMtdError(
         f"target ratio {target:g} cannot be reached by {what}: at most "
@@ -128,11 +87,12 @@ def _unreachable(target: float, best: int, params_original: int, what: str) -> R
 
 def _model_meta(model: nn.Module) -> dict[str, Any]:
     """net, width and num_classes a model built by ``build_vgg`` carries."""
+    spec = model_spec(model)
     head = getattr(model, "classifier", None)
     return {
-        "net": getattr(model, "net_name", None),
-        "width": getattr(model, "width", None),
-        "num_classes": getattr(head, "out_features", 10),
+        "net": spec.net if spec else None,
+        "width": spec.width if spec else None,
+        "num_classes": spec.num_classes if spec else getattr(head, "out_features", 10),
     }
 
 
@@ -173,7 +133,7 @@ def uniform_policy(
     """
     if method not in DECOMPOSED:
         raise RlMtdError(f"uniform_policy needs method 'tucker2' or 'cp', got {method!r}")
-    target = _check_target(target)
+    target = check_target(target)
     convs = conv_layers(model)
     if not convs:
         raise RlMtdError("the model has no conv layers to compress")
@@ -181,7 +141,7 @@ def uniform_policy(
     allowed = params / target
 
     def total(r: float) -> int:
-        return _total_params(params, convs, _uniform_choices(convs, method, r))
+        return params_after(params, convs, _uniform_choices(convs, method, r))
 
     lo, hi = 1.0, 1.0
     if total(hi) > allowed:
@@ -263,7 +223,7 @@ def vbmf_policy(
     Raises:
         RlMtdError: for an unreachable target (Tucker-2 at rank (1, 1) everywhere is too big).
     """
-    target = _check_target(target)
+    target = check_target(target)
     convs = conv_layers(model)
     if not convs:
         raise RlMtdError("the model has no conv layers to compress")
@@ -272,7 +232,7 @@ def vbmf_policy(
     allowed = params / target
 
     def total(s: float) -> int:
-        return _total_params(params, convs, _vbmf_choices(convs, bases, s))
+        return params_after(params, convs, _vbmf_choices(convs, bases, s))
 
     lo = 0.25 / max(max(b) for b in bases)  # every rank rounds to 0 -> clipped to 1
     hi = 2.0 * max(max(c.out_channels, c.in_channels) for _, c in convs)  # every rank full
@@ -327,8 +287,8 @@ class SensitivityStudy:
         levels: Sequence[float] = SENSITIVITY_LEVELS,
     ):
         self.proxy = proxy
-        self.methods = _check_methods(methods, DECOMPOSED)
-        self.levels = _check_levels(levels)
+        self.methods = check_methods(methods, DECOMPOSED)
+        self.levels = check_levels(levels)
         self.table = BudgetTable(proxy.model, self.methods, self.levels)
         self.results: dict[StudyKey, float] = {}
         self.evaluations = 0
@@ -399,7 +359,7 @@ def sensitivity_policy(
     Raises:
         RlMtdError: when even the strongest option of every layer misses the target.
     """
-    target = _check_target(target)
+    target = check_target(target)
     if study is None:
         study = SensitivityStudy(
             proxy,
@@ -489,7 +449,7 @@ def random_policies(
     Raises:
         RlMtdError: for a target beyond what these methods and levels can reach.
     """
-    target = _check_target(target)
+    target = check_target(target)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RlMtdError(f"n must be a positive int, got {n!r}")
     if isinstance(proxy_or_model, Proxy):
@@ -504,10 +464,8 @@ def random_policies(
     num_classes = num_classes if num_classes is not None else found["num_classes"]
     if net is None or width is None:
         raise RlMtdError("pass net=... and width=...: the model does not say which VGG it is")
-    methods = _check_methods(methods, METHODS)
-    if all(m == "keep" for m in methods):
-        raise RlMtdError("random policies need a decomposition method besides 'keep'")
-    table = BudgetTable(model, methods, _check_levels(levels))
+    methods = check_methods(methods, METHODS)
+    table = BudgetTable(model, methods, check_levels(levels))
     table.check_target(target)
     rng = np.random.default_rng(seed)
     out = []

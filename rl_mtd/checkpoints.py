@@ -1,8 +1,10 @@
-"""Baseline checkpoints: save, read with clear errors, and check they fit the requested net.
+"""Checkpoints: baselines and compressed models, saved atomically, read with clear errors.
 
 A baseline file is ``{"format": 1, "kind": "baseline", "net", "width", "num_classes",
 "state_dict", "meta"}`` written with ``torch.save`` and read with ``weights_only=True``.
-A bare state_dict of a ``build_vgg`` model is accepted too.
+A bare state_dict of a ``build_vgg`` model is accepted too. A compressed file is ``{"format": 1,
+"kind": "compressed", "policy", "state_dict", ...}``: no pickled modules, rebuilt by
+``apply_policy`` on a fresh model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import torch_save_atomic
 from rl_mtd.models import CFGS, build_vgg, check_net_name
+from rl_mtd.policy import Policy, apply_policy
 
 CHECKPOINT_FORMAT = 1
 
@@ -115,3 +118,31 @@ def load_baseline(
     check_finite(model, str(path))
     info = {"net": net, "width": width, "num_classes": num_classes, "meta": data.get("meta", {})}
     return model, info
+
+
+# ----------------------------------------------------------------------------- compressed
+
+
+def save_compressed(path: str | os.PathLike, model: nn.Module, policy: Policy, **extra: Any) -> None:
+    """Save a compressed model as its state_dict plus its policy (no pickled modules)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch_save_atomic(
+        {"format": CHECKPOINT_FORMAT, "kind": "compressed", "policy": policy.to_dict(),
+         "state_dict": state, **extra},
+        path,
+    )  # fmt: skip
+
+
+def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Policy]:
+    """Rebuild a model saved by ``save_compressed``: fresh net, ``apply_policy``, state_dict."""
+    data = read_checkpoint(path)
+    if data.get("kind") != "compressed" or "policy" not in data:
+        raise RlMtdError(f"{path} is not a compressed checkpoint (no policy inside)")
+    policy = Policy.from_dict(data["policy"], source=str(path))
+    base = build_vgg(policy.net, num_classes=policy.num_classes, width=policy.width)
+    model = apply_policy(base, policy, factorize=False)
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as exc:
+        raise RlMtdError(f"{path}: the weights do not fit the policy inside it ({exc})") from None
+    return model, policy

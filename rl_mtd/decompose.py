@@ -117,6 +117,24 @@ def decomposed_params(conv: nn.Conv2d, method: str, rank: Rank) -> int:
     return rank * (i + kh + kw + o) + bias  # type: ignore[operator]
 
 
+def params_after(
+    model_params: int,
+    convs: list[tuple[str, nn.Conv2d]],
+    choices: list[tuple[str, Rank]],
+) -> int:
+    """Whole-model parameters once each of ``convs`` becomes its ``(method, rank)`` choice.
+
+    ``model_params`` is the uncompressed model's ``count_params``; BatchNorm and the head are
+    unchanged by a decomposition, so only the convs' own parameters move.
+    """
+    if len(choices) != len(convs):
+        raise RlMtdError(f"{len(choices)} choices for a model with {len(convs)} conv layers")
+    return model_params + sum(
+        decomposed_params(conv, method, rank) - layer_params(conv)
+        for (_, conv), (method, rank) in zip(convs, choices)
+    )
+
+
 def _tucker_ranks_for(conv: nn.Conv2d, r_in: int) -> tuple[int, int]:
     """Tucker-2 ranks that keep the layer's out/in channel proportion."""
     o, i = conv.out_channels, conv.in_channels

@@ -16,6 +16,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from rl_mtd.models import model_device
+
 
 def count_params(model: nn.Module) -> int:
     """Trainable parameters of the whole model."""
@@ -51,7 +53,7 @@ def macs_by_layer(
         if isinstance(m, nn.Conv2d | nn.Linear):
             hooks.append(m.register_forward_hook(hook))
     try:
-        device = _device_of(model)
+        device = model_device(model)
         was_training = model.training
         model.eval()
         model(torch.zeros((1, *input_shape[1:]), device=device))
@@ -65,11 +67,6 @@ def macs_by_layer(
 def count_macs(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
     """Total conv and linear MACs for one image of ``input_shape``."""
     return sum(macs_by_layer(model, input_shape).values())
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.no_grad()

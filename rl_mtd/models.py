@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,6 +33,27 @@ def check_net_name(name: str) -> str:
     raise RlMtdError(f"unknown net {name!r}; choose one of {', '.join(NET_NAMES)}.{hint}")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is: which VGG, at which width, for how many classes."""
+
+    net: str
+    width: float
+    num_classes: int = 10
+
+
+def model_spec(model: nn.Module) -> ModelSpec | None:
+    """The spec of a model built by ``build_vgg`` (None for any other module)."""
+    spec = getattr(model, "spec", None)
+    return spec if isinstance(spec, ModelSpec) else None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (CPU for a model without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def scaled_channels(channels: int, width: float) -> int:
     """Channels of a layer at ``width`` (at least 1)."""
     return max(1, int(round(channels * width)))
@@ -39,6 +61,9 @@ def scaled_channels(channels: int, width: float) -> int:
 
 class VGG(nn.Module):
     """VGG for 32x32 inputs: 3x3 conv + BatchNorm + ReLU blocks, five max-pools, a linear head."""
+
+    spec: ModelSpec | None = None
+    """Set by ``build_vgg``: the net name, width and classes this model was built as."""
 
     def __init__(self, cfg: list[int | str], *, num_classes: int = 10, width: float = 1.0):
         super().__init__()
@@ -84,6 +109,5 @@ def build_vgg(name: str, num_classes: int = 10, width: float = 1.0) -> VGG:
     if int(num_classes) < 2:
         raise RlMtdError(f"num_classes must be >= 2, got {num_classes!r}")
     model = VGG(CFGS[name], num_classes=int(num_classes), width=float(width))
-    model.net_name = name  # type: ignore[attr-defined]
-    model.width = float(width)  # type: ignore[attr-defined]
+    model.spec = ModelSpec(name, float(width), int(num_classes))
     return model

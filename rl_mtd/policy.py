@@ -32,13 +32,14 @@ from rl_mtd.decompose import (
     decomposed_params,
     layer_params,
     normalize_rank,
+    params_after,
 )
 from rl_mtd.errors import RlMtdError
-from rl_mtd.io import torch_save_atomic, write_json_atomic
+from rl_mtd.io import write_json_atomic
+from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg, check_net_name
 
 POLICY_FORMAT = 1
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,8 @@ class Policy:
 
     def predicted_params(self, model: nn.Module) -> int:
         """Parameters ``apply_policy(model, self)`` will have, from the per-layer choices alone."""
-        check_matches(model, self)
-        total = sum(p.numel() for p in model.parameters())
-        for (_, conv), choice in zip(conv_layers(model), self.layers):
-            total += decomposed_params(conv, choice.method, choice.rank) - layer_params(conv)
-        return total
+        convs = check_matches(model, self)
+        return params_after(count_params(model), convs, [(c.method, c.rank) for c in self.layers])
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -282,31 +280,10 @@ def apply_policy(
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def __getattr__(name: str) -> Any:
+    """``save_compressed``/``load_compressed`` live in ``rl_mtd.checkpoints``; importable here too."""
+    if name in ("save_compressed", "load_compressed"):
+        from rl_mtd import checkpoints
 
-
-def save_compressed(path: str | os.PathLike, model: nn.Module, policy: Policy, **extra: Any) -> None:
-    """Save a compressed model as its state_dict plus its policy (no pickled modules)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch_save_atomic(
-        {"format": CHECKPOINT_FORMAT, "kind": "compressed", "policy": policy.to_dict(),
-         "state_dict": state, **extra},
-        path,
-    )  # fmt: skip
-
-
-def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Policy]:
-    """Rebuild a model saved by ``save_compressed``: fresh net, ``apply_policy``, state_dict."""
-    from rl_mtd.checkpoints import read_checkpoint
-
-    data = read_checkpoint(path)
-    if data.get("kind") != "compressed" or "policy" not in data:
-        raise RlMtdError(f"{path} is not a compressed checkpoint (no policy inside)")
-    policy = Policy.from_dict(data["policy"], source=str(path))
-    base = build_vgg(policy.net, num_classes=policy.num_classes, width=policy.width)
-    model = apply_policy(base, policy, factorize=False)
-    try:
-        model.load_state_dict(data["state_dict"])
-    except RuntimeError as exc:
-        raise RlMtdError(f"{path}: the weights do not fit the policy inside it ({exc})") from None
-    return model, policy
+        return getattr(checkpoints, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

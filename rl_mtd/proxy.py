@@ -25,6 +25,7 @@ from rl_mtd.data import Split
 from rl_mtd.decompose import FactorCache, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
+from rl_mtd.models import model_spec
 from rl_mtd.policy import Policy, apply_policy
 from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
 
@@ -101,8 +102,9 @@ class Proxy:
         self.device = resolve_device(device)
         self.config = config or ProxyConfig()
         self.model = model.to(self.device).eval()
-        self.net = net or getattr(model, "net_name", None)
-        self.width = float(width if width is not None else getattr(model, "width", 1.0))
+        spec = model_spec(model)
+        self.net = net or (spec.net if spec else None)
+        self.width = float(width if width is not None else (spec.width if spec else 1.0))
         head = getattr(model, "classifier", None)
         self.num_classes = int(getattr(head, "out_features", 10))
         if self.net is None:

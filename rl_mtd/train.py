@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rl_mtd.data import DeviceLoader, Split
+from rl_mtd.models import model_device
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _lr_factor(schedule: str, t: float) -> float:
