@@ -6,14 +6,14 @@ import argparse
 import logging
 import platform
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from agents.config import REPAIR_STEPS_CPU, RunConfig
 from agents.pipeline import get_baseline, load_data
-from rl_mtd.baselines import DEFAULT_LEVELS
-from rl_mtd.budget import BudgetTable
+from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
 from rl_mtd.proxy import ProxyConfig, resolve_device
@@ -93,10 +93,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def prefill_factors(model: torch.nn.Module) -> tuple[float, int]:
-    """Factorise every (layer, method, level) option once; returns seconds and the count."""
+def prefill_factors(
+    model: torch.nn.Module, levels: Sequence[float] = DEFAULT_LEVELS
+) -> tuple[float, int]:
+    """Factorise every (layer, method, level) option once; returns seconds and the count.
+
+    ``levels`` default to the agent's (``rl_mtd.budget.DEFAULT_LEVELS``, also the random
+    strategy's).
+    """
     t0 = time.perf_counter()
-    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    table = BudgetTable(model, METHODS, levels)
     n = 0
     for (_, conv), layer in zip(conv_layers(model), table.layers):
         for (mi, _), (rank, _) in layer.options.items():

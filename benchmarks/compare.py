@@ -27,7 +27,8 @@ from _common import add_common_args, add_proxy_args, machine, prefill_factors, p
 
 from agents.config import RunConfig
 from agents.pipeline import finetune, search
-from rl_mtd.baselines import SensitivityStudy, strategy_policy
+from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, strategy_policy
+from rl_mtd.budget import DEFAULT_LEVELS
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.proxy import Proxy
@@ -72,7 +73,8 @@ def main() -> None:
     cfg, splits, baseline, device = setup(args)
     base_test = evaluate(baseline, splits.test)
     params0, macs0 = count_params(baseline), count_macs(baseline)
-    prefill_s, _ = prefill_factors(baseline)
+    # The agent's and random's levels (DEFAULT_LEVELS) and the sensitivity study's.
+    prefill_s, _ = prefill_factors(baseline, sorted(set(DEFAULT_LEVELS) | set(SENSITIVITY_LEVELS)))
     print(f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
           flush=True)  # fmt: skip
     proxy_cfg = proxy_config(args)

@@ -61,7 +61,9 @@ def main() -> None:
         "bn": make(proxy_config(args, repair_steps=0)),
         "repair": make(proxy_config(args)),
     }
-    policies = random_policies(proxies["bn"], args.target, args.policies, seed=args.seed)
+    policies = random_policies(
+        baseline, args.target, args.policies, seed=args.seed, net=args.net, width=args.width
+    )
     base_test = evaluate(baseline, splits.test)
     rows = []
     for i, policy in enumerate(policies):

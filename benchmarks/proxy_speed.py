@@ -65,7 +65,10 @@ def main() -> None:
     proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device, config=cfg,
                   net=args.net, width=args.width)  # fmt: skip
     times = []
-    for policy in random_policies(proxy, args.target, args.policies, seed=1):
+    policies = random_policies(
+        model, args.target, args.policies, seed=1, net=args.net, width=args.width
+    )
+    for policy in policies:
         times.append(proxy.evaluate(policy).seconds)
 
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -91,7 +94,7 @@ def main() -> None:
         timing = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
                        config=proxy_config(args, repair_steps=args.time_repair_steps),
                        net=args.net, width=args.width)  # fmt: skip
-        policy = random_policies(timing, args.target, 1, seed=2)[0]
+        (policy,) = random_policies(model, args.target, 1, seed=2, net=args.net, width=args.width)
         timing.repair(timing.compress(policy))  # warm-up: first-call kernel setup is not a step
         compressed = timing.compress(policy)
         t2 = time.perf_counter()

@@ -17,7 +17,6 @@ from rl_mtd.baselines import (
     DEFAULT_LEVELS,
     STRATEGIES,
     SensitivityStudy,
-    _vbmf_choices,
     random_policies,
     random_search,
     sensitivity_policy,
@@ -26,7 +25,9 @@ from rl_mtd.baselines import (
     vbmf_policy,
     vbmf_ranks,
 )
-from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.baselines.uniform import _vbmf_choices
+from rl_mtd.budget import DEFAULT_LEVELS as BUDGET_LEVELS
+from rl_mtd.data import DataSplits
 from rl_mtd.decompose import (
     FactorCache,
     conv_layers,
@@ -46,32 +47,18 @@ STUDY_LEVELS = (4, 16, 64)  # fewer than the default, to keep the study to a few
 N_RANDOM = 4
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    """Keep the on-disk factor cache out of ~/.cache."""
-    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convs on a shared 2-core box run ~10x faster without thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def model(tiny_baseline) -> nn.Module:
+    """The suite's trained width-0.125 VGG11 (shared: nothing here changes it)."""
+    return tiny_baseline
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
-    torch.manual_seed(0)
-    return build_vgg(NET, width=WIDTH)
-
-
-@pytest.fixture(scope="module")
-def proxy(model) -> Proxy:
-    splits = make_splits(load_cifar10("synthetic:600,200"), proxy_size=200)
+def proxy(model, tiny_splits: DataSplits) -> Proxy:
     # A memory-only factor cache: module-scoped, so it cannot use the per-test RL_MTD_CACHE.
-    return Proxy(model, train=splits.train, proxy=splits.proxy, device="cpu", cache=FactorCache())
+    return Proxy(
+        model, train=tiny_splits.train, proxy=tiny_splits.proxy, device="cpu", cache=FactorCache()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +113,8 @@ def test_bad_target_raises(bad, proxy, study):
 def test_unknown_strategy_raises(proxy):
     with pytest.raises(RlMtdError, match="unknown strategy 'svd'"):
         strategy_policy("svd", proxy, 4)
+    with pytest.raises(RlMtdError, match="Did you mean 'tucker2'"):
+        strategy_policy("tucker", proxy, 4)
 
 
 # ----------------------------------------------------------------------------- uniform
@@ -293,10 +282,10 @@ def test_sensitivity_greedy_prefers_less_loss_per_parameter(model, proxy):
 # ----------------------------------------------------------------------------- random
 
 
-def test_random_policies_are_seeded_and_reach_target(model, proxy):
-    a = random_policies(proxy, 8, 5, seed=0)
-    b = random_policies(proxy, 8, 5, seed=0)
-    c = random_policies(proxy, 8, 5, seed=1)
+def test_random_policies_are_seeded_and_reach_target(model):
+    a = random_policies(model, 8, 5, seed=0)
+    b = random_policies(model, 8, 5, seed=0)
+    c = random_policies(model, 8, 5, seed=1)
     assert [p.to_dict() for p in a] == [p.to_dict() for p in b]
     assert [p.to_dict() for p in a] != [p.to_dict() for p in c]
     assert len({json.dumps([x.to_dict() for x in p.layers]) for p in a}) > 1  # not all alike
@@ -304,11 +293,18 @@ def test_random_policies_are_seeded_and_reach_target(model, proxy):
         assert len(p.layers) == len(conv_layers(model))
         assert _ratio(model, p) >= 8
         assert p.meta["strategy"] == "random" and p.meta["target_ratio"] == 8
-    # From a bare model: net and width come from the model or the keywords.
+    assert all((p.net, p.width, p.num_classes) == (NET, WIDTH, 10) for p in a)
+    # net and width come from the model's spec or the keywords.
     d = random_policies(model, 8, 5, seed=0, net=NET, width=WIDTH, num_classes=10)
     assert [p.to_dict() for p in d] == [p.to_dict() for p in a]
-    e = random_policies(model, 8, 5, seed=0)
-    assert [p.to_dict() for p in e] == [p.to_dict() for p in a]
+
+
+def test_random_policies_need_net_and_width_for_a_model_without_spec(model):
+    bare = nn.Sequential(*[conv for _, conv in conv_layers(model)])
+    with pytest.raises(RlMtdError, match="pass net=... and width=..."):
+        random_policies(bare, 4, 1)
+    (policy,) = random_policies(bare, 4, 1, net=NET, width=WIDTH)
+    assert (policy.net, policy.width, policy.num_classes) == (NET, WIDTH, 10)
 
 
 def test_random_policies_respect_methods_and_levels(model):
@@ -320,12 +316,12 @@ def test_random_policies_respect_methods_and_levels(model):
         assert {c.rank for c in p.layers} <= allowed
     with pytest.raises(RlMtdError, match="'keep' alone"):
         random_policies(model, 4, 2, methods=("keep",))
-    assert DEFAULT_LEVELS == (2, 4, 8, 16, 32, 64, 128)
+    assert DEFAULT_LEVELS is BUDGET_LEVELS  # one definition, re-exported
 
 
 def test_random_search_returns_the_best_by_accuracy(model, proxy):
     best, results = random_search(proxy, 4, N_RANDOM, seed=5)
-    policies = random_policies(proxy, 4, N_RANDOM, seed=5)
+    policies = random_policies(proxy.model, 4, N_RANDOM, seed=5, net=proxy.net, width=proxy.width)
     assert len(results) == N_RANDOM
     top = max(r.accuracy for r in results)
     winners = [(r.compression_ratio, p) for r, p in zip(results, policies) if r.accuracy == top]

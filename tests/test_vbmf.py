@@ -11,8 +11,14 @@ import torch
 from rl_mtd.vbmf import EVBMFResult, estimate_rank, evbmf, tau_bar
 
 
-def _low_rank(shape: tuple[int, int], rank: int, noise: float, seed: int,
-              top: float = 20.0, bottom: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+def _low_rank(
+    shape: tuple[int, int],
+    rank: int,
+    noise: float,
+    seed: int,
+    top: float = 20.0,
+    bottom: float = 6.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(U diag(d) V^T + noise * N, d)`` with orthonormal U, V and seeded noise."""
     rng = np.random.default_rng(seed)
     u, _ = np.linalg.qr(rng.standard_normal((shape[0], rank)))
@@ -63,8 +69,7 @@ def test_pure_noise_gives_rank_zero() -> None:
     ],
 )
 def test_recovers_rank_across_shapes(shape: tuple[int, int], rank: int) -> None:
-    y, _ = _low_rank(shape, rank=rank, noise=0.1, seed=sum(shape) + rank,
-                     top=25.0, bottom=8.0)
+    y, _ = _low_rank(shape, rank=rank, noise=0.1, seed=sum(shape) + rank, top=25.0, bottom=8.0)
     res = evbmf(y)
     assert res.rank == rank
     assert estimate_rank(y) == rank

@@ -1,0 +1,125 @@
+"""The random strategy: random per-layer choices pushed through the budget wall, the best by proxy
+accuracy (the random agent of AMC's budget-constrained search)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from torch import nn
+
+from rl_mtd.budget import (
+    DEFAULT_LEVELS,
+    BudgetTable,
+    OptionIndex,
+    check_levels,
+    check_methods,
+    check_target,
+)
+from rl_mtd.decompose import METHODS
+from rl_mtd.errors import RlMtdError
+from rl_mtd.models import model_spec
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy, ProxyResult
+
+__all__ = ["RANDOM_METHODS", "random_policies", "random_search"]
+
+RANDOM_METHODS: tuple[str, ...] = ("keep", "tucker2", "cp")
+
+
+def random_policies(
+    model: nn.Module,
+    target: float,
+    n: int,
+    *,
+    methods: Sequence[str] = RANDOM_METHODS,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    seed: int = 0,
+    net: str | None = None,
+    width: float | None = None,
+    num_classes: int | None = None,
+) -> list[Policy]:
+    """``n`` random policies for ``model`` that each reach ``target``.
+
+    Per layer, a (method, level) drawn uniformly from ``methods`` x ``levels`` (seeded numpy
+    generator) goes through ``BudgetTable.wall``, which raises it just enough that the layers
+    still to come can reach the target, so every policy reaches it (the random agent of AMC's
+    budget-constrained search). ``net``, ``width`` and ``num_classes`` default to the model's
+    ``model_spec`` (a model built by ``build_vgg``); ``num_classes`` otherwise to the head's
+    outputs. The same seed gives the same policies.
+
+    Raises:
+        RlMtdError: for a target beyond what these methods and levels can reach, or a model that
+            does not say which VGG it is when ``net``/``width`` are not given.
+    """
+    target = check_target(target)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RlMtdError(f"n must be a positive int, got {n!r}")
+    spec = model_spec(model)
+    if spec is not None:
+        net = spec.net if net is None else net
+        width = spec.width if width is None else width
+        num_classes = spec.num_classes if num_classes is None else num_classes
+    if num_classes is None:
+        num_classes = getattr(getattr(model, "classifier", None), "out_features", 10)
+    if net is None or width is None:
+        raise RlMtdError("pass net=... and width=...: the model does not say which VGG it is")
+    methods = check_methods(methods, METHODS)
+    table = BudgetTable(model, methods, check_levels(levels))
+    table.check_target(target)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        choices: list[OptionIndex] = []
+        for _ in table.layers:
+            draw = (int(rng.integers(len(table.methods))), int(rng.integers(len(table.levels))))
+            choices.append(table.wall(choices, draw, target))
+        meta = {"strategy": "random", "target_ratio": target, "seed": seed, "index": k}
+        policy = Policy.from_choices(
+            model,
+            table.to_choices(choices),
+            net=net,
+            width=width,
+            num_classes=num_classes,
+            meta=meta,
+        )
+        out.append(policy)
+    return out
+
+
+def random_search(
+    proxy: Proxy,
+    target: float,
+    n: int,
+    *,
+    seed: int = 0,
+    methods: Sequence[str] = RANDOM_METHODS,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    progress: bool = False,
+) -> tuple[Policy, list[ProxyResult]]:
+    """Score ``n`` :func:`random_policies` of ``proxy.model`` with the proxy; the best and every
+    result.
+
+    The policies carry the proxy's net, width and classes. The best has the highest proxy
+    accuracy; ties go to the higher compression ratio, then the earlier policy. Results are in
+    the order of the policies.
+    """
+    policies = random_policies(
+        proxy.model,
+        target,
+        n,
+        methods=methods,
+        levels=levels,
+        seed=seed,
+        net=proxy.net,
+        width=proxy.width,
+        num_classes=proxy.num_classes,
+    )
+    items: Iterable[Policy] = policies
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(policies, desc="random search", unit="policy")
+    results = [proxy.evaluate(p) for p in items]
+    best = max(range(n), key=lambda k: (results[k].accuracy, results[k].compression_ratio, -k))
+    return policies[best], results

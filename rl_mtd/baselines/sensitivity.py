@@ -1,0 +1,195 @@
+"""The sensitivity strategy: the recipe of MTD (IPDPSW 2021).
+
+"Automatic Selection of Tensor Decomposition for Compressing Convolutional Neural Networks: A
+Case Study on VGG-type Networks": measure every layer's accuracy under each method and level
+alone (:class:`SensitivityStudy`), then compress greedily where it costs least accuracy per
+parameter removed (:func:`sensitivity_policy`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from rl_mtd.baselines._common import MethodRank, unreachable
+from rl_mtd.budget import BudgetTable, OptionIndex, check_levels, check_methods, check_target
+from rl_mtd.decompose import DECOMPOSED, Rank
+from rl_mtd.errors import RlMtdError
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+
+__all__ = ["SENSITIVITY_LEVELS", "SensitivityStudy", "StudyKey", "sensitivity_policy"]
+
+SENSITIVITY_LEVELS: tuple[float, ...] = (2, 4, 8, 16, 32, 64)
+"""Levels of the per-layer sensitivity study."""
+
+_EPS = 1e-4  # accuracy (fraction) added to every loss in the greedy score; see sensitivity_policy
+
+StudyKey = tuple[int, str, float]  # (layer index, method, level)
+
+
+class SensitivityStudy:
+    """Proxy accuracy of the model with ONE conv layer compressed, for every layer x method x level.
+
+    The per-layer study of MTD ("Automatic Selection of Tensor Decomposition for Compressing
+    Convolutional Neural Networks: A Case Study on VGG-type Networks", IPDPSW 2021). Each entry
+    compresses only that layer, at ``rank_for_ratio(conv, method, level)``, keeps the others
+    and scores it with ``proxy.evaluate``. Options that would not shrink their layer (decomposed
+    parameters >= the layer's own) are not measured: no greedy move can use them.
+
+    Results are cached in :attr:`results` (``(layer index, method, level) -> accuracy``), so
+    :meth:`run` evaluates each entry once however often it is called; levels that give the
+    same rank share one evaluation. :attr:`evaluations` counts the ``proxy.evaluate`` calls that
+    were not memoised by the proxy itself.
+    """
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        methods: Sequence[str] = DECOMPOSED,
+        levels: Sequence[float] = SENSITIVITY_LEVELS,
+    ):
+        self.proxy = proxy
+        self.methods = check_methods(methods, DECOMPOSED)
+        self.levels = check_levels(levels)
+        self.table = BudgetTable(proxy.model, self.methods, self.levels)
+        self.results: dict[StudyKey, float] = {}
+        self.evaluations = 0
+        self._by_rank: dict[tuple[int, str, Rank], float] = {}
+
+    def keys(self) -> list[tuple[StudyKey, Rank]]:
+        """Every entry the study measures, with its rank, in layer-major order."""
+        out = []
+        for i, layer in enumerate(self.table.layers):
+            for (mi, li), (rank, params) in layer.options.items():
+                if params < layer.original:
+                    out.append(((i, self.methods[mi], self.levels[li]), rank))
+        return out
+
+    def run(self, progress: bool = False) -> dict[StudyKey, float]:
+        """Measure every entry not measured yet; return all results (a copy)."""
+        todo = [(k, r) for k, r in self.keys() if k not in self.results]
+        items: Iterable[tuple[StudyKey, Rank]] = todo
+        if progress and todo:
+            from tqdm import tqdm
+
+            items = tqdm(todo, desc="sensitivity", unit="eval")
+        n = len(self.table.layers)
+        for key, rank in items:
+            i, method, _ = key
+            same = (i, method, rank)
+            if same not in self._by_rank:
+                choices: list[MethodRank] = [("keep", None)] * n
+                choices[i] = (method, rank)
+                policy = Policy.from_choices(
+                    self.proxy.model,
+                    choices,
+                    net=self.proxy.net,
+                    width=self.proxy.width,
+                    num_classes=self.proxy.num_classes,
+                )
+                result = self.proxy.evaluate(policy)
+                if not result.cached:
+                    self.evaluations += 1
+                self._by_rank[same] = result.accuracy
+            self.results[key] = self._by_rank[same]
+        return dict(self.results)
+
+
+def sensitivity_policy(
+    proxy: Proxy,
+    target: float,
+    *,
+    levels: Sequence[float] | None = None,
+    methods: Sequence[str] | None = None,
+    study: SensitivityStudy | None = None,
+    progress: bool = False,
+) -> Policy:
+    """Greedy per-layer choice from a sensitivity study: the recipe of MTD (IPDPSW 2021).
+
+    1. Run (or reuse) a :class:`SensitivityStudy`: the proxy accuracy with each single layer
+       compressed by each method at each level (default levels ``SENSITIVITY_LEVELS``, methods
+       ``tucker2`` and ``cp``).
+    2. Start from all layers kept. Repeatedly apply, over all layers, the move to a stronger
+       option (another method/level of that layer with fewer parameters than its current
+       option) with the smallest ``(max(acc_current - acc_option, 0) + eps) / params_removed``,
+       where ``acc_current`` is the study's accuracy for the layer's current option (the proxy's
+       baseline accuracy while kept) and ``eps = 1e-4``, so moves that lose nothing rank by
+       parameters removed. Ties go to more parameters removed, then the earlier layer.
+    3. Stop as soon as the predicted whole-model ratio reaches ``target``.
+
+    The study is measured only after the target is known to be reachable. Passing ``study``
+    reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
+    given, must match them).
+
+    Raises:
+        RlMtdError: when even the strongest option of every layer misses the target.
+    """
+    target = check_target(target)
+    if study is None:
+        study = SensitivityStudy(
+            proxy,
+            methods=DECOMPOSED if methods is None else methods,
+            levels=SENSITIVITY_LEVELS if levels is None else levels,
+        )
+    else:
+        if study.proxy is not proxy:
+            raise RlMtdError("the sensitivity study was made with another proxy")
+        if methods is not None and tuple(methods) != study.methods:
+            raise RlMtdError(f"methods {tuple(methods)} differ from the study's {study.methods}")
+        if levels is not None and tuple(levels) != study.levels:
+            raise RlMtdError(f"levels {tuple(levels)} differ from the study's {study.levels}")
+    table = study.table
+    allowed = table.params_original / target
+    best = table.fixed + sum(
+        min(layer.original, min(p for _, p in layer.options.values())) for layer in table.layers
+    )
+    if best > allowed:
+        options = (
+            f"methods {', '.join(study.methods)} at levels {', '.join(map(str, study.levels))}"
+        )
+        raise unreachable(target, best, table.params_original, options)
+    results = study.run(progress=progress)
+
+    n = len(table.layers)
+    current: list[OptionIndex | None] = [None] * n  # None: kept
+    cur_params = [layer.original for layer in table.layers]
+    cur_acc = [float(proxy.baseline_acc)] * n
+    total = table.params_original
+    while total > allowed:
+        pick: tuple[tuple[float, int, int, int], int, OptionIndex] | None = None
+        for i, layer in enumerate(table.layers):
+            for order, (opt, (_, params)) in enumerate(layer.options.items()):
+                removed = cur_params[i] - params
+                if removed <= 0:
+                    continue
+                acc = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
+                score = (max(cur_acc[i] - acc, 0.0) + _EPS) / removed
+                rank_key = (score, -removed, i, order)
+                if pick is None or rank_key < pick[0]:
+                    pick = (rank_key, i, opt)
+        assert pick is not None  # reachability was checked above
+        _, i, opt = pick
+        layer = table.layers[i]
+        total -= cur_params[i] - layer.params(opt)
+        current[i] = opt
+        cur_params[i] = layer.params(opt)
+        cur_acc[i] = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
+
+    choices: list[MethodRank] = [
+        ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
+        for c, layer in zip(current, table.layers)
+    ]
+    meta = {
+        "strategy": "sensitivity",
+        "target_ratio": target,
+        "levels": list(study.levels),
+        "methods": list(study.methods),
+    }
+    return Policy.from_choices(
+        proxy.model,
+        choices,
+        net=proxy.net,
+        width=proxy.width,
+        num_classes=proxy.num_classes,
+        meta=meta,
+    )
