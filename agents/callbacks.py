@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_mtd.io import write_json_atomic
-from rl_mtd.policy import Policy
 
 
 class SearchCallback(BaseCallback):
@@ -25,13 +25,25 @@ class SearchCallback(BaseCallback):
     """
 
     def __init__(
-        self, run_dir: str | Path, *, hparams: dict[str, Any] | None = None,
-        state: dict[str, Any] | None = None, max_episodes: int | None = None,
-    ):  # fmt: skip
+        self,
+        run_dir: str | Path,
+        *,
+        hparams: dict[str, Any] | None = None,
+        state: dict[str, Any] | None = None,
+        max_episodes: int | None = None,
+        on_episode: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+        save: Callable[[], None] | None = None,
+        save_every: int = 5,
+    ):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.hparams = hparams or {}
         self.max_episodes = max_episodes
+        self.on_episode = on_episode
+        """Called with (episode entry, best entry) after every episode (the CLI's progress)."""
+        self.save = save
+        """Called every ``save_every`` episodes and at every new best (crash safety)."""
+        self.save_every = save_every
         state = state or {}
         self.episodes: list[dict[str, Any]] = list(state.get("episodes", []))
         self.best: dict[str, Any] | None = state.get("best")
@@ -39,10 +51,6 @@ class SearchCallback(BaseCallback):
         self._steps: Counter[int] = Counter()
         self._t0 = time.perf_counter()
         self._n0 = len(self.episodes)
-
-    @property
-    def best_policy(self) -> Policy | None:
-        return Policy.from_dict(self.best["policy"]) if self.best else None
 
     def _on_training_start(self) -> None:
         if self.hparams:
@@ -69,7 +77,8 @@ class SearchCallback(BaseCallback):
             "methods": [layer["method"] for layer in info["policy"]["layers"]],
         }  # fmt: skip
         self.episodes.append(entry)
-        if self.best is None or reward > self.best["reward"]:
+        new_best = self.best is None or reward > self.best["reward"]
+        if new_best:
             self.best = {**entry, "policy": info["policy"], "proxy": proxy}
             write_json_atomic(self.run_dir / "policy.json",
                               {**info["policy"], "meta": {**info["policy"].get("meta", {}),
@@ -91,6 +100,10 @@ class SearchCallback(BaseCallback):
         self.logger.dump(self.num_timesteps)
         with open(self.run_dir / "episodes.jsonl", "a") as fh:
             fh.write(json.dumps(entry) + "\n")
+        if self.save is not None and (new_best or len(self.episodes) % self.save_every == 0):
+            self.save()
+        if self.on_episode is not None:
+            self.on_episode(entry, self.best)
 
     def state(self) -> dict[str, Any]:
         """What ``--resume`` needs to continue: every episode so far and the best."""

@@ -1,4 +1,7 @@
-"""Command line of ``run_agent.py`` and the ``rl-mtd`` console script."""
+"""Command line of ``run_agent.py`` and the ``rl-mtd`` console script.
+
+The only place that prompts the user, draws the search's progress bar, or picks an exit code.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import argparse
 import difflib
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from agents.config import PRESETS, RunConfig
 from rl_mtd.decompose import METHODS
@@ -47,12 +52,21 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows a default only where there is one and the help text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="run_agent.py",
         description="Search per-layer Tucker-2/CP decompositions of a VGG with PPO, apply the "
         "best policy, fine-tune and report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("--net", default="vgg16", choices=NET_NAMES, help="network")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
@@ -63,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<net>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     p.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="budgets: smoke (seconds), cpu (about an hour), paper (GPU)")
+                   help="budgets: smoke (a pipeline check of a few minutes on a CPU), cpu "
+                   "(about an hour at --width 0.25), paper (GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, training and the agent")
     g = p.add_argument_group("search")
@@ -75,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(METHODS)}")
     g.add_argument("--levels", type=_floats, default=None,
                    help="comma-separated per-layer reduction factors (default 2,4,...,128)")
-    g.add_argument("--episodes", type=int, default=None, help="search episodes (preset sets it)")
+    g.add_argument("--episodes", type=int, default=None, help="search episodes (preset sets "
+                   "it); with --resume, the total including the episodes already run")
     g.add_argument("--timesteps", type=int, default=None, help="search length in env steps "
                    "(overrides --episodes)")
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
@@ -88,11 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
     t.add_argument("--kd", type=float, default=0.0, help="distillation weight from the baseline "
                    "during fine-tuning (0 off, e.g. 0.5)")
+    t.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate of a new baseline "
+                   "(default 0.05)")
+    t.add_argument("--finetune-lr", type=float, default=None, help="peak fine-tuning learning "
+                   "rate (default 0.01)")
+    t.add_argument("--latency-repeats", type=int, default=None, help="timed forward passes per "
+                   "latency measurement (preset sets it)")
     t.add_argument("--train-size", type=int, default=None, help="use only this many training images")
     t.add_argument("--test-size", type=int, default=None, help="use only this many test images")
     r = p.add_argument_group("replay and resume")
     r.add_argument("--replay", default=None, help="policy.json or agent.zip to apply instead of "
-                   "searching (with --checkpoint)")
+                   "searching; with --checkpoint to another baseline of the same net, else to "
+                   "the cached or newly trained one")
     r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a search")
     r.add_argument("--on-interrupt", default="ask", choices=["ask", "report", "stop"],
                    help="after Ctrl-C in the search: ask, go on to the report, or stop")
@@ -112,7 +136,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "finetune_epochs": args.finetune_epochs, "kd": args.kd, "train_size": args.train_size,
         "test_size": args.test_size, "replay": args.replay, "resume": args.resume,
         "on_interrupt": args.on_interrupt, "progress": not args.no_progress, "argv": argv,
-        "target_ratio": args.target_ratio,
+        "target_ratio": args.target_ratio, "batch_size": args.batch_size, "lr": args.lr,
+        "finetune_lr": args.finetune_lr, "latency_repeats": args.latency_repeats,
     }  # fmt: skip
     cfg = RunConfig.with_preset(args.preset, **overrides)
     if args.tradeoff:
@@ -122,15 +147,40 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     return cfg
 
 
+def _ask_to_go_on(cfg: RunConfig) -> Callable[[Path], bool]:
+    def ask(run_dir: Path) -> bool:
+        log.warning("search interrupted; the agent and the best policy so far are saved in %s "
+                    "(continue later with --resume %s)", run_dir, run_dir)
+        if cfg.on_interrupt == "report":
+            return True
+        if cfg.on_interrupt == "ask" and sys.stdin is not None and sys.stdin.isatty():
+            try:
+                answer = input("fine-tune and report the best policy so far? [y/N] ")
+            except (EOFError, KeyboardInterrupt):
+                return False
+            return answer.strip().lower() in ("y", "yes")
+        return False
+
+    return ask
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stdout)  # fmt: skip
-    from agents.pipeline import run  # heavy imports after argument errors are reported
+                        format="%(message)s", stream=sys.stdout)
+    import torch  # heavy imports after argument errors are reported
+
+    from agents.pipeline import run
+    from agents.progress import search_bar
 
     try:
-        run(config_from_args(args, argv))
+        cfg = config_from_args(args, argv)
+        with search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode, \
+                torch.backends.cudnn.flags(enabled=True, benchmark=True):
+            report = run(cfg, go_on_after_interrupt=_ask_to_go_on(cfg), on_episode=on_episode)
+        if report is None:
+            return 130
     except RlMtdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

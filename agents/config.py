@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from rl_mtd.budget import DEFAULT_LEVELS
+from rl_mtd.budget import DEFAULT_LEVELS, check_levels, check_methods, check_target
 from rl_mtd.decompose import METHODS
+from rl_mtd.errors import RlMtdError
+from rl_mtd.models import check_net_name
 
 # Proxy repair (SGD steps before scoring; rl_mtd.proxy): enough to rank policies as fine-tuning
 # does (BENCHMARKS.md, proxy fidelity), at about 8 s per episode for VGG11 w0.25 on 2 CPU cores.
-REPAIR_STEPS_CPU = 200
-REPAIR_STEPS_PAPER = 200
+REPAIR_STEPS = 200
+DEVICES = ("auto", "cpu", "cuda")
+ON_INTERRUPT = ("ask", "report", "stop")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
@@ -23,13 +28,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A real but small search that fits a 2-core CPU in about an hour at width 0.25.
     "cpu": dict(
         baseline_epochs=15, train_size=None, proxy_size=2000, test_size=None, episodes=120,
-        bn_batches=8, repair_steps=REPAIR_STEPS_CPU, finetune_epochs=5,
+        bn_batches=8, repair_steps=REPAIR_STEPS, finetune_epochs=5,
         latency_repeats=10,
     ),
     # Paper scale; meant for a GPU.
     "paper": dict(
         baseline_epochs=60, train_size=None, proxy_size=5000, test_size=None, episodes=600,
-        bn_batches=20, repair_steps=REPAIR_STEPS_PAPER, finetune_epochs=30,
+        bn_batches=20, repair_steps=REPAIR_STEPS, finetune_epochs=30,
         latency_repeats=20,
     ),
 }  # fmt: skip
@@ -63,7 +68,7 @@ class RunConfig:
     """Search length in episodes (timesteps = episodes x conv layers unless --timesteps)."""
     timesteps: int | None = None
     bn_batches: int = 20
-    repair_steps: int = REPAIR_STEPS_PAPER
+    repair_steps: int = REPAIR_STEPS
     """SGD steps (cross-entropy, seeded) on each policy before the proxy scores it."""
     finetune_epochs: float = 30
     latency_repeats: int = 20
@@ -98,6 +103,53 @@ class RunConfig:
         d["methods"], d["levels"] = list(self.methods), list(self.levels)
         return d
 
+    def validate(self) -> RunConfig:
+        """Check every setting; the one place a run's settings are checked.
+
+        Cheap and free of side effects: no file is read (beyond existence) and nothing is
+        written, so a bad value stops the run before data, training or the run directory.
+        """
+        check_net_name(self.net)
+        if self.preset not in PRESETS:
+            raise RlMtdError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise RlMtdError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.on_interrupt not in ON_INTERRUPT:
+            raise RlMtdError(
+                f"--on-interrupt {self.on_interrupt!r}: choose one of {', '.join(ON_INTERRUPT)}"
+            )
+        _positive("--width", self.width)
+        if self.target_ratio is not None:
+            check_target(self.target_ratio, "--target-ratio")
+        check_methods(self.methods)
+        check_levels(self.levels, "--levels")
+        for flag, value in (("--episodes", self.episodes), ("--n-envs", self.n_envs),
+                            ("--proxy-size", self.proxy_size), ("--batch-size", self.batch_size),
+                            ("--latency-repeats", self.latency_repeats)):
+            _at_least(flag, value, 1)
+        for flag, value in (("--timesteps", self.timesteps), ("--train-size", self.train_size),
+                            ("--test-size", self.test_size)):
+            if value is not None:
+                _at_least(flag, value, 1)
+        _at_least("--bn-batches", self.bn_batches, 0)
+        _at_least("--repair-steps", self.repair_steps, 0)
+        for flag, value in (("--baseline-epochs", self.baseline_epochs),
+                            ("--finetune-epochs", self.finetune_epochs), ("--lr", self.lr),
+                            ("--finetune-lr", self.finetune_lr)):
+            _positive(flag, value)
+        if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):
+            raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise RlMtdError(f"--checkpoint {self.checkpoint} does not exist")
+        if self.replay is not None and not Path(self.replay).is_file():
+            raise RlMtdError(f"--replay {self.replay} does not exist")
+        if self.resume is None and self.out is not None and Path(self.out).exists() and not self.overwrite:
+            raise RlMtdError(
+                f"output directory {self.out} already exists; pass another --out, or --overwrite "
+                "to write into it"
+            )
+        return self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -105,3 +157,15 @@ class RunConfig:
         values["methods"] = tuple(values.get("methods", METHODS))
         values["levels"] = tuple(values.get("levels", DEFAULT_LEVELS))
         return cls(**values)
+
+
+def _at_least(flag: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise RlMtdError(f"{flag} must be a whole number >= {low}, got {value!r}")
+
+
+def _positive(flag: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise RlMtdError(f"{flag} must be a positive number, got {value!r}")

@@ -13,6 +13,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
 from rl_mtd.errors import RlMtdError
+from rl_mtd.io import atomic_path
 
 AGENT_META = "rl_mtd.json"  # extra member of agent.zip; SB3 ignores non-.pth extras
 
@@ -62,12 +63,10 @@ def make_ppo(
 
 def save_agent(model: PPO, path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Save the SB3 model plus what replay needs to check it fits (net, width, methods, levels)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.zip")
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        zf.writestr(AGENT_META, json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(AGENT_META, json.dumps(meta, indent=2))
 
 
 def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,20 +1,121 @@
-"""The run's report: report.json fields, report.md, and the PNG plots."""
+"""The run's report: a ``RunResult`` becomes report.json, report.md and the PNG plots.
+
+Plots use matplotlib's object API (``Figure``), so no global backend is chosen and nothing needs
+a display.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import nn
 
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import nn  # noqa: E402
+from rl_mtd.decompose import conv_layers, layer_params
+from rl_mtd.io import atomic_path, write_json_atomic, write_text_atomic
+from rl_mtd.metrics import count_macs, count_params, macs_by_layer, measure_latency
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import ProxyConfig
+from rl_mtd.train import TrainResult
 
-from rl_mtd.decompose import conv_layers, layer_params  # noqa: E402
-from rl_mtd.io import write_text_atomic  # noqa: E402
-from rl_mtd.metrics import count_params, macs_by_layer  # noqa: E402
-from rl_mtd.policy import Policy  # noqa: E402
+LATENCY_BATCHES = (1, 128)
+
+
+@dataclass
+class RunResult:
+    """Everything one run produced; ``build_report`` turns it into report.json's content."""
+
+    config: dict[str, Any]
+    """The resolved ``RunConfig`` as a dict."""
+    device: torch.device
+    dataset: str
+    baseline: nn.Module
+    compressed: nn.Module
+    policy: Policy
+    baseline_acc: float
+    baseline_proxy_acc: float
+    proxy_config: ProxyConfig
+    proxy_acc: float
+    finetuned_acc: float
+    finetune: TrainResult
+    search_seconds: float
+    proxy_evaluations: int
+    """Policies the proxy really scored (memoised repeats not counted), this invocation."""
+    episodes: list[dict[str, Any]] = field(default_factory=list)
+    invocations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
+    """report.json's content (DESIGN.md lists the fields users rely on)."""
+    cfg = r.config
+    rows = layer_rows(r.baseline, r.compressed, r.policy)
+    conv_before = sum(layer_params(c) for _, c in conv_layers(r.baseline))
+    conv_after = sum(row["params"] for row in rows)
+    params_o, params_c = count_params(r.baseline), count_params(r.compressed)
+    report: dict[str, Any] = {
+        "net": cfg["net"],
+        "width": cfg["width"],
+        "dataset": r.dataset,
+        "device": str(r.device),
+        "seed": cfg["seed"],
+        "target_ratio": cfg["target_ratio"],
+        "mode": "budget" if cfg["target_ratio"] else "trade-off",
+        "replay": cfg["replay"],
+        "baseline_acc": r.baseline_acc,
+        "baseline_proxy_acc": r.baseline_proxy_acc,
+        "proxy_bn_batches": r.proxy_config.bn_batches,
+        "proxy_repair_steps": r.proxy_config.repair_steps,
+        "proxy_acc": r.proxy_acc,
+        "finetuned_acc": r.finetuned_acc,
+        "accuracy_drop": r.baseline_acc - r.finetuned_acc,
+        "accuracy_units": "fraction of the test split (0..1)",
+        "params_original": params_o,
+        "params_compressed": params_c,
+        "compression_ratio": params_o / params_c,
+        "conv_params_original": conv_before,
+        "conv_params_compressed": conv_after,
+        "conv_compression_ratio": conv_before / max(1, conv_after),
+        "macs_original": count_macs(r.baseline),
+        "macs_compressed": count_macs(r.compressed),
+        "search_seconds": r.search_seconds,
+        "finetune_seconds": r.finetune.seconds,
+        "finetune_recoveries": r.finetune.recoveries,
+        "episodes": len(r.episodes),
+        "proxy_evaluations": r.proxy_evaluations,
+        "invocations": r.invocations,
+        "layers": [{k: row[k] for k in ("name", "method", "rank", "params", "macs",
+                                        "params_before", "macs_before")} for row in rows],
+    }
+    report.update(latency(r.baseline, r.compressed, r.device, latency_repeats))
+    return report
+
+
+def latency(baseline: nn.Module, compressed: nn.Module, device: torch.device,
+            repeats: int) -> dict[str, Any]:
+    """Median forward time of both models at each of ``LATENCY_BATCHES``."""
+    out = {}
+    for bs in LATENCY_BATCHES:
+        kw = {"batch_size": bs, "device": device, "repeats": repeats,
+              "warmup": max(1, repeats // 4)}
+        a = measure_latency(baseline, **kw)["median_ms"]
+        b = measure_latency(compressed, **kw)["median_ms"]
+        out[f"latency_b{bs}"] = {"device": str(device), "original_ms": a, "compressed_ms": b,
+                                 "speedup": a / b if b > 0 else math.nan}
+    return out
+
+
+def write_outputs(run_dir: Path, report: dict[str, Any], episodes: list[dict[str, Any]]) -> None:
+    """report.json, report.md, layers.png, and reward_curve.png when a search ran."""
+    write_json_atomic(run_dir / "report.json", report)
+    write_markdown(run_dir / "report.md", report)
+    if episodes:
+        plot_rewards(run_dir / "reward_curve.png", episodes)
+    plot_layers(run_dir / "layers.png", report["layers"])
 
 
 def layer_rows(original: nn.Module, compressed: nn.Module, policy: Policy) -> list[dict[str, Any]]:
@@ -97,17 +198,17 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
 
 
 def plot_rewards(path: Path, episodes: list[dict[str, Any]]) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if episodes:
-        xs = [e["episode"] for e in episodes]
-        ys = [e["reward"] for e in episodes]
-        best, run = [], float("-inf")
-        for y in ys:
-            run = max(run, y)
-            best.append(run)
-        ax.plot(xs, ys, ".", alpha=0.5, label="episode reward")
-        ax.plot(xs, best, "-", label="best so far")
-        ax.legend()
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    xs = [e["episode"] for e in episodes]
+    ys = [e["reward"] for e in episodes]
+    best, run = [], float("-inf")
+    for y in ys:
+        run = max(run, y)
+        best.append(run)
+    ax.plot(xs, ys, ".", alpha=0.5, label="episode reward")
+    ax.plot(xs, best, "-", label="best so far")
+    ax.legend()
     ax.set_xlabel("episode")
     ax.set_ylabel("reward")
     ax.set_title("search reward")
@@ -117,24 +218,23 @@ def plot_rewards(path: Path, episodes: list[dict[str, Any]]) -> None:
 
 def plot_layers(path: Path, rows: list[dict[str, Any]]) -> None:
     colors = {"keep": "tab:gray", "tucker2": "tab:blue", "cp": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4))
+    fig = Figure(figsize=(max(6, 0.5 * len(rows)), 4))
+    ax = fig.subplots()
     ratios = [r["params_before"] / max(1, r["params"]) for r in rows]
     ax.bar(range(len(rows)), ratios, color=[colors[r["method"]] for r in rows])
     ax.set_yscale("log")
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("parameter reduction (x)")
     ax.set_title("per-layer method and ratio")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     ax.legend(handles, list(colors), fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _repair_label(r: dict) -> str:

@@ -7,16 +7,17 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from agents.config import REPAIR_STEPS_CPU, RunConfig
+from agents.config import REPAIR_STEPS, RunConfig
 from agents.pipeline import get_baseline, load_data
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
-from rl_mtd.proxy import ProxyConfig, resolve_device
+from rl_mtd.proxy import ProxyConfig, default_repair, resolve_device
 
 
 def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: float = 0.25) -> None:
@@ -35,21 +36,21 @@ def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: fl
     p.add_argument("--no-progress", action="store_true")
 
 
-def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STEPS_CPU) -> None:
+def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STEPS) -> None:
     """The proxy's settings (rl_mtd.proxy.ProxyConfig), with run_agent.py's cpu-preset defaults."""
-    d = ProxyConfig()
+    d = default_repair()
     p.add_argument("--bn-batches", type=int, default=8, help="batches for the BN re-estimate")
     p.add_argument("--repair-steps", type=int, default=repair_steps,
                    help="SGD steps on each policy before scoring (0: BN re-estimate only)")
-    p.add_argument("--repair-lr", type=float, default=d.repair_lr)
-    p.add_argument("--repair-kd", type=float, default=d.repair_kd)
+    p.add_argument("--repair-lr", type=float, default=d.lr)
+    p.add_argument("--repair-kd", type=float, default=d.kd_alpha)
 
 
 def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
-    values = {"bn_batches": args.bn_batches, "repair_steps": args.repair_steps,
-              "repair_lr": args.repair_lr, "repair_kd": args.repair_kd,
-              "repair_batch_size": getattr(args, "batch_size", 128),
-              "seed": getattr(args, "seed", 0), **overrides}  # fmt: skip
+    repair = replace(default_repair(), lr=args.repair_lr, kd_alpha=args.repair_kd,
+                     batch_size=getattr(args, "batch_size", 128))
+    values = {"bn_batches": args.bn_batches, "repair_steps": args.repair_steps, "repair": repair,
+              "seed": getattr(args, "seed", 0), **overrides}
     return ProxyConfig(**values)
 
 

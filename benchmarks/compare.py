@@ -26,7 +26,8 @@ from pathlib import Path
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
 from agents.config import RunConfig
-from agents.pipeline import finetune, search
+from agents.pipeline import finetune
+from agents.search import search
 from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS
 from rl_mtd.io import write_json_atomic, write_text_atomic
@@ -97,7 +98,7 @@ def main() -> None:
                                      on_interrupt="stop")  # fmt: skip
                     run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    policy, _, _ = search(rcfg, proxy, run_dir, baseline_path="")
+                    policy = search(rcfg, proxy, run_dir, baseline_path="").policy
                     ppo_evals = proxy.evaluations
                 elif name == "sensitivity":
                     # One study serves every target: its per-layer evaluations are cached.
@@ -115,7 +116,8 @@ def main() -> None:
                                    finetune_epochs=args.finetune_epochs,
                                    finetune_lr=args.finetune_lr,
                                    progress=not args.no_progress)  # fmt: skip
-                model, ft = finetune(ft_cfg, proxy, policy, baseline, splits)
+                model = proxy.compress(policy)
+                ft = finetune(ft_cfg, model, baseline, splits)
                 test = evaluate(model, splits.test)
                 b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
                 row = {"strategy": name, "target": target, "seed": seed,

@@ -70,7 +70,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scored = {name: px.evaluate(policy) for name, px in proxies.items()}
         model = proxies["bn"].compress(policy)  # fine-tuning starts from the unrepaired net
-        train(model, splits.train, progress=not args.no_progress, desc=f"fine-tune {i + 1}",
+        train(model, splits.train, desc=f"fine-tune {i + 1}",
               config=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr,
                                  schedule="cosine", seed=ft_seed))  # fmt: skip
         test = evaluate(model, splits.test)

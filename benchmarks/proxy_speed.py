@@ -21,7 +21,7 @@ import time
 
 from _common import add_proxy_args, machine, prefill_factors, proxy_config
 
-from agents.config import REPAIR_STEPS_CPU
+from agents.config import REPAIR_STEPS
 from rl_mtd.baselines import random_policies
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import load_cifar10, make_splits
@@ -100,8 +100,8 @@ def main() -> None:
         t2 = time.perf_counter()
         timing.repair(compressed)
         per_step = (time.perf_counter() - t2) / args.time_repair_steps
-        steps = args.repair_steps or REPAIR_STEPS_CPU
-        repair_row = (f"| proxy repair: seconds per SGD step (batch {timing.config.repair_batch_size}"
+        steps = args.repair_steps or REPAIR_STEPS
+        repair_row = (f"| proxy repair: seconds per SGD step (batch {timing.config.repair.batch_size}"
                       f", mean of {args.time_repair_steps}) | {per_step:.3f} s; {steps} steps add "
                       f"{steps * per_step:.0f} s per episode |\n")  # fmt: skip
 

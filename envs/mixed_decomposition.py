@@ -11,10 +11,11 @@ import numpy as np
 from gymnasium import spaces
 
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable, check_levels, check_methods, check_target
-from rl_mtd.decompose import METHODS, layer_params
+from rl_mtd.decompose import METHODS, conv_layers, layer_params
+from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
 from rl_mtd.policy import Policy
-from rl_mtd.proxy import Proxy
+from rl_mtd.proxy import Scorer
 
 N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
 N_STATE = 5  # budget used, budget left, remaining original share, previous method, previous level
@@ -52,7 +53,7 @@ class MixedDecompositionEnv(gym.Env):
     One episode walks through the network's conv layers in forward order. At each layer the agent
     picks a method (``keep``, ``tucker2`` or ``cp``) and a level: the factor by which the layer's
     parameters should shrink. After the last layer the whole policy is scored by the proxy
-    (``rl_mtd.proxy.Proxy``): accuracy on the proxy split after a BatchNorm re-estimate and, when
+    (``rl_mtd.proxy.Proxy`` or another scorer): accuracy on the proxy split after a BatchNorm re-estimate and, when
     its config asks for one, a short seeded repair (a few hundred SGD steps on training batches).
 
     ## Action Space
@@ -87,20 +88,32 @@ class MixedDecompositionEnv(gym.Env):
     policy (``info["policy"]``, a dict) and the proxy's result (``info["proxy"]``).
 
     ## Arguments
-    ``proxy``: a ``Proxy`` over the baseline model; ``config``: an ``EnvConfig``.
+    ``scorer``: scores a finished policy (a ``rl_mtd.proxy.Proxy``, or anything with ``model``,
+    ``spec``, ``baseline_acc`` and ``evaluate(policy)``); ``config``: an ``EnvConfig``;
+    ``table``: the per-layer options (default: built from ``scorer.model`` and the config's
+    methods and levels; one table can serve many environments).
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, proxy: Proxy, config: EnvConfig | None = None):
+    def __init__(
+        self, scorer: Scorer, config: EnvConfig | None = None, *, table: BudgetTable | None = None
+    ):
         super().__init__()
-        self.proxy = proxy
+        self.scorer = scorer
         self.config = config or EnvConfig()
         self.methods = self.config.methods
         self.levels = self.config.levels
         self.action_space = spaces.Discrete(len(self.methods) * len(self.levels))
         self.observation_space = spaces.Box(0.0, 1.0, (N_STATIC + N_STATE,), dtype=np.float32)
-        self.table = BudgetTable(proxy.model, self.methods, self.levels)
+        if table is None:
+            table = BudgetTable(scorer.model, self.methods, self.levels)
+        elif (table.methods, table.levels) != (self.methods, self.levels):
+            raise RlMtdError(
+                f"the budget table offers {table.methods} x {table.levels}, the config "
+                f"{self.methods} x {self.levels}; build the table from the same settings"
+            )
+        self.table = table
         self.table.check_target(self.config.target_ratio)
         self.max_ratio = self.table.max_ratio
         self.params_original = self.table.params_original
@@ -113,20 +126,21 @@ class MixedDecompositionEnv(gym.Env):
         """Min-max normalised static features, one row per conv layer."""
         sizes: dict[str, int] = {}
         hooks = []
-        for name, conv in self.proxy.convs:
+        convs = conv_layers(self.scorer.model)
+        for name, conv in convs:
 
             def record(_module, inputs, name=name):
                 sizes[name] = inputs[0].shape[-1]
 
             hooks.append(conv.register_forward_pre_hook(record))
         try:
-            macs = macs_by_layer(self.proxy.model)  # the same pass records each conv's input size
+            macs = macs_by_layer(self.scorer.model)  # the same pass records each conv's input size
         finally:
             for h in hooks:
                 h.remove()
         rows = [[idx, conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
                  sizes[name], layer_params(conv), macs[name]]
-                for idx, (name, conv) in enumerate(self.proxy.convs)]  # fmt: skip
+                for idx, (name, conv) in enumerate(convs)]  # fmt: skip
         table = np.asarray(rows, dtype=np.float64)
         span = table.max(0) - table.min(0)
         static = np.where(span > 0, (table - table.min(0)) / np.where(span > 0, span, 1), 0.0)
@@ -185,26 +199,27 @@ class MixedDecompositionEnv(gym.Env):
         reward = 0.0
         if terminated:
             policy = self.current_policy()
-            result = self.proxy.evaluate(policy)
+            result = self.scorer.evaluate(policy)
             reward = self.reward(result.accuracy, result.compression_ratio)
             info.update(policy=policy.to_dict(), proxy=result.to_dict(), reward=reward,
-                        baseline_acc=self.proxy.baseline_acc)  # fmt: skip
+                        baseline_acc=self.scorer.baseline_acc)  # fmt: skip
         return self._obs(), float(reward), terminated, False, info
 
     # ----------------------------------------------------------------- helpers
     def reward(self, accuracy: float, ratio: float) -> float:
-        gain = accuracy - self.proxy.baseline_acc
+        gain = accuracy - self.scorer.baseline_acc
         target = self.config.target_ratio
         if target is None:
             return gain + self.config.tradeoff_weight * math.log2(ratio)
         return gain + self.config.beyond_target_weight * max(0.0, math.log2(ratio / target))
 
     def current_policy(self) -> Policy:
+        spec = self.scorer.spec
         return Policy.from_choices(
-            self.proxy.model, self.table.to_choices(self._choices), net=self.proxy.net,
-            width=self.proxy.width, num_classes=self.proxy.num_classes,
+            self.scorer.model, self.table.to_choices(self._choices), net=spec.net,
+            width=spec.width, num_classes=spec.num_classes,
             meta={"target_ratio": self.config.target_ratio},
-        )  # fmt: skip
+        )
 
     @property
     def num_layers(self) -> int:

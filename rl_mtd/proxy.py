@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from rl_mtd.data import Split
 from rl_mtd.decompose import FactorCache, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
-from rl_mtd.models import model_spec
+from rl_mtd.models import ModelSpec, model_spec
 from rl_mtd.policy import Policy, apply_policy
 from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
 
@@ -57,6 +58,12 @@ class ProxyResult:
         return asdict(self)
 
 
+def default_repair() -> TrainConfig:
+    """The repair's training settings: plain cross-entropy (it ranked policies better than
+    distillation at kd 0.9 in the fidelity study), peak lr 0.01 on a cosine schedule."""
+    return TrainConfig(lr=0.01, schedule="cosine", batch_size=128)
+
+
 @dataclass
 class ProxyConfig:
     bn_batches: int = 10
@@ -65,21 +72,32 @@ class ProxyConfig:
     eval_batch_size: int = 1000
     repair_steps: int = 0
     """SGD steps of fine-tuning before measuring (0 turns the repair off)."""
-    repair_lr: float = 0.01
-    """Peak learning rate of the repair (cosine schedule)."""
-    repair_kd: float = 0.0
-    """Distillation weight from the baseline during the repair (0: plain cross-entropy, which
-    ranked policies better than kd 0.9 in the fidelity study)."""
-    repair_batch_size: int = 128
+    repair: TrainConfig = field(default_factory=default_repair)
+    """How the repair trains (its ``epochs``, ``steps`` and ``seed`` are set by the proxy);
+    ``kd_alpha`` > 0 distils from the baseline."""
     seed: int = 0
+    """Seeds the BatchNorm batches and the repair: every policy sees the same data."""
 
     def __post_init__(self) -> None:
         if self.bn_batches < 0 or self.repair_steps < 0:
-            raise RlMtdError("bn_batches and repair_steps must be >= 0")
-        if not self.repair_lr > 0 or self.repair_batch_size < 1:
-            raise RlMtdError("repair_lr and repair_batch_size must be positive")
-        if not 0 <= self.repair_kd <= 1:
-            raise RlMtdError(f"repair_kd must be in [0, 1], got {self.repair_kd}")
+            raise RlMtdError(
+                f"bn_batches and repair_steps must be >= 0, got {self.bn_batches} and "
+                f"{self.repair_steps}"
+            )
+        if self.bn_batch_size < 1 or self.eval_batch_size < 1:
+            raise RlMtdError("bn_batch_size and eval_batch_size must be >= 1")
+
+
+class Scorer(Protocol):
+    """What the environment needs from whatever scores its policies."""
+
+    model: nn.Module
+    """The uncompressed baseline the policies are made for."""
+    spec: ModelSpec
+    baseline_acc: float
+    """The baseline's own score (0..1), the reference of the reward."""
+
+    def evaluate(self, policy: Policy) -> ProxyResult: ...
 
 
 class Proxy:
@@ -102,13 +120,16 @@ class Proxy:
         self.device = resolve_device(device)
         self.config = config or ProxyConfig()
         self.model = model.to(self.device).eval()
-        spec = model_spec(model)
-        self.net = net or (spec.net if spec else None)
-        self.width = float(width if width is not None else (spec.width if spec else 1.0))
-        head = getattr(model, "classifier", None)
-        self.num_classes = int(getattr(head, "out_features", 10))
-        if self.net is None:
+        built = model_spec(model)
+        if net is None and built is None:
             raise ValueError("pass net=...: the model does not say which VGG it is")
+        head = getattr(model, "classifier", None)
+        self.spec = ModelSpec(
+            net or built.net,  # type: ignore[union-attr]
+            float(width if width is not None else (built.width if built else 1.0)),
+            int(getattr(head, "out_features", 10)),
+        )
+        self.net, self.width, self.num_classes = self.spec.net, self.spec.width, self.spec.num_classes
         self.train_split = train.to(self.device)
         self.proxy_split = proxy.to(self.device)
         self.cache = cache
@@ -118,11 +139,9 @@ class Proxy:
         self.macs_original = count_macs(self.model)
         self._memo: dict[tuple, ProxyResult] = {}
         self.evaluations = 0  # real (non-memoised) evaluations
-        t0 = time.perf_counter()
         self.baseline_acc = evaluate(
             self.model, self.proxy_split, batch_size=self.config.eval_batch_size
         )
-        self.baseline_seconds = time.perf_counter() - t0
 
     @staticmethod
     def policy_key(policy: Policy) -> tuple:
@@ -166,13 +185,8 @@ class Proxy:
         c = self.config
         if c.repair_steps == 0:
             return
-        batch = min(c.repair_batch_size, len(self.train_split))
-        train(
-            model, self.train_split, progress=False, desc="proxy repair",
-            teacher=self.model if c.repair_kd > 0 else None,
-            config=TrainConfig(
-                epochs=c.repair_steps / (len(self.train_split) // batch), lr=c.repair_lr,
-                batch_size=batch, schedule="cosine", kd_alpha=c.repair_kd, seed=c.seed,
-            ),
-        )  # fmt: skip
+        batch = min(c.repair.batch_size, len(self.train_split))
+        config = replace(c.repair, steps=c.repair_steps, batch_size=batch, seed=c.seed)
+        teacher = self.model if config.kd_alpha > 0 else None
+        train(model, self.train_split, config=config, teacher=teacher, desc="proxy repair")
         model.eval()

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from rl_mtd.data import DeviceLoader, Split
 from rl_mtd.models import model_device
@@ -37,6 +36,8 @@ class TrainConfig:
 
     epochs: float = 10.0
     """Passes over the training split (fractions allowed)."""
+    steps: int | None = None
+    """Exactly this many optimiser steps instead of ``epochs`` (the proxy's repair uses it)."""
     lr: float = 0.05
     """Peak learning rate."""
     batch_size: int = 128
@@ -64,8 +65,22 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not self.epochs > 0 or not self.lr > 0 or self.batch_size < 1:
             raise ValueError("epochs, lr and batch_size must be positive")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None for epochs), got {self.steps}")
         if not 0 <= self.kd_alpha <= 1:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+
+
+@dataclass
+class TrainProgress:
+    """What a progress callback of :func:`train` receives after every step."""
+
+    step: int
+    total: int
+    loss: float | None = None
+    """Mean training loss since the last evaluation (set at evaluations only)."""
+    val_acc: float | None = None
+    """Held-out accuracy (set at evaluations with a held-out split only)."""
 
 
 @dataclass
@@ -173,6 +188,80 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class _Run:
+    """One call of :func:`train`: the optimiser, the best state, and the collapse guard."""
+
+    def __init__(self, model, cfg: TrainConfig, val_split, teacher, desc: str, steps_per_epoch: int):
+        self.model, self.cfg, self.val, self.teacher, self.desc = model, cfg, val_split, teacher, desc
+        self.steps_per_epoch = steps_per_epoch
+        self.device = model_device(model)
+        self.opt = _make_optimizer(model, cfg)
+        self.lr_scale, self.clip = 1.0, cfg.grad_clip
+        self.recoveries, self.step = 0, 0
+        self.history: list[dict[str, float]] = []
+        self.best_acc = evaluate(model, val_split) if val_split is not None else None
+        self.best_state = _snapshot(model) if val_split is not None else None
+        self.last_acc = self.best_acc
+        self._loss_sum, self._loss_n = 0.0, 0
+
+    def lr_at(self, total: int) -> float:
+        return self.cfg.lr * self.lr_scale * _lr_factor(self.cfg.schedule, self.step / total)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> bool:
+        """One SGD step; False when the loss was not finite (the step is skipped)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        use_teacher = self.teacher is not None and self.cfg.kd_alpha > 0
+        with _autocast(self.device):
+            logits = self.model(x)
+            with torch.no_grad():
+                t_logits = self.teacher(x) if use_teacher else None
+        loss = _loss(logits, y, self.cfg, t_logits)
+        self.step += 1
+        if not torch.isfinite(loss):
+            return False
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self._loss_sum += float(loss.detach())
+        self._loss_n += 1
+        return True
+
+    def checkpoint(self, lr: float) -> dict[str, float]:
+        """Log the mean loss; with a held-out split, keep the best state or recover from a fall."""
+        entry = {"step": float(self.step), "epoch": self.step / self.steps_per_epoch, "lr": lr,
+                 "loss": self._loss_sum / max(self._loss_n, 1)}
+        self._loss_sum, self._loss_n = 0.0, 0
+        if self.val is not None:
+            acc = evaluate(self.model, self.val)
+            self.model.train()
+            entry["val_acc"] = self.last_acc = acc
+            if acc > self.best_acc:
+                self.best_acc, self.best_state = acc, _snapshot(self.model)
+            elif acc < self.best_acc - self.cfg.collapse_drop:
+                entry["recovered"] = 1.0
+                self.recover(f"held-out accuracy fell to {acc:.3f} (best {self.best_acc:.3f})")
+        self.history.append(entry)
+        return entry
+
+    def recover(self, reason: str) -> None:
+        """Back to the best state with a lower rate, tighter clipping and fresh momentum."""
+        self.recoveries += 1
+        log.warning("%s: %s at step %d; restoring the best state (recovery %d)", self.desc,
+                    reason, self.step, self.recoveries)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.lr_scale *= 0.3
+        self.clip = min(self.clip or 1.0, 1.0)
+        self.opt = _make_optimizer(self.model, self.cfg)  # the old momentum points at the cliff
+
+    @property
+    def gave_up(self) -> bool:
+        return self.recoveries > self.cfg.max_recoveries
+
+
 def train(
     model: nn.Module,
     train_split: Split,
@@ -180,111 +269,52 @@ def train(
     config: TrainConfig | None = None,
     val_split: Split | None = None,
     teacher: nn.Module | None = None,
-    progress: bool = True,
+    on_progress: Callable[[TrainProgress], None] | None = None,
     desc: str = "train",
-    on_eval: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_split`` (SGD with Nesterov momentum).
 
     With ``val_split``, the model is evaluated ``evals_per_epoch`` times an epoch, collapses are
-    detected and recovered from, and the best state is restored at the end.
+    detected and recovered from, and the best state is restored at the end. ``on_progress`` is
+    called after every step (the CLI draws its progress bar from it); ``desc`` names the run in
+    log messages.
     """
     cfg = config or TrainConfig()
     device = model_device(model)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
     if teacher is not None:
         teacher.eval()
-    train_split = train_split.to(device)
     loader = DeviceLoader(
-        train_split, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True,
-        seed=cfg.seed, channels_last=device.type == "cuda",
-    )  # fmt: skip
+        train_split.to(device), cfg.batch_size, shuffle=True, augment=cfg.augment,
+        drop_last=True, seed=cfg.seed, channels_last=device.type == "cuda",
+    )
     if len(loader) == 0:
         raise ValueError(
             f"training split of {len(train_split)} images is smaller than one batch of "
             f"{cfg.batch_size}; lower the batch size"
         )
-    total = max(1, round(cfg.epochs * len(loader)))
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * len(loader)))
     eval_every = max(1, len(loader) // max(1, cfg.evals_per_epoch))
-    opt = _make_optimizer(model, cfg)
-    lr_scale, clip = 1.0, cfg.grad_clip
-    recoveries, step, t0 = 0, 0, time.perf_counter()
-    history: list[dict[str, float]] = []
-    best_acc = evaluate(model, val_split) if val_split is not None else None
-    best_state = _snapshot(model) if val_split is not None else None
-    last_acc = best_acc
-    running, seen = 0.0, 0
-
-    def recover(reason: str) -> bool:
-        nonlocal lr_scale, clip, recoveries, opt
-        recoveries += 1
-        log.warning("%s: %s at step %d; restoring the best state (recovery %d)", desc, reason,
-                    step, recoveries)  # fmt: skip
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        lr_scale *= 0.3
-        clip = min(clip or 1.0, 1.0)
-        opt = _make_optimizer(model, cfg)  # fresh momentum: the old one points at the cliff
-        return recoveries <= cfg.max_recoveries
-
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    run = _Run(model, cfg, val_split, teacher, desc, len(loader))
     model.train()
-    stop = False
-    while step < total and not stop:
+    while run.step < total and not run.gave_up:
         for x, y in loader:
-            if step >= total:
+            if run.step >= total or run.gave_up:
                 break
-            lr = cfg.lr * lr_scale * _lr_factor(cfg.schedule, step / total)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with _autocast(device):
-                logits = model(x)
-                with torch.no_grad():
-                    t_logits = teacher(x) if teacher is not None and cfg.kd_alpha > 0 else None
-            loss = _loss(logits, y, cfg, t_logits)
-            step += 1
-            bar.update(1)
-            if not torch.isfinite(loss):
-                if not recover("non-finite loss"):
-                    stop = True
-                    break
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            running += float(loss.detach())
-            seen += 1
-            if step % eval_every == 0 or step == total:
-                entry = {"step": float(step), "epoch": step / len(loader), "lr": lr,
-                         "loss": running / max(seen, 1)}  # fmt: skip
-                running, seen = 0.0, 0
-                if val_split is not None:
-                    acc = evaluate(model, val_split)
-                    model.train()
-                    entry["val_acc"] = acc
-                    last_acc = acc
-                    if acc > best_acc:  # type: ignore[operator]
-                        best_acc, best_state = acc, _snapshot(model)
-                    elif acc < best_acc - cfg.collapse_drop:  # type: ignore[operator]
-                        entry["recovered"] = 1.0
-                        if not recover(f"held-out accuracy fell to {acc:.3f} (best {best_acc:.3f})"):
-                            stop = True
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{acc:.3f}")
-                else:
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}")
-                history.append(entry)
-                if on_eval is not None:
-                    on_eval(entry)
-                if stop:
-                    break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            lr = run.lr_at(total)
+            report = TrainProgress(run.step + 1, total)
+            if not run.train_step(x, y, lr):
+                run.recover("non-finite loss")
+            elif run.step % eval_every == 0 or run.step == total:
+                entry = run.checkpoint(lr)
+                report.loss, report.val_acc = entry["loss"], entry.get("val_acc")
+            if on_progress is not None:
+                on_progress(report)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     if device.type == "cuda":
         model.to(memory_format=torch.contiguous_format)
-    return TrainResult(best_acc, last_acc, recoveries, step, time.perf_counter() - t0, history)
-
+    seconds = time.perf_counter() - t0
+    return TrainResult(run.best_acc, run.last_acc, run.recoveries, run.step, seconds, run.history)

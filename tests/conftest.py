@@ -56,7 +56,7 @@ def tiny_baseline(tiny_splits: DataSplits) -> nn.Module:
     """
     torch.manual_seed(0)
     model = build_vgg(TINY_NET, width=TINY_WIDTH)
-    train(model, tiny_splits.train, config=TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    train(model, tiny_splits.train, config=TrainConfig(epochs=2, lr=0.05, seed=0))
     return model.eval()
 
 

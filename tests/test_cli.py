@@ -257,9 +257,9 @@ def test_unknown_method_suggests_a_name(capsys):
 @pytest.mark.parametrize(
     "extra, phrase",
     [
-        (["--width", "0"], "--width must be > 0"),
-        (["--n-envs", "0"], "--n-envs must be >= 1"),
-        (["--repair-steps", "-1"], "--repair-steps must be >= 0"),
+        (["--width", "0"], "--width must be a positive number"),
+        (["--n-envs", "0"], "--n-envs must be a whole number >= 1"),
+        (["--repair-steps", "-1"], "--repair-steps must be a whole number >= 0"),
         (["--levels", "0.5,2"], "levels must be"),
         (["--levels", "8,2"], "increasing order"),
         (["--methods", "keep"], "'keep' alone"),
@@ -414,7 +414,7 @@ def test_resume_continues_the_search(tmp_path):
 
 
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
-    fail(["--resume", str(tmp_path)], capsys, "no config.json and agent.zip")
+    fail(["--resume", str(tmp_path)], capsys, "no config.json there")
 
 
 @pytest.mark.slow

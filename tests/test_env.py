@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import warnings
 
 import gymnasium as gym
@@ -19,7 +20,7 @@ from rl_mtd.io import CACHE_ENV, DATA_ENV
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, apply_policy
-from rl_mtd.proxy import Proxy, ProxyConfig
+from rl_mtd.proxy import Proxy, ProxyConfig, default_repair
 from rl_mtd.train import TrainConfig, train
 
 NET, WIDTH = "vgg11", 0.125
@@ -29,35 +30,14 @@ N_LAYERS = 8  # conv layers of VGG11
 FAST_LEVELS = (16.0, 32.0, 64.0, 128.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these
-    tiny models 5-100x slower. Restored after the module, so other test files are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    """Nothing goes to ~/.cache; $RL_MTD_DATA is ignored."""
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(DATA_ENV, raising=False)
+@pytest.fixture(scope="module")
+def splits(tiny_splits):
+    return tiny_splits
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return make_splits(load_cifar10("synthetic:600,200"), proxy_size=200, seed=0)
-
-
-@pytest.fixture(scope="module")
-def baseline(splits):
-    """A width-0.125 VGG11 trained briefly, so accuracies differ between policies."""
-    torch.manual_seed(0)
-    model = build_vgg(NET, width=WIDTH)
-    train(model, splits.train, config=TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
-    return model.eval()
+def baseline(tiny_baseline):
+    return tiny_baseline
 
 
 def make_proxy(model, splits, cache=None) -> Proxy:
@@ -66,7 +46,7 @@ def make_proxy(model, splits, cache=None) -> Proxy:
         model, train=splits.train, proxy=splits.proxy, device="cpu",
         config=ProxyConfig(bn_batches=2, bn_batch_size=64, seed=0),
         cache=cache if cache is not None else FactorCache(), net=NET, width=WIDTH,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +72,7 @@ def structural_proxy(splits):
     return StructuralProxy(
         model, train=splits.train, proxy=splits.proxy, device="cpu",
         config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=NET, width=WIDTH,
-    )  # fmt: skip
+    )
 
 
 def run_episode(env, actions):
@@ -142,7 +122,7 @@ def test_registered_and_gym_make_works(proxy):
     assert envs.ENV_ID == ENV_ID == "rl_mtd/MixedDecomposition-v0"
     assert ENV_ID in gym.registry
     config = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
-    env = gym.make(ENV_ID, proxy=proxy, config=config)
+    env = gym.make(ENV_ID, scorer=proxy, config=config)
     try:
         assert isinstance(env.unwrapped, MixedDecompositionEnv)
         assert env.unwrapped.config is config
@@ -192,7 +172,7 @@ def test_fresh_proxies_agree_on_a_policy(baseline, splits):
         [("keep", None), ("tucker2", 2), ("cp", 4), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
          ("cp", 8), ("tucker2", 6)],
         net=NET, width=WIDTH,
-    )  # fmt: skip
+    )
     p1, p2 = make_proxy(baseline, splits), make_proxy(baseline, splits)
     r1, r2 = p1.evaluate(policy), p2.evaluate(policy)
     assert r1.accuracy == r2.accuracy
@@ -256,7 +236,7 @@ def test_target_beyond_reach_names_the_max(structural_proxy):
 @pytest.mark.parametrize(
     "kwargs", [dict(target_ratio=0.5), dict(methods=("keep",)), dict(levels=(4.0, 2.0)),
                dict(levels=(1.0,)), dict(methods=("svd",))],
-)  # fmt: skip
+)
 def test_bad_env_config_is_refused(kwargs):
     with pytest.raises(RlMtdError):
         EnvConfig(**kwargs)
@@ -397,11 +377,12 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
     """The repair trains the compressed copy only, the same way every time, and is skipped for
     keep-all (whose score stays the baseline's)."""
     before = {k: v.clone() for k, v in baseline.state_dict().items()}
-    cfg = ProxyConfig(bn_batches=2, bn_batch_size=64, repair_steps=3, repair_batch_size=64, seed=0)
+    repair = replace(default_repair(), batch_size=64)
+    cfg = ProxyConfig(bn_batches=2, bn_batch_size=64, repair_steps=3, repair=repair, seed=0)
 
     def repaired_proxy():
         return Proxy(baseline, train=splits.train, proxy=splits.proxy, device="cpu", config=cfg,
-                     cache=FactorCache(), net=NET, width=WIDTH)  # fmt: skip
+                     cache=FactorCache(), net=NET, width=WIDTH)
 
     choices = [("keep", None)] + [("tucker2", 2)] * (N_LAYERS - 1)
     policy = Policy.from_choices(baseline, choices, net=NET, width=WIDTH)
@@ -413,7 +394,7 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
     p1.repair(m1)
     m_plain = plain.compress(policy)
     changed = [n for n, v in m1.state_dict().items()
-               if v.is_floating_point() and not torch.equal(v, m_plain.state_dict()[n])]  # fmt: skip
+               if v.is_floating_point() and not torch.equal(v, m_plain.state_dict()[n])]
     assert any(n.endswith("weight") for n in changed)  # SGD steps moved the factors
     for k, v in baseline.state_dict().items():  # the teacher was not trained
         assert torch.equal(v, before[k]), k
@@ -422,7 +403,7 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
 
 
 def test_proxy_config_refuses_bad_repair_settings():
-    with pytest.raises(RlMtdError, match="repair_kd"):
-        ProxyConfig(repair_kd=1.5)
+    with pytest.raises(ValueError, match="kd_alpha"):
+        ProxyConfig(repair=replace(default_repair(), kd_alpha=1.5))
     with pytest.raises(RlMtdError, match="repair_steps"):
         ProxyConfig(repair_steps=-1)

@@ -1,0 +1,125 @@
+"""Before the long work: time this device on a model of the run's shape and print the plan."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from agents.config import RunConfig
+from rl_mtd.budget import check_target
+from rl_mtd.data import DataSplits, Split
+from rl_mtd.decompose import FactorCache, conv_layers
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy, ProxyConfig
+from rl_mtd.train import TrainConfig, train
+
+log = logging.getLogger("rl_mtd")
+
+PROBE_REPAIR_STEPS = 4
+"""Repair steps the episode probe really runs; the rest are extrapolated from the step time."""
+
+
+@dataclass
+class Timing:
+    step_seconds: float
+    """One training step at the run's batch size."""
+    episode_seconds: float
+    """One proxy evaluation of a new policy whose factors are cached."""
+    n_layers: int
+
+
+def measure(cfg: RunConfig, splits: DataSplits, device: torch.device, proxy_config: ProxyConfig,
+            search: bool) -> Timing:
+    """Time a training step and, when ``search``, ``Proxy.evaluate`` on an untrained model."""
+    torch.manual_seed(cfg.seed)
+    probe = build_vgg(cfg.net, width=cfg.width).to(device)
+    t_step = _time_train_step(probe, splits.train, cfg.batch_size)
+    t_episode = _time_episode(probe, splits, device, proxy_config, t_step) if search else 0.0
+    return Timing(t_step, t_episode, len(conv_layers(probe)))
+
+
+def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
+    """Seconds per training step, from a few steps on a throwaway copy."""
+    probe = copy.deepcopy(model)
+    n = min(len(split), batch_size * 4)
+    sub = Split(split.x[:n], split.y[:n])
+    bs = min(batch_size, n)
+    train(probe, sub, config=TrainConfig(steps=1, batch_size=bs))  # warm-up: first calls are slow
+    steps = max(1, n // bs)
+    t0 = time.perf_counter()
+    train(probe, sub, config=TrainConfig(steps=steps, batch_size=bs))
+    return (time.perf_counter() - t0) / steps
+
+
+def _time_episode(model: nn.Module, splits: DataSplits, device: torch.device,
+                  config: ProxyConfig, t_step: float) -> float:
+    """One ``Proxy.evaluate`` of a uniform Tucker-2 policy, factors cached beforehand.
+
+    The probe runs at most ``PROBE_REPAIR_STEPS`` repair steps; the others cost ``t_step`` each.
+    """
+    probe_steps = min(config.repair_steps, PROBE_REPAIR_STEPS)
+    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+                  config=replace(config, repair_steps=probe_steps), cache=FactorCache())
+    policy = _probe_policy(model, proxy)
+    proxy.compress(policy)  # factorise once: the search does that once per layer option
+    t0 = time.perf_counter()
+    proxy.evaluate(policy)
+    measured = time.perf_counter() - t0
+    return measured + (config.repair_steps - probe_steps) * t_step
+
+
+def _probe_policy(model: nn.Module, proxy: Proxy) -> Policy:
+    from rl_mtd.decompose import rank_for_ratio
+
+    choices = [("tucker2", rank_for_ratio(conv, "tucker2", 8.0)) for _, conv in conv_layers(model)]
+    return Policy.from_choices(model, choices, net=proxy.net, width=proxy.width,
+                               num_classes=proxy.num_classes)
+
+
+def print_plan(cfg: RunConfig, splits: DataSplits, device: torch.device, timing: Timing,
+               need_baseline: bool, replay_path: str | None) -> None:
+    steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
+    t_step = timing.step_seconds
+    est = {
+        "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
+        "search": 0.0 if replay_path else cfg.episodes * timing.episode_seconds,
+        "fine-tune": cfg.finetune_epochs * steps_per_epoch * t_step * 1.3,
+    }
+    target = f"{check_target(cfg.target_ratio):g}x" if cfg.target_ratio else "trade-off"
+    baseline = f"train {cfg.baseline_epochs:g} epochs" if need_baseline else "given"
+    if replay_path:
+        search = f"replay {replay_path}"
+    else:
+        search = (
+            f"{cfg.episodes} episodes x {timing.n_layers} layers, target {target}, "
+            f"{cfg.n_envs} env(s), proxy {cfg.bn_batches} BN batches + {cfg.repair_steps} "
+            f"repair steps (~{_fmt(est['search'])}, plus factorising each new layer option "
+            "once; repeated policies are faster)"
+        )
+    lines = [
+        f"plan: {cfg.net} width {cfg.width:g} on {device}, preset {cfg.preset}, seed {cfg.seed}",
+        f"  data: {len(splits.train)} train / {len(splits.proxy)} proxy / {len(splits.test)} test",
+        f"  1. baseline: {baseline} (~{_fmt(est['baseline'])})",
+        f"  2. search: {search}",
+        f"  3. fine-tune {cfg.finetune_epochs:g} epochs (~{_fmt(est['fine-tune'])}), then test",
+        f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "
+        f"{timing.episode_seconds:.1f} s/episode on this device)",
+    ]
+    for line in lines:
+        log.info(line)
+    if device.type == "cpu" and cfg.preset == "paper":
+        log.warning("a paper-scale run without a GPU takes days; consider --preset cpu")
+
+
+def _fmt(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,72 @@
+"""Progress bars for the command line, fed by the library's callbacks (the library draws none)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from agents.config import RunConfig
+from rl_mtd.train import TrainProgress
+
+
+def bars_wanted(enabled: bool) -> bool:
+    """Bars only when asked for and on a terminal: CI logs and pipes get none."""
+    return enabled and sys.stderr is not None and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def train_bar(desc: str, enabled: bool) -> Iterator[Callable[[TrainProgress], None] | None]:
+    """A ``train(on_progress=...)`` callback drawing a step bar, or None when bars are off."""
+    if not bars_wanted(enabled):
+        yield None
+        return
+    bar = tqdm(desc=desc, leave=False, unit="step")
+
+    def update(p: TrainProgress) -> None:
+        if bar.total != p.total:
+            bar.total = p.total
+        bar.update(p.step - bar.n)
+        if p.loss is not None:
+            post = {"loss": f"{p.loss:.3f}"}
+            if p.val_acc is not None:
+                post["acc"] = f"{p.val_acc:.3f}"
+            bar.set_postfix(post)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict], None] | None]:
+    """A ``search(on_episode=...)`` callback: episodes done / total, best reward and ratio,
+    proxy accuracy, episodes per minute and an ETA; None when bars are off."""
+    if not bars_wanted(enabled) or cfg.replay is not None:
+        yield None
+        return
+    total = None if cfg.timesteps else cfg.episodes
+    bar = tqdm(desc="search", total=total, unit="episode", leave=False)
+    started: list[float] = []
+
+    def update(entry: dict, best: dict) -> None:
+        now = time.perf_counter()
+        if not started:  # the first episode of this invocation: resumed ones count as done
+            started.extend([now, entry["episode"] - 1])
+            bar.n = entry["episode"] - 1
+        if total is not None and entry["episode"] > bar.total:
+            bar.total = entry["episode"]
+        bar.update(entry["episode"] - bar.n)
+        done_here = entry["episode"] - started[1]
+        per_min = 60 * done_here / max(now - started[0], 1e-9) if done_here > 1 else float("nan")
+        bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_ratio=f"{best['ratio']:.1f}x",
+                        proxy_acc=f"{entry['accuracy']:.3f}", ep_per_min=f"{per_min:.1f}")
+
+    try:
+        yield update
+    finally:
+        bar.close()

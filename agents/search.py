@@ -1,0 +1,224 @@
+"""The search stage: environments, the PPO search with resume, and replaying saved results.
+
+Nothing here prompts or exits: an interrupted search returns ``interrupted=True`` and the caller
+(the CLI) decides what happens next.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agents.config import RunConfig
+from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
+from rl_mtd.checkpoints import load_baseline
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import write_json_atomic, write_text_atomic
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy, ProxyConfig, default_repair, resolve_device
+
+log = logging.getLogger("rl_mtd")
+
+SAVE_EVERY = 5
+"""Episodes between saves of the agent and the search state (and at every new best), so a
+search killed hard loses at most this many episodes."""
+
+
+@dataclass
+class Replay:
+    """A saved result to apply instead of searching: a policy file or an agent."""
+
+    kind: str  # "policy" or "agent"
+    path: Path
+    policy: Policy | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchResult:
+    policy: Policy
+    """The best policy found (by reward)."""
+    episodes: list[dict[str, Any]]
+    """Every episode of this run directory, earlier invocations included."""
+    seconds: float
+    """Search time of every invocation together."""
+    interrupted: bool = False
+    invocations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def env_config(cfg: RunConfig) -> EnvConfig:
+    return EnvConfig(methods=cfg.methods, levels=cfg.levels, target_ratio=cfg.target_ratio)
+
+
+def proxy_config(cfg: RunConfig) -> ProxyConfig:
+    """The proxy settings of a run (one place, so every environment scores alike)."""
+    repair = replace(default_repair(), batch_size=cfg.batch_size)
+    return ProxyConfig(
+        bn_batches=cfg.bn_batches, repair_steps=cfg.repair_steps, repair=repair, seed=cfg.seed
+    )
+
+
+def load_replay(cfg: RunConfig) -> Replay | None:
+    """Read ``--replay`` (a policy.json or an agent.zip) and check it was made for this net."""
+    if cfg.replay is None:
+        return None
+    path = Path(cfg.replay)
+    if path.suffix == ".zip":
+        from agents.ppo import read_agent_meta
+
+        meta = read_agent_meta(path)
+        _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
+        return Replay("agent", path, meta=meta)
+    policy = Policy.load(path)
+    _check_same_net(cfg, policy.net, policy.width, f"policy {path}")
+    return Replay("policy", path, policy=policy)
+
+
+def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
+    if net != cfg.net or float(width) != float(cfg.width):
+        raise RlMtdError(
+            f"{what} was made for {net} at width {width}, but this run is {cfg.net} at width "
+            f"{cfg.width}; pass --net {net} --width {width} with a matching --checkpoint"
+        )
+
+
+def _make_env(proxy: Proxy, env_cfg: EnvConfig):
+    from stable_baselines3.common.monitor import Monitor
+
+    return Monitor(MixedDecompositionEnv(proxy, env_cfg))
+
+
+def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
+    """Build an env in a worker process: its own data copy, baseline and proxy (own GPU if any)."""
+    from agents.pipeline import load_data
+
+    cfg = RunConfig.from_dict(cfg_dict)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+    splits, _ = load_data(cfg)
+    model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
+    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+                  config=proxy_config(cfg), net=cfg.net, width=cfg.width)
+    return _make_env(proxy, env_config(cfg))
+
+
+def read_search_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "search_state.json"
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RlMtdError(f"{path} is damaged ({exc}); the search cannot be resumed") from None
+    if not isinstance(state, dict) or not isinstance(state.get("episodes", []), list):
+        raise RlMtdError(f"{path} is not a search state written by run_agent.py")
+    return state
+
+
+def search(
+    cfg: RunConfig,
+    proxy: Proxy,
+    run_dir: Path,
+    baseline_path: str,
+    *,
+    on_episode: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """PPO search, resumed from ``run_dir`` with ``cfg.resume``; saves as it goes.
+
+    The agent, ``search_state.json`` and ``policy.json`` are written every ``SAVE_EVERY``
+    episodes and at every new best, so a hard kill loses at most those episodes.
+    """
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    from agents.callbacks import SearchCallback
+    from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
+
+    n_layers = len(proxy.convs)
+    if cfg.n_envs > 1:
+        fns = [partial(_subproc_env, cfg.to_dict(), baseline_path, i) for i in range(cfg.n_envs)]
+        venv = SubprocVecEnv(fns)
+    else:
+        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg))])
+    agent_path = run_dir / "agent.zip"
+    state = read_search_state(run_dir) if cfg.resume is not None else {}
+    if cfg.resume is not None and agent_path.exists():
+        agent = load_agent(agent_path)
+        agent.set_env(venv)
+        log.info("resuming: %d episodes done", len(state.get("episodes", [])))
+    else:
+        agent = make_ppo(venv, n_layers, config=PPOConfig(), seed=cfg.seed,
+                         tensorboard_log=str(run_dir / "tb"))
+    episodes_before = len(state.get("episodes", []))
+    seconds_before = float(state.get("seconds", 0.0))
+    invocation = {"argv": list(cfg.argv), "episodes_before": episodes_before}
+    invocations = [*state.get("invocations", []), invocation]
+    timesteps = cfg.timesteps or max(1, cfg.episodes - episodes_before) * n_layers
+    hparams = {**{k: v for k, v in cfg.to_dict().items() if k != "argv"},
+               **{f"ppo.{k}": v for k, v in PPOConfig().to_dict().items()}}
+    meta = {"net": cfg.net, "width": cfg.width, "methods": list(cfg.methods),
+            "levels": list(cfg.levels), "target_ratio": cfg.target_ratio,
+            "num_classes": proxy.num_classes}
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        invocation["episodes"] = len(callback.episodes) - episodes_before
+        seconds = seconds_before + time.perf_counter() - t0
+        save_agent(agent, agent_path, meta)
+        write_json_atomic(run_dir / "search_state.json",
+                          {**callback.state(), "seconds": seconds, "invocations": invocations})
+
+    callback = SearchCallback(
+        run_dir, hparams=hparams, state=state, on_episode=on_episode, save=save,
+        save_every=SAVE_EVERY, max_episodes=None if cfg.timesteps else cfg.episodes,
+    )
+    if episodes_before:  # a hard kill may have left episodes.jsonl ahead of the saved state
+        write_text_atomic(run_dir / "episodes.jsonl",
+                          "".join(json.dumps(e) + "\n" for e in callback.episodes))
+    interrupted = False
+    try:
+        agent.learn(timesteps, callback=callback, tb_log_name="search",
+                    reset_num_timesteps=cfg.resume is None, progress_bar=False)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        save()
+        venv.close()
+    if callback.best is None:
+        raise RlMtdError("the search ended before its first episode finished; nothing to apply")
+    return SearchResult(
+        Policy.from_dict(callback.best["policy"]), callback.episodes,
+        seconds_before + time.perf_counter() - t0, interrupted, invocations,
+    )
+
+
+def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
+    """Run a saved agent deterministically through an env on this checkpoint.
+
+    This is the agent's greedy choice at every layer, which can differ from the best policy
+    its search found (that one is the run's policy.json).
+    """
+    from agents.ppo import load_agent
+
+    meta = replay.meta or {}
+    env = MixedDecompositionEnv(proxy, EnvConfig(
+        methods=tuple(meta["methods"]), levels=tuple(meta["levels"]),
+        target_ratio=meta.get("target_ratio")))
+    agent = load_agent(replay.path)
+    if agent.action_space != env.action_space or agent.observation_space != env.observation_space:
+        raise RlMtdError(f"agent {replay.path} does not fit this environment (spaces differ)")
+    obs, _ = env.reset(seed=cfg.seed)
+    done = False
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        obs, _, done, _, _ = env.step(int(action))
+    return env.current_policy()
+
