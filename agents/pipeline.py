@@ -127,7 +127,7 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     print_plan(cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device)
-    proxy = Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,
+    proxy = Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
                   config=proxy_config(cfg), net=cfg.net, width=cfg.width)
     if replay is None or replay.kind == "policy":
         MixedDecompositionEnv(proxy, env_config(cfg))  # raises if the target is out of reach

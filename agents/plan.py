@@ -64,7 +64,7 @@ def _time_episode(model: nn.Module, splits: DataSplits, device: torch.device,
     The probe runs at most ``PROBE_REPAIR_STEPS`` repair steps; the others cost ``t_step`` each.
     """
     probe_steps = min(config.repair_steps, PROBE_REPAIR_STEPS)
-    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
                   config=replace(config, repair_steps=probe_steps), cache=FactorCache())
     policy = _probe_policy(model, proxy)
     proxy.compress(policy)  # factorise once: the search does that once per layer option

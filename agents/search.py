@@ -106,7 +106,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
         device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
-    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
                   config=proxy_config(cfg), net=cfg.net, width=cfg.width)
     return _make_env(proxy, env_config(cfg))
 

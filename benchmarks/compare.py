@@ -81,7 +81,7 @@ def main() -> None:
     proxy_cfg = proxy_config(args)
 
     def new_proxy() -> Proxy:
-        return Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,
+        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
                      config=proxy_cfg, net=args.net, width=args.width)  # fmt: skip
 
     study = None

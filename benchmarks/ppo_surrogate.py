@@ -89,7 +89,7 @@ def main() -> None:
     model = build_vgg(args.net, width=0.25)
     sensitivity = np.random.default_rng(0).uniform(0.2, 2.0, size=len(conv_layers(model)))
     sensitivity[0] *= 4
-    proxy = SurrogateProxy(model, train=splits.train, proxy=splits.proxy, device="cpu",
+    proxy = SurrogateProxy(model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
                            config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=args.net,
                            width=0.25, sensitivity=sensitivity)  # fmt: skip
     default = PPOConfig()

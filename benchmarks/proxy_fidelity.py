@@ -53,7 +53,7 @@ def main() -> None:
     prefill_factors(baseline)  # factorising is not a proxy's cost: time the proxies warm
 
     def make(config):
-        return Proxy(baseline, train=splits.train, proxy=splits.proxy, device=device,
+        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
                      config=config, net=args.net, width=args.width)  # fmt: skip
 
     proxies = {

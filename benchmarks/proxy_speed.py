@@ -62,7 +62,7 @@ def main() -> None:
     warm_s, n_fact = prefill_factors(model)
 
     cfg = proxy_config(args)
-    proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device, config=cfg,
+    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device, config=cfg,
                   net=args.net, width=args.width)  # fmt: skip
     times = []
     policies = random_policies(
@@ -77,7 +77,7 @@ def main() -> None:
     from agents.ppo import make_ppo
     from envs import EnvConfig, MixedDecompositionEnv
 
-    search_proxy = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+    search_proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
                          config=cfg, net=args.net, width=args.width)  # fmt: skip
     env_cfg = EnvConfig(target_ratio=args.target)
     venv = DummyVecEnv([lambda: MixedDecompositionEnv(search_proxy, env_cfg)])
@@ -91,7 +91,7 @@ def main() -> None:
 
     repair_row = ""
     if args.time_repair_steps > 0:
-        timing = Proxy(model, train=splits.train, proxy=splits.proxy, device=device,
+        timing = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
                        config=proxy_config(args, repair_steps=args.time_repair_steps),
                        net=args.net, width=args.width)  # fmt: skip
         (policy,) = random_policies(model, args.target, 1, seed=2, net=args.net, width=args.width)

@@ -107,15 +107,15 @@ class Proxy:
         self,
         model: nn.Module,
         *,
-        train: Split,
-        proxy: Split,
+        train_split: Split,
+        proxy_split: Split,
         device: str | torch.device | None = "auto",
         config: ProxyConfig | None = None,
         cache: FactorCache | None = None,
         net: str | None = None,
         width: float | None = None,
     ):
-        if len(proxy) == 0:
+        if len(proxy_split) == 0:
             raise RlMtdError("the proxy split is empty; give it some images (--proxy-size)")
         self.device = resolve_device(device)
         self.config = config or ProxyConfig()
@@ -130,8 +130,8 @@ class Proxy:
             int(getattr(head, "out_features", 10)),
         )
         self.net, self.width, self.num_classes = self.spec.net, self.spec.width, self.spec.num_classes
-        self.train_split = train.to(self.device)
-        self.proxy_split = proxy.to(self.device)
+        self.train_split = train_split.to(self.device)
+        self.proxy_split = proxy_split.to(self.device)
         self.cache = cache
         self.convs = conv_layers(self.model)
         self.wkeys = [weight_key(c.weight) for _, c in self.convs]  # hashed once, not per episode

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -45,24 +44,6 @@ LAYER_FIELDS = ("name", "method", "rank", "params", "macs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these
-    tiny models 5-100x slower. Restored afterwards, so other test files are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def cli_cache(tmp_path_factory) -> Path:
     """One cache directory for every CLI test, so the baseline is trained once."""
@@ -79,7 +60,7 @@ def _isolated_cache(cli_cache, monkeypatch):
 def smoke_run(cli_cache, tmp_path_factory) -> Path:
     """One full smoke run (search, fine-tune, report) shared by the tests that read its output."""
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    with pytest.MonkeyPatch.context() as mp, one_torch_thread():
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(cli_cache))
         mp.delenv(DATA_ENV, raising=False)
         rc = main([*COMMON, *SEARCH, "--out", str(out)])

@@ -43,7 +43,7 @@ def baseline(tiny_baseline):
 def make_proxy(model, splits, cache=None) -> Proxy:
     """A CPU proxy with an in-memory factor cache (never the disk cache)."""
     return Proxy(
-        model, train=splits.train, proxy=splits.proxy, device="cpu",
+        model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
         config=ProxyConfig(bn_batches=2, bn_batch_size=64, seed=0),
         cache=cache if cache is not None else FactorCache(), net=NET, width=WIDTH,
     )
@@ -70,7 +70,7 @@ def structural_proxy(splits):
     torch.manual_seed(0)
     model = build_vgg(NET, width=WIDTH)
     return StructuralProxy(
-        model, train=splits.train, proxy=splits.proxy, device="cpu",
+        model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
         config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=NET, width=WIDTH,
     )
 
@@ -381,7 +381,7 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
     cfg = ProxyConfig(bn_batches=2, bn_batch_size=64, repair_steps=3, repair=repair, seed=0)
 
     def repaired_proxy():
-        return Proxy(baseline, train=splits.train, proxy=splits.proxy, device="cpu", config=cfg,
+        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device="cpu", config=cfg,
                      cache=FactorCache(), net=NET, width=WIDTH)
 
     choices = [("keep", None)] + [("tucker2", 2)] * (N_LAYERS - 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -9,12 +11,6 @@ from torch import nn
 from rl_mtd.decompose import FactorCache, conv_layers, decompose_conv
 from rl_mtd.metrics import count_macs, count_params, macs_by_layer, measure_latency
 from rl_mtd.models import CFGS, build_vgg, scaled_channels
-
-
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    """Keep the on-disk factor cache out of ~/.cache."""
-    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
 
 
 def _analytic(net: str, width: float = 1.0, num_classes: int = 10) -> tuple[int, int]:
@@ -128,9 +124,23 @@ def test_counting_keeps_training_mode() -> None:
     assert model.training
 
 
-def test_measure_latency() -> None:
-    model = build_vgg("vgg11", width=0.125)
-    stats = measure_latency(model, warmup=1, repeats=5, batch_size=2)
-    assert stats["median_ms"] > 0
-    assert stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
-    assert stats["repeats"] == 5 and stats["batch_size"] == 2
+class _Sleepy(nn.Module):
+    """Takes a known wall time per forward pass and counts its calls."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_measure_latency_times_each_forward_pass_in_ms() -> None:
+    model = _Sleepy(0.004)
+    stats = measure_latency(model, warmup=2, repeats=5, batch_size=3)
+    assert model.calls == 2 + 5, "warm-up passes plus the timed repeats"
+    assert 4.0 <= stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    assert stats["median_ms"] < 200, "milliseconds per pass, not the total of all passes"
+    assert stats["batch_size"] == 3 and stats["repeats"] == 5

@@ -26,12 +26,6 @@ MIXED = [("keep", 1), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
          ("cp", 4), ("keep", 1), ("tucker2", 16), ("cp", 16)]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    """Keep the on-disk factor cache out of ~/.cache."""
-    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
-
-
 def _model(net: str = "vgg11", seed: int = 0):
     torch.manual_seed(seed)
     return build_vgg(net, width=WIDTH)
