@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--replay", default=None, help="policy.json or agent.zip to apply instead of "
                    "searching; with --checkpoint to another baseline of the same net, else to "
                    "the cached or newly trained one")
-    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a search")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a search; its "
+                   "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
+                   "--no-progress and --on-interrupt apply")
     r.add_argument("--on-interrupt", default="ask", choices=["ask", "report", "stop"],
                    help="after Ctrl-C in the search: ask, go on to the report, or stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,11 +173,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s", stream=sys.stdout)
     import torch  # heavy imports after argument errors are reported
 
-    from agents.pipeline import run
+    from agents.pipeline import resume_config, run
     from agents.progress import search_bar
 
     try:
-        cfg = config_from_args(args, argv)
+        if args.resume is not None:
+            cfg = resume_config(args.resume, argv=argv, episodes=args.episodes,
+                                timesteps=args.timesteps, progress=not args.no_progress,
+                                on_interrupt=args.on_interrupt)
+        else:
+            cfg = config_from_args(args, argv)
         with search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode, \
                 torch.backends.cudnn.flags(enabled=True, benchmark=True):
             report = run(cfg, go_on_after_interrupt=_ask_to_go_on(cfg), on_episode=on_episode)

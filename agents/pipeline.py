@@ -116,8 +116,6 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
     ``go_on_after_interrupt(run_dir)`` decides, after Ctrl-C in the search, whether to fine-tune
     and report the best policy so far (the CLI asks the user).
     """
-    if cfg.resume is not None:
-        cfg = resume_config(cfg)
     replay = load_replay(cfg.validate())
     device = resolve_device(cfg.device)
     splits, data = load_data(cfg)
@@ -155,6 +153,9 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
         search_seconds = found.seconds
     else:
         policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
+        if replay.kind == "agent":
+            log.info("replayed agent %s: its greedy choice at every layer, which can differ from "
+                     "the best policy its search found (that run's policy.json)", replay.path)
         policy.save(run_dir / "policy.json")  # type: ignore[union-attr]
     proxy_result = proxy.evaluate(policy)  # type: ignore[arg-type]
     log.info("best policy: %.2fx parameters, proxy accuracy %.2f%%",
@@ -170,7 +171,9 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
         compressed=compressed, policy=policy, baseline_acc=baseline_acc,  # type: ignore[arg-type]
         baseline_proxy_acc=proxy.baseline_acc, proxy_config=proxy.config,
         proxy_acc=proxy_result.accuracy, finetuned_acc=finetuned_acc, finetune=ft,
-        search_seconds=search_seconds, proxy_evaluations=proxy.evaluations, episodes=episodes,
+        search_seconds=search_seconds, episodes=episodes,
+        proxy_evaluations=proxy.evaluations
+        + sum(i.get("proxy_evaluations", 0) for i in invocations[:-1]),
         invocations=invocations,
     )
     report = build_report(result, cfg.latency_repeats)
@@ -180,15 +183,22 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
     return report
 
 
-def resume_config(cfg: RunConfig) -> RunConfig:
-    """The saved run's settings, with this invocation's length, progress and interrupt choice."""
-    run_dir = Path(cfg.resume)  # type: ignore[arg-type]
+def resume_config(run_dir: str | Path, *, argv: list[str], episodes: int | None = None,
+                  timesteps: int | None = None, progress: bool = True,
+                  on_interrupt: str = "ask") -> RunConfig:
+    """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
+    run_dir = Path(run_dir)
     saved = run_dir / "config.json"
     if not saved.exists():
         raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    old = RunConfig.from_dict(json.loads(saved.read_text()))
-    old.resume, old.out, old.argv = str(run_dir), str(run_dir), cfg.argv
-    if cfg.episodes != old.episodes or cfg.timesteps:  # a longer search asked for
-        old.episodes, old.timesteps = cfg.episodes, cfg.timesteps
-    old.progress, old.on_interrupt = cfg.progress, cfg.on_interrupt
-    return old
+    try:
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
+    if episodes is not None:
+        cfg.episodes, cfg.timesteps = episodes, None
+    if timesteps is not None:
+        cfg.timesteps = timesteps
+    cfg.progress, cfg.on_interrupt = progress, on_interrupt
+    return cfg

@@ -45,7 +45,8 @@ class RunResult:
     finetune: TrainResult
     search_seconds: float
     proxy_evaluations: int
-    """Policies the proxy really scored (memoised repeats not counted), this invocation."""
+    """Policies the proxy really scored (memoised repeats not counted), over every invocation
+    of a resumed search."""
     episodes: list[dict[str, Any]] = field(default_factory=list)
     invocations: list[dict[str, Any]] = field(default_factory=list)
 

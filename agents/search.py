@@ -171,6 +171,7 @@ def search(
 
     def save() -> None:
         invocation["episodes"] = len(callback.episodes) - episodes_before
+        invocation["proxy_evaluations"] = proxy.evaluations
         seconds = seconds_before + time.perf_counter() - t0
         save_agent(agent, agent_path, meta)
         write_json_atomic(run_dir / "search_state.json",

@@ -31,19 +31,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the body succeeds.
 
     A crash, Ctrl-C or full disk mid-write leaves the old file untouched, and readers in other
-    processes never see a half-written file (``os.replace`` is atomic on one filesystem).
+    processes never see a half-written file (``os.replace`` is atomic on one filesystem). An
+    ``OSError`` (a full disk, a read-only directory) is raised again naming ``path``, not the
+    temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error, about ``path``."""
+    return OSError(exc.errno, f"{exc.strerror or exc} while writing", str(path))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -150,8 +150,11 @@ def _fail(source: str, msg: str) -> RlMtdError:
 
 
 def _parse_policy(data: Any, source: str) -> Policy:
-    if not isinstance(data, dict):
-        raise _fail(source, "expected a JSON object at the top level")
+    if not isinstance(data, dict) or ("format" not in data and "layers" not in data):
+        raise RlMtdError(
+            f"{source} is not an rl_mtd policy file (no 'format'/'layers'); pass the "
+            "policy.json or agent.zip of a run"
+        )
     fmt = data.get("format")
     if fmt != POLICY_FORMAT:
         raise _fail(source, f"field 'format' is {fmt!r}; this version reads format {POLICY_FORMAT}")

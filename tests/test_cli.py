@@ -245,6 +245,18 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--levels", "8,2"], "increasing order"),
         (["--methods", "keep"], "'keep' alone"),
         (["--tradeoff", "--target-ratio", "8"], "exclude each other"),
+        (["--episodes", "-3"], "--episodes must be a whole number >= 1"),
+        (["--timesteps", "0"], "--timesteps must be a whole number >= 1"),
+        (["--baseline-epochs", "0"], "--baseline-epochs must be a positive number"),
+        (["--finetune-epochs", "-1"], "--finetune-epochs must be a positive number"),
+        (["--proxy-size", "0"], "--proxy-size must be a whole number >= 1"),
+        (["--train-size", "0"], "--train-size must be a whole number >= 1"),
+        (["--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+        (["--bn-batches", "-1"], "--bn-batches must be a whole number >= 0"),
+        (["--lr", "-0.1"], "--lr must be a positive number"),
+        (["--finetune-lr", "nan"], "--finetune-lr must be a positive number"),
+        (["--kd", "1.5"], "--kd must be in [0, 1]"),
+        (["--latency-repeats", "0"], "--latency-repeats must be a whole number >= 1"),
     ],
 )
 def test_invalid_settings(extra, phrase, tmp_path, capsys):
@@ -275,6 +287,26 @@ def test_truncated_checkpoint(tmp_path, capsys):
     assert "truncated" in err and str(bad) in err
     assert not out.exists()
     assert bad.read_bytes() == blob[: len(blob) // 2]
+
+
+@pytest.mark.parametrize("text", ["", "hello", "not a checkpoint\n" * 100])
+def test_text_file_as_checkpoint(text, tmp_path, capsys):
+    bad = tmp_path / "notes.pt"
+    bad.write_text(text)
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--checkpoint", str(bad), "--out", str(out)], capsys, "cannot be read")
+    assert len(err.strip().splitlines()) == 1, "one line, no traceback"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [{"net": NET, "compression_ratio": 8.0}, {"argv": []}])
+def test_replay_of_a_json_that_is_not_a_policy(content, tmp_path, capsys):
+    other = tmp_path / "report.json"
+    other.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    fail([*COMMON, "--replay", str(other), "--out", str(out)], capsys,
+         "is not an rl_mtd policy file", "policy.json or agent.zip")
+    assert not out.exists()
 
 
 def test_missing_checkpoint(tmp_path, capsys):
@@ -391,7 +423,12 @@ def test_resume_continues_the_search(tmp_path):
     assert len(state["episodes"]) == 5, "resume must add episodes to the ones already run"
     assert state["episodes"][:3] == first["episodes"]
     assert state["best"]["reward"] >= first["best"]["reward"]
-    assert read_json(out / "report.json")["episodes"] == 5
+    report = read_json(out / "report.json")
+    assert report["episodes"] == 5
+    assert [i["episodes"] for i in report["invocations"]] == [3, 2], "each invocation's episodes"
+    assert report["invocations"][1]["argv"][:2] == ["--resume", str(out)]
+    assert read_json(out / "config.json")["argv"][0] == "--net", "the first command line is kept"
+    assert report["proxy_evaluations"] == sum(i["proxy_evaluations"] for i in report["invocations"])
 
 
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):

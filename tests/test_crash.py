@@ -1,0 +1,156 @@
+"""Crash safety: a search killed hard resumes; a full disk leaves earlier files intact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.cli import main
+from rl_mtd.checkpoints import save_baseline
+from rl_mtd.decompose import FactorCache
+from rl_mtd.io import CACHE_ENV, write_json_atomic
+from rl_mtd.models import build_vgg
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [
+    "--net", "vgg11", "--width", "0.125", "--preset", "smoke", "--no-progress",
+    "--data", "synthetic:600,200", "--proxy-size", "200", "--test-size", "200",
+    "--baseline-epochs", "1", "--finetune-epochs", "0.2", "--levels", "16,32,64,128",
+    "--target-ratio", "8", "--device", "cpu",
+]  # fmt: skip
+
+
+def _enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.slow
+def test_search_killed_hard_resumes_from_the_last_save(tmp_path, _isolated_cache):
+    out = tmp_path / "run"
+    env = {**os.environ, CACHE_ENV: str(_isolated_cache), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_agent.py"), *RUN, "--episodes", "500", "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    state_file = out / "search_state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if state_file.exists() and len(json.loads(state_file.read_text())["episodes"]) >= 6:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, child.stderr.read().decode()[-2000:]
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    saved = json.loads(state_file.read_text())["episodes"]
+    assert len(saved) >= 6 and (out / "agent.zip").exists() and (out / "config.json").exists()
+    assert not (out / "report.json").exists(), "killed during the search"
+
+    rc = main(["--resume", str(out), "--episodes", str(len(saved) + 3), "--no-progress",
+               "--quiet"])  # fmt: skip
+    assert rc == 0
+    state = json.loads(state_file.read_text())
+    assert state["episodes"][: len(saved)] == saved, "the saved episodes are kept, not rerun"
+    assert len(state["episodes"]) == len(saved) + 3
+    report = json.loads((out / "report.json").read_text())
+    assert report["episodes"] == len(saved) + 3
+    lines = (out / "episodes.jsonl").read_text().splitlines()
+    assert [json.loads(x)["episode"] for x in lines] == list(range(1, len(saved) + 4))
+
+
+@pytest.mark.parametrize("writer", ["json", "torch", "png"])
+def test_full_disk_keeps_the_earlier_file(writer, tmp_path, monkeypatch):
+    """A write that fails half-way raises an error naming the file and leaves the old one."""
+    from agents import report
+
+    target = tmp_path / {"json": "report.json", "torch": "baseline.pt", "png": "layers.png"}[writer]
+    rows = [{"name": "features.0", "method": "keep", "params_before": 10, "params": 10}]
+    write = {
+        "json": lambda: write_json_atomic(target, {"ok": writer}),
+        "torch": lambda: save_baseline(target, build_vgg("vgg11", width=0.125), net="vgg11",
+                                       width=0.125),
+        "png": lambda: report.plot_layers(target, rows),
+    }[writer]
+    write()
+    before = target.read_bytes()
+    if writer == "json":
+        monkeypatch.setattr(Path, "write_text", _enospc)
+    elif writer == "torch":
+        monkeypatch.setattr(torch, "save", _enospc)
+    else:
+        monkeypatch.setattr(report.Figure, "savefig", _enospc)
+    with pytest.raises(OSError) as excinfo:
+        write()
+    assert excinfo.value.errno == errno.ENOSPC
+    assert excinfo.value.filename == str(target), "the error names the file being written"
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_full_disk_while_saving_the_agent(tmp_path, monkeypatch):
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo, read_agent_meta, save_agent
+
+    agent = make_ppo(DummyVecEnv([lambda: gym.make("CartPole-v1")]), 8)
+    path = tmp_path / "agent.zip"
+    save_agent(agent, path, {"net": "vgg11", "width": 0.125, "methods": [], "levels": []})
+    before = path.read_bytes()
+
+    def half_written(self, save_path, *args, **kwargs):
+        Path(save_path).write_bytes(b"PK\x03\x04 half a zip")
+        _enospc()
+
+    monkeypatch.setattr(PPO, "save", half_written)
+    with pytest.raises(OSError) as excinfo:
+        save_agent(agent, path, {"net": "vgg11", "width": 0.125, "methods": [], "levels": []})
+    assert excinfo.value.filename == str(path)
+    assert path.read_bytes() == before
+    assert read_agent_meta(path)["net"] == "vgg11"
+    assert _leftovers(tmp_path) == []
+
+
+def test_full_disk_in_the_factor_cache_is_only_a_warning(tmp_path, monkeypatch, caplog):
+    cache = FactorCache(tmp_path / "factors")
+    monkeypatch.setattr(torch, "save", _enospc)
+    cache.put("k", {"a": torch.ones(2)})
+    assert cache.get("k") is not None, "kept in memory"
+    assert "could not write factor cache" in caplog.text
+    assert not list((tmp_path / "factors").rglob("*.tmp"))
+
+
+def test_full_disk_during_a_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """The report cannot be written: exit 1, a line naming the file, the run's other files kept."""
+    from agents import report
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(report, "write_markdown", lambda path, _r: _enospc_at(path))
+    rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "No space left on device" in err and "report.md" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (out / "policy.json").exists() and (out / "compressed.pt").exists()
+    assert _leftovers(out) == []
+
+
+def _enospc_at(path: Path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
