@@ -45,16 +45,20 @@ def measure(cfg: RunConfig, splits: DataSplits, device: torch.device, proxy_conf
 
 
 def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
-    """Seconds per training step, from a few steps on a throwaway copy."""
+    """Seconds per training step: the faster of two timed rounds on a throwaway copy, after a
+    warm-up (the first steps of a new shape are several times slower)."""
     probe = copy.deepcopy(model)
     n = min(len(split), batch_size * 4)
     sub = Split(split.x[:n], split.y[:n])
     bs = min(batch_size, n)
-    train(probe, sub, config=TrainConfig(steps=1, batch_size=bs))  # warm-up: first calls are slow
-    steps = max(1, n // bs)
-    t0 = time.perf_counter()
-    train(probe, sub, config=TrainConfig(steps=steps, batch_size=bs))
-    return (time.perf_counter() - t0) / steps
+    steps = max(2, n // bs)
+    train(probe, sub, config=TrainConfig(steps=2, batch_size=bs))
+    rounds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        train(probe, sub, config=TrainConfig(steps=steps, batch_size=bs))
+        rounds.append((time.perf_counter() - t0) / steps)
+    return min(rounds)
 
 
 def _time_episode(model: nn.Module, splits: DataSplits, device: torch.device,

@@ -51,18 +51,18 @@ def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict],
         return
     total = None if cfg.timesteps else cfg.episodes
     bar = tqdm(desc="search", total=total, unit="episode", leave=False)
-    started: list[float] = []
+    first: list[float] = []  # (episode, time) of this invocation's first finished episode
 
     def update(entry: dict, best: dict) -> None:
         now = time.perf_counter()
-        if not started:  # the first episode of this invocation: resumed ones count as done
-            started.extend([now, entry["episode"] - 1])
+        if not first:  # resumed episodes count as done, not as this invocation's speed
+            first.extend([entry["episode"], now])
             bar.n = entry["episode"] - 1
         if total is not None and entry["episode"] > bar.total:
             bar.total = entry["episode"]
         bar.update(entry["episode"] - bar.n)
-        done_here = entry["episode"] - started[1]
-        per_min = 60 * done_here / max(now - started[0], 1e-9) if done_here > 1 else float("nan")
+        since = entry["episode"] - first[0]
+        per_min = 60 * since / (now - first[1]) if since else float("nan")
         bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_ratio=f"{best['ratio']:.1f}x",
                         proxy_acc=f"{entry['accuracy']:.3f}", ep_per_min=f"{per_min:.1f}")
 

@@ -7,6 +7,7 @@ a display.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from rl_mtd.proxy import ProxyConfig
 from rl_mtd.train import TrainResult
 
 LATENCY_BATCHES = (1, 128)
+NOISY_SPREAD = 0.5
+"""A latency spread (p90 - p10) above this fraction of the median marks the timing as noisy."""
 
 
 @dataclass
@@ -98,15 +101,34 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
 
 def latency(baseline: nn.Module, compressed: nn.Module, device: torch.device,
             repeats: int) -> dict[str, Any]:
-    """Median forward time of both models at each of ``LATENCY_BATCHES``."""
+    """Median and spread of both models' forward time at each of ``LATENCY_BATCHES``.
+
+    The two models alternate, measurement by measurement, so a neighbour that loads the machine
+    for a while slows both alike; ``noisy`` flags a spread (p90 - p10) above
+    ``NOISY_SPREAD`` of the median, where the speed-up is not to be trusted.
+    """
     out = {}
+    threads = torch.get_num_threads()
     for bs in LATENCY_BATCHES:
-        kw = {"batch_size": bs, "device": device, "repeats": repeats,
-              "warmup": max(1, repeats // 4)}
-        a = measure_latency(baseline, **kw)["median_ms"]
-        b = measure_latency(compressed, **kw)["median_ms"]
-        out[f"latency_b{bs}"] = {"device": str(device), "original_ms": a, "compressed_ms": b,
-                                 "speedup": a / b if b > 0 else math.nan}
+        kw = {"batch_size": bs, "device": device, "repeats": 1, "warmup": 0, "threads": threads}
+        for model in (baseline, compressed):  # warm-up
+            measure_latency(model, **{**kw, "repeats": max(2, repeats // 4)})
+        runs: dict[str, list[float]] = {"original": [], "compressed": []}
+        for _ in range(repeats):
+            runs["original"].append(measure_latency(baseline, **kw)["median_ms"])
+            runs["compressed"].append(measure_latency(compressed, **kw)["median_ms"])
+        entry: dict[str, Any] = {"device": str(device), "threads": threads, "repeats": repeats}
+        spreads = []
+        for name, times in runs.items():
+            times.sort()
+            median = statistics.median(times)
+            p10, p90 = times[len(times) // 10], times[(len(times) * 9) // 10]
+            entry.update({f"{name}_ms": median, f"{name}_p10_ms": p10, f"{name}_p90_ms": p90})
+            spreads.append((p90 - p10) / median if median > 0 else math.inf)
+        entry["speedup"] = entry["original_ms"] / entry["compressed_ms"]
+        entry["spread"] = max(spreads)
+        entry["noisy"] = entry["spread"] > NOISY_SPREAD
+        out[f"latency_b{bs}"] = entry
     return out
 
 
@@ -163,9 +185,15 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     for key, label in (("latency_b1", "batch 1"), ("latency_b128", "batch 128")):
         lat = r.get(key)
         if lat:
+            speedup = f"{lat['speedup']:.2f}x"
+            if lat.get("noisy"):
+                speedup = f"noisy (spread {100 * lat['spread']:.0f}%), not a measurement"
             lines.append(
-                f"| latency, {label}, {lat['device']} (median ms) | {lat['original_ms']:.2f} | "
-                f"{lat['compressed_ms']:.2f} | {lat['speedup']:.2f}x |"
+                f"| latency, {label}, {lat['device']}, {lat.get('threads', '?')} threads "
+                f"(median ms, p10-p90) | {lat['original_ms']:.2f} ({lat.get('original_p10_ms', 0):.2f}"
+                f"-{lat.get('original_p90_ms', 0):.2f}) | {lat['compressed_ms']:.2f} "
+                f"({lat.get('compressed_p10_ms', 0):.2f}-{lat.get('compressed_p90_ms', 0):.2f}) "
+                f"| {speedup} |"
             )
     lines += [
         "",

@@ -78,8 +78,14 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 20,
     input_size: int = 32,
+    threads: int | None = None,
 ) -> dict[str, float]:
-    """Median (and spread) of forward-pass wall time in milliseconds, after a warm-up."""
+    """Median and spread (10th and 90th percentiles) of forward-pass wall time in milliseconds.
+
+    ``warmup`` untimed passes first; on the CPU, ``threads`` fixes torch's intra-op threads for
+    the measurement (restored afterwards), so two measurements compare like with like. On CUDA
+    every pass is synchronised before its clock stops.
+    """
     device = torch.device(device)
     model = model.to(device).eval()
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
@@ -88,15 +94,21 @@ def measure_latency(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
+    before = torch.get_num_threads()
+    if threads is not None and device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            model(x)
         sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(before)
     times.sort()
     return {
         "median_ms": statistics.median(times),
@@ -104,4 +116,5 @@ def measure_latency(
         "p90_ms": times[(len(times) * 9) // 10],
         "batch_size": float(batch_size),
         "repeats": float(repeats),
+        "threads": float(torch.get_num_threads() if threads is None else threads),
     }
