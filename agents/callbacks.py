@@ -55,8 +55,11 @@ class SearchCallback(BaseCallback):
     def _on_training_start(self) -> None:
         if self.hparams:
             rows = "\n".join(f"|{k}|{v}|" for k, v in sorted(self.hparams.items()))
-            self.logger.record("hparams", f"|setting|value|\n|-|-|\n{rows}",
-                               exclude=("stdout", "log", "json", "csv"))  # fmt: skip
+            self.logger.record(
+                "hparams",
+                f"|setting|value|\n|-|-|\n{rows}",
+                exclude=("stdout", "log", "json", "csv"),
+            )
 
     def _on_step(self) -> bool:
         for env_i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
@@ -70,19 +73,33 @@ class SearchCallback(BaseCallback):
     def _episode_done(self, info: dict[str, Any], wall_fraction: float) -> None:
         proxy, reward = info["proxy"], float(info["reward"])
         entry = {
-            "episode": len(self.episodes) + 1, "timestep": int(self.num_timesteps),
-            "reward": reward, "accuracy": proxy["accuracy"], "ratio": proxy["compression_ratio"],
-            "macs_ratio": proxy["macs_ratio"], "seconds": proxy["seconds"],
-            "cached": proxy["cached"], "wall_fraction": wall_fraction,
+            "episode": len(self.episodes) + 1,
+            "timestep": int(self.num_timesteps),
+            "reward": reward,
+            "accuracy": proxy["accuracy"],
+            "ratio": proxy["compression_ratio"],
+            "macs_ratio": proxy["macs_ratio"],
+            "seconds": proxy["seconds"],
+            "cached": proxy["cached"],
+            "wall_fraction": wall_fraction,
             "methods": [layer["method"] for layer in info["policy"]["layers"]],
-        }  # fmt: skip
+        }
         self.episodes.append(entry)
         new_best = self.best is None or reward > self.best["reward"]
         if new_best:
             self.best = {**entry, "policy": info["policy"], "proxy": proxy}
-            write_json_atomic(self.run_dir / "policy.json",
-                              {**info["policy"], "meta": {**info["policy"].get("meta", {}),
-                               "reward": reward, "proxy": proxy, "episode": entry["episode"]}})  # fmt: skip
+            write_json_atomic(
+                self.run_dir / "policy.json",
+                {
+                    **info["policy"],
+                    "meta": {
+                        **info["policy"].get("meta", {}),
+                        "reward": reward,
+                        "proxy": proxy,
+                        "episode": entry["episode"],
+                    },
+                },
+            )
         minutes = max(1e-9, (time.perf_counter() - self._t0) / 60)
         rec = self.logger.record
         rec("search/reward", reward)
@@ -108,4 +125,3 @@ class SearchCallback(BaseCallback):
     def state(self) -> dict[str, Any]:
         """What ``--resume`` needs to continue: every episode so far and the best."""
         return {"episodes": self.episodes, "best": self.best}
-

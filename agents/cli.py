@@ -37,7 +37,9 @@ def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -57,7 +59,11 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, argparse.SUPPRESS) or action.default is False or "default" in text:
+        if (
+            action.default in (None, argparse.SUPPRESS)
+            or action.default is False
+            or "default" in text
+        ):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -70,58 +76,124 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--net", default="vgg16", choices=NET_NAMES, help="network")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    p.add_argument("--data", default=None, help="CIFAR-10 source: torchvision folder, ImageFolder "
-                   "dir/.tar.gz/.zip, 'synthetic'; default $RL_MTD_DATA, else download")
-    p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: train one "
-                   "and cache it)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="CIFAR-10 source: torchvision folder, ImageFolder "
+        "dir/.tar.gz/.zip, 'synthetic'; default $RL_MTD_DATA, else download",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="baseline checkpoint (default: train one and cache it)"
+    )
     p.add_argument("--out", default=None, help="run directory (default runs/<net>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
-    p.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="budgets: smoke (a pipeline check of a few minutes on a CPU), cpu "
-                   "(about an hour at --width 0.25), paper (GPU)")
+    p.add_argument(
+        "--preset",
+        default="paper",
+        choices=list(PRESETS),
+        help="budgets: smoke (a pipeline check of a few minutes on a CPU), cpu "
+        "(about an hour at --width 0.25), paper (GPU)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, training and the agent")
     g = p.add_argument_group("search")
-    g.add_argument("--target-ratio", type=float, default=None,
-                   help="whole-model parameter compression target (default 32)")
-    g.add_argument("--tradeoff", action="store_true",
-                   help="no target: reward accuracy against log compression instead")
-    g.add_argument("--methods", type=_methods, default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)}")
-    g.add_argument("--levels", type=_floats, default=None,
-                   help="comma-separated per-layer reduction factors (default 2,4,...,128)")
-    g.add_argument("--episodes", type=int, default=None, help="search episodes (preset sets "
-                   "it); with --resume, the total including the episodes already run")
-    g.add_argument("--timesteps", type=int, default=None, help="search length in env steps "
-                   "(overrides --episodes)")
+    g.add_argument(
+        "--target-ratio",
+        type=float,
+        default=None,
+        help="whole-model parameter compression target (default 32)",
+    )
+    g.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="no target: reward accuracy against log compression instead",
+    )
+    g.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    g.add_argument(
+        "--levels",
+        type=_floats,
+        default=None,
+        help="comma-separated per-layer reduction factors (default 2,4,...,128)",
+    )
+    g.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="search episodes (preset sets "
+        "it); with --resume, the total including the episodes already run",
+    )
+    g.add_argument(
+        "--timesteps",
+        type=int,
+        default=None,
+        help="search length in env steps (overrides --episodes)",
+    )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
     g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
-    g.add_argument("--repair-steps", type=int, default=None, help="SGD steps on each policy "
-                   "before the proxy scores it (0: BN re-estimate only; preset sets it)")
+    g.add_argument(
+        "--repair-steps",
+        type=int,
+        default=None,
+        help="SGD steps on each policy "
+        "before the proxy scores it (0: BN re-estimate only; preset sets it)",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
-    t.add_argument("--kd", type=float, default=0.0, help="distillation weight from the baseline "
-                   "during fine-tuning (0 off, e.g. 0.5)")
+    t.add_argument(
+        "--kd",
+        type=float,
+        default=0.0,
+        help="distillation weight from the baseline during fine-tuning (0 off, e.g. 0.5)",
+    )
     t.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate of a new baseline "
-                   "(default 0.05)")
-    t.add_argument("--finetune-lr", type=float, default=None, help="peak fine-tuning learning "
-                   "rate (default 0.01)")
-    t.add_argument("--latency-repeats", type=int, default=None, help="timed forward passes per "
-                   "latency measurement (preset sets it)")
-    t.add_argument("--train-size", type=int, default=None, help="use only this many training images")
+    t.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate of a new baseline (default 0.05)"
+    )
+    t.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="peak fine-tuning learning rate (default 0.01)",
+    )
+    t.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=None,
+        help="timed forward passes per latency measurement (preset sets it)",
+    )
+    t.add_argument(
+        "--train-size", type=int, default=None, help="use only this many training images"
+    )
     t.add_argument("--test-size", type=int, default=None, help="use only this many test images")
     r = p.add_argument_group("replay and resume")
-    r.add_argument("--replay", default=None, help="policy.json or agent.zip to apply instead of "
-                   "searching; with --checkpoint to another baseline of the same net, else to "
-                   "the cached or newly trained one")
-    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a search; its "
-                   "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
-                   "--no-progress and --on-interrupt apply")
-    r.add_argument("--on-interrupt", default="ask", choices=["ask", "report", "stop"],
-                   help="after Ctrl-C in the search: ask, go on to the report, or stop")
+    r.add_argument(
+        "--replay",
+        default=None,
+        help="policy.json or agent.zip to apply instead of "
+        "searching; with --checkpoint to another baseline of the same net, else to "
+        "the cached or newly trained one",
+    )
+    r.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a search; its "
+        "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
+        "--no-progress and --on-interrupt apply",
+    )
+    r.add_argument(
+        "--on-interrupt",
+        default="ask",
+        choices=["ask", "report", "stop"],
+        help="after Ctrl-C in the search: ask, go on to the report, or stop",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     return p
@@ -129,18 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     overrides = {
-        "net": args.net, "width": args.width, "data": args.data, "checkpoint": args.checkpoint,
-        "out": args.out, "overwrite": args.overwrite, "device": args.device, "seed": args.seed,
-        "methods": args.methods, "levels": args.levels, "episodes": args.episodes,
-        "timesteps": args.timesteps, "n_envs": args.n_envs, "proxy_size": args.proxy_size,
-        "bn_batches": args.bn_batches, "repair_steps": args.repair_steps,
+        "net": args.net,
+        "width": args.width,
+        "data": args.data,
+        "checkpoint": args.checkpoint,
+        "out": args.out,
+        "overwrite": args.overwrite,
+        "device": args.device,
+        "seed": args.seed,
+        "methods": args.methods,
+        "levels": args.levels,
+        "episodes": args.episodes,
+        "timesteps": args.timesteps,
+        "n_envs": args.n_envs,
+        "proxy_size": args.proxy_size,
+        "bn_batches": args.bn_batches,
+        "repair_steps": args.repair_steps,
         "baseline_epochs": args.baseline_epochs,
-        "finetune_epochs": args.finetune_epochs, "kd": args.kd, "train_size": args.train_size,
-        "test_size": args.test_size, "replay": args.replay, "resume": args.resume,
-        "on_interrupt": args.on_interrupt, "progress": not args.no_progress, "argv": argv,
-        "target_ratio": args.target_ratio, "batch_size": args.batch_size, "lr": args.lr,
-        "finetune_lr": args.finetune_lr, "latency_repeats": args.latency_repeats,
-    }  # fmt: skip
+        "finetune_epochs": args.finetune_epochs,
+        "kd": args.kd,
+        "train_size": args.train_size,
+        "test_size": args.test_size,
+        "replay": args.replay,
+        "resume": args.resume,
+        "on_interrupt": args.on_interrupt,
+        "progress": not args.no_progress,
+        "argv": argv,
+        "target_ratio": args.target_ratio,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "finetune_lr": args.finetune_lr,
+        "latency_repeats": args.latency_repeats,
+    }
     cfg = RunConfig.with_preset(args.preset, **overrides)
     if args.tradeoff:
         if args.target_ratio is not None:
@@ -151,8 +243,12 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
 
 def _ask_to_go_on(cfg: RunConfig) -> Callable[[Path], bool]:
     def ask(run_dir: Path) -> bool:
-        log.warning("search interrupted; the agent and the best policy so far are saved in %s "
-                    "(continue later with --resume %s)", run_dir, run_dir)
+        log.warning(
+            "search interrupted; the agent and the best policy so far are saved in %s "
+            "(continue later with --resume %s)",
+            run_dir,
+            run_dir,
+        )
         if cfg.on_interrupt == "report":
             return True
         if cfg.on_interrupt == "ask" and sys.stdin is not None and sys.stdin.isatty():
@@ -169,22 +265,33 @@ def _ask_to_go_on(cfg: RunConfig) -> Callable[[Path], bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stdout,
+    )
     import torch  # heavy imports after argument errors are reported
 
-    from agents.pipeline import resume_config, run
+    from agents.config import resume_config
+    from agents.pipeline import run
     from agents.progress import search_bar
 
     try:
         if args.resume is not None:
-            cfg = resume_config(args.resume, argv=argv, episodes=args.episodes,
-                                timesteps=args.timesteps, progress=not args.no_progress,
-                                on_interrupt=args.on_interrupt)
+            cfg = resume_config(
+                args.resume,
+                argv=argv,
+                episodes=args.episodes,
+                timesteps=args.timesteps,
+                progress=not args.no_progress,
+                on_interrupt=args.on_interrupt,
+            )
         else:
             cfg = config_from_args(args, argv)
-        with search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode, \
-                torch.backends.cudnn.flags(enabled=True, benchmark=True):
+        with (
+            search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode,
+            torch.backends.cudnn.flags(enabled=True, benchmark=True),
+        ):
             report = run(cfg, go_on_after_interrupt=_ask_to_go_on(cfg), on_episode=on_episode)
         if report is None:
             return 130
@@ -195,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk, a read-only directory
-        print(f"error: {exc.strerror or exc} ({exc.filename or ''}); free space or pick another "
-              "--out / RL_MTD_CACHE", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: {exc.strerror or exc} ({exc.filename or ''}); free space or pick another "
+            "--out / RL_MTD_CACHE",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,22 +23,41 @@ ON_INTERRUPT = ("ask", "report", "stop")
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
     "smoke": dict(
-        baseline_epochs=4, train_size=2000, proxy_size=500, test_size=1000, episodes=16,
-        bn_batches=4, repair_steps=2, finetune_epochs=0.5, latency_repeats=3,
+        baseline_epochs=4,
+        train_size=2000,
+        proxy_size=500,
+        test_size=1000,
+        episodes=16,
+        bn_batches=4,
+        repair_steps=2,
+        finetune_epochs=0.5,
+        latency_repeats=3,
     ),
     # A real but small search that fits a 2-core CPU in about an hour at width 0.25.
     "cpu": dict(
-        baseline_epochs=15, train_size=None, proxy_size=2000, test_size=None, episodes=120,
-        bn_batches=8, repair_steps=REPAIR_STEPS, finetune_epochs=5,
+        baseline_epochs=15,
+        train_size=None,
+        proxy_size=2000,
+        test_size=None,
+        episodes=120,
+        bn_batches=8,
+        repair_steps=REPAIR_STEPS,
+        finetune_epochs=5,
         latency_repeats=10,
     ),
     # Paper scale; meant for a GPU.
     "paper": dict(
-        baseline_epochs=60, train_size=None, proxy_size=5000, test_size=None, episodes=600,
-        bn_batches=20, repair_steps=REPAIR_STEPS, finetune_epochs=30,
+        baseline_epochs=60,
+        train_size=None,
+        proxy_size=5000,
+        test_size=None,
+        episodes=600,
+        bn_batches=20,
+        repair_steps=REPAIR_STEPS,
+        finetune_epochs=30,
         latency_repeats=20,
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -123,19 +143,29 @@ class RunConfig:
             check_target(self.target_ratio, "--target-ratio")
         check_methods(self.methods)
         check_levels(self.levels, "--levels")
-        for flag, value in (("--episodes", self.episodes), ("--n-envs", self.n_envs),
-                            ("--proxy-size", self.proxy_size), ("--batch-size", self.batch_size),
-                            ("--latency-repeats", self.latency_repeats)):
+        for flag, value in (
+            ("--episodes", self.episodes),
+            ("--n-envs", self.n_envs),
+            ("--proxy-size", self.proxy_size),
+            ("--batch-size", self.batch_size),
+            ("--latency-repeats", self.latency_repeats),
+        ):
             _at_least(flag, value, 1)
-        for flag, value in (("--timesteps", self.timesteps), ("--train-size", self.train_size),
-                            ("--test-size", self.test_size)):
+        for flag, value in (
+            ("--timesteps", self.timesteps),
+            ("--train-size", self.train_size),
+            ("--test-size", self.test_size),
+        ):
             if value is not None:
                 _at_least(flag, value, 1)
         _at_least("--bn-batches", self.bn_batches, 0)
         _at_least("--repair-steps", self.repair_steps, 0)
-        for flag, value in (("--baseline-epochs", self.baseline_epochs),
-                            ("--finetune-epochs", self.finetune_epochs), ("--lr", self.lr),
-                            ("--finetune-lr", self.finetune_lr)):
+        for flag, value in (
+            ("--baseline-epochs", self.baseline_epochs),
+            ("--finetune-epochs", self.finetune_epochs),
+            ("--lr", self.lr),
+            ("--finetune-lr", self.finetune_lr),
+        ):
             _positive(flag, value)
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):
             raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
@@ -143,7 +173,12 @@ class RunConfig:
             raise RlMtdError(f"--checkpoint {self.checkpoint} does not exist")
         if self.replay is not None and not Path(self.replay).is_file():
             raise RlMtdError(f"--replay {self.replay} does not exist")
-        if self.resume is None and self.out is not None and Path(self.out).exists() and not self.overwrite:
+        if (
+            self.resume is None
+            and self.out is not None
+            and Path(self.out).exists()
+            and not self.overwrite
+        ):
             raise RlMtdError(
                 f"output directory {self.out} already exists; pass another --out, or --overwrite "
                 "to write into it"
@@ -165,7 +200,36 @@ def _at_least(flag: str, value: Any, low: int) -> None:
 
 
 def _positive(flag: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-        math.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
     ):
         raise RlMtdError(f"{flag} must be a positive number, got {value!r}")
+
+
+def resume_config(
+    run_dir: str | Path,
+    *,
+    argv: list[str],
+    episodes: int | None = None,
+    timesteps: int | None = None,
+    progress: bool = True,
+    on_interrupt: str = "ask",
+) -> RunConfig:
+    """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
+    try:
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
+    if episodes is not None:
+        cfg.episodes, cfg.timesteps = episodes, None
+    if timesteps is not None:
+        cfg.timesteps = timesteps
+    cfg.progress, cfg.on_interrupt = progress, on_interrupt
+    return cfg

@@ -6,8 +6,6 @@ before any long work starts and before the run directory is touched.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -15,20 +13,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from agents.config import RunConfig
+from agents.inputs import baseline_cache_path, get_baseline, load_data
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_outputs
 from agents.search import env_config, load_replay, proxy_config, replay_agent, search
 from envs.mixed_decomposition import MixedDecompositionEnv
-from rl_mtd.checkpoints import load_baseline, save_baseline, save_compressed
-from rl_mtd.data import Cifar, DataSplits, load_cifar10, make_splits
-from rl_mtd.errors import RlMtdError
-from rl_mtd.io import cache_dir, write_json_atomic
-from rl_mtd.models import build_vgg
+from rl_mtd.checkpoints import save_compressed
+from rl_mtd.data import DataSplits
+from rl_mtd.io import write_json_atomic
 from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.train import TrainConfig, TrainResult, evaluate, train
 
@@ -37,80 +33,39 @@ log = logging.getLogger("rl_mtd")
 STALE_SEARCH_FILES = ("tb", "episodes.jsonl", "search_state.json", "agent.zip", "reward_curve.png")
 
 
-def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
-    """Load the dataset and split it; size caps above what the data holds mean "all of it"."""
-    data = load_cifar10(cfg.data, progress=cfg.progress)
-    if cfg.proxy_size >= len(data.train):
-        raise RlMtdError(
-            f"--proxy-size {cfg.proxy_size} leaves no training images ({len(data.train)} in "
-            f"{data.source}); pass a smaller --proxy-size"
-        )
-    train_size = _cap("train", cfg.train_size, len(data.train) - cfg.proxy_size)
-    test_size = _cap("test", cfg.test_size, len(data.test))
-    splits = make_splits(data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=train_size,
-                         test_size=test_size)
-    return splits, data
-
-
-def _cap(what: str, size: int | None, available: int) -> int | None:
-    if size is not None and size > available:
-        log.warning("only %d %s images available; using all of them (asked for %d)",
-                    available, what, size)
-        return None
-    return size
-
-
-def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:
-    """Where a trained baseline for these settings is cached."""
-    spec = json.dumps([cfg.net, cfg.width, data_key, cfg.train_size, cfg.proxy_size, cfg.seed,
-                       cfg.baseline_epochs, cfg.lr, cfg.batch_size], sort_keys=True)
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
-    return cache_dir() / "baselines" / f"{cfg.net}-w{cfg.width:g}-{digest}.pt"
-
-
-def get_baseline(cfg: RunConfig, splits: DataSplits, data_key: str,
-                 device: torch.device) -> tuple[nn.Module, str]:
-    """The baseline: ``--checkpoint``, a cached one for these settings, or train one now."""
-    if cfg.checkpoint is not None:
-        model, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
-        return model.to(device), str(cfg.checkpoint)
-    path = baseline_cache_path(cfg, data_key)
-    if path.exists():
-        try:
-            model, _ = load_baseline(path, net=cfg.net, width=cfg.width)
-            log.info("baseline: cached %s", path)
-            return model.to(device), str(path)
-        except RlMtdError as exc:
-            log.warning("ignoring unusable cached baseline (%s); training a new one", exc)
-    log.info("baseline: training %s width %g for %g epochs on %d images", cfg.net, cfg.width,
-             cfg.baseline_epochs, len(splits.train))
-    torch.manual_seed(cfg.seed)  # before building: the initial weights come from this seed
-    model = build_vgg(cfg.net, width=cfg.width).to(device)
-    tcfg = TrainConfig(epochs=cfg.baseline_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=cfg.seed, label_smoothing=0.1)
-    with train_bar("baseline", cfg.progress) as bar:
-        train(model, splits.train, config=tcfg, val_split=splits.proxy, on_progress=bar,
-              desc="baseline")
-    save_baseline(path, model, net=cfg.net, width=cfg.width,
-                  meta={"epochs": cfg.baseline_epochs, "data": data_key})
-    return model, str(path)
-
-
-def finetune(cfg: RunConfig, compressed: nn.Module, baseline: nn.Module,
-             splits: DataSplits) -> TrainResult:
+def finetune(
+    cfg: RunConfig, compressed: nn.Module, baseline: nn.Module, splits: DataSplits
+) -> TrainResult:
     """Fine-tune ``compressed`` in place, distilling from ``baseline`` when ``--kd`` > 0."""
-    tcfg = TrainConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size,
-                       schedule="cosine", kd_alpha=cfg.kd, seed=cfg.seed, evals_per_epoch=2)
+    tcfg = TrainConfig(
+        epochs=cfg.finetune_epochs,
+        lr=cfg.finetune_lr,
+        batch_size=cfg.batch_size,
+        schedule="cosine",
+        kd_alpha=cfg.kd,
+        seed=cfg.seed,
+        evals_per_epoch=2,
+    )
     with train_bar("fine-tune", cfg.progress) as bar:
-        result = train(compressed, splits.train, config=tcfg, val_split=splits.proxy,
-                       teacher=baseline if cfg.kd > 0 else None, on_progress=bar,
-                       desc="fine-tune")
+        result = train(
+            compressed,
+            splits.train,
+            config=tcfg,
+            val_split=splits.proxy,
+            teacher=baseline if cfg.kd > 0 else None,
+            on_progress=bar,
+            desc="fine-tune",
+        )
     compressed.eval()
     return result
 
 
-def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambda _: False,
-        on_episode: Callable[[dict, dict], None] | None = None) -> dict[str, Any] | None:
+def run(
+    cfg: RunConfig,
+    *,
+    go_on_after_interrupt: Callable[[Path], bool] = lambda _: False,
+    on_episode: Callable[[dict, dict], None] | None = None,
+) -> dict[str, Any] | None:
     """Run the whole job; report.json's content, or None when an interrupted search stops it.
 
     ``go_on_after_interrupt(run_dir)`` decides, after Ctrl-C in the search, whether to fine-tune
@@ -120,13 +75,22 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
     device = resolve_device(cfg.device)
     splits, data = load_data(cfg)
     splits = splits.to(device)
-    run_dir = Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = (
+        Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
+    )
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     print_plan(cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device)
-    proxy = Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                  config=proxy_config(cfg), net=cfg.net, width=cfg.width)
+    proxy = Proxy(
+        baseline,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=proxy_config(cfg),
+        net=cfg.net,
+        width=cfg.width,
+    )
     if replay is None or replay.kind == "policy":
         MixedDecompositionEnv(proxy, env_config(cfg))  # raises if the target is out of reach
 
@@ -136,12 +100,22 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
                 target = run_dir / stale
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {**cfg.to_dict(), "out": str(run_dir),
-                          "resolved_device": str(device), "baseline_path": baseline_path})
+        write_json_atomic(
+            run_dir / "config.json",
+            {
+                **cfg.to_dict(),
+                "out": str(run_dir),
+                "resolved_device": str(device),
+                "baseline_path": baseline_path,
+            },
+        )
 
     baseline_acc = evaluate(baseline, splits.test)
-    log.info("baseline: test accuracy %.2f%%, proxy accuracy %.2f%%", 100 * baseline_acc,
-             100 * proxy.baseline_acc)
+    log.info(
+        "baseline: test accuracy %.2f%%, proxy accuracy %.2f%%",
+        100 * baseline_acc,
+        100 * proxy.baseline_acc,
+    )
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
     search_seconds = 0.0
@@ -154,51 +128,54 @@ def run(cfg: RunConfig, *, go_on_after_interrupt: Callable[[Path], bool] = lambd
     else:
         policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
         if replay.kind == "agent":
-            log.info("replayed agent %s: its greedy choice at every layer, which can differ from "
-                     "the best policy its search found (that run's policy.json)", replay.path)
+            log.info(
+                "replayed agent %s: its greedy choice at every layer, which can differ from "
+                "the best policy its search found (that run's policy.json)",
+                replay.path,
+            )
         policy.save(run_dir / "policy.json")  # type: ignore[union-attr]
     proxy_result = proxy.evaluate(policy)  # type: ignore[arg-type]
-    log.info("best policy: %.2fx parameters, proxy accuracy %.2f%%",
-             proxy_result.compression_ratio, 100 * proxy_result.accuracy)
+    log.info(
+        "best policy: %.2fx parameters, proxy accuracy %.2f%%",
+        proxy_result.compression_ratio,
+        100 * proxy_result.accuracy,
+    )
 
     compressed = proxy.compress(policy)  # type: ignore[arg-type]
     ft = finetune(cfg, compressed, baseline, splits)
     finetuned_acc = evaluate(compressed, splits.test)
-    save_compressed(run_dir / "compressed.pt", compressed, policy,  # type: ignore[arg-type]
-                    meta={"finetuned_acc": finetuned_acc})
+    save_compressed(
+        run_dir / "compressed.pt",
+        compressed,
+        policy,  # type: ignore[arg-type]
+        meta={"finetuned_acc": finetuned_acc},
+    )
     result = RunResult(
-        config=cfg.to_dict(), device=device, dataset=data.source, baseline=baseline,
-        compressed=compressed, policy=policy, baseline_acc=baseline_acc,  # type: ignore[arg-type]
-        baseline_proxy_acc=proxy.baseline_acc, proxy_config=proxy.config,
-        proxy_acc=proxy_result.accuracy, finetuned_acc=finetuned_acc, finetune=ft,
-        search_seconds=search_seconds, episodes=episodes,
+        config=cfg.to_dict(),
+        device=device,
+        dataset=data.source,
+        baseline=baseline,
+        compressed=compressed,
+        policy=policy,
+        baseline_acc=baseline_acc,  # type: ignore[arg-type]
+        baseline_proxy_acc=proxy.baseline_acc,
+        proxy_config=proxy.config,
+        proxy_acc=proxy_result.accuracy,
+        finetuned_acc=finetuned_acc,
+        finetune=ft,
+        search_seconds=search_seconds,
+        episodes=episodes,
         proxy_evaluations=proxy.evaluations
         + sum(i.get("proxy_evaluations", 0) for i in invocations[:-1]),
         invocations=invocations,
     )
     report = build_report(result, cfg.latency_repeats)
     write_outputs(run_dir, report, episodes)
-    log.info("done: %.2fx fewer parameters, test accuracy %.2f%% (baseline %.2f%%) -> %s",
-             report["compression_ratio"], 100 * finetuned_acc, 100 * baseline_acc, run_dir)
+    log.info(
+        "done: %.2fx fewer parameters, test accuracy %.2f%% (baseline %.2f%%) -> %s",
+        report["compression_ratio"],
+        100 * finetuned_acc,
+        100 * baseline_acc,
+        run_dir,
+    )
     return report
-
-
-def resume_config(run_dir: str | Path, *, argv: list[str], episodes: int | None = None,
-                  timesteps: int | None = None, progress: bool = True,
-                  on_interrupt: str = "ask") -> RunConfig:
-    """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.json"
-    if not saved.exists():
-        raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    try:
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
-        raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
-    cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
-    if episodes is not None:
-        cfg.episodes, cfg.timesteps = episodes, None
-    if timesteps is not None:
-        cfg.timesteps = timesteps
-    cfg.progress, cfg.on_interrupt = progress, on_interrupt
-    return cfg

@@ -34,8 +34,13 @@ class Timing:
     n_layers: int
 
 
-def measure(cfg: RunConfig, splits: DataSplits, device: torch.device, proxy_config: ProxyConfig,
-            search: bool) -> Timing:
+def measure(
+    cfg: RunConfig,
+    splits: DataSplits,
+    device: torch.device,
+    proxy_config: ProxyConfig,
+    search: bool,
+) -> Timing:
     """Time a training step and, when ``search``, ``Proxy.evaluate`` on an untrained model."""
     torch.manual_seed(cfg.seed)
     probe = build_vgg(cfg.net, width=cfg.width).to(device)
@@ -61,15 +66,22 @@ def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
     return min(rounds)
 
 
-def _time_episode(model: nn.Module, splits: DataSplits, device: torch.device,
-                  config: ProxyConfig, t_step: float) -> float:
+def _time_episode(
+    model: nn.Module, splits: DataSplits, device: torch.device, config: ProxyConfig, t_step: float
+) -> float:
     """One ``Proxy.evaluate`` of a uniform Tucker-2 policy, factors cached beforehand.
 
     The probe runs at most ``PROBE_REPAIR_STEPS`` repair steps; the others cost ``t_step`` each.
     """
     probe_steps = min(config.repair_steps, PROBE_REPAIR_STEPS)
-    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                  config=replace(config, repair_steps=probe_steps), cache=FactorCache())
+    proxy = Proxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=replace(config, repair_steps=probe_steps),
+        cache=FactorCache(),
+    )
     policy = _probe_policy(model, proxy)
     proxy.compress(policy)  # factorise once: the search does that once per layer option
     t0 = time.perf_counter()
@@ -82,12 +94,19 @@ def _probe_policy(model: nn.Module, proxy: Proxy) -> Policy:
     from rl_mtd.decompose import rank_for_ratio
 
     choices = [("tucker2", rank_for_ratio(conv, "tucker2", 8.0)) for _, conv in conv_layers(model)]
-    return Policy.from_choices(model, choices, net=proxy.net, width=proxy.width,
-                               num_classes=proxy.num_classes)
+    return Policy.from_choices(
+        model, choices, net=proxy.net, width=proxy.width, num_classes=proxy.num_classes
+    )
 
 
-def print_plan(cfg: RunConfig, splits: DataSplits, device: torch.device, timing: Timing,
-               need_baseline: bool, replay_path: str | None) -> None:
+def print_plan(
+    cfg: RunConfig,
+    splits: DataSplits,
+    device: torch.device,
+    timing: Timing,
+    need_baseline: bool,
+    replay_path: str | None,
+) -> None:
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     t_step = timing.step_seconds
     est = {

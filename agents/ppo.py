@@ -42,9 +42,14 @@ class PPOConfig:
 
 
 def make_ppo(
-    env: VecEnv, episode_length: int, *, config: PPOConfig | None = None, seed: int = 0,
-    tensorboard_log: str | None = None, device: str = "cpu",
-) -> PPO:  # fmt: skip
+    env: VecEnv,
+    episode_length: int,
+    *,
+    config: PPOConfig | None = None,
+    seed: int = 0,
+    tensorboard_log: str | None = None,
+    device: str = "cpu",
+) -> PPO:
     """A PPO agent whose rollouts hold whole episodes of ``env``."""
     cfg = config or PPOConfig()
     n_steps = max(2, cfg.episodes_per_rollout * episode_length)
@@ -53,12 +58,22 @@ def make_ppo(
     while total % batch:  # SB3 warns on a truncated last minibatch
         batch -= 1
     return PPO(
-        "MlpPolicy", env, n_steps=n_steps, batch_size=batch, n_epochs=cfg.n_epochs,
-        learning_rate=cfg.learning_rate, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
-        ent_coef=cfg.ent_coef, clip_range=cfg.clip_range,
-        policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed,
-        tensorboard_log=tensorboard_log, device=device, verbose=0,
-    )  # fmt: skip
+        "MlpPolicy",
+        env,
+        n_steps=n_steps,
+        batch_size=batch,
+        n_epochs=cfg.n_epochs,
+        learning_rate=cfg.learning_rate,
+        gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda,
+        ent_coef=cfg.ent_coef,
+        clip_range=cfg.clip_range,
+        policy_kwargs={"net_arch": list(cfg.net_arch)},
+        seed=seed,
+        tensorboard_log=tensorboard_log,
+        device=device,
+        verbose=0,
+    )
 
 
 def save_agent(model: PPO, path: str | os.PathLike, meta: dict[str, Any]) -> None:
@@ -101,4 +116,6 @@ def load_agent(path: str | os.PathLike, device: str = "cpu") -> PPO:
     try:
         return PPO.load(path, device=device)
     except Exception as exc:  # SB3 raises many types for a broken zip
-        raise RlMtdError(f"agent file {path} cannot be loaded ({type(exc).__name__}: {exc})") from None
+        raise RlMtdError(
+            f"agent file {path} cannot be loaded ({type(exc).__name__}: {exc})"
+        ) from None

@@ -63,8 +63,12 @@ def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict],
         bar.update(entry["episode"] - bar.n)
         since = entry["episode"] - first[0]
         per_min = 60 * since / (now - first[1]) if since else float("nan")
-        bar.set_postfix(best_reward=f"{best['reward']:.4f}", best_ratio=f"{best['ratio']:.1f}x",
-                        proxy_acc=f"{entry['accuracy']:.3f}", ep_per_min=f"{per_min:.1f}")
+        bar.set_postfix(
+            best_reward=f"{best['reward']:.4f}",
+            best_ratio=f"{best['ratio']:.1f}x",
+            proxy_acc=f"{entry['accuracy']:.3f}",
+            ep_per_min=f"{per_min:.1f}",
+        )
 
     try:
         yield update

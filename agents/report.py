@@ -92,15 +92,29 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "episodes": len(r.episodes),
         "proxy_evaluations": r.proxy_evaluations,
         "invocations": r.invocations,
-        "layers": [{k: row[k] for k in ("name", "method", "rank", "params", "macs",
-                                        "params_before", "macs_before")} for row in rows],
+        "layers": [
+            {
+                k: row[k]
+                for k in (
+                    "name",
+                    "method",
+                    "rank",
+                    "params",
+                    "macs",
+                    "params_before",
+                    "macs_before",
+                )
+            }
+            for row in rows
+        ],
     }
     report.update(latency(r.baseline, r.compressed, r.device, latency_repeats))
     return report
 
 
-def latency(baseline: nn.Module, compressed: nn.Module, device: torch.device,
-            repeats: int) -> dict[str, Any]:
+def latency(
+    baseline: nn.Module, compressed: nn.Module, device: torch.device, repeats: int
+) -> dict[str, Any]:
     """Median and spread of both models' forward time at each of ``LATENCY_BATCHES``.
 
     The two models alternate, measurement by measurement, so a neighbour that loads the machine
@@ -149,15 +163,17 @@ def layer_rows(original: nn.Module, compressed: nn.Module, policy: Policy) -> li
     for (name, conv), choice in zip(conv_layers(original), policy.layers):
         block = compressed.get_submodule(name)
         after_macs = sum(v for k, v in macs_after.items() if k == name or k.startswith(name + "."))
-        rows.append({
-            "name": name,
-            "method": choice.method,
-            "rank": list(choice.rank) if isinstance(choice.rank, tuple) else choice.rank,
-            "params_before": layer_params(conv),
-            "params": count_params(block),
-            "macs_before": macs_before[name],
-            "macs": after_macs,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "method": choice.method,
+                "rank": list(choice.rank) if isinstance(choice.rank, tuple) else choice.rank,
+                "params_before": layer_params(conv),
+                "params": count_params(block),
+                "macs_before": macs_before[name],
+                "macs": after_macs,
+            }
+        )
     return rows
 
 

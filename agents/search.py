@@ -98,7 +98,7 @@ def _make_env(proxy: Proxy, env_cfg: EnvConfig):
 
 def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     """Build an env in a worker process: its own data copy, baseline and proxy (own GPU if any)."""
-    from agents.pipeline import load_data
+    from agents.inputs import load_data
 
     cfg = RunConfig.from_dict(cfg_dict)
     device = resolve_device(cfg.device)
@@ -106,8 +106,15 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
         device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
-    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                  config=proxy_config(cfg), net=cfg.net, width=cfg.width)
+    proxy = Proxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=proxy_config(cfg),
+        net=cfg.net,
+        width=cfg.width,
+    )
     return _make_env(proxy, env_config(cfg))
 
 
@@ -155,18 +162,26 @@ def search(
         agent.set_env(venv)
         log.info("resuming: %d episodes done", len(state.get("episodes", [])))
     else:
-        agent = make_ppo(venv, n_layers, config=PPOConfig(), seed=cfg.seed,
-                         tensorboard_log=str(run_dir / "tb"))
+        agent = make_ppo(
+            venv, n_layers, config=PPOConfig(), seed=cfg.seed, tensorboard_log=str(run_dir / "tb")
+        )
     episodes_before = len(state.get("episodes", []))
     seconds_before = float(state.get("seconds", 0.0))
     invocation = {"argv": list(cfg.argv), "episodes_before": episodes_before}
     invocations = [*state.get("invocations", []), invocation]
     timesteps = cfg.timesteps or max(1, cfg.episodes - episodes_before) * n_layers
-    hparams = {**{k: v for k, v in cfg.to_dict().items() if k != "argv"},
-               **{f"ppo.{k}": v for k, v in PPOConfig().to_dict().items()}}
-    meta = {"net": cfg.net, "width": cfg.width, "methods": list(cfg.methods),
-            "levels": list(cfg.levels), "target_ratio": cfg.target_ratio,
-            "num_classes": proxy.num_classes}
+    hparams = {
+        **{k: v for k, v in cfg.to_dict().items() if k != "argv"},
+        **{f"ppo.{k}": v for k, v in PPOConfig().to_dict().items()},
+    }
+    meta = {
+        "net": cfg.net,
+        "width": cfg.width,
+        "methods": list(cfg.methods),
+        "levels": list(cfg.levels),
+        "target_ratio": cfg.target_ratio,
+        "num_classes": proxy.num_classes,
+    }
     t0 = time.perf_counter()
 
     def save() -> None:
@@ -174,20 +189,33 @@ def search(
         invocation["proxy_evaluations"] = proxy.evaluations
         seconds = seconds_before + time.perf_counter() - t0
         save_agent(agent, agent_path, meta)
-        write_json_atomic(run_dir / "search_state.json",
-                          {**callback.state(), "seconds": seconds, "invocations": invocations})
+        write_json_atomic(
+            run_dir / "search_state.json",
+            {**callback.state(), "seconds": seconds, "invocations": invocations},
+        )
 
     callback = SearchCallback(
-        run_dir, hparams=hparams, state=state, on_episode=on_episode, save=save,
-        save_every=SAVE_EVERY, max_episodes=None if cfg.timesteps else cfg.episodes,
+        run_dir,
+        hparams=hparams,
+        state=state,
+        on_episode=on_episode,
+        save=save,
+        save_every=SAVE_EVERY,
+        max_episodes=None if cfg.timesteps else cfg.episodes,
     )
     if episodes_before:  # a hard kill may have left episodes.jsonl ahead of the saved state
-        write_text_atomic(run_dir / "episodes.jsonl",
-                          "".join(json.dumps(e) + "\n" for e in callback.episodes))
+        write_text_atomic(
+            run_dir / "episodes.jsonl", "".join(json.dumps(e) + "\n" for e in callback.episodes)
+        )
     interrupted = False
     try:
-        agent.learn(timesteps, callback=callback, tb_log_name="search",
-                    reset_num_timesteps=cfg.resume is None, progress_bar=False)
+        agent.learn(
+            timesteps,
+            callback=callback,
+            tb_log_name="search",
+            reset_num_timesteps=cfg.resume is None,
+            progress_bar=False,
+        )
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -196,8 +224,11 @@ def search(
     if callback.best is None:
         raise RlMtdError("the search ended before its first episode finished; nothing to apply")
     return SearchResult(
-        Policy.from_dict(callback.best["policy"]), callback.episodes,
-        seconds_before + time.perf_counter() - t0, interrupted, invocations,
+        Policy.from_dict(callback.best["policy"]),
+        callback.episodes,
+        seconds_before + time.perf_counter() - t0,
+        interrupted,
+        invocations,
     )
 
 
@@ -210,9 +241,14 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     from agents.ppo import load_agent
 
     meta = replay.meta or {}
-    env = MixedDecompositionEnv(proxy, EnvConfig(
-        methods=tuple(meta["methods"]), levels=tuple(meta["levels"]),
-        target_ratio=meta.get("target_ratio")))
+    env = MixedDecompositionEnv(
+        proxy,
+        EnvConfig(
+            methods=tuple(meta["methods"]),
+            levels=tuple(meta["levels"]),
+            target_ratio=meta.get("target_ratio"),
+        ),
+    )
     agent = load_agent(replay.path)
     if agent.action_space != env.action_space or agent.observation_space != env.observation_space:
         raise RlMtdError(f"agent {replay.path} does not fit this environment (spaces differ)")
@@ -222,4 +258,3 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
         action, _ = agent.predict(obs, deterministic=True)
         obs, _, done, _, _ = env.step(int(action))
     return env.current_policy()
-

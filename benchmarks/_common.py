@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from agents.config import REPAIR_STEPS, RunConfig
-from agents.pipeline import get_baseline, load_data
+from agents.inputs import get_baseline, load_data
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
@@ -24,7 +24,9 @@ def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: fl
     p.add_argument("--net", default=net)
     p.add_argument("--width", type=float, default=width)
     p.add_argument("--data", default=None, help="dataset source (default $RL_MTD_DATA)")
-    p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: train, cached)")
+    p.add_argument(
+        "--checkpoint", default=None, help="baseline checkpoint (default: train, cached)"
+    )
     p.add_argument("--baseline-epochs", type=float, default=10)
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--proxy-size", type=int, default=2000)
@@ -40,28 +42,51 @@ def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STE
     """The proxy's settings (rl_mtd.proxy.ProxyConfig), with run_agent.py's cpu-preset defaults."""
     d = default_repair()
     p.add_argument("--bn-batches", type=int, default=8, help="batches for the BN re-estimate")
-    p.add_argument("--repair-steps", type=int, default=repair_steps,
-                   help="SGD steps on each policy before scoring (0: BN re-estimate only)")
+    p.add_argument(
+        "--repair-steps",
+        type=int,
+        default=repair_steps,
+        help="SGD steps on each policy before scoring (0: BN re-estimate only)",
+    )
     p.add_argument("--repair-lr", type=float, default=d.lr)
     p.add_argument("--repair-kd", type=float, default=d.kd_alpha)
 
 
 def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
-    repair = replace(default_repair(), lr=args.repair_lr, kd_alpha=args.repair_kd,
-                     batch_size=getattr(args, "batch_size", 128))
-    values = {"bn_batches": args.bn_batches, "repair_steps": args.repair_steps, "repair": repair,
-              "seed": getattr(args, "seed", 0), **overrides}
+    repair = replace(
+        default_repair(),
+        lr=args.repair_lr,
+        kd_alpha=args.repair_kd,
+        batch_size=getattr(args, "batch_size", 128),
+    )
+    values = {
+        "bn_batches": args.bn_batches,
+        "repair_steps": args.repair_steps,
+        "repair": repair,
+        "seed": getattr(args, "seed", 0),
+        **overrides,
+    }
     return ProxyConfig(**values)
 
 
 def setup(args: argparse.Namespace) -> tuple[RunConfig, DataSplits, torch.nn.Module, torch.device]:
     """Data splits and the baseline (trained once and cached, exactly as run_agent.py does)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = RunConfig(net=args.net, width=args.width, data=args.data, checkpoint=args.checkpoint,
-                    baseline_epochs=args.baseline_epochs, train_size=args.train_size,
-                    proxy_size=args.proxy_size, test_size=args.test_size, device=args.device,
-                    seed=args.seed, progress=not args.no_progress, batch_size=args.batch_size,
-                    lr=args.lr)  # fmt: skip
+    cfg = RunConfig(
+        net=args.net,
+        width=args.width,
+        data=args.data,
+        checkpoint=args.checkpoint,
+        baseline_epochs=args.baseline_epochs,
+        train_size=args.train_size,
+        proxy_size=args.proxy_size,
+        test_size=args.test_size,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     device = resolve_device(cfg.device)
     splits, data = load_data(cfg)
     splits = splits.to(device)
@@ -71,8 +96,10 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, DataSplits, torch.nn.Mod
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-            f"threads, {gpu}, torch {torch.__version__}")  # fmt: skip
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"threads, {gpu}, torch {torch.__version__}"
+    )
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -76,13 +76,22 @@ def main() -> None:
     params0, macs0 = count_params(baseline), count_macs(baseline)
     # The agent's and random's levels (DEFAULT_LEVELS) and the sensitivity study's.
     prefill_s, _ = prefill_factors(baseline, sorted(set(DEFAULT_LEVELS) | set(SENSITIVITY_LEVELS)))
-    print(f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
-          flush=True)  # fmt: skip
+    print(
+        f"baseline test accuracy {base_test:.4f}; factor cache pre-filled in {prefill_s:.0f} s",
+        flush=True,
+    )
     proxy_cfg = proxy_config(args)
 
     def new_proxy() -> Proxy:
-        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                     config=proxy_cfg, net=args.net, width=args.width)  # fmt: skip
+        return Proxy(
+            baseline,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device=device,
+            config=proxy_cfg,
+            net=args.net,
+            width=args.width,
+        )
 
     study = None
     rows = []
@@ -93,9 +102,15 @@ def main() -> None:
                 proxy = new_proxy()
                 t0 = time.perf_counter()
                 if name == "ppo":
-                    rcfg = RunConfig(net=args.net, width=args.width, episodes=args.episodes,
-                                     target_ratio=target, seed=seed, progress=False,
-                                     on_interrupt="stop")  # fmt: skip
+                    rcfg = RunConfig(
+                        net=args.net,
+                        width=args.width,
+                        episodes=args.episodes,
+                        target_ratio=target,
+                        seed=seed,
+                        progress=False,
+                        on_interrupt="stop",
+                    )
                     run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
                     run_dir.mkdir(parents=True, exist_ok=True)
                     policy = search(rcfg, proxy, run_dir, baseline_path="").policy
@@ -107,25 +122,40 @@ def main() -> None:
                     proxy = study.proxy
                     policy = strategy_policy(name, proxy, target, study=study)
                 else:
-                    policy = strategy_policy(name, proxy, target, seed=seed,
-                                             n_random=ppo_evals or args.episodes)  # fmt: skip
+                    policy = strategy_policy(
+                        name, proxy, target, seed=seed, n_random=ppo_evals or args.episodes
+                    )
                 search_s = time.perf_counter() - t0
                 res = proxy.evaluate(policy)
-                ft_cfg = RunConfig(net=args.net, width=args.width, seed=seed, kd=args.kd,
-                                   batch_size=args.batch_size,
-                                   finetune_epochs=args.finetune_epochs,
-                                   finetune_lr=args.finetune_lr,
-                                   progress=not args.no_progress)  # fmt: skip
+                ft_cfg = RunConfig(
+                    net=args.net,
+                    width=args.width,
+                    seed=seed,
+                    kd=args.kd,
+                    batch_size=args.batch_size,
+                    finetune_epochs=args.finetune_epochs,
+                    finetune_lr=args.finetune_lr,
+                    progress=not args.no_progress,
+                )
                 model = proxy.compress(policy)
                 ft = finetune(ft_cfg, model, baseline, splits)
                 test = evaluate(model, splits.test)
                 b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
-                row = {"strategy": name, "target": target, "seed": seed,
-                       "ratio": params0 / count_params(model),
-                       "macs_reduction": macs0 / count_macs(model), "proxy_acc": res.accuracy,
-                       "test_acc": test, "drop": base_test - test, "search_s": search_s,
-                       "speedup_b1": b1, "speedup_b128": b128, "recoveries": ft.recoveries,
-                       "methods": policy.methods()}  # fmt: skip
+                row = {
+                    "strategy": name,
+                    "target": target,
+                    "seed": seed,
+                    "ratio": params0 / count_params(model),
+                    "macs_reduction": macs0 / count_macs(model),
+                    "proxy_acc": res.accuracy,
+                    "test_acc": test,
+                    "drop": base_test - test,
+                    "search_s": search_s,
+                    "speedup_b1": b1,
+                    "speedup_b128": b128,
+                    "recoveries": ft.recoveries,
+                    "methods": policy.methods(),
+                }
                 rows.append(row)
                 policy.save(out_dir / f"{name}-{target:g}x-seed{seed}.policy.json")
                 print(_row(row), flush=True)
@@ -140,10 +170,12 @@ def main() -> None:
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['strategy']} | {r['target']:g}x | {r['seed']} | {r['ratio']:.1f}x | "
-            f"{r['macs_reduction']:.1f}x | {100 * r['proxy_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
-            f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {r['speedup_b1']:.2f}x | "
-            f"{r['speedup_b128']:.2f}x |")  # fmt: skip
+    return (
+        f"| {r['strategy']} | {r['target']:g}x | {r['seed']} | {r['ratio']:.1f}x | "
+        f"{r['macs_reduction']:.1f}x | {100 * r['proxy_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
+        f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {r['speedup_b1']:.2f}x | "
+        f"{r['speedup_b128']:.2f}x |"
+    )
 
 
 def _table(rows: list[dict], cfg, base_test: float, args) -> str:
@@ -155,7 +187,7 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "
         "fine-tuned test acc | drop (pts) | search s | CPU speed-up b1 | CPU speed-up b128 |",
         "|-|-:|-:|-:|-:|-:|-:|-:|-:|-:|-:|",
-    ]  # fmt: skip
+    ]
     return "\n".join(head + [_row(r) for r in rows])
 
 

@@ -50,8 +50,14 @@ class SurrogateProxy(Proxy):
             if c.method != "keep"
         )
         params = count_params(apply_policy(self.model, policy, factorize=False))
-        return ProxyResult(accuracy=0.9 - penalty, compression_ratio=self.params_original / params,
-                           macs_ratio=1.0, params=params, macs=1, seconds=0.0)  # fmt: skip
+        return ProxyResult(
+            accuracy=0.9 - penalty,
+            compression_ratio=self.params_original / params,
+            macs_ratio=1.0,
+            params=params,
+            macs=1,
+            seconds=0.0,
+        )
 
 
 def run_random(env: MixedDecompositionEnv, episodes: int, seed: int) -> list[float]:
@@ -89,16 +95,26 @@ def main() -> None:
     model = build_vgg(args.net, width=0.25)
     sensitivity = np.random.default_rng(0).uniform(0.2, 2.0, size=len(conv_layers(model)))
     sensitivity[0] *= 4
-    proxy = SurrogateProxy(model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
-                           config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=args.net,
-                           width=0.25, sensitivity=sensitivity)  # fmt: skip
+    proxy = SurrogateProxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device="cpu",
+        config=ProxyConfig(bn_batches=0),
+        cache=FactorCache(),
+        net=args.net,
+        width=0.25,
+        sensitivity=sensitivity,
+    )
     default = PPOConfig()
     strategies: dict[str, PPOConfig | None] = {"random": None}
     for lr in (float(x) for x in args.lrs.split(",")):
         tag = " (default)" if lr == default.learning_rate else ""
         strategies[f"ppo lr {lr:g}{tag}"] = PPOConfig(learning_rate=lr)
-    print(f"{args.net}, target {args.target:g}x, {args.episodes} episodes, mean over "
-          f"{args.seeds} seeds\n")  # fmt: skip
+    print(
+        f"{args.net}, target {args.target:g}x, {args.episodes} episodes, mean over "
+        f"{args.seeds} seeds\n"
+    )
     print("| strategy | best reward | mean reward, last 40 episodes | seconds |")
     print("|-|-:|-:|-:|")
     for name, cfg in strategies.items():
@@ -106,12 +122,18 @@ def main() -> None:
         best, last = [], []
         for seed in range(args.seeds):
             env = MixedDecompositionEnv(proxy, EnvConfig(target_ratio=args.target))
-            rewards = (run_random(env, args.episodes, seed) if cfg is None
-                       else run_ppo(env, args.episodes, seed, cfg))  # fmt: skip
+            rewards = (
+                run_random(env, args.episodes, seed)
+                if cfg is None
+                else run_ppo(env, args.episodes, seed, cfg)
+            )
             best.append(max(rewards))
             last.append(float(np.mean(rewards[-40:])))
-        print(f"| {name} | {np.mean(best):.4f} | {np.mean(last):.4f} | "
-              f"{time.perf_counter() - t0:.0f} |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {np.mean(best):.4f} | {np.mean(last):.4f} | "
+            f"{time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,15 @@ def main() -> None:
     prefill_factors(baseline)  # factorising is not a proxy's cost: time the proxies warm
 
     def make(config):
-        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                     config=config, net=args.net, width=args.width)  # fmt: skip
+        return Proxy(
+            baseline,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device=device,
+            config=config,
+            net=args.net,
+            width=args.width,
+        )
 
     proxies = {
         "raw": make(proxy_config(args, bn_batches=0, repair_steps=0)),
@@ -70,18 +77,32 @@ def main() -> None:
         t0 = time.perf_counter()
         scored = {name: px.evaluate(policy) for name, px in proxies.items()}
         model = proxies["bn"].compress(policy)  # fine-tuning starts from the unrepaired net
-        train(model, splits.train, desc=f"fine-tune {i + 1}",
-              config=TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr,
-                                 schedule="cosine", seed=ft_seed))  # fmt: skip
+        train(
+            model,
+            splits.train,
+            desc=f"fine-tune {i + 1}",
+            config=TrainConfig(
+                epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", seed=ft_seed
+            ),
+        )
         test = evaluate(model, splits.test)
-        rows.append({"policy": i + 1, "ratio": scored["bn"].compression_ratio,
-                     **{f"proxy_{k}": r.accuracy for k, r in scored.items()},
-                     **{f"seconds_{k}": r.seconds for k, r in scored.items()},
-                     "finetuned_test": test, "methods": "".join(m[0] for m in policy.methods()),
-                     "seconds": time.perf_counter() - t0})  # fmt: skip
-        print(f"policy {i + 1}: ratio {rows[-1]['ratio']:.1f}x "
-              + " ".join(f"proxy({k}) {r.accuracy:.4f}" for k, r in scored.items())
-              + f" fine-tuned test {test:.4f}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "policy": i + 1,
+                "ratio": scored["bn"].compression_ratio,
+                **{f"proxy_{k}": r.accuracy for k, r in scored.items()},
+                **{f"seconds_{k}": r.seconds for k, r in scored.items()},
+                "finetuned_test": test,
+                "methods": "".join(m[0] for m in policy.methods()),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"policy {i + 1}: ratio {rows[-1]['ratio']:.1f}x "
+            + " ".join(f"proxy({k}) {r.accuracy:.4f}" for k, r in scored.items())
+            + f" fine-tuned test {test:.4f}",
+            flush=True,
+        )
 
     ft = [r["finetuned_test"] for r in rows]
     rho = {k: spearman([r[f"proxy_{k}"] for r in rows], ft) for k in proxies}
@@ -96,19 +117,30 @@ def main() -> None:
         "| policy | methods (k/t/c per layer) | ratio | proxy raw BN | proxy BN re-estimated | "
         "proxy BN + repair | fine-tuned test |",
         "|-:|-|-:|-:|-:|-:|-:|",
-        *[f"| {r['policy']} | {r['methods']} | {r['ratio']:.1f}x | {100 * r['proxy_raw']:.2f}% | "
-          f"{100 * r['proxy_bn']:.2f}% | {100 * r['proxy_repair']:.2f}% | "
-          f"{100 * r['finetuned_test']:.2f}% |" for r in rows],
+        *[
+            f"| {r['policy']} | {r['methods']} | {r['ratio']:.1f}x | {100 * r['proxy_raw']:.2f}% | "
+            f"{100 * r['proxy_bn']:.2f}% | {100 * r['proxy_repair']:.2f}% | "
+            f"{100 * r['finetuned_test']:.2f}% |"
+            for r in rows
+        ],
         "",
         "| proxy | Spearman with fine-tuned test | median seconds per policy |",
         "|-|-:|-:|",
         *[f"| {k} | {rho[k]:.3f} | {secs[k]:.2f} |" for k in proxies],
-    ]  # fmt: skip
+    ]
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, {"rows": rows, "spearman": rho, "seconds": secs,
-                                 "baseline_test": base_test, "args": vars(args),
-                                 "machine": machine()})  # fmt: skip
+    write_json_atomic(
+        args.out,
+        {
+            "rows": rows,
+            "spearman": rho,
+            "seconds": secs,
+            "baseline_test": base_test,
+            "args": vars(args),
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,15 @@ def main() -> None:
     warm_s, n_fact = prefill_factors(model)
 
     cfg = proxy_config(args)
-    proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device, config=cfg,
-                  net=args.net, width=args.width)  # fmt: skip
+    proxy = Proxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=cfg,
+        net=args.net,
+        width=args.width,
+    )
     times = []
     policies = random_policies(
         model, args.target, args.policies, seed=1, net=args.net, width=args.width
@@ -77,8 +84,15 @@ def main() -> None:
     from agents.ppo import make_ppo
     from envs import EnvConfig, MixedDecompositionEnv
 
-    search_proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                         config=cfg, net=args.net, width=args.width)  # fmt: skip
+    search_proxy = Proxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=cfg,
+        net=args.net,
+        width=args.width,
+    )
     env_cfg = EnvConfig(target_ratio=args.target)
     venv = DummyVecEnv([lambda: MixedDecompositionEnv(search_proxy, env_cfg)])
     with tempfile.TemporaryDirectory() as run_dir:
@@ -91,9 +105,15 @@ def main() -> None:
 
     repair_row = ""
     if args.time_repair_steps > 0:
-        timing = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device=device,
-                       config=proxy_config(args, repair_steps=args.time_repair_steps),
-                       net=args.net, width=args.width)  # fmt: skip
+        timing = Proxy(
+            model,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device=device,
+            config=proxy_config(args, repair_steps=args.time_repair_steps),
+            net=args.net,
+            width=args.width,
+        )
         (policy,) = random_policies(model, args.target, 1, seed=2, net=args.net, width=args.width)
         timing.repair(timing.compress(policy))  # warm-up: first-call kernel setup is not a step
         compressed = timing.compress(policy)
@@ -101,20 +121,25 @@ def main() -> None:
         timing.repair(compressed)
         per_step = (time.perf_counter() - t2) / args.time_repair_steps
         steps = args.repair_steps or REPAIR_STEPS
-        repair_row = (f"| proxy repair: seconds per SGD step (batch {timing.config.repair.batch_size}"
-                      f", mean of {args.time_repair_steps}) | {per_step:.3f} s; {steps} steps add "
-                      f"{steps * per_step:.0f} s per episode |\n")  # fmt: skip
+        repair_row = (
+            f"| proxy repair: seconds per SGD step (batch {timing.config.repair.batch_size}"
+            f", mean of {args.time_repair_steps}) | {per_step:.3f} s; {steps} steps add "
+            f"{steps * per_step:.0f} s per episode |\n"
+        )
 
     print(f"machine: {machine()}; device {device}")
-    print(f"| what | value |\n|-|-|\n"
-          f"| net | {args.net} width {args.width:g}, {len(convs)} conv layers |\n"
-          f"| proxy split / BN batches / repair steps | {len(splits.proxy)} images / "
-          f"{args.bn_batches} x 128 / {args.repair_steps} |\n"
-          f"| cold: factorise all {n_fact} (layer, method, level) options once | {warm_s:.1f} s |\n"
-          f"| proxy seconds per episode, warm cache (median of {len(times)}) | "
-          f"{statistics.median(times):.2f} s |\n"
-          f"| PPO search: {n_eps} episodes in {search_s:.1f} s | "
-          f"{60 * n_eps / search_s:.2f} episodes/min |\n{repair_row}", end="")  # fmt: skip
+    print(
+        f"| what | value |\n|-|-|\n"
+        f"| net | {args.net} width {args.width:g}, {len(convs)} conv layers |\n"
+        f"| proxy split / BN batches / repair steps | {len(splits.proxy)} images / "
+        f"{args.bn_batches} x 128 / {args.repair_steps} |\n"
+        f"| cold: factorise all {n_fact} (layer, method, level) options once | {warm_s:.1f} s |\n"
+        f"| proxy seconds per episode, warm cache (median of {len(times)}) | "
+        f"{statistics.median(times):.2f} s |\n"
+        f"| PPO search: {n_eps} episodes in {search_s:.1f} s | "
+        f"{60 * n_eps / search_s:.2f} episodes/min |\n{repair_row}",
+        end="",
+    )
 
 
 if __name__ == "__main__":

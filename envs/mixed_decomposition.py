@@ -138,9 +138,19 @@ class MixedDecompositionEnv(gym.Env):
         finally:
             for h in hooks:
                 h.remove()
-        rows = [[idx, conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
-                 sizes[name], layer_params(conv), macs[name]]
-                for idx, (name, conv) in enumerate(convs)]  # fmt: skip
+        rows = [
+            [
+                idx,
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size[0],
+                conv.stride[0],
+                sizes[name],
+                layer_params(conv),
+                macs[name],
+            ]
+            for idx, (name, conv) in enumerate(convs)
+        ]
         table = np.asarray(rows, dtype=np.float64)
         span = table.max(0) - table.min(0)
         static = np.where(span > 0, (table - table.min(0)) / np.where(span > 0, span, 1), 0.0)
@@ -154,7 +164,9 @@ class MixedDecompositionEnv(gym.Env):
         left = 0.0
         if target is not None:
             left = max(0.0, self.params_original / target - used) / self.params_original
-        remaining = sum(lay.original for lay in self.table.layers[self._i :]) / self.table.conv_original
+        remaining = (
+            sum(lay.original for lay in self.table.layers[self._i :]) / self.table.conv_original
+        )
         if self._choices:
             pm, pl = self._choices[-1]
             prev = [pm / max(1, len(self.methods) - 1), pl / max(1, len(self.levels) - 1)]
@@ -201,8 +213,12 @@ class MixedDecompositionEnv(gym.Env):
             policy = self.current_policy()
             result = self.scorer.evaluate(policy)
             reward = self.reward(result.accuracy, result.compression_ratio)
-            info.update(policy=policy.to_dict(), proxy=result.to_dict(), reward=reward,
-                        baseline_acc=self.scorer.baseline_acc)  # fmt: skip
+            info.update(
+                policy=policy.to_dict(),
+                proxy=result.to_dict(),
+                reward=reward,
+                baseline_acc=self.scorer.baseline_acc,
+            )
         return self._obs(), float(reward), terminated, False, info
 
     # ----------------------------------------------------------------- helpers
@@ -216,8 +232,11 @@ class MixedDecompositionEnv(gym.Env):
     def current_policy(self) -> Policy:
         spec = self.scorer.spec
         return Policy.from_choices(
-            self.scorer.model, self.table.to_choices(self._choices), net=spec.net,
-            width=spec.width, num_classes=spec.num_classes,
+            self.scorer.model,
+            self.table.to_choices(self._choices),
+            net=spec.net,
+            width=spec.width,
+            num_classes=spec.num_classes,
             meta={"target_ratio": self.config.target_ratio},
         )
 

@@ -48,8 +48,10 @@ def check_levels(levels: Iterable[Any], what: str = "levels") -> tuple[float, ..
     if not out:
         raise RlMtdError(f"{what}: give at least one reduction factor")
     for lv in out:
-        if isinstance(lv, bool) or not isinstance(lv, int | float) or not (
-            math.isfinite(lv) and lv > 1
+        if (
+            isinstance(lv, bool)
+            or not isinstance(lv, int | float)
+            or not (math.isfinite(lv) and lv > 1)
         ):
             raise RlMtdError(f"{what} must be finite reduction factors > 1, got {lv!r}")
     if list(out) != sorted(set(out)):
@@ -72,7 +74,6 @@ def check_methods(
     if need_decomposition and not any(m in DECOMPOSED for m in out):
         raise RlMtdError("methods must include tucker2 or cp; 'keep' alone compresses nothing")
     return out
-
 
 
 @dataclass
@@ -133,7 +134,9 @@ class BudgetTable:
             raise ValueError(f"{len(choices)} choices for {len(self.layers)} layers")
         return self.used(choices)
 
-    def wall(self, choices: list[OptionIndex], choice: OptionIndex, target: float | None) -> OptionIndex:
+    def wall(
+        self, choices: list[OptionIndex], choice: OptionIndex, target: float | None
+    ) -> OptionIndex:
         """``choice`` for the next layer, raised just enough that ``target`` stays reachable.
 
         The level goes up within the chosen method first; a ``keep`` (or a method that cannot

@@ -42,15 +42,27 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_baseline(
-    path: str | os.PathLike, model: nn.Module, *, net: str, width: float, num_classes: int = 10,
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    net: str,
+    width: float,
+    num_classes: int = 10,
     meta: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch_save_atomic(
-        {"format": CHECKPOINT_FORMAT, "kind": "baseline", "net": net, "width": float(width),
-         "num_classes": int(num_classes), "state_dict": state, "meta": dict(meta or {})},
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "baseline",
+            "net": net,
+            "width": float(width),
+            "num_classes": int(num_classes),
+            "state_dict": state,
+            "meta": dict(meta or {}),
+        },
         path,
-    )  # fmt: skip
+    )
 
 
 def _guess_net(state: dict[str, torch.Tensor]) -> str | None:
@@ -121,14 +133,21 @@ def load_baseline(
 # ----------------------------------------------------------------------------- compressed
 
 
-def save_compressed(path: str | os.PathLike, model: nn.Module, policy: Policy, **extra: Any) -> None:
+def save_compressed(
+    path: str | os.PathLike, model: nn.Module, policy: Policy, **extra: Any
+) -> None:
     """Save a compressed model as its state_dict plus its policy (no pickled modules)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch_save_atomic(
-        {"format": CHECKPOINT_FORMAT, "kind": "compressed", "policy": policy.to_dict(),
-         "state_dict": state, **extra},
+        {
+            "format": CHECKPOINT_FORMAT,
+            "kind": "compressed",
+            "policy": policy.to_dict(),
+            "state_dict": state,
+            **extra,
+        },
         path,
-    )  # fmt: skip
+    )
 
 
 def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, Policy]:

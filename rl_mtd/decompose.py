@@ -298,8 +298,12 @@ def factor_shapes(conv: nn.Conv2d, method: str, rank: Rank) -> dict[str, tuple[i
         r_out, r_in = rank  # type: ignore[misc]
         return {"core": (r_out, r_in, kh, kw), "u_out": (o, r_out), "u_in": (i, r_in)}
     if method == "cp":
-        return {"out": (o, rank), "inp": (i, rank), "vertical": (kh, rank),
-                "horizontal": (kw, rank)}  # fmt: skip
+        return {
+            "out": (o, rank),
+            "inp": (i, rank),
+            "vertical": (kh, rank),
+            "horizontal": (kw, rank),
+        }
     raise RlMtdError(f"method {method!r} has no factors")
 
 
@@ -339,28 +343,60 @@ def build_decomposed(conv: nn.Conv2d, method: str, rank: Rank) -> nn.Module:
     common = {"padding_mode": conv.padding_mode}
     if method == "keep":
         clone = nn.Conv2d(
-            i, o, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, bias=bias, padding_mode=conv.padding_mode,
-        )  # fmt: skip
+            i,
+            o,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=bias,
+            padding_mode=conv.padding_mode,
+        )
         return clone
     if method == "tucker2":
         r_out, r_in = rank  # type: ignore[misc]
         layers = [
             _conv(i, r_in, (1, 1), bias=False),
-            _conv(r_in, r_out, (kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
-                  bias=False, **common),
+            _conv(
+                r_in,
+                r_out,
+                (kh, kw),
+                stride=(sh, sw),
+                padding=(ph, pw),
+                dilation=(dh, dw),
+                bias=False,
+                **common,
+            ),
             _conv(r_out, o, (1, 1), bias=bias),
-        ]  # fmt: skip
+        ]
     else:
         r = int(rank)  # type: ignore[arg-type]
         layers = [
             _conv(i, r, (1, 1), bias=False),
-            _conv(r, r, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), groups=r,
-                  bias=False, **common),
-            _conv(r, r, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw), groups=r,
-                  bias=False, **common),
+            _conv(
+                r,
+                r,
+                (kh, 1),
+                stride=(sh, 1),
+                padding=(ph, 0),
+                dilation=(dh, 1),
+                groups=r,
+                bias=False,
+                **common,
+            ),
+            _conv(
+                r,
+                r,
+                (1, kw),
+                stride=(1, sw),
+                padding=(0, pw),
+                dilation=(1, dw),
+                groups=r,
+                bias=False,
+                **common,
+            ),
             _conv(r, o, (1, 1), bias=bias),
-        ]  # fmt: skip
+        ]
     block = DecomposedConv(method, rank, tuple(conv.weight.shape), *layers)
     return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
 

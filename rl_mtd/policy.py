@@ -180,8 +180,10 @@ def _parse_policy(data: Any, source: str) -> Policy:
             source,
             f"field 'layers' has {len(raw_layers)} entries but {net} has {len(expected)} conv layers",
         )
-    layers = [_parse_layer(item, i, conv, source) for i, (item, (_, conv)) in
-              enumerate(zip(raw_layers, expected))]  # fmt: skip
+    layers = [
+        _parse_layer(item, i, conv, source)
+        for i, (item, (_, conv)) in enumerate(zip(raw_layers, expected))
+    ]
     meta = data.get("meta", {})
     if not isinstance(meta, dict):
         raise _fail(source, "field 'meta' must be an object")
@@ -197,7 +199,9 @@ def _parse_layer(item: Any, i: int, conv: nn.Conv2d, source: str) -> LayerChoice
             raise _fail(source, f"{where} is missing field {key!r}")
     method = item["method"]
     if method not in METHODS:
-        raise _fail(source, f"{where}.method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        raise _fail(
+            source, f"{where}.method {method!r} is unknown; choose one of {', '.join(METHODS)}"
+        )
     shape = item.get("shape")
     if shape is not None and list(shape) != list(conv.weight.shape):
         raise _fail(
@@ -219,10 +223,14 @@ def _parse_layer(item: Any, i: int, conv: nn.Conv2d, source: str) -> LayerChoice
     ratio = layer_params(conv) / decomposed_params(conv, method, rank)
     given = item.get("ratio")
     if given is not None and (
-        isinstance(given, bool) or not isinstance(given, int | float) or not math.isfinite(given)
+        isinstance(given, bool)
+        or not isinstance(given, int | float)
+        or not math.isfinite(given)
         or not math.isclose(given, ratio, rel_tol=1e-6)
-    ):  # fmt: skip
-        raise _fail(source, f"{where}.ratio {given!r} disagrees with its rank (expected {ratio:.6g})")
+    ):
+        raise _fail(
+            source, f"{where}.ratio {given!r} disagrees with its rank (expected {ratio:.6g})"
+        )
     return LayerChoice(str(item["name"]), method, rank, ratio, tuple(conv.weight.shape))
 
 

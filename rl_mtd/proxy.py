@@ -129,7 +129,11 @@ class Proxy:
             float(width if width is not None else (built.width if built else 1.0)),
             int(getattr(head, "out_features", 10)),
         )
-        self.net, self.width, self.num_classes = self.spec.net, self.spec.width, self.spec.num_classes
+        self.net, self.width, self.num_classes = (
+            self.spec.net,
+            self.spec.width,
+            self.spec.num_classes,
+        )
         self.train_split = train_split.to(self.device)
         self.proxy_split = proxy_split.to(self.device)
         self.cache = cache
@@ -152,9 +156,12 @@ class Proxy:
         model = apply_policy(self.model, policy, cache=self.cache, wkeys=self.wkeys)
         if self.config.bn_batches > 0 and any(c.method != "keep" for c in policy.layers):
             reestimate_bn(
-                model, self.train_split, batches=self.config.bn_batches,
-                batch_size=self.config.bn_batch_size, seed=self.config.seed,
-            )  # fmt: skip
+                model,
+                self.train_split,
+                batches=self.config.bn_batches,
+                batch_size=self.config.bn_batch_size,
+                seed=self.config.seed,
+            )
         return model.eval()
 
     def evaluate(self, policy: Policy) -> ProxyResult:

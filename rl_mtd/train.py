@@ -145,9 +145,12 @@ def reestimate_bn(
     was_training = model.training
     model.train()
     loader = DeviceLoader(
-        split.to(device), batch_size, shuffle=True, seed=seed,
+        split.to(device),
+        batch_size,
+        shuffle=True,
+        seed=seed,
         channels_last=device.type == "cuda",
-    )  # fmt: skip
+    )
     with _autocast(device):
         for i, (x, _) in enumerate(loader):
             if i >= batches:
@@ -166,9 +169,11 @@ def _loss(
         return ce
     t = cfg.kd_temperature
     kd = F.kl_div(
-        F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
-        reduction="batchmean", log_target=True,
-    ) * (t * t)  # fmt: skip
+        F.log_softmax(logits.float() / t, 1),
+        F.log_softmax(teacher_logits.float() / t, 1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
     return cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * ce
 
 
@@ -178,10 +183,14 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)  # no decay on BN and biases
     return torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-    )  # fmt: skip
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.momentum > 0,
+    )
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -191,8 +200,16 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 class _Run:
     """One call of :func:`train`: the optimiser, the best state, and the collapse guard."""
 
-    def __init__(self, model, cfg: TrainConfig, val_split, teacher, desc: str, steps_per_epoch: int):
-        self.model, self.cfg, self.val, self.teacher, self.desc = model, cfg, val_split, teacher, desc
+    def __init__(
+        self, model, cfg: TrainConfig, val_split, teacher, desc: str, steps_per_epoch: int
+    ):
+        self.model, self.cfg, self.val, self.teacher, self.desc = (
+            model,
+            cfg,
+            val_split,
+            teacher,
+            desc,
+        )
         self.steps_per_epoch = steps_per_epoch
         self.device = model_device(model)
         self.opt = _make_optimizer(model, cfg)
@@ -231,8 +248,12 @@ class _Run:
 
     def checkpoint(self, lr: float) -> dict[str, float]:
         """Log the mean loss; with a held-out split, keep the best state or recover from a fall."""
-        entry = {"step": float(self.step), "epoch": self.step / self.steps_per_epoch, "lr": lr,
-                 "loss": self._loss_sum / max(self._loss_n, 1)}
+        entry = {
+            "step": float(self.step),
+            "epoch": self.step / self.steps_per_epoch,
+            "lr": lr,
+            "loss": self._loss_sum / max(self._loss_n, 1),
+        }
         self._loss_sum, self._loss_n = 0.0, 0
         if self.val is not None:
             acc = evaluate(self.model, self.val)
@@ -249,8 +270,13 @@ class _Run:
     def recover(self, reason: str) -> None:
         """Back to the best state with a lower rate, tighter clipping and fresh momentum."""
         self.recoveries += 1
-        log.warning("%s: %s at step %d; restoring the best state (recovery %d)", self.desc,
-                    reason, self.step, self.recoveries)
+        log.warning(
+            "%s: %s at step %d; restoring the best state (recovery %d)",
+            self.desc,
+            reason,
+            self.step,
+            self.recoveries,
+        )
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.lr_scale *= 0.3
@@ -284,8 +310,13 @@ def train(
     if teacher is not None:
         teacher.eval()
     loader = DeviceLoader(
-        train_split.to(device), cfg.batch_size, shuffle=True, augment=cfg.augment,
-        drop_last=True, seed=cfg.seed, channels_last=device.type == "cuda",
+        train_split.to(device),
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        drop_last=True,
+        seed=cfg.seed,
+        channels_last=device.type == "cuda",
     )
     if len(loader) == 0:
         raise ValueError(

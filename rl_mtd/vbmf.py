@@ -129,8 +129,10 @@ def _as_matrix(y: Any) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise RlMtdError(f"evbmf needs a real numeric matrix, got {type(y).__name__}") from exc
     if arr.ndim != 2:
-        raise RlMtdError(f"evbmf needs a 2-D matrix, got an array with {arr.ndim} dimension(s) "
-                         f"of shape {arr.shape}")
+        raise RlMtdError(
+            f"evbmf needs a 2-D matrix, got an array with {arr.ndim} dimension(s) "
+            f"of shape {arr.shape}"
+        )
     if arr.size == 0:
         raise RlMtdError(f"evbmf needs a non-empty matrix, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -138,8 +140,9 @@ def _as_matrix(y: Any) -> np.ndarray:
     return arr
 
 
-def _free_energy(log_s2: float, s2: np.ndarray, total: float, m: int, h: int, alpha: float,
-                 x_bar: float) -> float:
+def _free_energy(
+    log_s2: float, s2: np.ndarray, total: float, m: int, h: int, alpha: float, x_bar: float
+) -> float:
     """EVB free energy in ``log sigma2`` up to constants (see the module docstring)."""
     sigma2 = math.exp(log_s2)
     length = s2.shape[0]
@@ -152,8 +155,9 @@ def _free_energy(log_s2: float, s2: np.ndarray, total: float, m: int, h: int, al
     return value
 
 
-def _estimate_sigma2(s2: np.ndarray, total: float, m: int, h: int, alpha: float,
-                     x_bar: float) -> float:
+def _estimate_sigma2(
+    s2: np.ndarray, total: float, m: int, h: int, alpha: float, x_bar: float
+) -> float:
     """Minimise the EVB free energy over ``sigma2`` within the analytic bounds."""
     length = s2.shape[0]
     upper = total / (length * m)
@@ -168,8 +172,9 @@ def _estimate_sigma2(s2: np.ndarray, total: float, m: int, h: int, alpha: float,
     values = [_free_energy(g, *args) for g in grid]
     i = int(np.argmin(values))
     a, b = grid[max(i - 1, 0)], grid[min(i + 1, _GRID_POINTS - 1)]
-    res = minimize_scalar(_free_energy, bounds=(a, b), args=args, method="bounded",
-                          options={"xatol": 1e-10})
+    res = minimize_scalar(
+        _free_energy, bounds=(a, b), args=args, method="bounded", options={"xatol": 1e-10}
+    )
     best = res.x if res.fun <= values[i] else grid[i]
     return float(math.exp(best))
 
@@ -208,8 +213,9 @@ def evbmf(y: Any, sigma2: float | None = None, max_rank: int | None = None) -> E
     s2 = s * s
     total = float(np.sum(arr * arr))
     if total == 0.0:
-        return EVBMFResult(rank=0, singular_values=np.zeros(0),
-                           sigma2=float(sigma2) if sigma2 is not None else 0.0)
+        return EVBMFResult(
+            rank=0, singular_values=np.zeros(0), sigma2=float(sigma2) if sigma2 is not None else 0.0
+        )
 
     alpha = length / m
     t_bar = tau_bar(alpha)

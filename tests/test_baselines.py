@@ -57,7 +57,11 @@ def model(tiny_baseline) -> nn.Module:
 def proxy(model, tiny_splits: DataSplits) -> Proxy:
     # A memory-only factor cache: module-scoped, so it cannot use the per-test RL_MTD_CACHE.
     return Proxy(
-        model, train_split=tiny_splits.train, proxy_split=tiny_splits.proxy, device="cpu", cache=FactorCache()
+        model,
+        train_split=tiny_splits.train,
+        proxy_split=tiny_splits.proxy,
+        device="cpu",
+        cache=FactorCache(),
     )
 
 

@@ -25,21 +25,62 @@ NET, WIDTH = "vgg11", 0.125
 TARGET = 8.0
 # Every run shares these, so one cached baseline (keyed by these settings) serves them all.
 COMMON = [
-    "--net", NET, "--width", str(WIDTH), "--preset", "smoke", "--no-progress", "--quiet",
-    "--data", "synthetic:600,200", "--proxy-size", "200", "--train-size", "400",
-    "--test-size", "200", "--baseline-epochs", "1", "--finetune-epochs", "0.2", "--seed", "0",
-]  # fmt: skip
+    "--net",
+    NET,
+    "--width",
+    str(WIDTH),
+    "--preset",
+    "smoke",
+    "--no-progress",
+    "--quiet",
+    "--data",
+    "synthetic:600,200",
+    "--proxy-size",
+    "200",
+    "--train-size",
+    "400",
+    "--test-size",
+    "200",
+    "--baseline-epochs",
+    "1",
+    "--finetune-epochs",
+    "0.2",
+    "--seed",
+    "0",
+]
 # Strong levels keep CP-ALS cheap on a CPU.
 SEARCH = ["--episodes", "3", "--levels", "16,32,64,128", "--target-ratio", str(TARGET)]
 
-RUN_FILES = ("config.json", "policy.json", "agent.zip", "compressed.pt", "report.json",
-             "report.md", "reward_curve.png", "layers.png")  # fmt: skip
+RUN_FILES = (
+    "config.json",
+    "policy.json",
+    "agent.zip",
+    "compressed.pt",
+    "report.json",
+    "report.md",
+    "reward_curve.png",
+    "layers.png",
+)
 REPORT_FIELDS = (
-    "net", "width", "dataset", "device", "seed", "target_ratio", "baseline_acc", "proxy_acc",
-    "finetuned_acc", "accuracy_drop", "params_original", "params_compressed",
-    "compression_ratio", "macs_original", "macs_compressed", "search_seconds",
-    "finetune_seconds", "layers",
-)  # fmt: skip
+    "net",
+    "width",
+    "dataset",
+    "device",
+    "seed",
+    "target_ratio",
+    "baseline_acc",
+    "proxy_acc",
+    "finetuned_acc",
+    "accuracy_drop",
+    "params_original",
+    "params_compressed",
+    "compression_ratio",
+    "macs_original",
+    "macs_compressed",
+    "search_seconds",
+    "finetune_seconds",
+    "layers",
+)
 LAYER_FIELDS = ("name", "method", "rank", "params", "macs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,7 +174,9 @@ def test_smoke_run_report(smoke_run):
     assert "synthetic" in report["dataset"]
     for key in ("baseline_acc", "proxy_acc", "finetuned_acc"):
         assert 0 <= report[key] <= 1
-    assert report["accuracy_drop"] == pytest.approx(report["baseline_acc"] - report["finetuned_acc"])
+    assert report["accuracy_drop"] == pytest.approx(
+        report["baseline_acc"] - report["finetuned_acc"]
+    )
     assert report["search_seconds"] > 0 and report["finetune_seconds"] > 0
     assert report["params_original"] == count_params(build_vgg(NET, width=WIDTH))
     assert report["params_compressed"] < report["params_original"]
@@ -164,8 +207,9 @@ def test_smoke_run_report(smoke_run):
         report["params_original"] / count_params(model), rel=1e-12
     )
     # ... with the fine-tuned weights: same test accuracy on the same test subset.
-    splits = make_splits(load_cifar10("synthetic:600,200"), proxy_size=200, seed=0,
-                         train_size=400, test_size=200)  # fmt: skip
+    splits = make_splits(
+        load_cifar10("synthetic:600,200"), proxy_size=200, seed=0, train_size=400, test_size=200
+    )
     assert evaluate(model.eval(), splits.test) == pytest.approx(report["finetuned_acc"], abs=1e-9)
 
     config = read_json(smoke_run / "config.json")
@@ -183,8 +227,17 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
     baseline = read_json(smoke_run / "config.json")["baseline_path"]
     original = read_json(smoke_run / "report.json")
     out = tmp_path / "replay"
-    rc = main([*COMMON, "--replay", str(smoke_run / "policy.json"), "--checkpoint", baseline,
-               "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            *COMMON,
+            "--replay",
+            str(smoke_run / "policy.json"),
+            "--checkpoint",
+            baseline,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = read_json(out / "report.json")
     assert layer_choices(report["layers"]) == layer_choices(original["layers"])
@@ -200,8 +253,17 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
 def test_replay_agent_gives_valid_policy(smoke_run, tmp_path):
     baseline = read_json(smoke_run / "config.json")["baseline_path"]
     out = tmp_path / "replay-agent"
-    rc = main([*COMMON, "--replay", str(smoke_run / "agent.zip"), "--checkpoint", baseline,
-               "--out", str(out)])  # fmt: skip
+    rc = main(
+        [
+            *COMMON,
+            "--replay",
+            str(smoke_run / "agent.zip"),
+            "--checkpoint",
+            baseline,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     policy = Policy.load(out / "policy.json")  # validates every field
     assert policy.net == NET and policy.width == WIDTH and len(policy.layers) == 8
@@ -270,8 +332,7 @@ def test_checkpoint_of_another_net(tmp_path, capsys):
     save_baseline(ckpt, build_vgg("vgg16", width=WIDTH), net="vgg16", width=WIDTH)
     before = ckpt.read_bytes()
     out = tmp_path / "out"
-    fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, "vgg16",
-         f"not a {NET}")  # fmt: skip
+    fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, "vgg16", f"not a {NET}")
     assert not out.exists()
     assert ckpt.read_bytes() == before
 
@@ -304,15 +365,22 @@ def test_replay_of_a_json_that_is_not_a_policy(content, tmp_path, capsys):
     other = tmp_path / "report.json"
     other.write_text(json.dumps(content))
     out = tmp_path / "out"
-    fail([*COMMON, "--replay", str(other), "--out", str(out)], capsys,
-         "is not an rl_mtd policy file", "policy.json or agent.zip")
+    fail(
+        [*COMMON, "--replay", str(other), "--out", str(out)],
+        capsys,
+        "is not an rl_mtd policy file",
+        "policy.json or agent.zip",
+    )
     assert not out.exists()
 
 
 def test_missing_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
-    fail([*COMMON, "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)], capsys,
-         "does not exist")  # fmt: skip
+    fail(
+        [*COMMON, "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)],
+        capsys,
+        "does not exist",
+    )
     assert not out.exists()
 
 
@@ -344,8 +412,9 @@ def test_target_ratio_below_one(tmp_path, capsys):
 
 def test_target_ratio_out_of_reach(tmp_path, capsys, cli_cache):
     out = tmp_path / "out"
-    err = fail([*COMMON, "--target-ratio", "100000", "--out", str(out)], capsys, "100000",
-               "at most")  # fmt: skip
+    err = fail(
+        [*COMMON, "--target-ratio", "100000", "--out", str(out)], capsys, "100000", "at most"
+    )
     assert "--target-ratio" in err or "--levels" in err
     assert not out.exists()
     # The baseline this needed was trained (or found) once in the shared cache, not per run.
@@ -371,8 +440,18 @@ def test_existing_out_with_overwrite(smoke_run, tmp_path):
     out.mkdir()
     (out / "marker.txt").write_text("keep me\n")
     baseline = read_json(smoke_run / "config.json")["baseline_path"]
-    rc = main([*COMMON, "--replay", str(smoke_run / "policy.json"), "--checkpoint", baseline,
-               "--out", str(out), "--overwrite"])  # fmt: skip
+    rc = main(
+        [
+            *COMMON,
+            "--replay",
+            str(smoke_run / "policy.json"),
+            "--checkpoint",
+            baseline,
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+    )
     assert rc == 0
     assert (out / "report.json").is_file()
     assert (out / "marker.txt").read_text() == "keep me\n"
@@ -383,8 +462,12 @@ def test_policy_of_another_net(tmp_path, capsys):
     Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH).save(policy_file)
     before = policy_file.read_text()
     out = tmp_path / "out"
-    fail([*COMMON, "--net", "vgg16", "--replay", str(policy_file), "--out", str(out)], capsys,
-         "made for vgg11", "vgg16")  # fmt: skip
+    fail(
+        [*COMMON, "--net", "vgg16", "--replay", str(policy_file), "--out", str(out)],
+        capsys,
+        "made for vgg11",
+        "vgg16",
+    )
     assert not out.exists()
     assert policy_file.read_text() == before
 
@@ -393,8 +476,12 @@ def test_agent_of_another_net(smoke_run, tmp_path, capsys):
     agent = tmp_path / "agent.zip"
     shutil.copy(smoke_run / "agent.zip", agent)
     out = tmp_path / "out"
-    fail([*COMMON, "--net", "vgg16", "--replay", str(agent), "--out", str(out)], capsys,
-         "made for vgg11", "vgg16")  # fmt: skip
+    fail(
+        [*COMMON, "--net", "vgg16", "--replay", str(agent), "--out", str(out)],
+        capsys,
+        "made for vgg11",
+        "vgg16",
+    )
     assert not out.exists()
 
 
@@ -448,10 +535,17 @@ def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
     """A baseline trained for a run is the same whatever drew from torch's RNG before (it was
     built before seeding, so its initial weights - and accuracy - varied from run to run)."""
     from agents.config import RunConfig
-    from agents.pipeline import get_baseline, load_data
+    from agents.inputs import get_baseline, load_data
 
-    cfg = RunConfig(net=NET, width=WIDTH, data="synthetic:300,100", proxy_size=100,
-                    baseline_epochs=0.5, progress=False, seed=3)  # fmt: skip
+    cfg = RunConfig(
+        net=NET,
+        width=WIDTH,
+        data="synthetic:300,100",
+        proxy_size=100,
+        baseline_epochs=0.5,
+        progress=False,
+        seed=3,
+    )
     splits, data = load_data(cfg)
     states = []
     for i, noise in enumerate((1, 1000)):

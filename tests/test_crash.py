@@ -22,11 +22,30 @@ from rl_mtd.models import build_vgg
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
-    "--net", "vgg11", "--width", "0.125", "--preset", "smoke", "--no-progress",
-    "--data", "synthetic:600,200", "--proxy-size", "200", "--test-size", "200",
-    "--baseline-epochs", "1", "--finetune-epochs", "0.2", "--levels", "16,32,64,128",
-    "--target-ratio", "8", "--device", "cpu",
-]  # fmt: skip
+    "--net",
+    "vgg11",
+    "--width",
+    "0.125",
+    "--preset",
+    "smoke",
+    "--no-progress",
+    "--data",
+    "synthetic:600,200",
+    "--proxy-size",
+    "200",
+    "--test-size",
+    "200",
+    "--baseline-epochs",
+    "1",
+    "--finetune-epochs",
+    "0.2",
+    "--levels",
+    "16,32,64,128",
+    "--target-ratio",
+    "8",
+    "--device",
+    "cpu",
+]
 
 
 def _enospc(*_args, **_kwargs):
@@ -40,11 +59,18 @@ def _leftovers(directory: Path) -> list[str]:
 @pytest.mark.slow
 def test_search_killed_hard_resumes_from_the_last_save(tmp_path, _isolated_cache):
     out = tmp_path / "run"
-    env = {**os.environ, CACHE_ENV: str(_isolated_cache), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        CACHE_ENV: str(_isolated_cache),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     child = subprocess.Popen(
         [sys.executable, str(ROOT / "run_agent.py"), *RUN, "--episodes", "500", "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     state_file = out / "search_state.json"
     deadline = time.monotonic() + 240
@@ -62,8 +88,7 @@ def test_search_killed_hard_resumes_from_the_last_save(tmp_path, _isolated_cache
     assert len(saved) >= 6 and (out / "agent.zip").exists() and (out / "config.json").exists()
     assert not (out / "report.json").exists(), "killed during the search"
 
-    rc = main(["--resume", str(out), "--episodes", str(len(saved) + 3), "--no-progress",
-               "--quiet"])  # fmt: skip
+    rc = main(["--resume", str(out), "--episodes", str(len(saved) + 3), "--no-progress", "--quiet"])
     assert rc == 0
     state = json.loads(state_file.read_text())
     assert state["episodes"][: len(saved)] == saved, "the saved episodes are kept, not rerun"
@@ -83,8 +108,9 @@ def test_full_disk_keeps_the_earlier_file(writer, tmp_path, monkeypatch):
     rows = [{"name": "features.0", "method": "keep", "params_before": 10, "params": 10}]
     write = {
         "json": lambda: write_json_atomic(target, {"ok": writer}),
-        "torch": lambda: save_baseline(target, build_vgg("vgg11", width=0.125), net="vgg11",
-                                       width=0.125),
+        "torch": lambda: save_baseline(
+            target, build_vgg("vgg11", width=0.125), net="vgg11", width=0.125
+        ),
         "png": lambda: report.plot_layers(target, rows),
     }[writer]
     write()

@@ -418,8 +418,13 @@ def test_split_sizes_and_errors() -> None:
     assert (
         len(empty.proxy) == 0 and empty.proxy.x.shape == (0, 3, 32, 32) and len(empty.train) == 100
     )
-    for kwargs in ({"proxy_size": 100}, {"proxy_size": -1}, {"train_size": 0},
-                   {"proxy_size": 50, "train_size": 51}, {"test_size": 41}):  # fmt: skip
+    for kwargs in (
+        {"proxy_size": 100},
+        {"proxy_size": -1},
+        {"train_size": 0},
+        {"proxy_size": 50, "train_size": 51},
+        {"test_size": 41},
+    ):
         with pytest.raises(RlMtdError):
             make_splits(data, **kwargs)
     moved = s.to("cpu")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 import warnings
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -13,15 +13,12 @@ import torch
 
 import envs
 from envs import DEFAULT_LEVELS, ENV_ID, EnvConfig, MixedDecompositionEnv
-from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import METHODS, FactorCache
 from rl_mtd.errors import RlMtdError
-from rl_mtd.io import CACHE_ENV, DATA_ENV
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, apply_policy
 from rl_mtd.proxy import Proxy, ProxyConfig, default_repair
-from rl_mtd.train import TrainConfig, train
 
 NET, WIDTH = "vgg11", 0.125
 N_LAYERS = 8  # conv layers of VGG11
@@ -43,9 +40,14 @@ def baseline(tiny_baseline):
 def make_proxy(model, splits, cache=None) -> Proxy:
     """A CPU proxy with an in-memory factor cache (never the disk cache)."""
     return Proxy(
-        model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device="cpu",
         config=ProxyConfig(bn_batches=2, bn_batch_size=64, seed=0),
-        cache=cache if cache is not None else FactorCache(), net=NET, width=WIDTH,
+        cache=cache if cache is not None else FactorCache(),
+        net=NET,
+        width=WIDTH,
     )
 
 
@@ -70,8 +72,14 @@ def structural_proxy(splits):
     torch.manual_seed(0)
     model = build_vgg(NET, width=WIDTH)
     return StructuralProxy(
-        model, train_split=splits.train, proxy_split=splits.proxy, device="cpu",
-        config=ProxyConfig(bn_batches=0), cache=FactorCache(), net=NET, width=WIDTH,
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device="cpu",
+        config=ProxyConfig(bn_batches=0),
+        cache=FactorCache(),
+        net=NET,
+        width=WIDTH,
     )
 
 
@@ -169,9 +177,18 @@ def test_fresh_proxies_agree_on_a_policy(baseline, splits):
     """Factorisation and the BN re-estimate are seeded: identical compressed models."""
     policy = Policy.from_choices(
         baseline,
-        [("keep", None), ("tucker2", 2), ("cp", 4), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
-         ("cp", 8), ("tucker2", 6)],
-        net=NET, width=WIDTH,
+        [
+            ("keep", None),
+            ("tucker2", 2),
+            ("cp", 4),
+            ("tucker2", 4),
+            ("cp", 8),
+            ("tucker2", 8),
+            ("cp", 8),
+            ("tucker2", 6),
+        ],
+        net=NET,
+        width=WIDTH,
     )
     p1, p2 = make_proxy(baseline, splits), make_proxy(baseline, splits)
     r1, r2 = p1.evaluate(policy), p2.evaluate(policy)
@@ -234,8 +251,14 @@ def test_target_beyond_reach_names_the_max(structural_proxy):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(target_ratio=0.5), dict(methods=("keep",)), dict(levels=(4.0, 2.0)),
-               dict(levels=(1.0,)), dict(methods=("svd",))],
+    "kwargs",
+    [
+        dict(target_ratio=0.5),
+        dict(methods=("keep",)),
+        dict(levels=(4.0, 2.0)),
+        dict(levels=(1.0,)),
+        dict(methods=("svd",)),
+    ],
 )
 def test_bad_env_config_is_refused(kwargs):
     with pytest.raises(RlMtdError):
@@ -381,8 +404,16 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
     cfg = ProxyConfig(bn_batches=2, bn_batch_size=64, repair_steps=3, repair=repair, seed=0)
 
     def repaired_proxy():
-        return Proxy(baseline, train_split=splits.train, proxy_split=splits.proxy, device="cpu", config=cfg,
-                     cache=FactorCache(), net=NET, width=WIDTH)
+        return Proxy(
+            baseline,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device="cpu",
+            config=cfg,
+            cache=FactorCache(),
+            net=NET,
+            width=WIDTH,
+        )
 
     choices = [("keep", None)] + [("tucker2", 2)] * (N_LAYERS - 1)
     policy = Policy.from_choices(baseline, choices, net=NET, width=WIDTH)
@@ -393,8 +424,11 @@ def test_proxy_repair_is_seeded_and_leaves_the_baseline_alone(baseline, splits):
     m1 = p1.compress(policy)
     p1.repair(m1)
     m_plain = plain.compress(policy)
-    changed = [n for n, v in m1.state_dict().items()
-               if v.is_floating_point() and not torch.equal(v, m_plain.state_dict()[n])]
+    changed = [
+        n
+        for n, v in m1.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, m_plain.state_dict()[n])
+    ]
     assert any(n.endswith("weight") for n in changed)  # SGD steps moved the factors
     for k, v in baseline.state_dict().items():  # the teacher was not trained
         assert torch.equal(v, before[k]), k

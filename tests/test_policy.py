@@ -22,8 +22,16 @@ from rl_mtd.policy import Policy, apply_policy, load_compressed, save_compressed
 
 WIDTH = 0.125
 # One (method, ratio) per vgg11 conv: a mix of keep, Tucker-2 and CP.
-MIXED = [("keep", 1), ("tucker2", 4), ("cp", 8), ("tucker2", 8),
-         ("cp", 4), ("keep", 1), ("tucker2", 16), ("cp", 16)]  # fmt: skip
+MIXED = [
+    ("keep", 1),
+    ("tucker2", 4),
+    ("cp", 8),
+    ("tucker2", 8),
+    ("cp", 4),
+    ("keep", 1),
+    ("tucker2", 16),
+    ("cp", 16),
+]
 
 
 def _model(net: str = "vgg11", seed: int = 0):

@@ -22,8 +22,12 @@ def splits(tiny_splits):
 def trained(splits):
     torch.manual_seed(0)
     model = build_vgg("vgg11", width=0.125)
-    result = train(model, splits.train, config=TrainConfig(epochs=4, lr=0.05, batch_size=64),
-                   val_split=splits.proxy)
+    result = train(
+        model,
+        splits.train,
+        config=TrainConfig(epochs=4, lr=0.05, batch_size=64),
+        val_split=splits.proxy,
+    )
     return model, result
 
 
@@ -40,8 +44,9 @@ def test_collapse_is_detected_and_the_best_state_kept(splits, trained):
     model = copy.deepcopy(trained[0])
     before = evaluate(model, splits.proxy)
     # A learning rate far too high, no clipping: SGD diverges within an epoch.
-    cfg = TrainConfig(epochs=2, lr=50.0, batch_size=64, grad_clip=None, evals_per_epoch=4,
-                      max_recoveries=2)
+    cfg = TrainConfig(
+        epochs=2, lr=50.0, batch_size=64, grad_clip=None, evals_per_epoch=4, max_recoveries=2
+    )
     result = train(model, splits.train, config=cfg, val_split=splits.proxy)
     assert result.recoveries >= 1
     after = evaluate(model, splits.proxy)
@@ -79,8 +84,12 @@ def test_distillation_pulls_the_student_towards_the_teacher(splits, trained):
 def test_steps_and_progress_callback(splits):
     seen = []
     model = build_vgg("vgg11", width=0.125)
-    result = train(model, splits.train, config=TrainConfig(steps=5, batch_size=64, evals_per_epoch=1),
-                   on_progress=seen.append)
+    result = train(
+        model,
+        splits.train,
+        config=TrainConfig(steps=5, batch_size=64, evals_per_epoch=1),
+        on_progress=seen.append,
+    )
     assert result.steps == 5
     assert [p.step for p in seen] == [1, 2, 3, 4, 5] and {p.total for p in seen} == {5}
     assert seen[-1].loss is not None, "the last step reports the mean loss"

@@ -1,0 +1,117 @@
+"""The run's inputs: the data splits and the baseline (given, cached, or trained now)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agents.config import RunConfig
+from agents.progress import train_bar
+from rl_mtd.checkpoints import load_baseline, save_baseline
+from rl_mtd.data import Cifar, DataSplits, load_cifar10, make_splits
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import cache_dir
+from rl_mtd.models import build_vgg
+from rl_mtd.train import TrainConfig, train
+
+log = logging.getLogger("rl_mtd")
+
+
+def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
+    """Load the dataset and split it; size caps above what the data holds mean "all of it"."""
+    data = load_cifar10(cfg.data, progress=cfg.progress)
+    if cfg.proxy_size >= len(data.train):
+        raise RlMtdError(
+            f"--proxy-size {cfg.proxy_size} leaves no training images ({len(data.train)} in "
+            f"{data.source}); pass a smaller --proxy-size"
+        )
+    train_size = _cap("train", cfg.train_size, len(data.train) - cfg.proxy_size)
+    test_size = _cap("test", cfg.test_size, len(data.test))
+    splits = make_splits(
+        data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=train_size, test_size=test_size
+    )
+    return splits, data
+
+
+def _cap(what: str, size: int | None, available: int) -> int | None:
+    if size is not None and size > available:
+        log.warning(
+            "only %d %s images available; using all of them (asked for %d)", available, what, size
+        )
+        return None
+    return size
+
+
+def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:
+    """Where a trained baseline for these settings is cached."""
+    spec = json.dumps(
+        [
+            cfg.net,
+            cfg.width,
+            data_key,
+            cfg.train_size,
+            cfg.proxy_size,
+            cfg.seed,
+            cfg.baseline_epochs,
+            cfg.lr,
+            cfg.batch_size,
+        ],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return cache_dir() / "baselines" / f"{cfg.net}-w{cfg.width:g}-{digest}.pt"
+
+
+def get_baseline(
+    cfg: RunConfig, splits: DataSplits, data_key: str, device: torch.device
+) -> tuple[nn.Module, str]:
+    """The baseline: ``--checkpoint``, a cached one for these settings, or train one now."""
+    if cfg.checkpoint is not None:
+        model, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
+        return model.to(device), str(cfg.checkpoint)
+    path = baseline_cache_path(cfg, data_key)
+    if path.exists():
+        try:
+            model, _ = load_baseline(path, net=cfg.net, width=cfg.width)
+            log.info("baseline: cached %s", path)
+            return model.to(device), str(path)
+        except RlMtdError as exc:
+            log.warning("ignoring unusable cached baseline (%s); training a new one", exc)
+    log.info(
+        "baseline: training %s width %g for %g epochs on %d images",
+        cfg.net,
+        cfg.width,
+        cfg.baseline_epochs,
+        len(splits.train),
+    )
+    torch.manual_seed(cfg.seed)  # before building: the initial weights come from this seed
+    model = build_vgg(cfg.net, width=cfg.width).to(device)
+    tcfg = TrainConfig(
+        epochs=cfg.baseline_epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        label_smoothing=0.1,
+    )
+    with train_bar("baseline", cfg.progress) as bar:
+        train(
+            model,
+            splits.train,
+            config=tcfg,
+            val_split=splits.proxy,
+            on_progress=bar,
+            desc="baseline",
+        )
+    save_baseline(
+        path,
+        model,
+        net=cfg.net,
+        width=cfg.width,
+        meta={"epochs": cfg.baseline_epochs, "data": data_key},
+    )
+    return model, str(path)
