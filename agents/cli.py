@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="whole-model parameter compression target (default 32)",
     )
     g.add_argument(
+        "--target-macs",
+        type=float,
+        default=None,
+        help="whole-model MACs reduction target, alone or with --target-ratio (the budget wall "
+        "enforces both)",
+    )
+    g.add_argument(
         "--tradeoff",
         action="store_true",
         help="no target: reward accuracy against log compression instead",
@@ -228,6 +235,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "progress": not args.no_progress,
         "argv": argv,
         "target_ratio": args.target_ratio,
+        "target_macs": args.target_macs,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "finetune_lr": args.finetune_lr,
@@ -235,9 +243,13 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     }
     cfg = RunConfig.with_preset(args.preset, **overrides)
     if args.tradeoff:
-        if args.target_ratio is not None:
-            raise RlMtdError("--tradeoff and --target-ratio exclude each other; pass one")
+        if args.target_ratio is not None or args.target_macs is not None:
+            raise RlMtdError(
+                "--tradeoff excludes --target-ratio and --target-macs; pass one or the others"
+            )
         cfg.target_ratio = None
+    elif args.target_macs is not None and args.target_ratio is None:
+        cfg.target_ratio = None  # a MACs budget alone
     return cfg
 
 

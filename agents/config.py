@@ -94,7 +94,10 @@ class RunConfig:
     latency_repeats: int = 20
     # search
     target_ratio: float | None = 32.0
-    """Whole-model parameter compression target; None for the accuracy/size trade-off mode."""
+    """Whole-model parameter compression target; None for no parameter limit."""
+    target_macs: float | None = None
+    """Whole-model MACs reduction target; None for no MACs limit. With neither target the
+    search is in the accuracy/size trade-off mode."""
     methods: tuple[str, ...] = METHODS
     levels: tuple[float, ...] = DEFAULT_LEVELS
     n_envs: int = 1
@@ -141,6 +144,8 @@ class RunConfig:
         _positive("--width", self.width)
         if self.target_ratio is not None:
             check_target(self.target_ratio, "--target-ratio")
+        if self.target_macs is not None:
+            check_target(self.target_macs, "--target-macs")
         check_methods(self.methods)
         check_levels(self.levels, "--levels")
         for flag, value in (

@@ -55,7 +55,12 @@ class SearchResult:
 
 
 def env_config(cfg: RunConfig) -> EnvConfig:
-    return EnvConfig(methods=cfg.methods, levels=cfg.levels, target_ratio=cfg.target_ratio)
+    return EnvConfig(
+        methods=cfg.methods,
+        levels=cfg.levels,
+        target_ratio=cfg.target_ratio,
+        target_macs=cfg.target_macs,
+    )
 
 
 def proxy_config(cfg: RunConfig) -> ProxyConfig:
@@ -180,6 +185,7 @@ def search(
         "methods": list(cfg.methods),
         "levels": list(cfg.levels),
         "target_ratio": cfg.target_ratio,
+        "target_macs": cfg.target_macs,
         "num_classes": proxy.num_classes,
     }
     t0 = time.perf_counter()
@@ -247,6 +253,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             methods=tuple(meta["methods"]),
             levels=tuple(meta["levels"]),
             target_ratio=meta.get("target_ratio"),
+            target_macs=meta.get("target_macs"),
         ),
     )
     agent = load_agent(replay.path)

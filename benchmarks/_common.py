@@ -133,7 +133,7 @@ def prefill_factors(
     table = BudgetTable(model, METHODS, levels)
     n = 0
     for (_, conv), layer in zip(conv_layers(model), table.layers):
-        for (mi, _), (rank, _) in layer.options.items():
+        for (mi, _), (rank, _, _) in layer.options.items():
             if METHODS[mi] != "keep":
                 get_factors(conv, METHODS[mi], rank, cache=default_cache())
                 n += 1

@@ -10,7 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable, check_levels, check_methods, check_target
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetTable, check_levels, check_methods
 from rl_mtd.decompose import METHODS, conv_layers, layer_params
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
@@ -18,7 +18,7 @@ from rl_mtd.policy import Policy
 from rl_mtd.proxy import Scorer
 
 N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
-N_STATE = 5  # budget used, budget left, remaining original share, previous method, previous level
+N_STATE = 6  # budget used, budget left, MACs budget left, remaining share, previous method, level
 
 
 @dataclass
@@ -30,17 +30,26 @@ class EnvConfig:
     levels: tuple[float, ...] = DEFAULT_LEVELS
     """Per-layer parameter reduction factors, weakest first."""
     target_ratio: float | None = 32.0
-    """Whole-model compression target (budget mode); None for the trade-off mode."""
-    beyond_target_weight: float = 0.05
-    """Budget mode: reward per doubling of compression beyond the target."""
+    """Whole-model parameter reduction target (budget mode); None for no parameter limit."""
+    target_macs: float | None = None
+    """Whole-model MACs reduction target (budget mode); None for no MACs limit. With neither
+    target the environment is in trade-off mode."""
+    beyond_target_weight: float = 0.0
+    """Budget mode: reward per doubling of compression beyond a target. 0 by default, so
+    policies are compared at the budget: a bonus made the agent overshoot (10.8x for an 8x
+    target), comparing it at a harder budget than the strategies it was measured against."""
     tradeoff_weight: float = 0.05
     """Trade-off mode: reward per doubling of compression."""
 
     def __post_init__(self) -> None:
         self.methods = check_methods(self.methods)
         self.levels = check_levels(self.levels)
-        if self.target_ratio is not None:
-            self.target_ratio = check_target(self.target_ratio)
+        budget = Budget(self.target_ratio, self.target_macs)  # checks both
+        self.target_ratio, self.target_macs = budget.params, budget.macs
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.target_ratio, self.target_macs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,24 +71,27 @@ class MixedDecompositionEnv(gym.Env):
     a level is ``rank_for_ratio(conv, method, level)``, so both methods meet one budget.
 
     ## Observation Space
-    ``Box(0, 1, (13,), float32)``. Static layer features, each min-max normalised over the
+    ``Box(0, 1, (14,), float32)``. Static layer features, each min-max normalised over the
     network's conv layers: 0 index, 1 in channels, 2 out channels, 3 kernel size, 4 stride,
     5 input feature-map size, 6 parameters, 7 MACs. Episode state: 8 budget used (compressed
     parameters chosen so far / original model parameters), 9 budget left (parameters still
-    allowed under the target / original parameters; 0 in trade-off mode), 10 share of the
-    original conv parameters in this and later layers, 11 previous method index / (methods - 1),
-    12 previous level index / (levels - 1).
+    allowed under the target / original parameters; 0 without a parameter target), 10 MACs
+    budget left (MACs still allowed under ``target_macs`` / original MACs; 0 without one), 11
+    share of the original conv parameters in this and later layers, 12 previous method index /
+    (methods - 1), 13 previous level index / (levels - 1).
 
     ## Rewards
     0 on every step but the last. On the last, with ``a`` the proxy accuracy, ``a0`` the
-    baseline's proxy accuracy (both 0..1) and ``c`` the whole-model compression ratio:
-    - budget mode (``target_ratio`` T set): ``(a - a0) + beyond_target_weight * log2(c / T)``
-      for ``c > T`` (the second term is 0 otherwise; the wall below keeps ``c >= T``);
-    - trade-off mode (``target_ratio=None``): ``(a - a0) + tradeoff_weight * log2(c)``.
+    baseline's proxy accuracy (both 0..1), ``c`` the whole-model parameter reduction and ``m``
+    the whole-model MACs reduction:
+    - budget mode (``target_ratio`` T and/or ``target_macs`` M set): ``(a - a0)``, plus
+      ``beyond_target_weight * log2(c / T)`` for ``c > T`` and the same for ``m > M`` (0 by
+      default; the wall below keeps ``c >= T`` and ``m >= M``);
+    - trade-off mode (neither set): ``(a - a0) + tradeoff_weight * log2(c)``.
 
     ## Budget wall (budget mode)
-    After each action, if the layers still to come could not reach the target even at their
-    strongest level, this layer's level is raised just enough (AMC's "action wall"; a ``keep``
+    After each action, if the layers still to come could not meet every target even at their
+    smallest options, this layer's level is raised just enough (AMC's "action wall"; a ``keep``
     becomes the first decomposition method that fits). ``info["action"]`` is the action actually
     taken, ``info["requested_action"]`` the agent's.
 
@@ -114,7 +126,7 @@ class MixedDecompositionEnv(gym.Env):
                 f"{self.methods} x {self.levels}; build the table from the same settings"
             )
         self.table = table
-        self.table.check_target(self.config.target_ratio)
+        self.table.check_target(self.config.budget)
         self.max_ratio = self.table.max_ratio
         self.params_original = self.table.params_original
         self._static = self._describe_layers()
@@ -160,10 +172,13 @@ class MixedDecompositionEnv(gym.Env):
     def _obs(self) -> np.ndarray:
         i = min(self._i, self.num_layers - 1)
         used = self.table.used(self._choices)
-        target = self.config.target_ratio
-        left = 0.0
-        if target is not None:
-            left = max(0.0, self.params_original / target - used) / self.params_original
+        budget = self.config.budget
+        left = macs_left = 0.0
+        if budget.params is not None:
+            left = max(0.0, self.params_original / budget.params - used) / self.params_original
+        if budget.macs is not None:
+            macs0 = self.table.macs_original
+            macs_left = max(0.0, macs0 / budget.macs - self.table.used_macs(self._choices)) / macs0
         remaining = (
             sum(lay.original for lay in self.table.layers[self._i :]) / self.table.conv_original
         )
@@ -172,7 +187,13 @@ class MixedDecompositionEnv(gym.Env):
             prev = [pm / max(1, len(self.methods) - 1), pl / max(1, len(self.levels) - 1)]
         else:
             prev = [0.0, 0.0]
-        state = [min(1.0, used / self.params_original), min(1.0, left), remaining, *prev]
+        state = [
+            min(1.0, used / self.params_original),
+            min(1.0, left),
+            min(1.0, macs_left),
+            remaining,
+            *prev,
+        ]
         return np.clip(np.concatenate([self._static[i], np.asarray(state, np.float32)]), 0, 1)
 
     def decode(self, action: int) -> tuple[int, int]:
@@ -195,7 +216,7 @@ class MixedDecompositionEnv(gym.Env):
         if self._i >= self.num_layers:
             raise RuntimeError("episode is over; call reset()")
         requested = self.decode(action)
-        choice = self.table.wall(self._choices, requested, self.config.target_ratio)
+        choice = self.table.wall(self._choices, requested, self.config.budget)
         layer = self.table.layers[self._i]
         self._choices.append(choice)
         info: dict[str, Any] = {
@@ -212,7 +233,7 @@ class MixedDecompositionEnv(gym.Env):
         if terminated:
             policy = self.current_policy()
             result = self.scorer.evaluate(policy)
-            reward = self.reward(result.accuracy, result.compression_ratio)
+            reward = self.reward(result.accuracy, result.compression_ratio, result.macs_ratio)
             info.update(
                 policy=policy.to_dict(),
                 proxy=result.to_dict(),
@@ -222,12 +243,16 @@ class MixedDecompositionEnv(gym.Env):
         return self._obs(), float(reward), terminated, False, info
 
     # ----------------------------------------------------------------- helpers
-    def reward(self, accuracy: float, ratio: float) -> float:
+    def reward(self, accuracy: float, ratio: float, macs_ratio: float | None = None) -> float:
         gain = accuracy - self.scorer.baseline_acc
-        target = self.config.target_ratio
-        if target is None:
+        budget, weight = self.config.budget, self.config.beyond_target_weight
+        if not budget.active:
             return gain + self.config.tradeoff_weight * math.log2(ratio)
-        return gain + self.config.beyond_target_weight * max(0.0, math.log2(ratio / target))
+        if budget.params is not None:
+            gain += weight * max(0.0, math.log2(ratio / budget.params))
+        if budget.macs is not None and macs_ratio is not None:
+            gain += weight * max(0.0, math.log2(macs_ratio / budget.macs))
+        return gain
 
     def current_policy(self) -> Policy:
         spec = self.scorer.spec
@@ -237,7 +262,7 @@ class MixedDecompositionEnv(gym.Env):
             net=spec.net,
             width=spec.width,
             num_classes=spec.num_classes,
-            meta={"target_ratio": self.config.target_ratio},
+            meta={"target_ratio": self.config.target_ratio, "target_macs": self.config.target_macs},
         )
 
     @property

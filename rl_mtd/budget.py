@@ -20,10 +20,11 @@ from rl_mtd.decompose import (
     conv_layers,
     decomposed_params,
     layer_params,
+    params_after,
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
-from rl_mtd.metrics import count_params
+from rl_mtd.metrics import count_macs, count_params
 
 DEFAULT_LEVELS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 """Per-layer parameter reduction factors offered to the agent and the random strategies."""
@@ -76,15 +77,127 @@ def check_methods(
     return out
 
 
+@dataclass(frozen=True)
+class Budget:
+    """What a compressed model must reach: whole-model reductions of parameters and/or MACs."""
+
+    params: float | None = None
+    """Parameters of the original model / of the compressed one, at least (None: no limit)."""
+    macs: float | None = None
+    """MACs of the original model / of the compressed one, at least (None: no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.params is not None:
+            object.__setattr__(self, "params", check_target(self.params, "target ratio"))
+        if self.macs is not None:
+            object.__setattr__(self, "macs", check_target(self.macs, "target MACs reduction"))
+
+    @classmethod
+    def of(cls, target: Budget | float | None) -> Budget:
+        """A ``Budget`` from a budget or a bare parameter target (None: no budget)."""
+        return target if isinstance(target, Budget) else cls(params=target)
+
+    @property
+    def active(self) -> bool:
+        return self.params is not None or self.macs is not None
+
+
+def option_macs(conv: nn.Conv2d, method: str, rank: Any, in_hw: tuple[int, int]) -> int:
+    """Multiply-accumulates of ``decompose_conv(conv, method, rank)`` for one ``in_hw`` input.
+
+    Counted as ``rl_mtd.metrics.count_macs`` counts the built block (tested against it).
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+    )
+    h, w = in_hw
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    o, i = conv.out_channels, conv.in_channels
+    if method == "keep":
+        return o * (i // conv.groups) * kh * kw * ho * wo
+    if method == "tucker2":
+        r_out, r_in = rank
+        return i * r_in * h * w + r_in * r_out * kh * kw * ho * wo + r_out * o * ho * wo
+    r = int(rank)
+    return i * r * h * w + r * kh * ho * w + r * kw * ho * wo + r * o * ho * wo
+
+
+def conv_input_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(height, width) of every conv layer's input for one 32x32 image."""
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for name, conv in conv_layers(model):
+
+        def record(_module, inputs, name=name):
+            sizes[name] = (int(inputs[0].shape[-2]), int(inputs[0].shape[-1]))
+
+        hooks.append(conv.register_forward_pre_hook(record))
+    try:
+        count_macs(model)  # one forward pass of a single image
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+class BudgetMeter:
+    """Whole-model parameters and MACs of ``(method, rank)`` choices for ``model``'s convs, and
+    whether they meet a budget: the rule every strategy that picks ranks itself checks by."""
+
+    def __init__(self, model: nn.Module, target: Budget | float | None):
+        self.budget = Budget.of(target)
+        self.convs = conv_layers(model)
+        self.sizes = conv_input_sizes(model)
+        self.params_original = count_params(model)
+        self.macs_original = count_macs(model)
+
+    def params(self, choices: list[tuple[str, Any]]) -> int:
+        return params_after(self.params_original, self.convs, choices)
+
+    def macs(self, choices: list[tuple[str, Any]]) -> int:
+        total = self.macs_original
+        for (name, conv), (method, rank) in zip(self.convs, choices, strict=True):
+            hw = self.sizes[name]
+            total += option_macs(conv, method, rank, hw) - option_macs(conv, "keep", None, hw)
+        return total
+
+    def excess(self, choices: list[tuple[str, Any]]) -> float:
+        """The worse of used / allowed over the budget's limits: <= 1 meets the budget."""
+        worst = 0.0
+        if self.budget.params is not None:
+            worst = self.params(choices) * self.budget.params / self.params_original
+        if self.budget.macs is not None:
+            worst = max(worst, self.macs(choices) * self.budget.macs / self.macs_original)
+        return worst
+
+    def meets(self, choices: list[tuple[str, Any]]) -> bool:
+        return self.excess(choices) <= 1.0
+
+    def describe(self, choices: list[tuple[str, Any]]) -> str:
+        """``"8.1x parameters, 4.3x MACs"`` for error messages."""
+        return (
+            f"{self.params_original / self.params(choices):.2f}x parameters, "
+            f"{self.macs_original / self.macs(choices):.2f}x MACs"
+        )
+
+
 @dataclass
 class LayerOptions:
     name: str
     original: int
-    options: dict[OptionIndex, tuple[Any, int]] = field(default_factory=dict)
-    """(method index, level index) -> (rank, parameters)."""
+    original_macs: int = 0
+    options: dict[OptionIndex, tuple[Any, int, int]] = field(default_factory=dict)
+    """(method index, level index) -> (rank, parameters, MACs)."""
 
     def params(self, choice: OptionIndex) -> int:
         return self.options[choice][1]
+
+    def macs(self, choice: OptionIndex) -> int:
+        return self.options[choice][2]
 
     def rank(self, choice: OptionIndex) -> Any:
         return self.options[choice][0]
@@ -92,65 +205,100 @@ class LayerOptions:
     def cheapest(self) -> OptionIndex:
         return min(self.options, key=self.params)
 
+    def fewest_macs(self) -> OptionIndex:
+        return min(self.options, key=self.macs)
+
 
 class BudgetTable:
-    """Options of every conv layer of ``model`` for ``methods`` x ``levels``."""
+    """Options of every conv layer of ``model`` for ``methods`` x ``levels``: rank, parameters
+    and MACs of each, and the wall that keeps a budget of parameters and/or MACs reachable."""
 
     def __init__(self, model: nn.Module, methods: Sequence[str], levels: Sequence[float]):
         self.methods = check_methods(methods, need_decomposition=False)
         self.levels = check_levels(levels)
+        self.model = model
+        sizes = conv_input_sizes(model)
         self.layers: list[LayerOptions] = []
         for name, conv in conv_layers(model):
-            layer = LayerOptions(name, layer_params(conv))
+            hw = sizes[name]
+            layer = LayerOptions(name, layer_params(conv), option_macs(conv, "keep", None, hw))
             for mi, method in enumerate(self.methods):
                 for li, level in enumerate(self.levels):
                     rank = rank_for_ratio(conv, method, level)
-                    layer.options[(mi, li)] = (rank, decomposed_params(conv, method, rank))
+                    layer.options[(mi, li)] = (
+                        rank,
+                        decomposed_params(conv, method, rank),
+                        option_macs(conv, method, rank, hw),
+                    )
             self.layers.append(layer)
         self.params_original = count_params(model)
         self.conv_original = sum(layer.original for layer in self.layers)
         self.fixed = self.params_original - self.conv_original  # BatchNorm, head
-        # Fewest parameters layers i.. can have, for every i (0 past the end).
-        self.min_after = [0] * (len(self.layers) + 1)
-        for i in range(len(self.layers) - 1, -1, -1):
+        self.macs_original = count_macs(model)
+        self.fixed_macs = self.macs_original - sum(layer.original_macs for layer in self.layers)
+        # Fewest parameters / MACs layers i.. can have, for every i (0 past the end).
+        n = len(self.layers)
+        self.min_after, self.min_macs_after = [0] * (n + 1), [0] * (n + 1)
+        for i in range(n - 1, -1, -1):
             layer = self.layers[i]
             self.min_after[i] = self.min_after[i + 1] + layer.params(layer.cheapest())
+            self.min_macs_after[i] = self.min_macs_after[i + 1] + layer.macs(layer.fewest_macs())
         self.max_ratio = self.params_original / (self.fixed + self.min_after[0])
+        self.max_macs_ratio = self.macs_original / (self.fixed_macs + self.min_macs_after[0])
 
-    def check_target(self, target: float | None) -> None:
-        """Raise unless ``target`` (checked with :func:`check_target`) is within reach."""
-        if target is not None and check_target(target) > self.max_ratio:
+    def check_target(self, target: Budget | float | None) -> None:
+        """Raise unless the budget (or parameter target) is within reach of these options."""
+        budget = Budget.of(target)
+        if budget.params is not None and budget.params > self.max_ratio:
             raise RlMtdError(
-                f"target ratio {target:g} is beyond what these levels can reach on this model "
-                f"(at most {self.max_ratio:.1f}x); lower --target-ratio or add stronger --levels"
+                f"target ratio {budget.params:g} is beyond what these levels can reach on this "
+                f"model (at most {self.max_ratio:.1f}x); lower --target-ratio or add stronger "
+                "--levels"
+            )
+        if budget.macs is not None and budget.macs > self.max_macs_ratio:
+            raise RlMtdError(
+                f"target MACs reduction {budget.macs:g} is beyond what these levels can reach on "
+                f"this model (at most {self.max_macs_ratio:.1f}x); lower --target-macs or add "
+                "stronger --levels"
             )
 
     def used(self, choices: list[OptionIndex]) -> int:
         """Whole-model parameters of the layers chosen so far plus the fixed part."""
         return self.fixed + sum(self.layers[k].params(c) for k, c in enumerate(choices))
 
+    def used_macs(self, choices: list[OptionIndex]) -> int:
+        """Whole-model MACs of the layers chosen so far plus the fixed part (the head)."""
+        return self.fixed_macs + sum(self.layers[k].macs(c) for k, c in enumerate(choices))
+
     def total(self, choices: list[OptionIndex]) -> int:
         if len(choices) != len(self.layers):
             raise ValueError(f"{len(choices)} choices for {len(self.layers)} layers")
         return self.used(choices)
 
-    def wall(
-        self, choices: list[OptionIndex], choice: OptionIndex, target: float | None
-    ) -> OptionIndex:
-        """``choice`` for the next layer, raised just enough that ``target`` stays reachable.
+    def total_macs(self, choices: list[OptionIndex]) -> int:
+        if len(choices) != len(self.layers):
+            raise ValueError(f"{len(choices)} choices for {len(self.layers)} layers")
+        return self.used_macs(choices)
 
-        The level goes up within the chosen method first; a ``keep`` (or a method that cannot
-        fit) moves to the first decomposition method, in ``methods`` order, that fits.
+    def wall(
+        self, choices: list[OptionIndex], choice: OptionIndex, target: Budget | float | None
+    ) -> OptionIndex:
+        """``choice`` for the next layer, raised just enough that the budget stays reachable.
+
+        An option fits when, with every later layer at its smallest, the whole model can still
+        meet each limit of the budget. The level goes up within the chosen method first; a
+        ``keep`` (or a method that cannot fit) moves to the first decomposition method, in
+        ``methods`` order, that fits. ``target`` is a ``Budget`` or a parameter target.
         """
-        if target is None:
+        budget = Budget.of(target)
+        if not budget.active:
             return choice
         i = len(choices)
         layer = self.layers[i]
-        allowed = self.params_original / target
-        before, rest = self.used(choices), self.min_after[i + 1]
+        over = self._overshoot(choices, budget)
 
         def fits(c: OptionIndex) -> bool:
-            return before + layer.params(c) + rest <= allowed
+            return over(layer, c) <= 0
 
         if fits(choice):
             return choice
@@ -161,7 +309,26 @@ class BudgetTable:
             for lv in range(li if m == mi else 0, len(self.levels)):
                 if fits((m, lv)):
                     return (m, lv)
-        return layer.cheapest()  # only when the target is beyond max_ratio
+        return min(layer.options, key=lambda c: over(layer, c))  # only beyond reach
+
+    def _overshoot(self, choices: list[OptionIndex], budget: Budget):
+        """``(layer, option) -> how far past the budget`` (<= 0: it fits), as a fraction of
+        the allowance, the worse of parameters and MACs, with later layers at their smallest."""
+        i = len(choices)
+        limits = []
+        if budget.params is not None:
+            before, rest = self.used(choices), self.min_after[i + 1]
+            allowed = self.params_original / budget.params
+            limits.append((LayerOptions.params, before + rest, allowed))
+        if budget.macs is not None:
+            before, rest = self.used_macs(choices), self.min_macs_after[i + 1]
+            allowed = self.macs_original / budget.macs
+            limits.append((LayerOptions.macs, before + rest, allowed))
+
+        def over(layer: LayerOptions, c: OptionIndex) -> float:
+            return max((base + cost(layer, c)) / allowed - 1.0 for cost, base, allowed in limits)
+
+        return over
 
     def to_choices(self, choices: list[OptionIndex]) -> list[tuple[str, Any]]:
         """``(method, rank)`` per layer, for ``Policy.from_choices``."""

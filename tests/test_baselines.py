@@ -27,6 +27,7 @@ from rl_mtd.baselines import (
 )
 from rl_mtd.baselines.uniform import _vbmf_choices
 from rl_mtd.budget import DEFAULT_LEVELS as BUDGET_LEVELS
+from rl_mtd.budget import Budget
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import (
     FactorCache,
@@ -36,7 +37,7 @@ from rl_mtd.decompose import (
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
-from rl_mtd.metrics import count_params
+from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, apply_policy
 from rl_mtd.proxy import Proxy
@@ -100,11 +101,26 @@ def test_strategy_returns_valid_policy_reaching_target(name, target, model, prox
     assert count_params(built) == policy.predicted_params(model)
 
 
+@pytest.mark.parametrize("params, macs", [(None, 3.0), (4.0, 3.0)])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_meets_a_macs_budget(name, params, macs, model, proxy, study):
+    """Every strategy accepts a MACs limit, alone or with a parameter limit, and meets both."""
+    budget = Budget(params=params, macs=macs)
+    policy = strategy_policy(name, proxy, budget, n_random=N_RANDOM, study=study)
+    built = apply_policy(model, policy, factorize=False)
+    assert count_macs(model) / count_macs(built) >= macs
+    if params is not None:
+        assert count_params(model) / count_params(built) >= params
+    assert policy.meta["target_macs"] == macs and policy.meta["target_ratio"] == params
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_unreachable_target_raises(name, proxy, study):
     before = proxy.evaluations
     with pytest.raises(RlMtdError, match="cannot be reached|beyond what"):
         _policy(name, proxy, study, 1e5)
+    with pytest.raises(RlMtdError, match="cannot be reached|beyond what"):
+        _policy(name, proxy, study, Budget(params=2.0, macs=1e5))
     assert proxy.evaluations == before  # found out before any evaluation
 
 

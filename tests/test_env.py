@@ -233,6 +233,56 @@ def test_budget_wall_reaches_target(structural_proxy, target):
     assert walls_hit[1], "the weakest Tucker-2 level everywhere must hit the wall"
 
 
+@pytest.mark.parametrize("target, target_macs", [(8.0, 4.0), (None, 6.0), (4.0, 10.0)])
+def test_budget_wall_holds_parameters_and_macs(structural_proxy, target, target_macs):
+    env = MixedDecompositionEnv(
+        structural_proxy, EnvConfig(target_ratio=target, target_macs=target_macs)
+    )
+    rng = np.random.default_rng(7)
+    keep = env.encode(METHODS.index("keep"), 0)
+    sequences = [[keep] * N_LAYERS] + [
+        list(rng.integers(0, env.action_space.n, N_LAYERS)) for _ in range(30)
+    ]
+    for actions in sequences:
+        _, _, infos = run_episode(env, actions)
+        proxy = infos[-1]["proxy"]
+        assert proxy["macs_ratio"] >= target_macs * (1 - 1e-12), (actions, proxy)
+        if target is not None:
+            assert proxy["compression_ratio"] >= target * (1 - 1e-12), (actions, proxy)
+        taken = [env.decode(i["action"]) for i in infos]  # the table predicts the real MACs
+        assert proxy["macs"] == env.table.total_macs(taken)
+
+
+def test_option_macs_match_the_built_blocks(structural_proxy):
+    """The budget table's MACs of every option are what count_macs measures on the block."""
+    from rl_mtd.budget import BudgetTable
+    from rl_mtd.decompose import conv_layers
+    from rl_mtd.metrics import count_macs
+
+    model = structural_proxy.model
+    table = BudgetTable(model, METHODS, (2.0, 16.0))
+    for (name, conv), layer in zip(conv_layers(model), table.layers):
+        for option, (rank, _, macs) in layer.options.items():
+            method = METHODS[option[0]]
+            probe = Policy.from_choices(
+                model,
+                [(method, rank) if n == name else ("keep", None) for n, _ in conv_layers(model)],
+                net=NET,
+                width=WIDTH,
+            )
+            built = apply_policy(model, probe, factorize=False)
+            expected = count_macs(built) - (table.macs_original - layer.original_macs)
+            assert macs == expected, (name, method, rank)
+
+
+def test_macs_target_beyond_reach_is_refused(structural_proxy):
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
+    with pytest.raises(RlMtdError, match="--target-macs"):
+        MixedDecompositionEnv(
+            structural_proxy, EnvConfig(target_ratio=None, target_macs=env.table.max_macs_ratio * 2)
+        )
+
+
 def test_target_at_max_ratio_is_reachable(structural_proxy):
     probe = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
     target = probe.max_ratio
@@ -310,8 +360,8 @@ def test_budget_reward_bonus_beyond_target(structural_proxy):
 
 
 def test_observations_float32_in_unit_box(structural_proxy):
-    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0))
-    assert env.observation_space.shape == (13,)
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0, target_macs=2.0))
+    assert env.observation_space.shape == (14,)
     assert env.observation_space.dtype == np.float32
     rng = np.random.default_rng(0)
     for _ in range(5):
@@ -319,24 +369,25 @@ def test_observations_float32_in_unit_box(structural_proxy):
         observations, _, _ = run_episode(env, actions)
         for obs in observations:
             assert obs.dtype == np.float32
-            assert obs.shape == (13,)
+            assert obs.shape == (14,)
             assert np.all(obs >= 0) and np.all(obs <= 1)
             assert env.observation_space.contains(obs)
         stacked = np.stack(observations[:-1])
         # Feature 0 is the layer index, min-max normalised over the layers.
         np.testing.assert_allclose(stacked[:, 0], np.linspace(0, 1, N_LAYERS), atol=1e-6)
-        # Budget used only grows, budget left and remaining original share only shrink.
+        # Budget used only grows; budgets left and remaining original share only shrink.
         assert np.all(np.diff(stacked[:, 8]) >= 0)
         assert np.all(np.diff(stacked[:, 9]) <= 0)
-        assert np.all(np.diff(stacked[:, 10]) < 0)
-        assert stacked[0, 10] == pytest.approx(1.0)
-        assert stacked[0, 11] == 0 and stacked[0, 12] == 0  # no previous action yet
+        assert np.all(np.diff(stacked[:, 10]) <= 0) and stacked[0, 10] > 0
+        assert np.all(np.diff(stacked[:, 11]) < 0)
+        assert stacked[0, 11] == pytest.approx(1.0)
+        assert stacked[0, 12] == 0 and stacked[0, 13] == 0  # no previous action yet
 
 
 def test_tradeoff_mode_has_no_budget_left(structural_proxy):
     env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
     obs, _ = env.reset(seed=0)
-    assert obs[9] == 0.0
+    assert obs[9] == 0.0 and obs[10] == 0.0
 
 
 def test_action_decode_encode_round_trip(structural_proxy):

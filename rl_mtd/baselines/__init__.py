@@ -38,7 +38,7 @@ from rl_mtd.baselines.sensitivity import (
     sensitivity_policy,
 )
 from rl_mtd.baselines.uniform import uniform_policy, vbmf_policy, vbmf_ranks
-from rl_mtd.budget import DEFAULT_LEVELS
+from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
@@ -68,7 +68,7 @@ DEFAULT_N_RANDOM = 32
 def strategy_policy(
     name: str,
     proxy: Proxy,
-    target: float,
+    target: Budget | float,
     *,
     seed: int = 0,
     n_random: int = DEFAULT_N_RANDOM,
@@ -78,6 +78,9 @@ def strategy_policy(
     progress: bool = False,
 ) -> Policy:
     """The policy of strategy ``name`` (one of ``STRATEGIES``) for ``target`` on ``proxy``'s model.
+
+    ``target`` is a whole-model parameter ratio or a ``rl_mtd.budget.Budget`` of parameters
+    and/or MACs; every strategy meets all its limits.
 
     ``levels``/``methods`` apply to ``sensitivity`` (default ``SENSITIVITY_LEVELS``, Tucker-2 and
     CP) and ``random`` (default ``DEFAULT_LEVELS``, keep/Tucker-2/CP); ``seed`` and ``n_random``

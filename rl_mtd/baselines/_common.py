@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rl_mtd.budget import Budget
 from rl_mtd.decompose import Rank
 from rl_mtd.errors import RlMtdError
 
@@ -12,9 +13,14 @@ Not ``rl_mtd.budget.OptionIndex``, which is a (method index, level index) into a
 """
 
 
-def unreachable(target: float, best: int, params_original: int, what: str) -> RlMtdError:
-    """The error for a target that even ``what`` (leaving ``best`` parameters) cannot reach."""
+def unreachable(budget: Budget, reached: str, what: str) -> RlMtdError:
+    """The error for a budget that even ``what`` (which ``reached`` that much) cannot meet."""
+    wanted = " and ".join(
+        f"{v:g}x {name}"
+        for v, name in ((budget.params, "parameters"), (budget.macs, "MACs"))
+        if v is not None
+    )
     return RlMtdError(
-        f"target ratio {target:g} cannot be reached by {what}: at most "
-        f"{params_original / best:.2f}x on this model; lower the target"
+        f"a reduction of {wanted} cannot be reached by {what}: at most {reached} on this model; "
+        "lower the target"
     )

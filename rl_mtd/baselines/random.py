@@ -10,11 +10,11 @@ from torch import nn
 
 from rl_mtd.budget import (
     DEFAULT_LEVELS,
+    Budget,
     BudgetTable,
     OptionIndex,
     check_levels,
     check_methods,
-    check_target,
 )
 from rl_mtd.decompose import METHODS
 from rl_mtd.errors import RlMtdError
@@ -29,7 +29,7 @@ RANDOM_METHODS: tuple[str, ...] = ("keep", "tucker2", "cp")
 
 def random_policies(
     model: nn.Module,
-    target: float,
+    target: Budget | float,
     n: int,
     *,
     methods: Sequence[str] = RANDOM_METHODS,
@@ -43,7 +43,7 @@ def random_policies(
 
     Per layer, a (method, level) drawn uniformly from ``methods`` x ``levels`` (seeded numpy
     generator) goes through ``BudgetTable.wall``, which raises it just enough that the layers
-    still to come can reach the target, so every policy reaches it (the random agent of AMC's
+    still to come can meet the budget (parameters and/or MACs), so every policy meets it (the random agent of AMC's
     budget-constrained search). ``net``, ``width`` and ``num_classes`` default to the model's
     ``model_spec`` (a model built by ``build_vgg``); ``num_classes`` otherwise to the head's
     outputs. The same seed gives the same policies.
@@ -52,7 +52,9 @@ def random_policies(
         RlMtdError: for a target beyond what these methods and levels can reach, or a model that
             does not say which VGG it is when ``net``/``width`` are not given.
     """
-    target = check_target(target)
+    budget = Budget.of(target)
+    if not budget.active:
+        raise RlMtdError("give a target: a parameter ratio or a Budget with a limit")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RlMtdError(f"n must be a positive int, got {n!r}")
     spec = model_spec(model)
@@ -66,15 +68,21 @@ def random_policies(
         raise RlMtdError("pass net=... and width=...: the model does not say which VGG it is")
     methods = check_methods(methods, METHODS)
     table = BudgetTable(model, methods, check_levels(levels))
-    table.check_target(target)
+    table.check_target(budget)
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n):
         choices: list[OptionIndex] = []
         for _ in table.layers:
             draw = (int(rng.integers(len(table.methods))), int(rng.integers(len(table.levels))))
-            choices.append(table.wall(choices, draw, target))
-        meta = {"strategy": "random", "target_ratio": target, "seed": seed, "index": k}
+            choices.append(table.wall(choices, draw, budget))
+        meta = {
+            "strategy": "random",
+            "target_ratio": budget.params,
+            "target_macs": budget.macs,
+            "seed": seed,
+            "index": k,
+        }
         policy = Policy.from_choices(
             model,
             table.to_choices(choices),
@@ -89,7 +97,7 @@ def random_policies(
 
 def random_search(
     proxy: Proxy,
-    target: float,
+    target: Budget | float,
     n: int,
     *,
     seed: int = 0,

@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from rl_mtd.baselines._common import MethodRank, unreachable
-from rl_mtd.budget import BudgetTable, OptionIndex, check_levels, check_methods, check_target
+from rl_mtd.budget import (
+    Budget,
+    BudgetTable,
+    LayerOptions,
+    OptionIndex,
+    check_levels,
+    check_methods,
+)
 from rl_mtd.decompose import DECOMPOSED, Rank
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
@@ -60,7 +67,7 @@ class SensitivityStudy:
         """Every entry the study measures, with its rank, in layer-major order."""
         out = []
         for i, layer in enumerate(self.table.layers):
-            for (mi, li), (rank, params) in layer.options.items():
+            for (mi, li), (rank, params, _) in layer.options.items():
                 if params < layer.original:
                     out.append(((i, self.methods[mi], self.levels[li]), rank))
         return out
@@ -97,7 +104,7 @@ class SensitivityStudy:
 
 def sensitivity_policy(
     proxy: Proxy,
-    target: float,
+    target: Budget | float,
     *,
     levels: Sequence[float] | None = None,
     methods: Sequence[str] | None = None,
@@ -110,12 +117,16 @@ def sensitivity_policy(
        compressed by each method at each level (default levels ``SENSITIVITY_LEVELS``, methods
        ``tucker2`` and ``cp``).
     2. Start from all layers kept. Repeatedly apply, over all layers, the move to a stronger
-       option (another method/level of that layer with fewer parameters than its current
-       option) with the smallest ``(max(acc_current - acc_option, 0) + eps) / params_removed``,
-       where ``acc_current`` is the study's accuracy for the layer's current option (the proxy's
-       baseline accuracy while kept) and ``eps = 1e-4``, so moves that lose nothing rank by
-       parameters removed. Ties go to more parameters removed, then the earlier layer.
-    3. Stop as soon as the predicted whole-model ratio reaches ``target``.
+       option (another method/level of that layer that uses no more of any budgeted resource
+       than its current option and less of one still over budget) with the smallest
+       ``(max(acc_current - acc_option, 0) + eps) / removed``, where ``acc_current`` is the
+       study's accuracy for the layer's current option (the proxy's baseline accuracy while
+       kept), ``eps = 1e-4`` (moves that lose nothing rank by what they remove), and
+       ``removed`` the parameters (and, with a MACs limit, the MACs) removed, each as a share of
+       the initial excess over its limit, summed over the limits not met yet. Ties go to more
+       removed, then the earlier layer.
+    3. Stop as soon as the predicted whole-model reductions meet the budget (``target`` is a
+       parameter ratio or a ``Budget`` of parameters and/or MACs).
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -124,7 +135,9 @@ def sensitivity_policy(
     Raises:
         RlMtdError: when even the strongest option of every layer misses the target.
     """
-    target = check_target(target)
+    budget = Budget.of(target)
+    if not budget.active:
+        raise RlMtdError("give a target: a parameter ratio or a Budget with a limit")
     if study is None:
         study = SensitivityStudy(
             proxy,
@@ -139,40 +152,48 @@ def sensitivity_policy(
         if levels is not None and tuple(levels) != study.levels:
             raise RlMtdError(f"levels {tuple(levels)} differ from the study's {study.levels}")
     table = study.table
-    allowed = table.params_original / target
-    best = table.fixed + sum(
-        min(layer.original, min(p for _, p in layer.options.values())) for layer in table.layers
-    )
-    if best > allowed:
-        options = (
-            f"methods {', '.join(study.methods)} at levels {', '.join(map(str, study.levels))}"
+    limits = _limits(table, budget)
+    what = f"methods {', '.join(study.methods)} at levels {', '.join(map(str, study.levels))}"
+    for cost, total, allowed, fixed, original in limits:
+        best = fixed + sum(
+            min(original(layer), min(cost(layer, c) for c in layer.options))
+            for layer in table.layers
         )
-        raise unreachable(target, best, table.params_original, options)
+        if best > allowed:
+            raise unreachable(budget, f"{total / best:.2f}x", what)
     results = study.run(progress=progress)
 
     n = len(table.layers)
     current: list[OptionIndex | None] = [None] * n  # None: kept
-    cur_params = [layer.original for layer in table.layers]
+    used = [[original(layer) for layer in table.layers] for _, _, _, _, original in limits]
+    totals = [total for _, total, _, _, _ in limits]
+    excess0 = [max(total - allowed, 1) for _, total, allowed, _, _ in limits]
     cur_acc = [float(proxy.baseline_acc)] * n
-    total = table.params_original
-    while total > allowed:
-        pick: tuple[tuple[float, int, int, int], int, OptionIndex] | None = None
+    while any(t > lim[2] for t, lim in zip(totals, limits)):
+        unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
+        pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
         for i, layer in enumerate(table.layers):
-            for order, (opt, (_, params)) in enumerate(layer.options.items()):
-                removed = cur_params[i] - params
+            for order, opt in enumerate(layer.options):
+                key = (i, study.methods[opt[0]], study.levels[opt[1]])
+                new = [lim[0](layer, opt) for lim in limits]
+                if key not in results or any(v > used[k][i] for k, v in enumerate(new)):
+                    continue
+                removed = sum((used[k][i] - new[k]) / excess0[k] for k in unmet)
                 if removed <= 0:
                     continue
-                acc = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
-                score = (max(cur_acc[i] - acc, 0.0) + _EPS) / removed
+                score = (max(cur_acc[i] - results[key], 0.0) + _EPS) / removed
                 rank_key = (score, -removed, i, order)
                 if pick is None or rank_key < pick[0]:
                     pick = (rank_key, i, opt)
-        assert pick is not None  # reachability was checked above
+        if pick is None:
+            raise unreachable(budget, "less by these greedy moves", what)
         _, i, opt = pick
         layer = table.layers[i]
-        total -= cur_params[i] - layer.params(opt)
+        for k, lim in enumerate(limits):
+            new = lim[0](layer, opt)
+            totals[k] -= used[k][i] - new
+            used[k][i] = new
         current[i] = opt
-        cur_params[i] = layer.params(opt)
         cur_acc[i] = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
 
     choices: list[MethodRank] = [
@@ -181,7 +202,8 @@ def sensitivity_policy(
     ]
     meta = {
         "strategy": "sensitivity",
-        "target_ratio": target,
+        "target_ratio": budget.params,
+        "target_macs": budget.macs,
         "levels": list(study.levels),
         "methods": list(study.methods),
     }
@@ -193,3 +215,30 @@ def sensitivity_policy(
         num_classes=proxy.num_classes,
         meta=meta,
     )
+
+
+def _limits(table: BudgetTable, budget: Budget) -> list[tuple]:
+    """Per budgeted resource: (option cost, original total, allowed total, fixed part, a kept
+    layer's cost)."""
+    out = []
+    if budget.params is not None:
+        out.append(
+            (
+                LayerOptions.params,
+                table.params_original,
+                table.params_original / budget.params,
+                table.fixed,
+                lambda layer: layer.original,
+            )
+        )
+    if budget.macs is not None:
+        out.append(
+            (
+                LayerOptions.macs,
+                table.macs_original,
+                table.macs_original / budget.macs,
+                table.fixed_macs,
+                lambda layer: layer.original_macs,
+            )
+        )
+    return out

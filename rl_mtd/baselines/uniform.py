@@ -15,21 +15,30 @@ import math
 from torch import nn
 
 from rl_mtd.baselines._common import MethodRank, unreachable
-from rl_mtd.budget import check_target
+from rl_mtd.budget import Budget, BudgetMeter
 from rl_mtd.decompose import (
     DECOMPOSED,
     conv_layers,
     decomposed_params,
     layer_params,
-    params_after,
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
-from rl_mtd.metrics import count_params
 from rl_mtd.policy import Policy
 from rl_mtd.vbmf import estimate_rank
 
 __all__ = ["uniform_policy", "vbmf_policy", "vbmf_ranks"]
+
+
+def _budget(target: Budget | float) -> Budget:
+    budget = Budget.of(target)
+    if not budget.active:
+        raise RlMtdError("give a target: a parameter ratio or a Budget with a limit")
+    return budget
+
+
+def _budget_meta(budget: Budget, strategy: str) -> dict:
+    return {"strategy": strategy, "target_ratio": budget.params, "target_macs": budget.macs}
 
 
 # ----------------------------------------------------------------------------- uniform
@@ -49,7 +58,7 @@ def _uniform_choices(convs: list[tuple[str, nn.Conv2d]], method: str, r: float) 
 def uniform_policy(
     model: nn.Module,
     method: str,
-    target: float,
+    target: Budget | float,
     *,
     net: str,
     width: float,
@@ -59,7 +68,8 @@ def uniform_policy(
 
     ``r`` is continuous; each layer gets ``rank_for_ratio(conv, method, r)``. The returned
     policy uses the smallest ``r`` (found by bisection in ``log r`` to a relative tolerance of
-    1e-6) whose whole-model parameters are at most ``params_original / target``. A layer that
+    1e-6) whose whole-model parameters are at most ``params_original / target`` (and MACs at
+    most ``macs_original / target.macs`` for a ``Budget`` with a MACs limit). A layer that
     its decomposition at ``r`` would not shrink (decomposed parameters >= the layer's own, as for
     the 3-channel first conv at mild ``r``) is kept. ``meta["layer_ratio"]`` records ``r``.
 
@@ -69,33 +79,33 @@ def uniform_policy(
     """
     if method not in DECOMPOSED:
         raise RlMtdError(f"uniform_policy needs method 'tucker2' or 'cp', got {method!r}")
-    target = check_target(target)
+    budget = _budget(target)
     convs = conv_layers(model)
     if not convs:
         raise RlMtdError("the model has no conv layers to compress")
-    params = count_params(model)
-    allowed = params / target
+    meter = BudgetMeter(model, budget)
 
-    def total(r: float) -> int:
-        return params_after(params, convs, _uniform_choices(convs, method, r))
+    def meets(r: float) -> bool:
+        return meter.meets(_uniform_choices(convs, method, r))
 
     lo, hi = 1.0, 1.0
-    if total(hi) > allowed:
+    if not meets(hi):
         # Past the largest layer's parameter count every layer sits at rank 1: nothing more.
         r_max = 2.0 * max(layer_params(c) for _, c in convs)
         hi = 2.0
-        while total(hi) > allowed:
+        while not meets(hi):
             if hi >= r_max:
-                raise unreachable(target, total(hi), params, f"{method} at rank 1 everywhere")
+                reached = meter.describe(_uniform_choices(convs, method, hi))
+                raise unreachable(budget, reached, f"{method} at rank 1 everywhere")
             lo, hi = hi, min(2.0 * hi, r_max)
-        while hi / lo > 1.0 + 1e-6:  # total(lo) > allowed >= total(hi)
+        while hi / lo > 1.0 + 1e-6:  # meets(hi) and not meets(lo)
             mid = math.sqrt(lo * hi)
-            if total(mid) > allowed:
-                lo = mid
-            else:
+            if meets(mid):
                 hi = mid
+            else:
+                lo = mid
     choices = _uniform_choices(convs, method, hi)
-    meta = {"strategy": method, "target_ratio": target, "layer_ratio": hi}
+    meta = {**_budget_meta(budget, method), "layer_ratio": hi}
     return Policy.from_choices(
         model, choices, net=net, width=width, num_classes=num_classes, meta=meta
     )
@@ -140,7 +150,7 @@ def _vbmf_choices(
 
 def vbmf_policy(
     model: nn.Module,
-    target: float,
+    target: Budget | float,
     *,
     net: str,
     width: float,
@@ -160,33 +170,32 @@ def vbmf_policy(
     Raises:
         RlMtdError: for an unreachable target (Tucker-2 at rank (1, 1) everywhere is too big).
     """
-    target = check_target(target)
+    budget = _budget(target)
     convs = conv_layers(model)
     if not convs:
         raise RlMtdError("the model has no conv layers to compress")
     bases = [vbmf_ranks(conv) for _, conv in convs]
-    params = count_params(model)
-    allowed = params / target
+    meter = BudgetMeter(model, budget)
 
-    def total(s: float) -> int:
-        return params_after(params, convs, _vbmf_choices(convs, bases, s))
+    def meets(s: float) -> bool:
+        return meter.meets(_vbmf_choices(convs, bases, s))
 
     lo = 0.25 / max(max(b) for b in bases)  # every rank rounds to 0 -> clipped to 1
     hi = 2.0 * max(max(c.out_channels, c.in_channels) for _, c in convs)  # every rank full
-    if total(lo) > allowed:
-        raise unreachable(target, total(lo), params, "Tucker-2 at rank (1, 1) everywhere")
-    if total(hi) <= allowed:
+    if not meets(lo):
+        reached = meter.describe(_vbmf_choices(convs, bases, lo))
+        raise unreachable(budget, reached, "Tucker-2 at rank (1, 1) everywhere")
+    if meets(hi):
         lo = hi
     else:
-        while hi / lo > 1.0 + 1e-9:  # total(lo) <= allowed < total(hi)
+        while hi / lo > 1.0 + 1e-9:  # meets(lo) and not meets(hi)
             mid = math.sqrt(lo * hi)
-            if total(mid) <= allowed:
+            if meets(mid):
                 lo = mid
             else:
                 hi = mid
     meta = {
-        "strategy": "vbmf",
-        "target_ratio": target,
+        **_budget_meta(budget, "vbmf"),
         "scale": lo,
         "vbmf_ranks": [list(b) for b in bases],
     }
