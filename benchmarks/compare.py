@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -29,13 +30,13 @@ from agents.config import RunConfig
 from agents.pipeline import finetune
 from agents.search import search
 from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, strategy_policy
-from rl_mtd.budget import DEFAULT_LEVELS
+from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.proxy import Proxy
 from rl_mtd.train import evaluate
 
-ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity")
+ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity", "local")
 
 
 def latency_speedup(baseline, compressed, repeats: int) -> tuple[float, float]:
@@ -52,6 +53,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--targets", default="8,16", help="comma-separated whole-model targets")
+    p.add_argument(
+        "--target-macs", type=float, default=None, help="MACs reduction every target also needs"
+    )
     p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
@@ -93,11 +97,12 @@ def main() -> None:
             width=args.width,
         )
 
-    study = None
+    study, study_s = None, 0.0
     rows = []
     for seed in seeds:
         for target in targets:
             ppo_evals = None
+            budget = Budget(target, args.target_macs)
             for name in strategies:
                 proxy = new_proxy()
                 t0 = time.perf_counter()
@@ -107,6 +112,7 @@ def main() -> None:
                         width=args.width,
                         episodes=args.episodes,
                         target_ratio=target,
+                        target_macs=args.target_macs,
                         seed=seed,
                         progress=False,
                         on_interrupt="stop",
@@ -115,17 +121,30 @@ def main() -> None:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     policy = search(rcfg, proxy, run_dir, baseline_path="").policy
                     ppo_evals = proxy.evaluations
-                elif name == "sensitivity":
-                    # One study serves every target: its per-layer evaluations are cached.
+                elif name in ("sensitivity", "local"):
+                    # One study serves every target and both strategies; each row is charged
+                    # the study's whole time on top of its own.
                     if study is None:
                         study = SensitivityStudy(proxy)
+                        study.run()
+                        study_s = time.perf_counter() - t0
+                        t0 = time.perf_counter()
                     proxy = study.proxy
-                    policy = strategy_policy(name, proxy, target, study=study)
+                    policy = strategy_policy(
+                        name,
+                        proxy,
+                        budget,
+                        study=study,
+                        seed=seed,
+                        n_random=ppo_evals or args.episodes,
+                    )
                 else:
                     policy = strategy_policy(
-                        name, proxy, target, seed=seed, n_random=ppo_evals or args.episodes
+                        name, proxy, budget, seed=seed, n_random=ppo_evals or args.episodes
                     )
                 search_s = time.perf_counter() - t0
+                if name in ("sensitivity", "local"):
+                    search_s += study_s
                 res = proxy.evaluate(policy)
                 ft_cfg = RunConfig(
                     net=args.net,
@@ -161,7 +180,7 @@ def main() -> None:
                 print(_row(row), flush=True)
                 write_json_atomic(out_dir / "rows.json", rows)
 
-    table = _table(rows, cfg, base_test, args)
+    table = _table(rows, cfg, base_test, args) + "\n\n" + _summary(rows)
     print(table)
     write_text_atomic(out_dir / "table.md", table + "\n")
     _plot(rows, out_dir / "accuracy_vs_ratio.png", base_test)
@@ -189,6 +208,26 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         "|-|-:|-:|-:|-:|-:|-:|-:|-:|-:|-:|",
     ]
     return "\n".join(head + [_row(r) for r in rows])
+
+
+def _summary(rows: list[dict]) -> str:
+    """Mean and spread (min to max) over seeds, per strategy and target."""
+    lines = [
+        "| strategy | target | seeds | fine-tuned test acc: mean (min-max) | ratio: mean | "
+        "MACs reduction: mean | search s: mean |",
+        "|-|-:|-:|-:|-:|-:|-:|",
+    ]
+    keys = dict.fromkeys((r["strategy"], r["target"]) for r in rows)
+    for name, target in keys:
+        group = [r for r in rows if (r["strategy"], r["target"]) == (name, target)]
+        acc = [100 * r["test_acc"] for r in group]
+        lines.append(
+            f"| {name} | {target:g}x | {len(group)} | {statistics.mean(acc):.2f}% "
+            f"({min(acc):.2f}-{max(acc):.2f}) | {statistics.mean(r['ratio'] for r in group):.1f}x "
+            f"| {statistics.mean(r['macs_reduction'] for r in group):.1f}x | "
+            f"{statistics.mean(r['search_s'] for r in group):.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def _plot(rows: list[dict], path: Path, base_test: float) -> None:

@@ -363,3 +363,17 @@ def test_baselines_import_neither_gymnasium_nor_sb3():
     path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env)
+
+
+def test_local_search_climbs_from_the_sensitivity_policy(proxy, study):
+    from rl_mtd.baselines import local_search
+
+    best, results = local_search(proxy, 4, 6, seed=1, study=study)
+    start = sensitivity_policy(proxy, 4, study=study)
+    assert len(results) == 6
+    assert results[0].accuracy == proxy.evaluate(start).accuracy, "first: the heuristic itself"
+    assert proxy.evaluate(best).accuracy == max(r.accuracy for r in results)
+    assert all(r.compression_ratio >= 4 for r in results), "every candidate meets the budget"
+    again, _ = local_search(proxy, 4, 6, seed=1, study=study)
+    assert again == best, "seeded"
+    assert best.meta["strategy"] == "local"

@@ -18,6 +18,11 @@ Strategies (``STRATEGIES``), one module each:
   alone, then compress greedily where it costs least accuracy per parameter removed.
 - ``random`` (:func:`random_search`, in ``random``): random per-layer choices pushed through the
   budget wall, the best by proxy accuracy.
+- ``local`` (:func:`local_search`, in ``local``): a hill climb from the sensitivity policy by
+  random perturbations through the budget wall, the best by proxy accuracy.
+
+``T`` may also be a :class:`~rl_mtd.budget.Budget` of parameters and/or MACs; every strategy
+meets each limit it holds.
 
 Every policy is built with ``Policy.from_choices`` from one :data:`MethodRank` (``(method,
 rank)``) per conv layer and carries ``meta={"strategy": name, "target_ratio": T, ...}``.
@@ -30,6 +35,7 @@ import difflib
 from collections.abc import Sequence
 
 from rl_mtd.baselines._common import MethodRank
+from rl_mtd.baselines.local import local_search
 from rl_mtd.baselines.random import RANDOM_METHODS, random_policies, random_search
 from rl_mtd.baselines.sensitivity import (
     SENSITIVITY_LEVELS,
@@ -54,6 +60,7 @@ __all__ = [
     "StudyKey",
     "random_policies",
     "random_search",
+    "local_search",
     "sensitivity_policy",
     "strategy_policy",
     "uniform_policy",
@@ -61,7 +68,7 @@ __all__ = [
     "vbmf_ranks",
 ]
 
-STRATEGIES: tuple[str, ...] = ("tucker2", "cp", "vbmf", "sensitivity", "random")
+STRATEGIES: tuple[str, ...] = ("tucker2", "cp", "vbmf", "sensitivity", "random", "local")
 DEFAULT_N_RANDOM = 32
 
 
@@ -83,9 +90,9 @@ def strategy_policy(
     and/or MACs; every strategy meets all its limits.
 
     ``levels``/``methods`` apply to ``sensitivity`` (default ``SENSITIVITY_LEVELS``, Tucker-2 and
-    CP) and ``random`` (default ``DEFAULT_LEVELS``, keep/Tucker-2/CP); ``seed`` and ``n_random``
-    to ``random``; ``study`` to ``sensitivity``. ``tucker2``, ``cp`` and ``vbmf`` need no
-    evaluations.
+    CP) and ``random``/``local`` (default ``DEFAULT_LEVELS``, keep/Tucker-2/CP); ``seed`` and
+    ``n_random`` (the proxy evaluations) to ``random`` and ``local``; ``study`` to
+    ``sensitivity`` and ``local``. ``tucker2``, ``cp`` and ``vbmf`` need no evaluations.
 
     Raises:
         RlMtdError: for an unknown ``name`` (with the closest strategy name, if any), or what the
@@ -109,6 +116,17 @@ def strategy_policy(
             methods=RANDOM_METHODS if methods is None else methods,
             levels=DEFAULT_LEVELS if levels is None else levels,
             progress=progress,
+        )
+        return best
+    if name == "local":
+        best, _ = local_search(
+            proxy,
+            target,
+            n_random,
+            seed=seed,
+            study=study,
+            methods=RANDOM_METHODS if methods is None else methods,
+            levels=DEFAULT_LEVELS if levels is None else levels,
         )
         return best
     close = difflib.get_close_matches(str(name).lower(), STRATEGIES, n=1)

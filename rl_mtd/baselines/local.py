@@ -1,0 +1,128 @@
+"""Local search around the sensitivity heuristic: what a learned search has to beat.
+
+``local`` (:func:`local_search`) starts from the MTD sensitivity policy and, for ``n`` proxy
+evaluations, perturbs the best policy so far (a few layers moved to a neighbouring level or to a
+random option, pushed through the budget wall) and keeps a perturbation when the proxy scores it
+higher: a (1+1) hill climb. If a learned agent cannot beat this at the same number of
+evaluations, the learning adds nothing over the heuristic plus trial and error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from rl_mtd.baselines.random import RANDOM_METHODS
+from rl_mtd.baselines.sensitivity import SensitivityStudy, sensitivity_policy
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetTable, OptionIndex
+from rl_mtd.errors import RlMtdError
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy, ProxyResult
+
+__all__ = ["local_search"]
+
+CHANGED_LAYERS = 2
+"""Layers a perturbation changes."""
+
+
+def local_search(
+    proxy: Proxy,
+    target: Budget | float,
+    n: int,
+    *,
+    seed: int = 0,
+    study: SensitivityStudy | None = None,
+    methods: Sequence[str] = RANDOM_METHODS,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+) -> tuple[Policy, list[ProxyResult]]:
+    """The best of ``n`` proxy evaluations of a hill climb from the sensitivity policy.
+
+    The first evaluation is the sensitivity policy itself (mapped onto ``methods`` x
+    ``levels``); each later one perturbs the best so far in ``CHANGED_LAYERS`` random layers:
+    half the time one level up or down within the layer's method, else a random option. The
+    whole candidate then goes through ``BudgetTable.wall`` layer by layer, so every candidate
+    meets the budget. A candidate replaces the best when its proxy accuracy is higher. Returns
+    the best policy and every evaluated result in order. ``study`` reuses a sensitivity study
+    (its evaluations are not counted in ``n``).
+    """
+    budget = Budget.of(target)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RlMtdError(f"n must be a positive int, got {n!r}")
+    table = BudgetTable(proxy.model, methods, levels)
+    table.check_target(budget)
+    start = sensitivity_policy(proxy, budget, study=study)
+    best = _walled(table, _options_of(table, start), budget)
+    rng = np.random.default_rng(seed)
+    best_policy = _policy(table, proxy, best, budget, seed, 0)
+    results = [proxy.evaluate(best_policy)]
+    best_acc = results[0].accuracy
+    for k in range(1, n):
+        candidate = _perturb(table, best, rng)
+        walled = _walled(table, candidate, budget)
+        policy = _policy(table, proxy, walled, budget, seed, k)
+        result = proxy.evaluate(policy)
+        results.append(result)
+        if result.accuracy > best_acc:
+            best, best_acc, best_policy = walled, result.accuracy, policy
+    return best_policy, results
+
+
+def _options_of(table: BudgetTable, policy: Policy) -> list[OptionIndex]:
+    """Each layer's option in ``table`` closest to the policy's choice (same method first)."""
+    out = []
+    for layer, choice in zip(table.layers, policy.layers, strict=True):
+        same = [c for c in layer.options if table.methods[c[0]] == choice.method]
+        pool = same or list(layer.options)
+        if choice.method == "keep" and not same:
+            out.append(max(pool, key=layer.params))  # keep unavailable: the mildest option
+            continue
+        target_params = layer.original / choice.ratio
+        out.append(min(pool, key=lambda c: abs(layer.params(c) - target_params)))
+    return out
+
+
+def _perturb(
+    table: BudgetTable, options: list[OptionIndex], rng: np.random.Generator
+) -> list[OptionIndex]:
+    out = list(options)
+    n_levels = len(table.levels)
+    for i in rng.choice(len(out), size=min(CHANGED_LAYERS, len(out)), replace=False):
+        mi, li = out[i]
+        if rng.random() < 0.5 and table.methods[mi] != "keep":
+            out[i] = (mi, int(np.clip(li + rng.choice([-1, 1]), 0, n_levels - 1)))
+        else:
+            out[i] = (int(rng.integers(len(table.methods))), int(rng.integers(n_levels)))
+    return out
+
+
+def _walled(table: BudgetTable, options: list[OptionIndex], budget: Budget) -> list[OptionIndex]:
+    walled: list[OptionIndex] = []
+    for option in options:
+        walled.append(table.wall(walled, option, budget))
+    return walled
+
+
+def _policy(
+    table: BudgetTable,
+    proxy: Proxy,
+    options: list[OptionIndex],
+    budget: Budget,
+    seed: int,
+    index: int,
+) -> Policy:
+    meta = {
+        "strategy": "local",
+        "target_ratio": budget.params,
+        "target_macs": budget.macs,
+        "seed": seed,
+        "index": index,
+    }
+    return Policy.from_choices(
+        proxy.model,
+        table.to_choices(options),
+        net=proxy.net,
+        width=proxy.width,
+        num_classes=proxy.num_classes,
+        meta=meta,
+    )
