@@ -21,10 +21,11 @@ from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_outputs
 from agents.search import env_config, load_replay, proxy_config, replay_agent, search
-from envs.mixed_decomposition import MixedDecompositionEnv
+from rl_mtd.budget import BudgetTable
 from rl_mtd.checkpoints import save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.io import write_json_atomic
+from rl_mtd.models import build_vgg
 from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.train import TrainConfig, TrainResult, evaluate, train
 
@@ -72,6 +73,11 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
+    if replay is None or replay.kind == "policy":  # a target out of reach: before any work
+        env = env_config(cfg)
+        BudgetTable(build_vgg(cfg.net, width=cfg.width), env.methods, env.levels).check_target(
+            env.budget
+        )
     device = resolve_device(cfg.device)
     splits, data = load_data(cfg)
     splits = splits.to(device)
@@ -91,8 +97,6 @@ def run(
         net=cfg.net,
         width=cfg.width,
     )
-    if replay is None or replay.kind == "policy":
-        MixedDecompositionEnv(proxy, env_config(cfg))  # raises if the target is out of reach
 
     if cfg.resume is None:
         if run_dir.exists() and cfg.overwrite:

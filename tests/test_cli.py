@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -558,3 +559,37 @@ def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
         states.append(model.state_dict())
     for k, v in states[0].items():
         assert torch.equal(v, states[1][k]), k
+
+
+def _digest(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, capsys):
+    """Every refusal comes before the run directory is touched, even with --overwrite."""
+    run = tmp_path / "earlier"
+    shutil.copytree(smoke_run, run)
+    before = _digest(run)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"net": NET}))
+    battery = [
+        ["--net", "vgg17"],
+        ["--width", "0"],
+        ["--episodes", "-3"],
+        ["--target-ratio", "0.5"],
+        ["--target-ratio", "1e6"],
+        ["--levels", "8,2"],
+        ["--checkpoint", str(text)],
+        ["--checkpoint", str(tmp_path / "missing.pt")],
+        ["--replay", str(report)],
+        ["--data", str(tmp_path / "no-such-data")],
+    ]
+    for extra in battery:
+        argv = [*COMMON, *SEARCH, *extra, "--out", str(run), "--overwrite"]
+        with pytest.raises(SystemExit) if extra[1] == "vgg17" else contextlib.nullcontext():
+            assert main(argv) != 0, extra
+        capsys.readouterr()
+        assert _digest(run) == before, f"{extra} changed the earlier run"
