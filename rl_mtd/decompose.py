@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 METHODS = ("keep", "tucker2", "cp")
 DECOMPOSED = ("tucker2", "cp")
 # Bump when a factorisation changes, so stale cached factors are not reused.
-FACTOR_VERSION = 1
+FACTOR_VERSION = 2
 
 Rank = int | tuple[int, int] | None
 
