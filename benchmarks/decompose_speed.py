@@ -266,14 +266,26 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     t_cp, f = timed(lambda: factorize.cp(w, rank), args.repeats)
     cp_factors = {"out": f.out, "inp": f.inp, "vertical": f.vertical, "horizontal": f.horizontal}
     err_cp = output_error(conv, block_from(conv, "cp", rank, cp_factors), x)
-    rows.append((f"rl_mtd CP rank {rank} (`factorize.cp`, defaults)", f"{t_cp:.3f} s",
-                 f"{err_cp:.4f}", f"{f.iterations} sweeps, degenerate_fixed={f.degenerate_fixed}"))  # fmt: skip
+    rows.append(
+        (
+            f"rl_mtd CP rank {rank} (`factorize.cp`, defaults)",
+            f"{t_cp:.3f} s",
+            f"{err_cp:.4f}",
+            f"{f.iterations} sweeps, degenerate_fixed={f.degenerate_fixed}",
+        )
+    )
     # For reference (no goal): rl_mtd CP with tensorly's sweep budget.
     t_cp_n, f_n = timed(lambda: factorize.cp(w, rank, max_iter=args.tl_iters), args.repeats)
     cp_n = {"out": f_n.out, "inp": f_n.inp, "vertical": f_n.vertical, "horizontal": f_n.horizontal}
     err_cp_n = output_error(conv, block_from(conv, "cp", rank, cp_n), x)
-    rows.append((f"rl_mtd CP rank {rank}, `max_iter={args.tl_iters}` (reference, no goal)",
-                 f"{t_cp_n:.3f} s", f"{err_cp_n:.4f}", f"{f_n.iterations} sweeps"))  # fmt: skip
+    rows.append(
+        (
+            f"rl_mtd CP rank {rank}, `max_iter={args.tl_iters}` (reference, no goal)",
+            f"{t_cp_n:.3f} s",
+            f"{err_cp_n:.4f}",
+            f"{f_n.iterations} sweeps",
+        )
+    )
 
     # (b) tensorly CP
     t_tl = err_tl = None
@@ -293,21 +305,33 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         weights, (a, b, c, d) = cp_tl
         tl_factors = {
             name: torch.from_numpy(np.ascontiguousarray(m)).float()
-            for name, m in zip(("out", "inp", "vertical", "horizontal"),
-                               (a * weights[None, :], b, c, d))
-        }  # fmt: skip
+            for name, m in zip(
+                ("out", "inp", "vertical", "horizontal"), (a * weights[None, :], b, c, d)
+            )
+        }
         err_tl = output_error(conv, block_from(conv, "cp", rank, tl_factors), x)
-        rows.append((f"tensorly `parafac` rank {rank}, {args.tl_iters} iters, init=svd, tol=0",
-                     f"{t_tl:.3f} s", f"{err_tl:.4f}",
-                     f"backend {tl.get_backend()}, float64, tensorly {tl.__version__}"))  # fmt: skip
+        rows.append(
+            (
+                f"tensorly `parafac` rank {rank}, {args.tl_iters} iters, init=svd, tol=0",
+                f"{t_tl:.3f} s",
+                f"{err_tl:.4f}",
+                f"backend {tl.get_backend()}, float64, tensorly {tl.__version__}",
+            )
+        )
 
     # Tucker-2
     factorize.tucker2(w, (8, 8))  # warm up
     t_tk, tk = timed(lambda: factorize.tucker2(w, (rank, rank)), args.repeats)
     tk_factors = {"core": tk.core, "u_out": tk.u_out, "u_in": tk.u_in}
     err_tk = output_error(conv, block_from(conv, "tucker2", (rank, rank), tk_factors), x)
-    rows.append((f"rl_mtd Tucker-2 ranks ({rank}, {rank}) (`factorize.tucker2`)",
-                 f"{t_tk:.3f} s", f"{err_tk:.4f}", "HOSVD + 3 HOOI sweeps"))  # fmt: skip
+    rows.append(
+        (
+            f"rl_mtd Tucker-2 ranks ({rank}, {rank}) (`factorize.tucker2`)",
+            f"{t_tk:.3f} s",
+            f"{err_tk:.4f}",
+            "HOSVD + 3 HOOI sweeps",
+        )
+    )
 
     # The factor cache, through decompose_conv.
     cache_dir = tmp / "factors"
@@ -345,34 +369,64 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             "includes hashing the kernel and building the layers",
         )
     )
-    rows.append(("fresh `FactorCache` on the same dir, disk cache hit", f"{t_disk * 1e3:.1f} ms",
-                 f"{err_cached:.4f}", f"weights identical to first call: {same}"))  # fmt: skip
+    rows.append(
+        (
+            "fresh `FactorCache` on the same dir, disk cache hit",
+            f"{t_disk * 1e3:.1f} ms",
+            f"{err_cached:.4f}",
+            f"weights identical to first call: {same}",
+        )
+    )
 
     # Verdicts.
     verdicts.append((f"rl_mtd CP <= {CP_MAX_S:g} s", t_cp <= CP_MAX_S, f"{t_cp:.3f} s"))
     if t_tl is not None and err_tl is not None:
         speedup = t_tl / t_cp
-        verdicts.append((f"rl_mtd CP >= {CP_MIN_SPEEDUP:g}x faster than tensorly",
-                         speedup >= CP_MIN_SPEEDUP, f"{speedup:.1f}x"))  # fmt: skip
-        verdicts.append(("rl_mtd CP output error no worse than tensorly's (0.5% slack)",
-                         err_cp <= err_tl * ERR_SLACK, f"{err_cp:.4f} vs {err_tl:.4f}"))  # fmt: skip
+        verdicts.append(
+            (
+                f"rl_mtd CP >= {CP_MIN_SPEEDUP:g}x faster than tensorly",
+                speedup >= CP_MIN_SPEEDUP,
+                f"{speedup:.1f}x",
+            )
+        )
+        verdicts.append(
+            (
+                "rl_mtd CP output error no worse than tensorly's (0.5% slack)",
+                err_cp <= err_tl * ERR_SLACK,
+                f"{err_cp:.4f} vs {err_tl:.4f}",
+            )
+        )
     verdicts.append((f"Tucker-2 <= {TUCKER_MAX_S:g} s", t_tk <= TUCKER_MAX_S, f"{t_tk:.3f} s"))
-    verdicts.append((f"cached call (memory) < {CACHED_MAX_MS:g} ms",
-                     t_mem * 1e3 < CACHED_MAX_MS, f"{t_mem * 1e3:.1f} ms"))  # fmt: skip
-    verdicts.append((f"cached call (disk) < {CACHED_MAX_MS:g} ms",
-                     t_disk * 1e3 < CACHED_MAX_MS, f"{t_disk * 1e3:.1f} ms"))  # fmt: skip
+    verdicts.append(
+        (
+            f"cached call (memory) < {CACHED_MAX_MS:g} ms",
+            t_mem * 1e3 < CACHED_MAX_MS,
+            f"{t_mem * 1e3:.1f} ms",
+        )
+    )
+    verdicts.append(
+        (
+            f"cached call (disk) < {CACHED_MAX_MS:g} ms",
+            t_disk * 1e3 < CACHED_MAX_MS,
+            f"{t_disk * 1e3:.1f} ms",
+        )
+    )
     verdicts.append(("cached factors identical to computed", same, str(same)))
     recovery_lines: list[str] = []
     if args.recovery_kernels > 0:
         recovery_lines, more = recovery(args.recovery_kernels, not args.skip_tensorly)
         verdicts += more
 
-    print(f"Kernel {kernel} (power-law spectrum, decay {DECAY}, spatial {SPATIAL}, seed "
-          f"{args.seed}), CP/Tucker rank {rank}, input {args.batch}x{i}x8x8")  # fmt: skip
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"repeats {args.repeats} (median), tensorly repeats {args.tl_repeats}, "
-          f"load average at start {LOAD0}, at end {_load()}")  # fmt: skip
+    print(
+        f"Kernel {kernel} (power-law spectrum, decay {DECAY}, spatial {SPATIAL}, seed "
+        f"{args.seed}), CP/Tucker rank {rank}, input {args.batch}x{i}x8x8"
+    )
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}, "
+        f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"repeats {args.repeats} (median), tensorly repeats {args.tl_repeats}, "
+        f"load average at start {LOAD0}, at end {_load()}"
+    )
     print()
     print("| What | Time | Output rel. error | Notes |")
     print("|---|---:|---:|---|")

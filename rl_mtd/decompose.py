@@ -6,32 +6,28 @@
 - ``cp`` (Lebedev et al. 2015): 1x1 conv ``I -> R`` (``B^T``), depthwise ``kh x 1`` (``C``),
   depthwise ``1 x kw`` (``D``), 1x1 conv ``R -> O`` (``A``, the original bias).
 
-Factors are cached by (hash of the kernel bytes, method, rank) in memory and on disk, so a layer
-is decomposed once across episodes, processes and runs.
+Factors are cached by (hash of the kernel bytes, method, rank) in memory and on disk
+(``rl_mtd.factor_cache``, whose names are importable from here too), so a layer is decomposed
+once across episodes, processes and runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
-from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from rl_mtd import factorize
 from rl_mtd.errors import RlMtdError
-from rl_mtd.io import cache_dir, torch_save_atomic
+from rl_mtd.factor_cache import FACTOR_VERSION as FACTOR_VERSION  # re-exported
+from rl_mtd.factor_cache import FactorCache, default_cache, weight_key
 
 log = logging.getLogger(__name__)
 
 METHODS = ("keep", "tucker2", "cp")
 DECOMPOSED = ("tucker2", "cp")
-# Bump when a factorisation changes, so stale cached factors are not reused.
-FACTOR_VERSION = 2
 
 Rank = int | tuple[int, int] | None
 
@@ -164,97 +160,7 @@ def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
     return min(candidates, key=lambda rk: abs(decomposed_params(conv, method, rk) - budget))
 
 
-# ----------------------------------------------------------------------------- the factor cache
-
-
-def weight_key(weight: torch.Tensor) -> str:
-    """Content hash of a kernel: its shape, dtype and bytes."""
-    w = weight.detach().contiguous().cpu()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(w.shape)}|{w.dtype}|v{FACTOR_VERSION}".encode())
-    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
-    return h.hexdigest()
-
-
-class FactorCache:
-    """Factors by (kernel hash, method, rank): an LRU in memory over an optional disk store.
-
-    Disk entries are written atomically (temp file, then rename), so several processes can share
-    one directory: the worst case is two of them computing the same factors once each.
-    """
-
-    def __init__(self, directory: str | os.PathLike | None = None, max_items: int = 512):
-        self.directory = Path(directory) if directory is not None else None
-        self.max_items = max_items
-        self._memory: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self.hits = 0
-        self.disk_hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(wkey: str, method: str, rank: Rank) -> str:
-        r = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
-        return f"{wkey}-{method}-{r}"
-
-    def _path(self, key: str) -> Path | None:
-        return None if self.directory is None else self.directory / key[:2] / f"{key}.pt"
-
-    def get(
-        self, key: str, expect: dict[str, tuple[int, ...]] | None = None
-    ) -> dict[str, torch.Tensor] | None:
-        """The factors stored under ``key``, or None (a miss).
-
-        With ``expect`` (factor name -> shape), a disk entry that is not exactly such a dict of
-        finite float tensors - a foreign, stale or hand-edited file - counts as a miss, so the
-        caller recomputes and overwrites it instead of failing.
-        """
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            self.hits += 1
-            return self._memory[key]
-        path = self._path(key)
-        if path is not None and path.exists():
-            try:
-                value = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a torn or foreign file: recompute rather than fail
-                log.warning("ignoring unreadable cached factors %s (%s)", path, exc)
-            else:
-                problem = _factor_problem(value, expect) if expect is not None else None
-                if problem is None:
-                    self.disk_hits += 1
-                    self._remember(key, value)
-                    return value
-                log.warning("ignoring cached factors %s: %s", path, problem)
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: dict[str, torch.Tensor]) -> None:
-        value = {k: v.detach().cpu() for k, v in value.items()}
-        self._remember(key, value)
-        path = self._path(key)
-        if path is not None:
-            try:
-                torch_save_atomic(value, path)
-            except OSError as exc:  # full disk or read-only cache: keep going from memory
-                log.warning("could not write factor cache %s (%s)", path, exc)
-
-    def _remember(self, key: str, value: dict[str, torch.Tensor]) -> None:
-        self._memory[key] = value
-        self._memory.move_to_end(key)
-        while len(self._memory) > self.max_items:
-            self._memory.popitem(last=False)
-
-
-_default_cache: FactorCache | None = None
-
-
-def default_cache() -> FactorCache:
-    """The process-wide cache, on disk under ``cache_dir()/factors``."""
-    global _default_cache
-    directory = cache_dir() / "factors"
-    if _default_cache is None or _default_cache.directory != directory:
-        _default_cache = FactorCache(directory)
-    return _default_cache
+# ----------------------------------------------------------------------------- factors
 
 
 def compute_factors(weight: torch.Tensor, method: str, rank: Rank) -> dict[str, torch.Tensor]:
@@ -305,22 +211,6 @@ def factor_shapes(conv: nn.Conv2d, method: str, rank: Rank) -> dict[str, tuple[i
             "horizontal": (kw, rank),
         }
     raise RlMtdError(f"method {method!r} has no factors")
-
-
-def _factor_problem(found: object, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why ``found`` is not a usable factor dict of these shapes, or None when it is."""
-    if not isinstance(found, dict):
-        return f"expected a dict of tensors, found {type(found).__name__}"
-    if set(found) != set(shapes):
-        return f"expected tensors {sorted(shapes)}, found {sorted(map(str, found))}"
-    for name, shape in shapes.items():
-        t = found[name]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            return f"{name} should be a tensor of shape {shape}, found {got}"
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            return f"{name} is not a finite floating-point tensor"
-    return None
 
 
 # ----------------------------------------------------------------------------- building layers

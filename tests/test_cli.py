@@ -562,8 +562,11 @@ def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
 
 
 def _digest(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, capsys):

@@ -22,18 +22,20 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.models import build_vgg
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    """Keep the on-disk factor cache out of ~/.cache."""
-    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def _conv(cin: int, cout: int, *, k: int = 3, stride: int = 1, padding: int = 1,
-          bias: bool = False, seed: int = 0) -> nn.Conv2d:  # fmt: skip
+def _conv(
+    cin: int,
+    cout: int,
+    *,
+    k: int = 3,
+    stride: int = 1,
+    padding: int = 1,
+    bias: bool = False,
+    seed: int = 0,
+) -> nn.Conv2d:
     torch.manual_seed(seed)
     conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
     if bias:
@@ -346,10 +348,18 @@ def test_unknown_method_message_names_choices() -> None:
     [
         {"foo": torch.zeros(3)},
         [1, 2],
-        {"out": torch.zeros(12, 4), "inp": torch.zeros(8, 4), "vertical": torch.zeros(3, 4),
-         "horizontal": torch.zeros(3, 4)},
-        {"out": torch.full((12, 5), float("nan")), "inp": torch.zeros(8, 5),
-         "vertical": torch.zeros(3, 5), "horizontal": torch.zeros(3, 5)},
+        {
+            "out": torch.zeros(12, 4),
+            "inp": torch.zeros(8, 4),
+            "vertical": torch.zeros(3, 4),
+            "horizontal": torch.zeros(3, 4),
+        },
+        {
+            "out": torch.full((12, 5), float("nan")),
+            "inp": torch.zeros(8, 5),
+            "vertical": torch.zeros(3, 5),
+            "horizontal": torch.zeros(3, 5),
+        },
     ],
     ids=["dict", "list", "wrong-rank", "nan"],
 )
