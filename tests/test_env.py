@@ -261,7 +261,7 @@ def test_option_macs_match_the_built_blocks(structural_proxy):
 
     model = structural_proxy.model
     table = BudgetTable(model, METHODS, (2.0, 16.0))
-    for (name, conv), layer in zip(conv_layers(model), table.layers):
+    for (name, _conv), layer in zip(conv_layers(model), table.layers):
         for option, (rank, _, macs) in layer.options.items():
             method = METHODS[option[0]]
             probe = Policy.from_choices(
