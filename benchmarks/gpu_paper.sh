@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Paper-scale run for a lent GPU (H100/H200): full-width baseline, PPO at targets 32, 37 and 50
-# (plus uniform Tucker-2 at the same budgets for reference), fine-tune, and the table printed last.
+# Paper-scale run for a lent GPU (H100/H200): full-width baseline, then at 37x and 50x PPO, the
+# MTD sensitivity heuristic, local search around it and uniform Tucker-2, each fine-tuned alike,
+# and the table printed last.
 #
 #   bash benchmarks/gpu_paper.sh vgg16              # on the GPU machine (see prepare below)
 #   bash benchmarks/gpu_paper.sh vgg16 --dry-run    # same code path, smoke scale, CPU, $RL_MTD_DATA
 #
 # Before a GPU run, on the dev machine: bash benchmarks/gpu_paper.sh prepare
 # copies the wheels (../shared/wheels-py312) and the CIFAR-10 archive into .gpu/ (git-ignored);
-# name .gpu in the device tool's carry. Budgets are guessed (never yet timed on a GPU) to fit about
-# 8 minutes per net on an H100; the proxy repair (40 steps) is most of the search cost.
+# name .gpu in the device tool's carry. Budgets are sized from the H200 timings in issue 10 (decode
+# 11 s, 30 baseline epochs 55 s, factorising every option 25 s, 40 PPO episodes 36-89 s, the
+# sensitivity study 155 s, a distilled fine-tune epoch ~3.5 s at batch 256) to about 9 minutes;
+# not yet run on a GPU in this form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,12 +49,12 @@ else
   export RL_MTD_CACHE="${RL_MTD_CACHE:-/tmp/rl_mtd_cache}"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   ARGS=(--width 1 --device cuda --baseline-epochs 30 --batch-size 256 --lr 0.1
-        --proxy-size 5000 --targets 32,37,50 --episodes 60 --repair-steps 40 --finetune-epochs 6
+        --proxy-size 5000 --targets 37,50 --episodes 30 --repair-steps 40 --finetune-epochs 5
         --kd 0.5 --latency-repeats 10 --no-progress)
 fi
 
 set -o pipefail
-"${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,tucker2 \
+"${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,sensitivity,local,tucker2 \
   --out-dir "$WORK/$NET" "${ARGS[@]}" 2>&1 | tee "$OUT_DIR/$NET-log.txt"
 # The per-row reports and the plot beside the log, then the table last (the tool returns the tail).
 cp "$WORK/$NET/rows.json" "$OUT_DIR/$NET-report.json"
