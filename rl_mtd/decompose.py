@@ -9,6 +9,11 @@
 Factors are cached by (hash of the kernel bytes, method, rank) in memory and on disk
 (``rl_mtd.factor_cache``, whose names are importable from here too), so a layer is decomposed
 once across episodes, processes and runs.
+
+Given the layer's input activations (or their channel moment, ``input_moment``), the factors
+minimise the layer's output error on such inputs instead of the kernel error (``rl_mtd.datafit``;
+``collect_input_moments`` and ``input_moment`` are importable from here too); the cache key then
+includes a hash of the moment.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import math
 import torch
 from torch import nn
 
-from rl_mtd import factorize
+from rl_mtd import datafit, factorize
+from rl_mtd.datafit import collect_input_moments as collect_input_moments  # re-exported
+from rl_mtd.datafit import input_moment as input_moment  # re-exported
 from rl_mtd.errors import RlMtdError
 from rl_mtd.factor_cache import FACTOR_VERSION as FACTOR_VERSION  # re-exported
-from rl_mtd.factor_cache import FactorCache, default_cache, weight_key
+from rl_mtd.factor_cache import FactorCache, default_cache, moment_key, weight_key
 
 log = logging.getLogger(__name__)
 
@@ -163,17 +170,28 @@ def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
 # ----------------------------------------------------------------------------- factors
 
 
-def compute_factors(weight: torch.Tensor, method: str, rank: Rank) -> dict[str, torch.Tensor]:
-    """Factor tensors for one kernel, uncached."""
+def compute_factors(
+    weight: torch.Tensor, method: str, rank: Rank, *, input_moment: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Factor tensors for one kernel, uncached; data-aware with ``input_moment``."""
     if not torch.isfinite(weight).all():
         raise RlMtdError(
             "the conv kernel holds NaN or inf weights; the checkpoint is damaged or training "
             "diverged - retrain or pass another --checkpoint"
         )
+    if input_moment is not None:
+        i = weight.shape[1]
+        if tuple(input_moment.shape) != (i, i):
+            raise RlMtdError(
+                f"the input moment has shape {tuple(input_moment.shape)}, but the conv has {i} "
+                f"input channels: expected ({i}, {i}) - were the moments collected on this model?"
+            )
+        if not torch.isfinite(input_moment).all():
+            raise RlMtdError("the input moment holds NaN or inf values; the activations diverged")
     if method == "tucker2":
-        t = factorize.tucker2(weight, rank)  # type: ignore[arg-type]
+        t = factorize.tucker2(weight, rank, input_moment=input_moment)  # type: ignore[arg-type]
         return {"core": t.core, "u_out": t.u_out, "u_in": t.u_in}
-    f = factorize.cp(weight, rank)  # type: ignore[arg-type]
+    f = factorize.cp(weight, rank, input_moment=input_moment)  # type: ignore[arg-type]
     return {"out": f.out, "inp": f.inp, "vertical": f.vertical, "horizontal": f.horizontal}
 
 
@@ -184,13 +202,18 @@ def get_factors(
     *,
     cache: FactorCache | None = None,
     wkey: str | None = None,
+    input_moment: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Factors of ``conv`` for ``method`` at ``rank``, from the cache when it has them."""
+    """Factors of ``conv`` for ``method`` at ``rank``, from the cache when it has them.
+
+    With ``input_moment`` the fit is data-aware and cached under a key that includes its hash.
+    """
     cache = cache if cache is not None else default_cache()
-    key = FactorCache.key(wkey or weight_key(conv.weight), method, rank)
+    mkey = moment_key(input_moment) if input_moment is not None else None
+    key = FactorCache.key(wkey or weight_key(conv.weight), method, rank, mkey)
     found = cache.get(key, expect=factor_shapes(conv, method, rank))
     if found is None:
-        found = compute_factors(conv.weight.detach(), method, rank)
+        found = compute_factors(conv.weight.detach(), method, rank, input_moment=input_moment)
         cache.put(key, found)
     return found
 
@@ -327,16 +350,26 @@ def decompose_conv(
     *,
     cache: FactorCache | None = None,
     wkey: str | None = None,
+    inputs: torch.Tensor | None = None,
+    input_moment: torch.Tensor | None = None,
 ) -> nn.Module:
     """Replace ``conv`` by its ``method`` decomposition at ``rank``; ``keep`` returns a copy.
 
     ``rank`` is ``(r_out, r_in)`` or an int for Tucker-2, an int for CP. Stride, padding, dilation
     and bias carry over. Factors come from ``cache`` (default: the process-wide disk cache).
+    Without data they minimise the kernel error. With ``inputs`` (a batch of the layer's input
+    activations, ``(N, I, H, W)``) or, cheaper, their ``input_moment`` (``input_moment(inputs)``)
+    they minimise the layer's expected output error on such inputs (``rl_mtd.datafit``).
     """
+    if inputs is not None:
+        if input_moment is not None:
+            raise RlMtdError("pass inputs or input_moment, not both")
+        input_moment = datafit.input_moment(inputs)
     block = build_decomposed(conv, method, rank)
     if method == "keep":
         block.load_state_dict(conv.state_dict())
         return block
     rank = normalize_rank(conv, method, rank)
-    load_factors(block, conv, get_factors(conv, method, rank, cache=cache, wkey=wkey))
+    factors = get_factors(conv, method, rank, cache=cache, wkey=wkey, input_moment=input_moment)
+    load_factors(block, conv, factors)
     return block

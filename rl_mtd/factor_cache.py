@@ -1,8 +1,10 @@
-"""The factor cache: factors by (kernel hash, method, rank), in memory and on disk.
+"""The factor cache: factors by (kernel hash, method, rank, fit), in memory and on disk.
 
 Re-decomposing the same layer at the same rank in every episode would waste most of a search,
 so a layer is decomposed once across episodes, processes and runs. Disk entries are written
 atomically, and a foreign, damaged or mis-shaped entry is a miss (recomputed), never a crash.
+A data-aware fit (``rl_mtd.datafit``) adds a hash of the input moment it saw to the key;
+weight-only keys are as they were, so existing caches stay valid.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from rl_mtd.datafit import WHITEN_RIDGE
 from rl_mtd.io import cache_dir, torch_save_atomic
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,17 @@ def weight_key(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def moment_key(moment: torch.Tensor) -> str:
+    """Short content hash of an input moment (its float64 bytes and the whitening ridge)."""
+    m = moment.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{tuple(m.shape)}|ridge{WHITEN_RIDGE!r}".encode())
+    h.update(m.numpy().tobytes())
+    return h.hexdigest()
+
+
 class FactorCache:
-    """Factors by (kernel hash, method, rank): an LRU in memory over an optional disk store.
+    """Factors by (kernel hash, method, rank, fit): an LRU in memory over an optional disk store.
 
     Disk entries are written atomically (temp file, then rename), so several processes can share
     one directory: the worst case is two of them computing the same factors once each.
@@ -48,9 +60,12 @@ class FactorCache:
         self.misses = 0
 
     @staticmethod
-    def key(wkey: str, method: str, rank: int | tuple[int, int] | None) -> str:
+    def key(
+        wkey: str, method: str, rank: int | tuple[int, int] | None, mkey: str | None = None
+    ) -> str:
+        """The entry's name; ``mkey`` (a ``moment_key``) marks a data-aware fit."""
         r = "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
-        return f"{wkey}-{method}-{r}"
+        return f"{wkey}-{method}-{r}" + (f"-d{mkey}" if mkey is not None else "")
 
     def _path(self, key: str) -> Path | None:
         return None if self.directory is None else self.directory / key[:2] / f"{key}.pt"

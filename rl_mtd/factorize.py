@@ -37,6 +37,10 @@ exactly rank-8 64x32x3x3 kernels, 8 of 40 fits ended above 1e-4 relative error, 
   low-rank kernels sat at up to ~0.14 error, some gaining under 1e-8 per sweep for a hundred
   sweeps before dropping to 1e-6); or at a sweep cap that is larger for smaller problems
   (``default_max_iter``: a fixed amount of work per fit, so a big layer's time stays bounded).
+
+Data-aware fits (``input_moment=M``, the input channels' second moment) run on the whitened
+kernel ``W x_1 M^(1/2)`` and map the input factor back, so they minimise the layer's expected
+output error (``rl_mtd.datafit`` derives it).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+
+from rl_mtd.datafit import whitening
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +117,32 @@ def _top_left_singular(mat: torch.Tensor, rank: int) -> torch.Tensor:
     return vecs[:, -rank:].flip(-1).contiguous()
 
 
-def tucker2(weight: torch.Tensor, ranks: tuple[int, int], *, n_iter: int = 3) -> TuckerFactors:
-    """Tucker-2 of a conv kernel on its two channel modes; ``ranks = (r_out, r_in)``."""
+def _whiten(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W x_1 S, S^-1)`` in ``w``'s dtype and device (see ``whitening``)."""
+    s, s_inv = (t.to(device=w.device, dtype=w.dtype) for t in whitening(moment, w.shape[1]))
+    return torch.einsum("oihw,ji->ojhw", w, s), s_inv
+
+
+def tucker2(
+    weight: torch.Tensor,
+    ranks: tuple[int, int],
+    *,
+    n_iter: int = 3,
+    input_moment: torch.Tensor | None = None,
+) -> TuckerFactors:
+    """Tucker-2 of a conv kernel on its two channel modes; ``ranks = (r_out, r_in)``.
+
+    Without ``input_moment`` it minimises the kernel error ``||W - W_hat||`` (HOSVD, then
+    ``n_iter`` HOOI sweeps). With it (``M``, the ``(I, I)`` second moment of the layer's input
+    channels) it minimises ``||(W - W_hat) x_1 S||``, ``S = (M + ridge)^(1/2)``: the expected
+    output error on inputs of that moment, spatial correlations ignored; ``u_in`` is then
+    ``S^-1`` times an orthonormal basis.
+    """
     w = weight.detach().to(torch.float64 if weight.device.type == "cpu" else torch.float32)
+    if input_moment is not None:
+        w_white, s_inv = _whiten(w, input_moment)
+        t = tucker2(w_white, ranks, n_iter=n_iter)
+        return TuckerFactors(*(f.to(weight.dtype) for f in (t.core, t.u_out, s_inv @ t.u_in)))
     o, i, kh, kw = w.shape
     r_out, r_in = ranks
     if not (1 <= r_out <= o and 1 <= r_in <= i):
@@ -310,8 +339,15 @@ def cp(
     tol: float = 1e-5,
     ridge: float = 1e-6,
     seed: int = 0,
+    input_moment: torch.Tensor | None = None,
 ) -> CPFactors:
     """4-way CP of a conv kernel at ``rank`` by ridge-regularised ALS with degeneracy guards.
+
+    Without ``input_moment`` it minimises the kernel error ``||W - W_hat||``. With it (``M``, the
+    ``(I, I)`` second moment of the layer's input channels) it minimises ``||(W - W_hat) x_1 S||``,
+    ``S = (M + ridge)^(1/2)``, the expected output error on inputs of that moment (spatial
+    correlations ignored): the same ALS and guards run on ``W x_1 S`` and ``inp`` is mapped back
+    by ``S^-1``. Errors, tolerances and the degeneracy check then refer to the whitened kernel.
 
     ``max_iter`` caps the sweeps (default: ``default_max_iter``). A fit stops earlier once its
     relative error is below ``FIT_TOL``, or once its mean relative improvement per sweep over the
@@ -323,6 +359,7 @@ def cp(
     w = weight.detach().to(torch.float64 if weight.device.type == "cpu" else torch.float32)
     if not torch.isfinite(w).all():
         raise ValueError("cannot decompose a kernel with NaN or inf weights; check the checkpoint")
+    w, s_inv = (w, None) if input_moment is None else _whiten(w, input_moment)
     if max_iter is None:
         max_iter = default_max_iter(tuple(w.shape), rank)
     gen = torch.Generator().manual_seed(seed)
@@ -354,5 +391,7 @@ def cp(
             DegenerateFactorsWarning,
             stacklevel=2,
         )
+    if s_inv is not None:
+        factors = [factors[0], s_inv @ factors[1], *factors[2:]]
     a, b, c, d = (f.to(weight.dtype) for f in _balance(factors))
     return CPFactors(a, b, c, d, iterations=iters, degenerate_fixed=fixed)

@@ -17,10 +17,12 @@ import copy
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rl_mtd.decompose import (
@@ -269,21 +271,36 @@ def apply_policy(
     cache: FactorCache | None = None,
     factorize: bool = True,
     wkeys: list[str] | None = None,
+    input_moments: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """A compressed copy of ``model`` with each conv replaced as ``policy`` says.
 
     With ``factorize=False`` the decomposed blocks get untrained weights: the structure for
     loading a saved compressed state_dict. ``wkeys`` are precomputed kernel hashes (saves
-    rehashing in the search loop).
+    rehashing in the search loop). ``input_moments`` maps conv layer names to their input
+    moments (``rl_mtd.decompose.collect_input_moments``); those layers get the data-aware fit,
+    which minimises their output error rather than their kernel error.
     """
     out = copy.deepcopy(model)
     convs = check_matches(out, policy)  # collected before any replacement
+    moments = dict(input_moments or {})
+    unknown = sorted(set(moments) - {name for name, _ in convs})
+    if unknown:
+        raise RlMtdError(
+            f"input_moments name layers this model does not have: {', '.join(unknown)}; "
+            "collect them on the model being compressed"
+        )
     for i, ((name, conv), choice) in enumerate(zip(convs, policy.layers)):
         if choice.method == "keep":
             continue
         if factorize:
             block = decompose_conv(
-                conv, choice.method, choice.rank, cache=cache, wkey=wkeys[i] if wkeys else None
+                conv,
+                choice.method,
+                choice.rank,
+                cache=cache,
+                wkey=wkeys[i] if wkeys else None,
+                input_moment=moments.get(name),
             )
         else:
             block = build_decomposed(conv, choice.method, choice.rank)

@@ -10,6 +10,10 @@ Why the repair: at high compression most policies score near chance straight aft
 BN re-estimate or not, so the ranking among them is noise.
 A couple of hundred SGD steps separate the
 policies that fine-tuning can rescue from those it cannot (BENCHMARKS.md, proxy fidelity).
+
+``ProxyConfig(fit="data")`` fits the factors to each layer's output error on the baseline's own
+activations (input moments of ``fit_images`` training images, collected once) instead of to the
+kernels (``rl_mtd.datafit``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from rl_mtd.data import Split
-from rl_mtd.decompose import FactorCache, conv_layers, weight_key
+from rl_mtd.decompose import FactorCache, collect_input_moments, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.models import ModelSpec, model_spec
@@ -64,6 +68,9 @@ def default_repair() -> TrainConfig:
     return TrainConfig(lr=0.01, schedule="cosine", batch_size=128)
 
 
+FITS = ("weights", "data")
+
+
 @dataclass
 class ProxyConfig:
     bn_batches: int = 10
@@ -77,8 +84,19 @@ class ProxyConfig:
     ``kd_alpha`` > 0 distils from the baseline."""
     seed: int = 0
     """Seeds the BatchNorm batches and the repair: every policy sees the same data."""
+    fit: str = "weights"
+    """How factors are fitted: ``weights`` (minimise each kernel's error) or ``data`` (minimise
+    each layer's output error on the baseline's own activations, ``rl_mtd.datafit``)."""
+    fit_images: int = 512
+    """Training images the input moments of ``fit="data"`` are collected from."""
 
     def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise RlMtdError(f"unknown fit {self.fit!r}; choose one of {', '.join(FITS)}")
+        if isinstance(self.fit_images, bool) or not isinstance(self.fit_images, int):
+            raise RlMtdError(f"fit_images must be an int, got {self.fit_images!r}")
+        if self.fit_images < 1:
+            raise RlMtdError(f"fit_images must be >= 1, got {self.fit_images}")
         if self.bn_batches < 0 or self.repair_steps < 0:
             raise RlMtdError(
                 f"bn_batches and repair_steps must be >= 0, got {self.bn_batches} and "
@@ -139,6 +157,15 @@ class Proxy:
         self.cache = cache
         self.convs = conv_layers(self.model)
         self.wkeys = [weight_key(c.weight) for _, c in self.convs]  # hashed once, not per episode
+        self.input_moments: dict[str, torch.Tensor] | None = None
+        if self.config.fit == "data":  # the baseline's own activations, collected once
+            self.input_moments = collect_input_moments(
+                self.model,
+                self.train_split,
+                images=self.config.fit_images,
+                batch_size=self.config.bn_batch_size,
+                seed=self.config.seed,
+            )
         self.params_original = count_params(self.model)
         self.macs_original = count_macs(self.model)
         self._memo: dict[tuple, ProxyResult] = {}
@@ -153,7 +180,13 @@ class Proxy:
 
     def compress(self, policy: Policy) -> nn.Module:
         """The compressed model with re-estimated BatchNorm statistics (when configured)."""
-        model = apply_policy(self.model, policy, cache=self.cache, wkeys=self.wkeys)
+        model = apply_policy(
+            self.model,
+            policy,
+            cache=self.cache,
+            wkeys=self.wkeys,
+            input_moments=self.input_moments,
+        )
         if self.config.bn_batches > 0 and any(c.method != "keep" for c in policy.layers):
             reestimate_bn(
                 model,
