@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
     t.add_argument(
+        "--fit",
+        default="weights",
+        choices=["weights", "data"],
+        help="factorise each layer to its kernel alone, or to its outputs on the baseline's own "
+        "activations (data-aware; see BENCHMARKS.md for when it helps)",
+    )
+    t.add_argument(
         "--kd",
         type=float,
         default=0.0,
@@ -227,6 +234,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,
         "kd": args.kd,
+        "fit": args.fit,
         "train_size": args.train_size,
         "test_size": args.test_size,
         "replay": args.replay,

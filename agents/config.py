@@ -19,6 +19,7 @@ from rl_mtd.models import check_net_name
 REPAIR_STEPS = 200
 DEVICES = ("auto", "cpu", "cuda")
 ON_INTERRUPT = ("ask", "report", "stop")
+FITS = ("weights", "data")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
@@ -105,6 +106,10 @@ class RunConfig:
     lr: float = 0.05
     finetune_lr: float = 0.01
     batch_size: int = 128
+    fit: str = "weights"
+    """How layers are factorised: "weights" (the kernel alone) or "data" (the output error on the
+    baseline's own activations of a few hundred training images); one setting for the proxy, the
+    strategies and the final model."""
     kd: float = 0.0
     """Distillation weight from the baseline during fine-tuning (0: off)."""
     # replay / resume
@@ -172,6 +177,8 @@ class RunConfig:
             ("--finetune-lr", self.finetune_lr),
         ):
             _positive(flag, value)
+        if self.fit not in FITS:
+            raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):
             raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():

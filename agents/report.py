@@ -75,6 +75,7 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "baseline_proxy_acc": r.baseline_proxy_acc,
         "proxy_bn_batches": r.proxy_config.bn_batches,
         "proxy_repair_steps": r.proxy_config.repair_steps,
+        "fit": r.proxy_config.fit,
         "proxy_acc": r.proxy_acc,
         "finetuned_acc": r.finetuned_acc,
         "accuracy_drop": r.baseline_acc - r.finetuned_acc,

@@ -67,7 +67,11 @@ def proxy_config(cfg: RunConfig) -> ProxyConfig:
     """The proxy settings of a run (one place, so every environment scores alike)."""
     repair = replace(default_repair(), batch_size=cfg.batch_size)
     return ProxyConfig(
-        bn_batches=cfg.bn_batches, repair_steps=cfg.repair_steps, repair=repair, seed=cfg.seed
+        bn_batches=cfg.bn_batches,
+        repair_steps=cfg.repair_steps,
+        repair=repair,
+        seed=cfg.seed,
+        fit=cfg.fit,
     )
 
 

@@ -50,6 +50,12 @@ def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STE
     )
     p.add_argument("--repair-lr", type=float, default=d.lr)
     p.add_argument("--repair-kd", type=float, default=d.kd_alpha)
+    p.add_argument(
+        "--fit",
+        default="weights",
+        choices=["weights", "data"],
+        help="factorise to the kernel alone or to the layer's outputs on baseline activations",
+    )
 
 
 def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
@@ -63,6 +69,7 @@ def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
         "bn_batches": args.bn_batches,
         "repair_steps": args.repair_steps,
         "repair": repair,
+        "fit": args.fit,
         "seed": getattr(args, "seed", 0),
         **overrides,
     }

@@ -596,3 +596,15 @@ def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, cap
             assert main(argv) != 0, extra
         capsys.readouterr()
         assert _digest(run) == before, f"{extra} changed the earlier run"
+
+
+def test_replay_with_the_data_aware_fit(smoke_run, tmp_path):
+    out = tmp_path / "datafit"
+    policy = smoke_run / "policy.json"
+    assert main([*COMMON, "--replay", str(policy), "--fit", "data", "--out", str(out)]) == 0
+    report = read_json(out / "report.json")
+    assert report["fit"] == "data"
+    assert layer_choices(report["layers"]) == layer_choices(
+        read_json(smoke_run / "report.json")["layers"]
+    )
+    assert math.isfinite(report["finetuned_acc"])
