@@ -154,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
     t.add_argument(
+        "--export",
+        default=None,
+        choices=["onnx", "torchscript"],
+        help="also write the compressed model's inference form (BatchNorm folded, factor chains "
+        "merged) as model.onnx or model.torchscript.pt, runnable without rl_mtd",
+    )
+    t.add_argument(
         "--fit",
         default="weights",
         choices=["weights", "data"],
@@ -235,6 +242,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "finetune_epochs": args.finetune_epochs,
         "kd": args.kd,
         "fit": args.fit,
+        "export": args.export,
         "train_size": args.train_size,
         "test_size": args.test_size,
         "replay": args.replay,

@@ -20,6 +20,7 @@ REPAIR_STEPS = 200
 DEVICES = ("auto", "cpu", "cuda")
 ON_INTERRUPT = ("ask", "report", "stop")
 FITS = ("weights", "data")
+EXPORTS = ("onnx", "torchscript")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
@@ -106,6 +107,9 @@ class RunConfig:
     lr: float = 0.05
     finetune_lr: float = 0.01
     batch_size: int = 128
+    export: str | None = None
+    """Also write the compressed model's inference form: "onnx" (model.onnx) or "torchscript"
+    (model.torchscript.pt); None writes neither."""
     fit: str = "weights"
     """How layers are factorised: "weights" (the kernel alone) or "data" (the output error on the
     baseline's own activations of a few hundred training images); one setting for the proxy, the
@@ -177,6 +181,15 @@ class RunConfig:
             ("--finetune-lr", self.finetune_lr),
         ):
             _positive(flag, value)
+        if self.export not in (None, *EXPORTS):
+            raise RlMtdError(f"--export {self.export!r}: choose one of {', '.join(EXPORTS)}")
+        if self.export == "onnx":
+            try:
+                import onnx  # noqa: F401
+            except ImportError:
+                raise RlMtdError(
+                    '--export onnx needs the onnx package: pip install "rl-mtd[export]"'
+                ) from None
         if self.fit not in FITS:
             raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):

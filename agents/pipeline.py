@@ -19,7 +19,7 @@ from agents.config import RunConfig
 from agents.inputs import baseline_cache_path, get_baseline, load_data
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
-from agents.report import RunResult, build_report, write_outputs
+from agents.report import RunResult, build_report, write_export, write_outputs
 from agents.search import env_config, load_replay, proxy_config, replay_agent, search
 from rl_mtd.budget import BudgetTable
 from rl_mtd.checkpoints import save_compressed
@@ -174,6 +174,8 @@ def run(
         invocations=invocations,
     )
     report = build_report(result, cfg.latency_repeats)
+    if cfg.export:
+        report.update(write_export(cfg.export, compressed, run_dir))
     write_outputs(run_dir, report, episodes)
     log.info(
         "done: %.2fx fewer parameters, test accuracy %.2f%% (baseline %.2f%%) -> %s",

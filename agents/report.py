@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,22 +119,32 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
 def latency(
     baseline: nn.Module, compressed: nn.Module, device: torch.device, repeats: int
 ) -> dict[str, Any]:
-    """Median and spread of both models' forward time at each of ``LATENCY_BATCHES``.
+    """Median and spread of the forward time at each of ``LATENCY_BATCHES``: both models as
+    trained (eager, eval mode) and in their inference form (``rl_mtd.export.inference_model``:
+    BatchNorm folded, factor chains merged).
 
-    The two models alternate, measurement by measurement, so a neighbour that loads the machine
-    for a while slows both alike; ``noisy`` flags a spread (p90 - p10) above
-    ``NOISY_SPREAD`` of the median, where the speed-up is not to be trusted.
+    The models alternate, measurement by measurement, so a neighbour that loads the machine for a
+    while slows all alike; ``noisy`` flags a spread (p90 - p10) above ``NOISY_SPREAD`` of the
+    median, where the speed-ups are not to be trusted.
     """
+    from rl_mtd.export import inference_model
+
+    models = {
+        "original": baseline.eval(),
+        "compressed": compressed.eval(),
+        "original_inference": inference_model(baseline),
+        "compressed_inference": inference_model(compressed),
+    }
     out = {}
     threads = torch.get_num_threads()
     for bs in LATENCY_BATCHES:
         kw = {"batch_size": bs, "device": device, "repeats": 1, "warmup": 0, "threads": threads}
-        for model in (baseline, compressed):  # warm-up
+        for model in models.values():  # warm-up
             measure_latency(model, **{**kw, "repeats": max(2, repeats // 4)})
-        runs: dict[str, list[float]] = {"original": [], "compressed": []}
+        runs: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(repeats):
-            runs["original"].append(measure_latency(baseline, **kw)["median_ms"])
-            runs["compressed"].append(measure_latency(compressed, **kw)["median_ms"])
+            for name, model in models.items():
+                runs[name].append(measure_latency(model, **kw)["median_ms"])
         entry: dict[str, Any] = {"device": str(device), "threads": threads, "repeats": repeats}
         spreads = []
         for name, times in runs.items():
@@ -143,10 +154,53 @@ def latency(
             entry.update({f"{name}_ms": median, f"{name}_p10_ms": p10, f"{name}_p90_ms": p90})
             spreads.append((p90 - p10) / median if median > 0 else math.inf)
         entry["speedup"] = entry["original_ms"] / entry["compressed_ms"]
+        entry["inference_speedup"] = entry["original_ms"] / entry["compressed_inference_ms"]
         entry["spread"] = max(spreads)
         entry["noisy"] = entry["spread"] > NOISY_SPREAD
         out[f"latency_b{bs}"] = entry
     return out
+
+
+def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
+    """Write the inference form as ``kind`` ("onnx" or "torchscript"); with onnxruntime
+    installed, check an ONNX file's outputs against torch and time it. Returns report fields."""
+    from rl_mtd.export import inference_model, to_onnx, to_torchscript
+
+    x = torch.randn(8, 3, 32, 32)
+    reference = inference_model(model, device="cpu")(x)
+    if kind == "torchscript":
+        path = to_torchscript(model, run_dir / "model.torchscript.pt")
+        got = torch.jit.load(str(path))(x)
+        return {
+            "export": {
+                "format": kind,
+                "path": path.name,
+                "max_abs_diff": float((got - reference).abs().max()),
+            }
+        }
+    path = to_onnx(model, run_dir / "model.onnx")
+    info: dict[str, Any] = {"format": kind, "path": path.name}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        info["checked"] = "onnxruntime not installed: outputs not checked"
+        return {"export": info}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    info["max_abs_diff"] = float((got - reference).abs().max())
+    for bs in LATENCY_BATCHES:
+        xb = torch.randn(bs, 3, 32, 32).numpy()
+        for _ in range(3):
+            session.run(None, {"input": xb})
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            session.run(None, {"input": xb})
+            times.append((time.perf_counter() - t0) * 1e3)
+        info[f"onnxruntime_b{bs}_ms"] = statistics.median(times)
+    return {"export": info}
 
 
 def write_outputs(run_dir: Path, report: dict[str, Any], episodes: list[dict[str, Any]]) -> None:
@@ -203,16 +257,19 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     ]
     for key, label in (("latency_b1", "batch 1"), ("latency_b128", "batch 128")):
         lat = r.get(key)
-        if lat:
-            speedup = f"{lat['speedup']:.2f}x"
+        if not lat:
+            continue
+        head = f"latency, {label}, {lat['device']}, {lat.get('threads', '?')} threads"
+        for kind, suffix in (("eager", ""), ("inference form", "_inference")):
+            if f"original{suffix}_ms" not in lat:
+                continue
+            speedup = lat["original_ms"] / lat[f"compressed{suffix}_ms"]
+            shown = f"{speedup:.2f}x"
             if lat.get("noisy"):
-                speedup = f"noisy (spread {100 * lat['spread']:.0f}%), not a measurement"
+                shown = f"noisy (spread {100 * lat['spread']:.0f}%), not a measurement"
             lines.append(
-                f"| latency, {label}, {lat['device']}, {lat.get('threads', '?')} threads "
-                f"(median ms, p10-p90) | {lat['original_ms']:.2f} ({lat.get('original_p10_ms', 0):.2f}"
-                f"-{lat.get('original_p90_ms', 0):.2f}) | {lat['compressed_ms']:.2f} "
-                f"({lat.get('compressed_p10_ms', 0):.2f}-{lat.get('compressed_p90_ms', 0):.2f}) "
-                f"| {speedup} |"
+                f"| {head}, {kind} (median ms, p10-p90) | {_ms(lat, 'original' + suffix)} | "
+                f"{_ms(lat, 'compressed' + suffix)} | {shown} |"
             )
     lines += [
         "",
@@ -228,7 +285,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"fine-tune {r['finetune_seconds']:.0f} s.",
         "",
         "Parameters count every trainable tensor (convs, BatchNorm, head); MACs count conv and "
-        "linear layers. Accuracies are top-1 fractions shown as percentages.",
+        "linear layers. Accuracies are top-1 fractions shown as percentages. Latency ratios "
+        "are against the original model as trained (eager); the inference form has BatchNorm "
+        "folded and factor chains merged (rl_mtd.export.inference_model)." + _export_line(r),
         "",
         "## Layers",
         "",
@@ -288,3 +347,24 @@ def _save(fig: Figure, path: Path) -> None:
 def _repair_label(r: dict) -> str:
     steps = r.get("proxy_repair_steps")
     return f" and {steps} repair steps" if steps else ""
+
+
+def _ms(lat: dict[str, Any], name: str) -> str:
+    p10, p90 = lat.get(f"{name}_p10_ms"), lat.get(f"{name}_p90_ms")
+    spread = f" ({p10:.2f}-{p90:.2f})" if p10 is not None and p90 is not None else ""
+    return f"{lat[f'{name}_ms']:.2f}{spread}"
+
+
+def _export_line(r: dict[str, Any]) -> str:
+    e = r.get("export")
+    if not e:
+        return ""
+    line = f" Exported: {e['path']} ({e['format']})"
+    if "max_abs_diff" in e:
+        line += f", max abs difference from torch {e['max_abs_diff']:.2e}"
+    if "onnxruntime_b1_ms" in e:
+        line += (
+            f", ONNX Runtime {e['onnxruntime_b1_ms']:.2f} ms at batch 1 and "
+            f"{e['onnxruntime_b128_ms']:.2f} ms at batch 128"
+        )
+    return line + "."

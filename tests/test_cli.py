@@ -608,3 +608,31 @@ def test_replay_with_the_data_aware_fit(smoke_run, tmp_path):
         read_json(smoke_run / "report.json")["layers"]
     )
     assert math.isfinite(report["finetuned_acc"])
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "onnx"])
+def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_path):
+    if kind == "onnx":
+        pytest.importorskip("onnx", reason="ONNX export needs the optional 'export' extra")
+    out = tmp_path / f"export-{kind}"
+    argv = [
+        *COMMON,
+        "--replay",
+        str(smoke_run / "policy.json"),
+        "--export",
+        kind,
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    info = read_json(out / "report.json")["export"]
+    assert (out / info["path"]).is_file() and info["format"] == kind
+    if "max_abs_diff" in info:
+        assert info["max_abs_diff"] < 1e-3
+    model, _ = load_compressed(out / "compressed.pt")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    if kind == "torchscript":
+        got = torch.jit.load(str(out / info["path"]))(x)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
