@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,9 @@ def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
     reference = inference_model(model, device="cpu")(x)
     if kind == "torchscript":
         path = to_torchscript(model, run_dir / "model.torchscript.pt")
-        got = torch.jit.load(str(path))(x)
+        with warnings.catch_warnings():  # torch.jit.load warns it is deprecated; it works
+            warnings.simplefilter("ignore", FutureWarning)
+            got = torch.jit.load(str(path))(x)
         return {
             "export": {
                 "format": kind,
