@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="search length in env steps (overrides --episodes)",
     )
+    g.add_argument(
+        "--warm-start",
+        default="none",
+        choices=["none", "sensitivity"],
+        help="start the search from the MTD sensitivity heuristic (a per-layer study, cached per "
+        "baseline, then behaviour cloning; the search ends at or above it by the proxy)",
+    )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
     g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
@@ -242,6 +249,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "finetune_epochs": args.finetune_epochs,
         "kd": args.kd,
         "fit": args.fit,
+        "warm_start": args.warm_start,
         "export": args.export,
         "train_size": args.train_size,
         "test_size": args.test_size,

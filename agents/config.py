@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ON_INTERRUPT = ("ask", "report", "stop")
 FITS = ("weights", "data")
 EXPORTS = ("onnx", "torchscript")
+WARM_STARTS = ("none", "sensitivity")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
@@ -110,6 +111,10 @@ class RunConfig:
     export: str | None = None
     """Also write the compressed model's inference form: "onnx" (model.onnx) or "torchscript"
     (model.torchscript.pt); None writes neither."""
+    warm_start: str = "none"
+    """``sensitivity``: start the search from the MTD sensitivity heuristic (its study cached per
+    baseline; behaviour cloning towards its actions; its policy the first best). ``none``: from
+    a uniform agent."""
     fit: str = "weights"
     """How layers are factorised: "weights" (the kernel alone) or "data" (the output error on the
     baseline's own activations of a few hundred training images); one setting for the proxy, the
@@ -190,6 +195,10 @@ class RunConfig:
                 raise RlMtdError(
                     '--export onnx needs the onnx package: pip install "rl-mtd[export]"'
                 ) from None
+        if self.warm_start not in WARM_STARTS:
+            raise RlMtdError(
+                f"--warm-start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}"
+            )
         if self.fit not in FITS:
             raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):

@@ -213,6 +213,16 @@ def search(
         save_every=SAVE_EVERY,
         max_episodes=None if cfg.timesteps else cfg.episodes,
     )
+    if cfg.warm_start == "sensitivity" and not episodes_before:
+        from agents.warmstart import warm_start
+
+        first = warm_start(proxy, env_config(cfg), agent)
+        invocation["warm_start"] = {k: first[k] for k in ("strategy", "study_evaluations")}
+        callback.best = first
+        write_json_atomic(
+            run_dir / "policy.json",
+            {**first["policy"], "meta": {**first["policy"].get("meta", {}), "warm_start": True}},
+        )
     if episodes_before:  # a hard kill may have left episodes.jsonl ahead of the saved state
         write_text_atomic(
             run_dir / "episodes.jsonl", "".join(json.dumps(e) + "\n" for e in callback.episodes)

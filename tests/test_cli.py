@@ -636,3 +636,53 @@ def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_pat
     if kind == "torchscript":
         got = torch.jit.load(str(out / info["path"]))(x)
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert main([*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]) == 0
+        runs.append(read_json(out / "search_state.json"))
+    first, second = runs
+    assert first["invocations"][0]["warm_start"]["study_evaluations"] > 0
+    assert second["invocations"][0]["warm_start"]["study_evaluations"] == 0, "study cached"
+    # The heuristic's policy is the first best: the search ends at or above it.
+    heuristic = Policy.from_dict(read_json(tmp_path / "first" / "policy.json"))
+    assert heuristic.net == NET
+    assert first["best"]["reward"] >= min(e["reward"] for e in first["episodes"])
+    assert all(e["ratio"] >= TARGET for e in first["episodes"])
+
+
+def test_behaviour_cloning_raises_the_heuristic_actions_probability():
+    import gymnasium as gym
+    import numpy as np
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo
+    from agents.warmstart import BC_TARGET_PROB, behaviour_clone
+
+    class Choices(gym.Env):  # the environment's shape: 14 features, 21 actions
+        observation_space = gym.spaces.Box(0.0, 1.0, (14,), dtype=np.float32)
+        action_space = gym.spaces.Discrete(21)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, True, False, {}
+
+    agent = make_ppo(DummyVecEnv([Choices]), 8)
+    obs = np.random.default_rng(0).random((8, 14)).astype(np.float32)
+    actions = np.array([3, 17, 17, 0, 9, 20, 3, 11])
+
+    def mean_prob() -> float:
+        dist = agent.policy.get_distribution(torch.as_tensor(obs))
+        return float(dist.log_prob(torch.as_tensor(actions)).exp().mean())
+
+    before = mean_prob()
+    prob = behaviour_clone(agent, obs, actions)
+    assert prob == pytest.approx(mean_prob(), abs=0.05)
+    assert prob >= BC_TARGET_PROB > before, (before, prob)
