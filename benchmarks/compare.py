@@ -59,6 +59,12 @@ def main() -> None:
     p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
+    p.add_argument(
+        "--warm-start",
+        default="none",
+        choices=["none", "sensitivity"],
+        help="PPO starts from the sensitivity heuristic (run_agent.py --warm-start)",
+    )
     add_proxy_args(p)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
@@ -113,6 +119,8 @@ def main() -> None:
                         episodes=args.episodes,
                         target_ratio=target,
                         target_macs=args.target_macs,
+                        warm_start=args.warm_start,
+                        fit=args.fit,
                         seed=seed,
                         progress=False,
                         on_interrupt="stop",
