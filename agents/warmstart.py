@@ -38,7 +38,7 @@ def warm_start(proxy: Proxy, env_cfg: EnvConfig, agent: Any) -> dict[str, Any]:
     """Study, heuristic policy and behaviour cloning; returns the search's first best entry
     (the keys ``SearchCallback`` keeps for an episode) plus what it cost."""
     t0 = time.perf_counter()
-    study = _cached_study(proxy)
+    study = cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
     env = MixedDecompositionEnv(proxy, env_cfg)
     observations, actions, info = _follow(env, policy)
@@ -109,7 +109,7 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
     return prob
 
 
-def _cached_study(proxy: Proxy) -> SensitivityStudy:
+def cached_study(proxy: Proxy) -> SensitivityStudy:
     """A sensitivity study whose results are kept on disk per baseline and proxy settings."""
     study = SensitivityStudy(proxy)
     key = hashlib.sha256(

@@ -29,7 +29,8 @@ from _common import add_common_args, add_proxy_args, machine, prefill_factors, p
 from agents.config import RunConfig
 from agents.pipeline import finetune
 from agents.search import search
-from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, strategy_policy
+from agents.warmstart import cached_study
+from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
@@ -132,9 +133,8 @@ def main() -> None:
                 elif name in ("sensitivity", "local"):
                     # One study serves every target and both strategies; each row is charged
                     # the study's whole time on top of its own.
-                    if study is None:
-                        study = SensitivityStudy(proxy)
-                        study.run()
+                    if study is None:  # the same cached study as PPO's --warm-start
+                        study = cached_study(proxy)
                         study_s = time.perf_counter() - t0
                         t0 = time.perf_counter()
                     proxy = study.proxy
