@@ -1,0 +1,225 @@
+"""Tests for the inference form and its export (rl_mtd.export)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from rl_mtd.decompose import DecomposedConv, FactorCache, conv_layers, rank_for_ratio
+from rl_mtd.errors import RlMtdError
+from rl_mtd.export import (
+    cheapest_merge,
+    composable,
+    compose,
+    inference_model,
+    to_onnx,
+    to_torchscript,
+)
+from rl_mtd.metrics import count_macs
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, apply_policy
+
+WIDTH = 0.125
+# One (method, layer reduction) per vgg11 conv: Tucker-2, CP and kept layers.
+MIXED = [
+    ("keep", 1),
+    ("tucker2", 4),
+    ("cp", 8),
+    ("tucker2", 0.9),
+    ("cp", 4),
+    ("keep", 1),
+    ("tucker2", 16),
+    ("cp", 16),
+]
+
+
+def _randomise_batchnorms(model: nn.Module, gen: torch.Generator) -> None:
+    """Running statistics and affine parameters far from the identity BatchNorm."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.2)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def compressed() -> nn.Module:
+    """A width-0.125 VGG11 with a mixed policy applied and non-trivial BatchNorms (train mode)."""
+    torch.manual_seed(0)
+    model = build_vgg("vgg11", width=WIDTH)
+    choices = [
+        (method, rank_for_ratio(conv, method, ratio))
+        for (_, conv), (method, ratio) in zip(conv_layers(model), MIXED)
+    ]
+    policy = Policy.from_choices(model, choices, net="vgg11", width=WIDTH)
+    out = apply_policy(model, policy, cache=FactorCache())
+    _randomise_batchnorms(out, torch.Generator().manual_seed(1))
+    return out.train()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    """Equal up to ``rtol`` of the output's scale."""
+    scale = want.abs().max().item()
+    assert scale > 0
+    err = (got - want).abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} for outputs of scale {scale:.3g}"
+
+
+def _eval_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    with torch.no_grad():
+        out = model.eval()(x)
+    model.train(was)
+    return out
+
+
+# ----------------------------------------------------------------------------- inference_model
+
+
+def test_inference_model_matches_eval_and_leaves_input_alone(compressed: nn.Module) -> None:
+    before = {k: v.clone() for k, v in compressed.state_dict().items()}
+    net = inference_model(compressed)
+    assert compressed.training, "inference_model changed the input model's mode"
+    for k, v in compressed.state_dict().items():
+        assert torch.equal(v, before[k]), f"inference_model changed the input model ({k})"
+
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        got = net(x)
+    _close(got, _eval_outputs(compressed, x))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+def test_inference_model_is_smaller(compressed: nn.Module) -> None:
+    net = inference_model(compressed)
+    kinds = {type(m) for m in net.modules()}
+    assert nn.BatchNorm2d not in kinds and nn.Identity not in kinds
+    assert len(list(net.modules())) < len(list(compressed.modules()))
+    # Every layer under its original name, each block merged to at most three convs.
+    names = [n for n, _ in conv_layers(build_vgg("vgg11", width=WIDTH))]
+    layers = [net.get_submodule(n) for n in names]
+    assert [type(m) for m in layers] == [type(compressed.get_submodule(n)) for n in names]
+    assert all(len(m) <= 3 for m in layers if isinstance(m, DecomposedConv))
+    # The near-full-rank Tucker-2 block (layer "reduction" 0.9) became one conv.
+    assert len(layers[3]) == 1
+    # A CP block's kx1 and 1xk depthwise convs become one kxk: 3 MACs more per rank and pixel,
+    # a fraction of a percent of the whole; everything else only removes MACs.
+    assert count_macs(net) <= 1.01 * count_macs(compressed)
+
+
+def test_inference_model_without_merging_folds_only(compressed: nn.Module) -> None:
+    net = inference_model(compressed, merge=False, channels_last=False)
+    assert sum(isinstance(m, nn.Conv2d) for m in net.modules()) == sum(
+        isinstance(m, nn.Conv2d) for m in compressed.modules()
+    )
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(net(x), _eval_outputs(compressed, x))
+
+
+def test_dropout_removed_and_plain_vgg_folded() -> None:
+    torch.manual_seed(0)
+    model = build_vgg("vgg11", width=WIDTH)
+    _randomise_batchnorms(model, torch.Generator().manual_seed(3))
+    model.features.insert(3, nn.Dropout(0.5))
+    net = inference_model(model)
+    assert not any(isinstance(m, nn.Dropout | nn.BatchNorm2d) for m in net.modules())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _close(net(x), _eval_outputs(model, x))
+
+
+# ----------------------------------------------------------------------------- merging rules
+
+
+def _conv(cin: int, cout: int, k: tuple[int, int], pad: tuple[int, int], **kw) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, padding=pad, **kw).double()
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        # kx1 then 1xk depthwise (a CP block's middle) -> kxk depthwise
+        lambda: [
+            _conv(5, 5, (3, 1), (1, 0), groups=5, bias=False),
+            _conv(5, 5, (1, 3), (0, 1), groups=5, bias=False),
+        ],
+        # 1x1 into the kxk after it (no bias on the 1x1), kxk with its bias into the 1x1 after it
+        lambda: [_conv(6, 3, (1, 1), (0, 0), bias=False), _conv(3, 4, (3, 3), (1, 1))],
+        lambda: [_conv(3, 4, (3, 3), (1, 1)), _conv(4, 7, (1, 1), (0, 0))],
+        # strided core, then a 1x1
+        lambda: [_conv(4, 2, (3, 3), (1, 1), stride=2, bias=False), _conv(2, 5, (1, 1), (0, 0))],
+        # dense 1x1 then depthwise 5x5
+        lambda: [_conv(3, 4, (1, 1), (0, 0), bias=False), _conv(4, 4, (5, 5), (2, 2), groups=4)],
+    ],
+)
+def test_compose_is_exact(chain) -> None:
+    torch.manual_seed(0)
+    first, second = chain()
+    assert composable(first, second)
+    merged = compose(first, second)
+    x = torch.randn(2, first.in_channels, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), second(first(x)))
+
+
+def test_inexact_merges_refused() -> None:
+    three = _conv(4, 4, (3, 3), (1, 1), bias=False)
+    assert not composable(three, _conv(4, 4, (3, 3), (1, 1)))  # borders differ
+    assert not composable(_conv(4, 4, (1, 1), (0, 0)), three)  # bias zero-padded at borders
+    assert not composable(_conv(4, 4, (3, 1), (1, 0)), _conv(4, 4, (3, 1), (1, 0)))
+    assert composable(_conv(4, 4, (1, 1), (0, 0), bias=False), three)
+
+
+def test_cheapest_merge_keeps_low_rank_chains_factored() -> None:
+    low = [
+        _conv(64, 4, (1, 1), (0, 0), bias=False),
+        _conv(4, 4, (3, 3), (1, 1), bias=False),
+        _conv(4, 64, (1, 1), (0, 0)),
+    ]
+    assert [c.kernel_size for c in cheapest_merge(low)] == [(1, 1), (3, 3), (1, 1)]
+    full = [
+        _conv(16, 16, (1, 1), (0, 0), bias=False),
+        _conv(16, 16, (3, 3), (1, 1), bias=False),
+        _conv(16, 16, (1, 1), (0, 0)),
+    ]
+    assert [c.kernel_size for c in cheapest_merge(full)] == [(3, 3)]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_onnx_export_runs_in_onnxruntime(compressed: nn.Module, tmp_path) -> None:
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = to_onnx(compressed, tmp_path / "sub" / "model.onnx")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["model.onnx"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)  # exported at batch 1: the batch axis is dynamic
+    (got,) = session.run(None, {"input": x.numpy()})
+    _close(torch.from_numpy(got), _eval_outputs(compressed, x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_export_reloads(compressed: nn.Module, tmp_path) -> None:
+    path = to_torchscript(compressed, tmp_path / "model.pt")
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(loaded(x), _eval_outputs(compressed, x))
+
+
+def test_onnx_export_without_onnx_says_what_to_install(
+    compressed: nn.Module, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(RlMtdError, match=r"pip install onnx"):
+        to_onnx(compressed, tmp_path / "model.onnx")
+    assert not list(tmp_path.iterdir())
