@@ -20,13 +20,20 @@ from agents.inputs import baseline_cache_path, get_baseline, load_data
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_export, write_outputs
-from agents.search import env_config, load_replay, proxy_config, replay_agent, search
+from agents.search import (
+    env_config,
+    load_replay,
+    make_proxy,
+    proxy_config,
+    replay_agent,
+    search,
+)
 from rl_mtd.budget import BudgetTable
 from rl_mtd.checkpoints import save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.io import write_json_atomic
 from rl_mtd.models import build_vgg
-from rl_mtd.proxy import Proxy, resolve_device
+from rl_mtd.proxy import resolve_device
 from rl_mtd.train import TrainConfig, TrainResult, evaluate, train
 
 log = logging.getLogger("rl_mtd")
@@ -88,15 +95,7 @@ def run(
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     print_plan(cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device)
-    proxy = Proxy(
-        baseline,
-        train_split=splits.train,
-        proxy_split=splits.proxy,
-        device=device,
-        config=proxy_config(cfg),
-        net=cfg.net,
-        width=cfg.width,
-    )
+    proxy = make_proxy(cfg, baseline, splits, device)
 
     if cfg.resume is None:
         if run_dir.exists() and cfg.overwrite:

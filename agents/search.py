@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from agents.config import RunConfig
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.checkpoints import load_baseline
+from rl_mtd.data import DataSplits
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.policy import Policy
@@ -75,6 +77,19 @@ def proxy_config(cfg: RunConfig) -> ProxyConfig:
     )
 
 
+def make_proxy(cfg: RunConfig, model: nn.Module, splits: DataSplits, device: torch.device) -> Proxy:
+    """The run's scorer over ``model`` (the same settings in every process)."""
+    return Proxy(
+        model,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=proxy_config(cfg),
+        net=cfg.net,
+        width=cfg.width,
+    )
+
+
 def load_replay(cfg: RunConfig) -> Replay | None:
     """Read ``--replay`` (a policy.json or an agent.zip) and check it was made for this net."""
     if cfg.replay is None:
@@ -115,16 +130,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
         device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
-    proxy = Proxy(
-        model,
-        train_split=splits.train,
-        proxy_split=splits.proxy,
-        device=device,
-        config=proxy_config(cfg),
-        net=cfg.net,
-        width=cfg.width,
-    )
-    return _make_env(proxy, env_config(cfg))
+    return _make_env(make_proxy(cfg, model, splits, device), env_config(cfg))
 
 
 def read_search_state(run_dir: Path) -> dict[str, Any]:
