@@ -223,7 +223,9 @@ def search(
         from agents.warmstart import warm_start
 
         first = warm_start(proxy, env_config(cfg), agent)
-        invocation["warm_start"] = {k: first[k] for k in ("strategy", "study_evaluations")}
+        invocation["warm_start"] = {
+            k: first[k] for k in ("strategy", "study_evaluations", "study_seconds")
+        }
         callback.best = first
         write_json_atomic(
             run_dir / "policy.json",

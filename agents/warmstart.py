@@ -67,6 +67,7 @@ def warm_start(proxy: Proxy, env_cfg: EnvConfig, agent: Any) -> dict[str, Any]:
         "proxy": proxy_result,
         "strategy": "sensitivity",
         "study_evaluations": study.evaluations,
+        "study_seconds": study.seconds,
     }
 
 
@@ -110,8 +111,13 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
 
 
 def cached_study(proxy: Proxy) -> SensitivityStudy:
-    """A sensitivity study whose results are kept on disk per baseline and proxy settings."""
+    """A sensitivity study whose results are kept on disk per baseline and proxy settings.
+
+    ``study.seconds`` is what measuring it cost, also when it came from the cache, so a search
+    that reuses it is still charged for it.
+    """
     study = SensitivityStudy(proxy)
+    study.seconds = 0.0
     key = hashlib.sha256(
         json.dumps(
             [
@@ -128,14 +134,17 @@ def cached_study(proxy: Proxy) -> SensitivityStudy:
     if path.exists():
         try:
             saved = json.loads(path.read_text())
-            study.results = {(int(i), m, float(lv)): float(a) for i, m, lv, a in saved}
+            study.results = {(int(i), m, float(lv)): float(a) for i, m, lv, a in saved["rows"]}
+            study.seconds = float(saved["seconds"])
             log.info("sensitivity study: cached %s", path)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring unusable cached study %s (%s)", path, exc)
+    t0 = time.perf_counter()
     study.run()
+    study.seconds += time.perf_counter() - t0
     rows = [[i, m, lv, a] for (i, m, lv), a in study.results.items()]
     try:
-        write_json_atomic(path, rows)
+        write_json_atomic(path, {"rows": rows, "seconds": study.seconds})
     except OSError as exc:  # a full or read-only cache costs only time
         log.warning("could not cache the sensitivity study at %s (%s)", path, exc)
     return study
