@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import sys
 import tempfile
@@ -151,6 +152,31 @@ def _ort_version() -> str:
     return f"onnxruntime {onnxruntime.__version__}"
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the machine was busy or stolen by its host, CPU seconds of this process).
+
+    From /proc/stat (user, nice, system, irq, softirq and steal; guest time is already inside
+    user and nice); None where it cannot be read. Processes of other containers on the same
+    machine count, though ``ps`` does not show them.
+    """
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7))
+    except (OSError, ValueError, IndexError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others_share(before: tuple[float, float] | None, seconds: float) -> float | None:
+    """Share of all CPUs that other processes kept busy since ``before`` (``seconds`` ago)."""
+    after = _cpu_seconds()
+    if before is None or after is None or seconds <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (seconds * (os.cpu_count() or 1))
+
+
 def _load() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -217,16 +243,22 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
     return entries
 
 
-def time_all(entries: list[Entry], batches: list[int], args: argparse.Namespace) -> None:
+def time_all(
+    entries: list[Entry], batches: list[int], args: argparse.Namespace
+) -> dict[int, float | None]:
     """Fill every entry's ``results``: ``--rounds`` sweeps over all models and forms.
+
+    Returns, per batch size, the share of the CPUs that other processes used meanwhile.
 
     Each sweep times every (model, form) in one block of ``--repeats`` passes after ``--warmup``
     (one pass per call, interleaved, would make every pass wake a sleeping thread pool, torch's
     or ONNX Runtime's); the round with the lowest median is kept, so a background job that runs
     for a while spoils one round, not the table.
     """
+    busy: dict[int, float | None] = {}
     torch.set_num_threads(args.threads)
     for bs in batches:
+        before, t0 = _cpu_seconds(), time.perf_counter()
         kw = {
             "batch_size": bs,
             "threads": args.threads,
@@ -241,7 +273,9 @@ def time_all(entries: list[Entry], batches: list[int], args: argparse.Namespace)
                     best = e.results.get((way, bs))
                     if best is None or r["median_ms"] < best["median_ms"]:
                         e.results[(way, bs)] = r
+        busy[bs] = others_share(before, time.perf_counter() - t0)
         print(f"  timed batch {bs} (load {_load()})", file=sys.stderr, flush=True)
+    return busy
 
 
 def _median(e: Entry, way: str, bs: int) -> float:
@@ -356,6 +390,19 @@ def profile(entries: list[Entry], bs: int, threads: int) -> str:
     return "\n".join(lines)
 
 
+BUSY_WARNING = 0.05
+"""Share of the CPUs other processes may use while timing before the table is flagged."""
+
+
+def _busy_note(share: float | None) -> str:
+    if share is None:
+        return ""
+    note = f"; other processes used {share:.0%} of the CPUs meanwhile"
+    if share > BUSY_WARNING:
+        note += " - NOT TRUSTWORTHY, rerun on an idle machine"
+    return note
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -367,11 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         entries = build_entries(args, Path(tmp) if use_onnx else None)
         ways = list(entries[0].forms)
         print(f"{args.net} width {args.width:g}, random weights (see the docstring)\n")
-        time_all(entries, batches, args)
+        busy = time_all(entries, batches, args)
         for bs in batches:
             print(
                 f"batch {bs}, {args.threads} threads, median of {args.repeats} passes "
-                f"(best of {args.rounds} rounds):\n"
+                f"(best of {args.rounds} rounds){_busy_note(busy[bs])}:\n"
             )
             print(table(entries, bs, ways) + "\n")
         if not use_onnx:
