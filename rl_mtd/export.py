@@ -29,12 +29,12 @@ float tolerance, with less work per image. What it changes, and why each change 
   layer's ``3 -> r`` projection), a Tucker-2 block near full rank becomes one plain conv, and a
   strongly compressed block stays factored (merging would multiply its MACs).
 - **Layout and precision.** Weights are channels_last. On CUDA that is what tensor-core
-  convolutions want; on the CPU it was measured fastest at every batch size tried (1 to 64) for
-  the original and the compressed VGG16s: oneDNN runs the few-channel factor convs of these
-  blocks up to 50x faster in channels_last than in NCHW at batch 64, and 1.2-1.6x faster at
-  batch 1 (BENCHMARKS.md, "Inference speed"). A conv whose weight is channels_last gives a
-  channels_last output, so a plain NCHW input works unchanged. ``dtype`` (default float32) can
-  make a CUDA model half or bfloat16.
+  convolutions want; on the CPU it was measured fastest for compressed VGG16s at every batch
+  size tried (1 to 64), and faster or within 1% for the original: oneDNN runs the few-channel
+  factor convs of these blocks up to 50x faster in channels_last than in NCHW at batch 64, and
+  whole compressed nets run 1.5x faster at batch 1 (BENCHMARKS.md, "Inference speed"). A conv
+  whose weight is channels_last gives a channels_last output, so a plain NCHW input works
+  unchanged. ``dtype`` (default float32) can make a CUDA model half or bfloat16.
 
 ``to_onnx`` and ``to_torchscript`` write the inference form atomically (temporary file, then
 rename). ONNX export uses torch's TorchScript-based exporter (``dynamo=False``), which needs only
