@@ -139,7 +139,10 @@ def latency(
     out = {}
     threads = torch.get_num_threads()
     for bs in LATENCY_BATCHES:
-        kw = {"batch_size": bs, "device": device, "repeats": 1, "warmup": 0, "threads": threads}
+        # Each measurement is the median of a block of passes: single passes at batch 1 caught
+        # 4-8 ms scheduler stalls on a 2-core machine (benchmarks/latency.py).
+        block = max(1, 16 // bs)
+        kw = {"batch_size": bs, "device": device, "repeats": block, "warmup": 0, "threads": threads}
         for model in models.values():  # warm-up
             measure_latency(model, **{**kw, "repeats": max(2, repeats // 4)})
         runs: dict[str, list[float]] = {name: [] for name in models}
