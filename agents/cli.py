@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="paper",
         choices=list(PRESETS),
-        help="budgets: smoke (a pipeline check of a few minutes on a CPU), cpu "
+        help="budgets: smoke (a pipeline check: under a minute on a 2-core CPU), cpu "
         "(about an hour at --width 0.25), paper (GPU)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
-from agents.progress import train_bar
+from agents.progress import bars_wanted, train_bar
 from rl_mtd.checkpoints import load_baseline, save_baseline
 from rl_mtd.data import Cifar, DataSplits, load_cifar10, make_splits
 from rl_mtd.errors import RlMtdError
@@ -24,7 +24,7 @@ log = logging.getLogger("rl_mtd")
 
 def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
     """Load the dataset and split it; size caps above what the data holds mean "all of it"."""
-    data = load_cifar10(cfg.data, progress=cfg.progress)
+    data = load_cifar10(cfg.data, progress=bars_wanted(cfg.progress))
     if cfg.proxy_size >= len(data.train):
         raise RlMtdError(
             f"--proxy-size {cfg.proxy_size} leaves no training images ({len(data.train)} in "
