@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed passes before each block")
     p.add_argument("--rounds", type=int, default=2, help="sweeps; each entry keeps its best")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: time with CUDA events on the GPU (no ONNX Runtime column there)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
     p.add_argument("--profile", action="store_true", help="also print where the time goes")
@@ -234,6 +240,7 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
         models.append((policy_label(policy, source), variance_preserving(compressed).eval()))
     entries = []
     for i, (name, model) in enumerate(models):
+        model = model.to(args.device)
         forms: dict[str, nn.Module] = {"eager": model, "inference": inference_model(model)}
         if args.ablate:
             forms.update((k, inference_model(model, **kw)) for k, kw in ABLATIONS.items())
@@ -261,6 +268,7 @@ def time_all(
         before, t0 = _cpu_seconds(), time.perf_counter()
         kw = {
             "batch_size": bs,
+            "device": args.device,
             "threads": args.threads,
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -409,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
     print(f"    {command}\n")
     print(f"machine: {machine(args.threads)}; load average at start {_load()}\n")
-    use_onnx = not args.no_onnx and not _ort_version().endswith("not installed")
+    use_onnx = (
+        args.device == "cpu" and not args.no_onnx and not _ort_version().endswith("not installed")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         entries = build_entries(args, Path(tmp) if use_onnx else None)
         ways = list(entries[0].forms)
