@@ -72,6 +72,8 @@ def _time_episode(
     """One ``Proxy.evaluate`` of a uniform Tucker-2 policy, factors cached beforehand.
 
     The probe runs at most ``PROBE_REPAIR_STEPS`` repair steps; the others cost ``t_step`` each.
+    It factorises weight-only: a data-aware fit's one-off moment collection on an untrained probe
+    would be work the estimate does not need.
     """
     probe_steps = min(config.repair_steps, PROBE_REPAIR_STEPS)
     proxy = Proxy(
@@ -79,7 +81,7 @@ def _time_episode(
         train_split=splits.train,
         proxy_split=splits.proxy,
         device=device,
-        config=replace(config, repair_steps=probe_steps),
+        config=replace(config, repair_steps=probe_steps, fit="weights"),
         cache=FactorCache(),
     )
     policy = _probe_policy(model, proxy)
