@@ -60,7 +60,7 @@ def finetune(
             splits.train,
             config=tcfg,
             val_split=splits.proxy,
-            teacher=baseline if cfg.kd > 0 else None,
+            teacher=baseline if tcfg.uses_teacher else None,
             on_progress=bar,
             desc="fine-tune",
         )

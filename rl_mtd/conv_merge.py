@@ -51,6 +51,14 @@ def _stride_before(convs: list[nn.Conv2d], i: int) -> tuple[int, int]:
     return sh, sw
 
 
+def compose_chain(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    """One conv computing the chain ``convs`` exactly (a decomposed block's dense kernel)."""
+    merged = _merge_all(list(convs))
+    if merged is None:
+        raise RlMtdError(f"the chain {list(convs)} is not one conv exactly")
+    return merged
+
+
 def _merge_all(convs: list[nn.Conv2d]) -> nn.Conv2d | None:
     """One conv computing the whole chain ``convs``, or None when that is not exact."""
     merged = convs[0]

@@ -227,6 +227,6 @@ class Proxy:
             return
         batch = min(c.repair.batch_size, len(self.train_split))
         config = replace(c.repair, steps=c.repair_steps, batch_size=batch, seed=c.seed)
-        teacher = self.model if config.kd_alpha > 0 else None
+        teacher = self.model if config.uses_teacher else None
         train(model, self.train_split, config=config, teacher=teacher, desc="proxy repair")
         model.eval()

@@ -49,6 +49,10 @@ class TrainConfig:
     kd_alpha: float = 0.0
     """Weight of the distillation loss from ``teacher`` (0 turns distillation off)."""
     kd_temperature: float = 4.0
+    feature_kd: float = 0.0
+    """Weight of feature distillation from ``teacher``: each decomposed block's output against the
+    output of the teacher's layer of the same name (mean squared error relative to the teacher
+    output's mean square, averaged over blocks), added to the loss. 0 turns it off."""
     grad_clip: float | None = 5.0
     """Max gradient norm (None: no clipping)."""
     augment: bool = True
@@ -69,6 +73,12 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1 (or None for epochs), got {self.steps}")
         if not 0 <= self.kd_alpha <= 1:
             raise ValueError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+        if not (self.feature_kd >= 0 and math.isfinite(self.feature_kd)):
+            raise ValueError(f"feature_kd must be a finite number >= 0, got {self.feature_kd}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_alpha > 0 or self.feature_kd > 0
 
 
 @dataclass
@@ -177,6 +187,56 @@ def _loss(
     return cfg.kd_alpha * kd + (1 - cfg.kd_alpha) * ce
 
 
+class _FeatureMatch:
+    """Captures each decomposed block's output and its teacher layer's, during training steps.
+
+    Blocks are paired by module name: ``apply_policy`` puts a decomposed block where the conv it
+    replaces was, so the teacher (the uncompressed model) has that conv under the same name.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        from rl_mtd.decompose import DecomposedConv  # the decomposition imports training helpers
+
+        teacher_modules = dict(teacher.named_modules())
+        self.pairs = [
+            (name, block, teacher_modules[name])
+            for name, block in student.named_modules()
+            if isinstance(block, DecomposedConv) and name in teacher_modules
+        ]
+        if not self.pairs:
+            log.warning("feature distillation: the model has no decomposed blocks to match")
+        self.capturing = False
+        self.outputs: dict[tuple[str, str], torch.Tensor] = {}
+        self.handles = [
+            module.register_forward_hook(self._hook(side, name))
+            for name, block, original in self.pairs
+            for side, module in (("s", block), ("t", original))
+        ]
+
+    def _hook(self, side: str, name: str):
+        def hook(_module, _inputs, output):
+            if self.capturing:
+                self.outputs[(side, name)] = output
+
+        return hook
+
+    def loss(self) -> torch.Tensor | None:
+        """Mean relative squared error over the blocks captured in the last forward passes."""
+        terms = []
+        for name, _, _ in self.pairs:
+            s, t = self.outputs.get(("s", name)), self.outputs.get(("t", name))
+            if s is None or t is None:
+                continue
+            t = t.detach().float()
+            terms.append((s.float() - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-8))
+        self.outputs.clear()
+        return torch.stack(terms).mean() if terms else None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -220,6 +280,9 @@ class _Run:
         self.best_state = _snapshot(model) if val_split is not None else None
         self.last_acc = self.best_acc
         self._loss_sum, self._loss_n = 0.0, 0
+        self.features = (
+            _FeatureMatch(model, teacher) if teacher is not None and cfg.feature_kd > 0 else None
+        )
 
     def lr_at(self, total: int) -> float:
         return self.cfg.lr * self.lr_scale * _lr_factor(self.cfg.schedule, self.step / total)
@@ -228,12 +291,19 @@ class _Run:
         """One SGD step; False when the loss was not finite (the step is skipped)."""
         for g in self.opt.param_groups:
             g["lr"] = lr
-        use_teacher = self.teacher is not None and self.cfg.kd_alpha > 0
+        use_teacher = self.teacher is not None and self.cfg.uses_teacher
+        if self.features is not None:
+            self.features.capturing = True
         with _autocast(self.device):
             logits = self.model(x)
             with torch.no_grad():
                 t_logits = self.teacher(x) if use_teacher else None
         loss = _loss(logits, y, self.cfg, t_logits)
+        if self.features is not None:
+            self.features.capturing = False
+            feature_loss = self.features.loss()
+            if feature_loss is not None:
+                loss = loss + self.cfg.feature_kd * feature_loss
         self.step += 1
         if not torch.isfinite(loss):
             return False
@@ -330,19 +400,23 @@ def train(
     t0 = time.perf_counter()
     run = _Run(model, cfg, val_split, teacher, desc, len(loader))
     model.train()
-    while run.step < total and not run.gave_up:
-        for x, y in loader:
-            if run.step >= total or run.gave_up:
-                break
-            lr = run.lr_at(total)
-            report = TrainProgress(run.step + 1, total)
-            if not run.train_step(x, y, lr):
-                run.recover("non-finite loss")
-            elif run.step % eval_every == 0 or run.step == total:
-                entry = run.checkpoint(lr)
-                report.loss, report.val_acc = entry["loss"], entry.get("val_acc")
-            if on_progress is not None:
-                on_progress(report)
+    try:
+        while run.step < total and not run.gave_up:
+            for x, y in loader:
+                if run.step >= total or run.gave_up:
+                    break
+                lr = run.lr_at(total)
+                report = TrainProgress(run.step + 1, total)
+                if not run.train_step(x, y, lr):
+                    run.recover("non-finite loss")
+                elif run.step % eval_every == 0 or run.step == total:
+                    entry = run.checkpoint(lr)
+                    report.loss, report.val_acc = entry["loss"], entry.get("val_acc")
+                if on_progress is not None:
+                    on_progress(report)
+    finally:
+        if run.features is not None:
+            run.features.remove()  # the model leaves with no hooks, also on Ctrl-C
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     if device.type == "cuda":

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from rl_mtd.data import Split, normalize
+from rl_mtd.decompose import DecomposedConv, conv_layers, rank_for_ratio
 from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy, apply_policy
 from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
 
 
@@ -81,6 +83,53 @@ def test_distillation_pulls_the_student_towards_the_teacher(splits, trained):
     assert _kl_to(teacher, students[0.9], x, t) < 0.8 * _kl_to(teacher, students[0.0], x, t)
 
 
+def _block_errors(teacher, student, x) -> float:
+    """Mean relative squared error of the student's decomposed blocks against the teacher's
+    layers of the same name, on ``x``."""
+    outs: dict[tuple[str, str], torch.Tensor] = {}
+    names = [n for n, m in student.named_modules() if isinstance(m, DecomposedConv)]
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, _i, out, key=(side, n): outs.__setitem__(key, out)
+        )
+        for side, model in (("s", student), ("t", teacher))
+        for n in names
+    ]
+    student.eval()
+    with torch.no_grad():
+        student(x), teacher(x)
+    for h in handles:
+        h.remove()
+    return sum(
+        float((outs["s", n] - outs["t", n]).pow(2).mean() / outs["t", n].pow(2).mean())
+        for n in names
+    ) / len(names)
+
+
+def test_feature_distillation_pulls_each_block_towards_its_layer(splits, trained):
+    """Uniform Tucker-2 at 2x, the same steps with feature_kd 20 and 0: the distilled blocks end
+    closer to the original layers' outputs on held-out images, and no hook is left behind."""
+    teacher = trained[0].eval()
+    convs = conv_layers(teacher)
+    policy = Policy.from_choices(
+        teacher,
+        [("keep", None)] + [("tucker2", rank_for_ratio(c, "tucker2", 2)) for _, c in convs[1:]],
+        net="vgg11",
+        width=0.125,
+    )
+    start = apply_policy(teacher, policy)
+    x = normalize(splits.proxy.x[:200])
+    errors = {}
+    for weight in (0.0, 20.0):
+        student = copy.deepcopy(start)
+        cfg = TrainConfig(epochs=4, lr=0.02, batch_size=64, feature_kd=weight, seed=0)
+        train(student, splits.train, config=cfg, teacher=teacher)
+        errors[weight] = _block_errors(teacher, student, x)
+        hooked = [m for m in (*student.modules(), *teacher.modules()) if m._forward_hooks]
+        assert not hooked, "train() must remove its feature hooks"
+    assert errors[20.0] < 0.6 * errors[0.0], errors
+
+
 def test_steps_and_progress_callback(splits):
     seen = []
     model = build_vgg("vgg11", width=0.125)
@@ -116,6 +165,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="kd_alpha"):
         TrainConfig(kd_alpha=2.0)
+    with pytest.raises(ValueError, match="feature_kd"):
+        TrainConfig(feature_kd=-1.0)
 
 
 def test_too_small_training_split_is_a_clear_error(splits):

@@ -1,0 +1,184 @@
+"""Which fine-tune recipe recovers most accuracy at one budget? (issue 10, levers 2 and 3)
+
+Compresses the baseline with one fixed policy per budget (a ``policy.json``, or the sensitivity
+heuristic's at ``--targets``, from the cached study) and fine-tunes copies of it with each recipe
+and seed, then prints test accuracy per recipe: mean and spread over seeds, collapse recoveries
+and seconds. A recipe is ``name:key=value,...`` with keys
+
+    ep      fine-tune epochs in all (default --epochs)
+    lr      peak learning rate (default 0.01)
+    kd      logit distillation weight from the baseline, 0..1 (default 0)
+    fkd     feature distillation weight (each decomposed block against the original layer)
+    ls      label smoothing
+    stages  compress in this many stages, the epochs split evenly between them (default 1)
+
+    python benchmarks/finetune_sweep.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+        --baseline-epochs 20 --targets 16 --seeds 0,1 \\
+        --recipes "base:lr=0.01" "kd:kd=0.5" "feat:fkd=1" "staged:stages=3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _common import add_common_args, add_proxy_args, machine, proxy_config, setup
+
+from agents.warmstart import cached_study
+from rl_mtd.baselines import strategy_policy
+from rl_mtd.budget import Budget
+from rl_mtd.io import write_json_atomic, write_text_atomic
+from rl_mtd.metrics import count_macs, count_params
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+from rl_mtd.staged import compress_in_stages
+from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    epochs: float
+    lr: float = 0.01
+    kd: float = 0.0
+    fkd: float = 0.0
+    ls: float = 0.0
+    stages: int = 1
+
+
+KEYS = {"ep": "epochs", "lr": "lr", "kd": "kd", "fkd": "fkd", "ls": "ls", "stages": "stages"}
+
+
+def parse_recipe(text: str, epochs: float) -> Recipe:
+    name, _, body = text.partition(":")
+    values: dict[str, float | int] = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in KEYS or not eq:
+            raise SystemExit(f"bad recipe item {item!r} in {text!r}; keys: {', '.join(KEYS)}")
+        values[KEYS[key]] = int(value) if key == "stages" else float(value)
+    return Recipe(name=name or text, **{"epochs": epochs, **values})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    add_proxy_args(p)
+    p.add_argument("--policy", action="append", default=[], help="policy.json (repeatable)")
+    p.add_argument("--targets", default="", help="also the sensitivity policy at these targets")
+    p.add_argument("--recipes", nargs="+", required=True, help="name:key=value,... (see above)")
+    p.add_argument("--epochs", type=float, default=3.0, help="default fine-tune epochs")
+    p.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds")
+    p.add_argument("--out-dir", default="benchmarks/results/finetune_sweep")
+    args = p.parse_args()
+    recipes = [parse_recipe(r, args.epochs) for r in args.recipes]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    cfg, splits, baseline, device = setup(args)
+    base_test = evaluate(baseline, splits.test)
+    proxy = Proxy(
+        baseline,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=proxy_config(args),
+        net=args.net,
+        width=args.width,
+    )
+    policies = [(Path(f).stem, Policy.load(f)) for f in args.policy]
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    if targets:
+        study = cached_study(proxy)
+        for t in targets:
+            pol = strategy_policy("sensitivity", study.proxy, Budget(t), study=study, seed=0)
+            pol.save(out_dir / f"sensitivity-{t:g}x.policy.json")
+            policies.append((f"sensitivity-{t:g}x", pol))
+    params0, macs0 = count_params(baseline), count_macs(baseline)
+    print(f"baseline test accuracy {100 * base_test:.2f}%; {machine()}", flush=True)
+
+    rows = []
+    for pname, policy in policies:
+        for recipe in recipes:
+            for seed in seeds:
+                t0 = time.perf_counter()
+                recoveries = 0
+
+                def finetune(model, k, recipe=recipe, seed=seed):
+                    nonlocal recoveries
+                    reestimate_bn(model, splits.train, batches=args.bn_batches, seed=seed)
+                    tcfg = TrainConfig(
+                        epochs=recipe.epochs / recipe.stages,
+                        lr=recipe.lr,
+                        batch_size=args.batch_size,
+                        schedule="cosine",
+                        kd_alpha=recipe.kd,
+                        feature_kd=recipe.fkd,
+                        label_smoothing=recipe.ls,
+                        seed=seed + 1000 * k,
+                        evals_per_epoch=2,
+                    )
+                    res = train(
+                        model,
+                        splits.train,
+                        config=tcfg,
+                        val_split=splits.proxy,
+                        teacher=baseline if tcfg.uses_teacher else None,
+                        desc=f"fine-tune {recipe.name} stage {k + 1}",
+                    )
+                    recoveries += res.recoveries
+
+                model = compress_in_stages(baseline, policy, recipe.stages, finetune)
+                model.eval()
+                row = {
+                    "policy": pname,
+                    "recipe": recipe.name,
+                    "settings": recipe.__dict__,
+                    "seed": seed,
+                    "ratio": params0 / count_params(model),
+                    "macs_reduction": macs0 / count_macs(model),
+                    "test_acc": evaluate(model, splits.test),
+                    "recoveries": recoveries,
+                    "seconds": time.perf_counter() - t0,
+                }
+                rows.append(row)
+                print(
+                    f"| {pname} | {recipe.name} | {seed} | {row['ratio']:.1f}x | "
+                    f"{100 * row['test_acc']:.2f}% | {recoveries} | {row['seconds']:.0f} |",
+                    flush=True,
+                )
+                write_json_atomic(out_dir / "rows.json", rows)
+
+    table = _summary(rows, base_test, args)
+    print(table)
+    write_text_atomic(out_dir / "table.md", table + "\n")
+
+
+def _summary(rows: list[dict], base_test: float, args) -> str:
+    lines = [
+        f"{args.net} width {args.width:g}, baseline test accuracy {100 * base_test:.2f}%; "
+        f"{machine()}",
+        "",
+        "| policy | recipe | settings | seeds | test acc: mean (min-max) | drop | recoveries | s |",
+        "|-|-|-|-:|-:|-:|-:|-:|",
+    ]
+    for key in dict.fromkeys((r["policy"], r["recipe"]) for r in rows):
+        g = [r for r in rows if (r["policy"], r["recipe"]) == key]
+        acc = [100 * r["test_acc"] for r in g]
+        s = g[0]["settings"]
+        settings = ", ".join(f"{k} {v:g}" for k, v in s.items() if k != "name")
+        mean = statistics.mean(acc)
+        lines.append(
+            f"| {key[0]} | {key[1]} | {settings} | {len(g)} | {mean:.2f}% "
+            f"({min(acc):.2f}-{max(acc):.2f}) | {100 * base_test - mean:.2f} | "
+            f"{sum(r['recoveries'] for r in g)} | {statistics.mean(r['seconds'] for r in g):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
