@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the search from the MTD sensitivity heuristic (a per-layer study, cached per "
         "baseline, then behaviour cloning; the search ends at or above it by the proxy)",
     )
+    g.add_argument(
+        "--observe",
+        default="layer",
+        choices=["layer", "study"],
+        help="what the agent sees of each layer: its shape and the budget (layer), or also the "
+        "sensitivity study's accuracy loss at every option for that layer alone (study; the "
+        "study is cached per baseline)",
+    )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
     g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
@@ -250,6 +258,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "kd": args.kd,
         "fit": args.fit,
         "warm_start": args.warm_start,
+        "observe": args.observe,
         "export": args.export,
         "train_size": args.train_size,
         "test_size": args.test_size,

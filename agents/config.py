@@ -22,6 +22,7 @@ ON_INTERRUPT = ("ask", "report", "stop")
 FITS = ("weights", "data")
 EXPORTS = ("onnx", "torchscript")
 WARM_STARTS = ("none", "sensitivity")
+OBSERVES = ("layer", "study")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
@@ -115,6 +116,10 @@ class RunConfig:
     """``sensitivity``: start the search from the MTD sensitivity heuristic (its study cached per
     baseline; behaviour cloning towards its actions; its policy the first best). ``none``: from
     a uniform agent."""
+    observe: str = "layer"
+    """What the agent sees of each layer: "layer" (its shape, size and the budget state) or
+    "study" (also the sensitivity study's accuracy loss at each method and level for that layer
+    alone; the study is run once per baseline, cached, and its cost charged to the search)."""
     fit: str = "weights"
     """How layers are factorised: "weights" (the kernel alone) or "data" (the output error on the
     baseline's own activations of a few hundred training images); one setting for the proxy, the
@@ -199,6 +204,8 @@ class RunConfig:
             raise RlMtdError(
                 f"--warm-start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}"
             )
+        if self.observe not in OBSERVES:
+            raise RlMtdError(f"--observe {self.observe!r}: choose one of {', '.join(OBSERVES)}")
         if self.fit not in FITS:
             raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):

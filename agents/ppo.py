@@ -108,6 +108,10 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("net", "width", "methods", "levels"):
         if key not in meta:
             raise RlMtdError(f"agent file {path}: its metadata lacks {key!r}")
+    if meta.get("observe", "layer") not in ("layer", "study"):
+        raise RlMtdError(
+            f"agent file {path}: its metadata names an unknown observation {meta['observe']!r}"
+        )
     return meta
 
 

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,10 +115,19 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
         )
 
 
-def _make_env(proxy: Proxy, env_cfg: EnvConfig):
+def layer_scores(observe: str, proxy: Proxy) -> np.ndarray | None:
+    """The per-layer features ``--observe`` adds to the observation (None for ``layer``)."""
+    if observe != "study":
+        return None
+    from agents.warmstart import cached_study
+
+    return cached_study(proxy).scores(proxy.baseline_acc)
+
+
+def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None):
     from stable_baselines3.common.monitor import Monitor
 
-    return Monitor(MixedDecompositionEnv(proxy, env_cfg))
+    return Monitor(MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores))
 
 
 def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
@@ -130,7 +140,8 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
         device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
-    return _make_env(make_proxy(cfg, model, splits, device), env_config(cfg))
+    proxy = make_proxy(cfg, model, splits, device)
+    return _make_env(proxy, env_config(cfg), layer_scores(cfg.observe, proxy))
 
 
 def read_search_state(run_dir: Path) -> dict[str, Any]:
@@ -165,11 +176,14 @@ def search(
     from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
 
     n_layers = len(proxy.convs)
+    t_scores = time.perf_counter()
+    scores = layer_scores(cfg.observe, proxy)  # the workers below find the study cached
+    scores_s = time.perf_counter() - t_scores
     if cfg.n_envs > 1:
         fns = [partial(_subproc_env, cfg.to_dict(), baseline_path, i) for i in range(cfg.n_envs)]
         venv = SubprocVecEnv(fns)
     else:
-        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg))])
+        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg), scores)])
     agent_path = run_dir / "agent.zip"
     state = read_search_state(run_dir) if cfg.resume is not None else {}
     if cfg.resume is not None and agent_path.exists():
@@ -197,8 +211,9 @@ def search(
         "target_ratio": cfg.target_ratio,
         "target_macs": cfg.target_macs,
         "num_classes": proxy.num_classes,
+        "observe": cfg.observe,
     }
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - (scores_s if not episodes_before else 0.0)
 
     def save() -> None:
         invocation["episodes"] = len(callback.episodes) - episodes_before
@@ -222,7 +237,7 @@ def search(
     if cfg.warm_start == "sensitivity" and not episodes_before:
         from agents.warmstart import warm_start
 
-        first = warm_start(proxy, env_config(cfg), agent)
+        first = warm_start(proxy, env_config(cfg), agent, scores=scores)
         invocation["warm_start"] = {
             k: first[k] for k in ("strategy", "study_evaluations", "study_seconds")
         }
@@ -277,6 +292,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_ratio=meta.get("target_ratio"),
             target_macs=meta.get("target_macs"),
         ),
+        layer_scores=layer_scores(meta.get("observe", "layer"), proxy),
     )
     agent = load_agent(replay.path)
     if agent.action_space != env.action_space or agent.observation_space != env.observation_space:

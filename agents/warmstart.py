@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,13 +35,16 @@ BC_MAX_STEPS = 500
 BC_LR = 1e-3
 
 
-def warm_start(proxy: Proxy, env_cfg: EnvConfig, agent: Any) -> dict[str, Any]:
+def warm_start(
+    proxy: Proxy, env_cfg: EnvConfig, agent: Any, *, scores: np.ndarray | None = None
+) -> dict[str, Any]:
     """Study, heuristic policy and behaviour cloning; returns the search's first best entry
-    (the keys ``SearchCallback`` keeps for an episode) plus what it cost."""
+    (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
+    search environments' ``layer_scores``, so the cloned observations are the agent's own."""
     t0 = time.perf_counter()
     study = cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
-    env = MixedDecompositionEnv(proxy, env_cfg)
+    env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
     observations, actions, info = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions)
     proxy_result, reward = info["proxy"], float(info["reward"])
@@ -110,14 +114,9 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
     return prob
 
 
-def cached_study(proxy: Proxy) -> SensitivityStudy:
-    """A sensitivity study whose results are kept on disk per baseline and proxy settings.
-
-    ``study.seconds`` is what measuring it cost, also when it came from the cache, so a search
-    that reuses it is still charged for it.
-    """
-    study = SensitivityStudy(proxy)
-    study.seconds = 0.0
+def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
+    """Where ``cached_study`` keeps the study: keyed by the baseline's kernels, the proxy's
+    settings and split sizes, and the study's methods and levels."""
     key = hashlib.sha256(
         json.dumps(
             [
@@ -130,7 +129,18 @@ def cached_study(proxy: Proxy) -> SensitivityStudy:
             ]
         ).encode()
     ).hexdigest()[:16]
-    path = cache_dir() / "studies" / f"{key}.json"
+    return cache_dir() / "studies" / f"{key}.json"
+
+
+def cached_study(proxy: Proxy) -> SensitivityStudy:
+    """A sensitivity study whose results are kept on disk per baseline and proxy settings.
+
+    ``study.seconds`` is what measuring it cost, also when it came from the cache, so a search
+    that reuses it is still charged for it.
+    """
+    study = SensitivityStudy(proxy)
+    study.seconds = 0.0
+    path = study_path(proxy, study)
     if path.exists():
         try:
             saved = json.loads(path.read_text())

@@ -66,6 +66,12 @@ def main() -> None:
         choices=["none", "sensitivity"],
         help="PPO starts from the sensitivity heuristic (run_agent.py --warm-start)",
     )
+    p.add_argument(
+        "--observe",
+        default="layer",
+        choices=["layer", "study"],
+        help="PPO also observes the sensitivity study (run_agent.py --observe)",
+    )
     add_proxy_args(p)
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
@@ -108,9 +114,8 @@ def main() -> None:
     # local and PPO's warm start; each of those rows is charged its full cost (study.seconds,
     # also when it came from the cache) on top of its own search time.
     study, study_s = None, 0.0
-    if {"sensitivity", "local"} & set(strategies) or (
-        "ppo" in strategies and args.warm_start == "sensitivity"
-    ):
+    ppo_uses_study = args.warm_start == "sensitivity" or args.observe == "study"
+    if {"sensitivity", "local"} & set(strategies) or ("ppo" in strategies and ppo_uses_study):
         study = cached_study(new_proxy())
         study_s = study.seconds
     rows = []
@@ -129,6 +134,7 @@ def main() -> None:
                         target_ratio=target,
                         target_macs=args.target_macs,
                         warm_start=args.warm_start,
+                        observe=args.observe,
                         fit=args.fit,
                         seed=seed,
                         progress=False,
@@ -138,7 +144,7 @@ def main() -> None:
                     run_dir.mkdir(parents=True, exist_ok=True)
                     policy = search(rcfg, proxy, run_dir, baseline_path="").policy
                     ppo_evals = proxy.evaluations
-                    if args.warm_start == "sensitivity":
+                    if ppo_uses_study:
                         t0 -= study_s  # its cached study is part of its cost
                 elif name in ("sensitivity", "local"):
                     proxy = study.proxy

@@ -71,14 +71,16 @@ class MixedDecompositionEnv(gym.Env):
     a level is ``rank_for_ratio(conv, method, level)``, so both methods meet one budget.
 
     ## Observation Space
-    ``Box(0, 1, (14,), float32)``. Static layer features, each min-max normalised over the
-    network's conv layers: 0 index, 1 in channels, 2 out channels, 3 kernel size, 4 stride,
-    5 input feature-map size, 6 parameters, 7 MACs. Episode state: 8 budget used (compressed
-    parameters chosen so far / original model parameters), 9 budget left (parameters still
-    allowed under the target / original parameters; 0 without a parameter target), 10 MACs
-    budget left (MACs still allowed under ``target_macs`` / original MACs; 0 without one), 11
-    share of the original conv parameters in this and later layers, 12 previous method index /
-    (methods - 1), 13 previous level index / (levels - 1).
+    ``Box(0, 1, (14 + K,), float32)``, ``K`` the columns of ``layer_scores`` (0 without).
+    Static layer features, each min-max normalised over the network's conv layers: 0 index,
+    1 in channels, 2 out channels, 3 kernel size, 4 stride, 5 input feature-map size,
+    6 parameters, 7 MACs; then the current layer's row of ``layer_scores`` (8 .. 7 + K).
+    Episode state, from ``8 + K`` on: budget used (compressed parameters chosen so far /
+    original model parameters), budget left (parameters still allowed under the target /
+    original parameters; 0 without a parameter target), MACs budget left (MACs still allowed
+    under ``target_macs`` / original MACs; 0 without one), share of the original conv
+    parameters in this and later layers, previous method index / (methods - 1), previous level
+    index / (levels - 1).
 
     ## Rewards
     0 on every step but the last. On the last, with ``a`` the proxy accuracy, ``a0`` the
@@ -103,13 +105,20 @@ class MixedDecompositionEnv(gym.Env):
     ``scorer``: scores a finished policy (a ``rl_mtd.proxy.Proxy``, or anything with ``model``,
     ``spec``, ``baseline_acc`` and ``evaluate(policy)``); ``config``: an ``EnvConfig``;
     ``table``: the per-layer options (default: built from ``scorer.model`` and the config's
-    methods and levels; one table can serve many environments).
+    methods and levels; one table can serve many environments); ``layer_scores``: optional
+    per-layer features in 0..1, one row per conv layer, shown with the current layer (e.g.
+    ``SensitivityStudy.scores``: what compressing that layer alone costs at each option).
     """
 
     metadata = {"render_modes": []}
 
     def __init__(
-        self, scorer: Scorer, config: EnvConfig | None = None, *, table: BudgetTable | None = None
+        self,
+        scorer: Scorer,
+        config: EnvConfig | None = None,
+        *,
+        table: BudgetTable | None = None,
+        layer_scores: np.ndarray | None = None,
     ):
         super().__init__()
         self.scorer = scorer
@@ -117,7 +126,6 @@ class MixedDecompositionEnv(gym.Env):
         self.methods = self.config.methods
         self.levels = self.config.levels
         self.action_space = spaces.Discrete(len(self.methods) * len(self.levels))
-        self.observation_space = spaces.Box(0.0, 1.0, (N_STATIC + N_STATE,), dtype=np.float32)
         if table is None:
             table = BudgetTable(scorer.model, self.methods, self.levels)
         elif (table.methods, table.levels) != (self.methods, self.levels):
@@ -130,6 +138,19 @@ class MixedDecompositionEnv(gym.Env):
         self.max_ratio = self.table.max_ratio
         self.params_original = self.table.params_original
         self._static = self._describe_layers()
+        if layer_scores is not None:
+            scores = np.asarray(layer_scores, dtype=np.float32)
+            if scores.ndim != 2 or scores.shape[0] != len(self._static):
+                raise RlMtdError(
+                    f"layer_scores must have one row per conv layer ({len(self._static)}), "
+                    f"got shape {scores.shape}"
+                )
+            if not np.isfinite(scores).all():
+                raise RlMtdError("layer_scores must be finite")
+            self._static = np.concatenate([self._static, np.clip(scores, 0.0, 1.0)], axis=1)
+        self.observation_space = spaces.Box(
+            0.0, 1.0, (self._static.shape[1] + N_STATE,), dtype=np.float32
+        )
         self._i = 0
         self._choices: list[tuple[int, int]] = []
 

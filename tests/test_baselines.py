@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -377,3 +378,20 @@ def test_local_search_climbs_from_the_sensitivity_policy(proxy, study):
     again, _ = local_search(proxy, 4, 6, seed=1, study=study)
     assert again == best, "seeded"
     assert best.meta["strategy"] == "local"
+
+
+def test_study_scores_are_the_accuracy_lost_per_option(proxy, study):
+    """SensitivityStudy.scores: one row per layer, one column per method x level, the measured
+    accuracy lost as a share of the baseline's, 1 where the study measures nothing."""
+    a0, n_levels = proxy.baseline_acc, len(study.levels)
+    scores = study.scores(a0)
+    assert scores.shape == (len(proxy.convs), 2 * n_levels) and scores.dtype == np.float32
+    assert np.all((scores >= 0) & (scores <= 1))
+    measured = set()
+    for (i, method, level), acc in study.results.items():
+        col = study.methods.index(method) * n_levels + study.levels.index(level)
+        measured.add((i, col))
+        assert scores[i, col] == pytest.approx(min(1.0, max(0.0, (a0 - acc) / a0)), abs=1e-6)
+    assert len(set(np.unique(scores[[i for i, _ in measured], [c for _, c in measured]]))) > 1
+    rest = [(i, c) for i in range(scores.shape[0]) for c in range(scores.shape[1])]
+    assert all(scores[i, c] == 1.0 for i, c in rest if (i, c) not in measured)

@@ -655,6 +655,24 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     assert all(e["ratio"] >= TARGET for e in first["episodes"])
 
 
+@pytest.mark.slow
+def test_observe_study_shows_the_study_and_replays(tmp_path):
+    """--observe study: the agent's observation carries the study's 12 scores per layer, the
+    agent.zip says so, and replaying it on the checkpoint builds the same environment."""
+    from agents.ppo import load_agent, read_agent_meta
+
+    out = tmp_path / "run"
+    assert main([*COMMON, *SEARCH, "--observe", "study", "--out", str(out)]) == 0
+    assert read_agent_meta(out / "agent.zip")["observe"] == "study"
+    assert load_agent(out / "agent.zip").observation_space.shape == (14 + 2 * 6,)
+    assert read_json(out / "config.json")["observe"] == "study"
+    baseline = read_json(out / "config.json")["baseline_path"]
+    replay = tmp_path / "replay"
+    args = ["--replay", str(out / "agent.zip"), "--checkpoint", baseline, "--out", str(replay)]
+    assert main([*COMMON, *args]) == 0
+    assert read_json(replay / "report.json")["compression_ratio"] >= TARGET
+
+
 def test_behaviour_cloning_raises_the_heuristic_actions_probability():
     import gymnasium as gym
     import numpy as np

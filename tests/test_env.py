@@ -384,6 +384,27 @@ def test_observations_float32_in_unit_box(structural_proxy):
         assert stacked[0, 12] == 0 and stacked[0, 13] == 0  # no previous action yet
 
 
+def test_layer_scores_show_with_their_layer(structural_proxy):
+    """Per-layer scores (the study's, in a search with --observe study) sit between the static
+    features and the episode state, the current layer's row at each step."""
+    scores = np.linspace(0, 1, N_LAYERS * 3, dtype=np.float32).reshape(N_LAYERS, 3)
+    plain = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0))
+    env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0), layer_scores=scores)
+    assert env.observation_space.shape == (17,)
+    observations, _, _ = run_episode(env, [0] * N_LAYERS)
+    reference, _, _ = run_episode(plain, [0] * N_LAYERS)
+    for i, (obs, ref) in enumerate(zip(observations[:-1], reference[:-1])):
+        np.testing.assert_array_equal(obs[8:11], scores[i])
+        np.testing.assert_array_equal(np.delete(obs, [8, 9, 10]), ref)
+    for bad, match in (
+        (np.zeros((N_LAYERS - 1, 3)), "one row per conv layer"),
+        (np.zeros(N_LAYERS), "one row per conv layer"),
+        (np.full((N_LAYERS, 2), np.nan), "finite"),
+    ):
+        with pytest.raises(RlMtdError, match=match):
+            MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=8.0), layer_scores=bad)
+
+
 def test_tradeoff_mode_has_no_budget_left(structural_proxy):
     env = MixedDecompositionEnv(structural_proxy, EnvConfig(target_ratio=None))
     obs, _ = env.reset(seed=0)

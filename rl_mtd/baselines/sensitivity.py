@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from rl_mtd.baselines._common import MethodRank, unreachable
 from rl_mtd.budget import (
     Budget,
@@ -100,6 +102,21 @@ class SensitivityStudy:
                 self._by_rank[same] = result.accuracy
             self.results[key] = self._by_rank[same]
         return dict(self.results)
+
+    def scores(self, baseline_acc: float) -> np.ndarray:
+        """Per-layer features for the agent's observation, ``(layers, methods x levels)``.
+
+        Entry ``[i, m * len(levels) + v]`` is the proxy accuracy lost with only layer ``i``
+        compressed by method ``m`` at level ``v``, as a fraction of ``baseline_acc`` and clipped
+        to 0..1; 1 for options the study does not measure (they would not shrink the layer).
+        Runs what is not measured yet.
+        """
+        self.run()
+        out = np.ones((len(self.table.layers), len(self.methods) * len(self.levels)), np.float32)
+        for (i, method, level), acc in self.results.items():
+            col = self.methods.index(method) * len(self.levels) + self.levels.index(level)
+            out[i, col] = (baseline_acc - acc) / max(baseline_acc, 1e-8)
+        return np.clip(out, 0.0, 1.0)
 
 
 def sensitivity_policy(
