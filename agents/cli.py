@@ -188,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="distillation weight from the baseline during fine-tuning (0 off, e.g. 0.5)",
     )
+    t.add_argument(
+        "--feature-kd",
+        type=float,
+        default=0.0,
+        help="feature distillation weight: each decomposed block's output against the layer it "
+        "replaces, during fine-tuning (0 off; see BENCHMARKS.md)",
+    )
+    t.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="compress in this many stages, fine-tuning between them (1: one-shot)",
+    )
     t.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
     t.add_argument(
         "--lr", type=float, default=None, help="peak learning rate of a new baseline (default 0.05)"
@@ -256,6 +269,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,
         "kd": args.kd,
+        "feature_kd": args.feature_kd,
+        "stages": args.stages,
         "fit": args.fit,
         "warm_start": args.warm_start,
         "observe": args.observe,

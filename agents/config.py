@@ -126,6 +126,12 @@ class RunConfig:
     strategies and the final model."""
     kd: float = 0.0
     """Distillation weight from the baseline during fine-tuning (0: off)."""
+    feature_kd: float = 0.0
+    """Feature distillation weight during fine-tuning: each decomposed block's output against
+    the baseline layer it replaces (0: off)."""
+    stages: int = 1
+    """Compress in this many stages (ranks shrinking geometrically to the policy's, the
+    fine-tune epochs split between them, fine-tuned blocks re-factorised); 1 is one-shot."""
     # replay / resume
     replay: str | None = None
     resume: str | None = None
@@ -173,8 +179,18 @@ class RunConfig:
             ("--proxy-size", self.proxy_size),
             ("--batch-size", self.batch_size),
             ("--latency-repeats", self.latency_repeats),
+            ("--stages", self.stages),
         ):
             _at_least(flag, value, 1)
+        if self.stages > 1 and self.fit == "data":
+            raise RlMtdError(
+                "--stages re-factorises fine-tuned blocks by their kernels alone; use it with "
+                "--fit weights (the default)"
+            )
+        if not (isinstance(self.feature_kd, int | float) and 0 <= self.feature_kd < math.inf):
+            raise RlMtdError(
+                f"--feature-kd must be a number >= 0 (0 turns it off), got {self.feature_kd!r}"
+            )
         for flag, value in (
             ("--timesteps", self.timesteps),
             ("--train-size", self.train_size),

@@ -32,9 +32,12 @@ from rl_mtd.budget import BudgetTable
 from rl_mtd.checkpoints import save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.io import write_json_atomic
+from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
-from rl_mtd.proxy import resolve_device
-from rl_mtd.train import TrainConfig, TrainResult, evaluate, train
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy, resolve_device
+from rl_mtd.staged import compress_in_stages
+from rl_mtd.train import TrainConfig, TrainResult, evaluate, reestimate_bn, train
 
 log = logging.getLogger("rl_mtd")
 
@@ -42,16 +45,24 @@ STALE_SEARCH_FILES = ("tb", "episodes.jsonl", "search_state.json", "agent.zip", 
 
 
 def finetune(
-    cfg: RunConfig, compressed: nn.Module, baseline: nn.Module, splits: DataSplits
+    cfg: RunConfig,
+    compressed: nn.Module,
+    baseline: nn.Module,
+    splits: DataSplits,
+    *,
+    epochs: float | None = None,
+    seed_offset: int = 0,
 ) -> TrainResult:
-    """Fine-tune ``compressed`` in place, distilling from ``baseline`` when ``--kd`` > 0."""
+    """Fine-tune ``compressed`` in place, distilling from ``baseline`` when ``--kd`` or
+    ``--feature-kd`` ask for it; ``epochs`` defaults to ``--finetune-epochs``."""
     tcfg = TrainConfig(
-        epochs=cfg.finetune_epochs,
+        epochs=epochs if epochs is not None else cfg.finetune_epochs,
         lr=cfg.finetune_lr,
         batch_size=cfg.batch_size,
         schedule="cosine",
         kd_alpha=cfg.kd,
-        seed=cfg.seed,
+        feature_kd=cfg.feature_kd,
+        seed=cfg.seed + seed_offset,
         evals_per_epoch=2,
     )
     with train_bar("fine-tune", cfg.progress) as bar:
@@ -66,6 +77,36 @@ def finetune(
         )
     compressed.eval()
     return result
+
+
+def compress_and_finetune(
+    cfg: RunConfig, proxy: Proxy, policy: Policy, baseline: nn.Module, splits: DataSplits
+) -> tuple[nn.Module, TrainResult]:
+    """The compressed, fine-tuned model: one-shot, or in ``--stages`` stages (each stage's
+    BatchNorm statistics re-estimated, then its share of the fine-tune epochs)."""
+    if cfg.stages == 1:
+        compressed = proxy.compress(policy)
+        return compressed, finetune(cfg, compressed, baseline, splits)
+    results: list[TrainResult] = []
+
+    def stage(model: nn.Module, k: int) -> None:
+        ratio = count_params(baseline) / count_params(model)
+        log.info("compression stage %d of %d: %.2fx fewer parameters", k + 1, cfg.stages, ratio)
+        reestimate_bn(model, splits.train, batches=max(1, cfg.bn_batches), seed=cfg.seed + k)
+        epochs = cfg.finetune_epochs / cfg.stages
+        results.append(finetune(cfg, model, baseline, splits, epochs=epochs, seed_offset=1000 * k))
+
+    compressed = compress_in_stages(baseline, policy, cfg.stages, stage, cache=proxy.cache)
+    last = results[-1]
+    merged = TrainResult(
+        best_acc=last.best_acc,
+        final_acc=last.final_acc,
+        recoveries=sum(r.recoveries for r in results),
+        steps=sum(r.steps for r in results),
+        seconds=sum(r.seconds for r in results),
+        history=[h for r in results for h in r.history],
+    )
+    return compressed, merged
 
 
 def run(
@@ -144,8 +185,7 @@ def run(
         100 * proxy_result.accuracy,
     )
 
-    compressed = proxy.compress(policy)  # type: ignore[arg-type]
-    ft = finetune(cfg, compressed, baseline, splits)
+    compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)  # type: ignore[arg-type]
     finetuned_acc = evaluate(compressed, splits.test)
     save_compressed(
         run_dir / "compressed.pt",

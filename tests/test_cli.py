@@ -321,6 +321,10 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--lr", "-0.1"], "--lr must be a positive number"),
         (["--finetune-lr", "nan"], "--finetune-lr must be a positive number"),
         (["--kd", "1.5"], "--kd must be in [0, 1]"),
+        (["--feature-kd", "-1"], "--feature-kd must be a number >= 0"),
+        (["--feature-kd", "inf"], "--feature-kd must be a number >= 0"),
+        (["--stages", "0"], "--stages must be a whole number >= 1"),
+        (["--stages", "2", "--fit", "data"], "use it with --fit weights"),
         (["--latency-repeats", "0"], "--latency-repeats must be a whole number >= 1"),
     ],
 )
@@ -653,6 +657,39 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     assert heuristic.net == NET
     assert first["best"]["reward"] >= min(e["reward"] for e in first["episodes"])
     assert all(e["ratio"] >= TARGET for e in first["episodes"])
+
+
+@pytest.mark.slow
+def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
+    """--stages 2 --feature-kd 1: two compression stages, each fine-tuned, ending at the
+    policy's own ranks; the saved model is the policy's."""
+    out = tmp_path / "staged"
+    policy = smoke_run / "policy.json"
+    with caplog.at_level("INFO", logger="rl_mtd"):
+        assert (
+            main(
+                [
+                    *COMMON,
+                    "--replay",
+                    str(policy),
+                    "--stages",
+                    "2",
+                    "--feature-kd",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+    stages = [r.getMessage() for r in caplog.records if "compression stage" in r.getMessage()]
+    assert len(stages) == 2 and "stage 2 of 2" in stages[1]
+    report = read_json(out / "report.json")
+    assert report["compression_ratio"] >= TARGET
+    model, saved = load_compressed(out / "compressed.pt")
+    assert count_params(model) == report["params_compressed"]
+    assert [c.rank for c in saved.layers] == [c.rank for c in Policy.load(policy).layers]
+    assert read_json(out / "config.json")["stages"] == 2
 
 
 @pytest.mark.slow
