@@ -45,9 +45,14 @@ def warm_start(
     study = cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
-    observations, actions, info = _follow(env, policy)
+    observations, actions, _ = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions)
-    proxy_result, reward = info["proxy"], float(info["reward"])
+    # The first best is the heuristic's own policy: its settled ranks lie between the agent's
+    # levels, so the agent's nearest actions give a (slightly) different one.
+    result = proxy.evaluate(policy)
+    proxy_result = result.to_dict()
+    reward = env.reward(result.accuracy, result.compression_ratio, result.macs_ratio)
+    info = {"policy": policy.to_dict()}
     log.info(
         "warm start: sensitivity policy %.2fx, proxy accuracy %.2f%% (%d study evaluations); "
         "the agent now picks its actions with mean probability %.2f",

@@ -144,6 +144,21 @@ def _tucker_ranks_for(conv: nn.Conv2d, r_in: int) -> tuple[int, int]:
     return (min(o, max(1, round(r_in * o / i))), r_in)
 
 
+def next_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank | None:
+    """The next larger rank of ``method`` for ``conv`` (CP: ``rank + 1``; Tucker-2: one more
+    input rank, the output rank in the layer's proportion), or None past the largest."""
+    rank = normalize_rank(conv, method, rank)
+    if method == "cp":
+        return rank + 1  # type: ignore[operator]
+    if method == "tucker2":
+        r_in = rank[1] + 1  # type: ignore[index]
+        if r_in > conv.in_channels:
+            return None
+        r_out = max(_tucker_ranks_for(conv, r_in)[0], rank[0])  # type: ignore[index]
+        return (r_out, r_in)
+    return None
+
+
 def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
     """The rank whose decomposition has closest to ``layer_params / ratio`` parameters.
 

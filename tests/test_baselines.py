@@ -395,3 +395,23 @@ def test_study_scores_are_the_accuracy_lost_per_option(proxy, study):
     assert len(set(np.unique(scores[[i for i, _ in measured], [c for _, c in measured]]))) > 1
     rest = [(i, c) for i in range(scores.shape[0]) for c in range(scores.shape[1])]
     assert all(scores[i, c] == 1.0 for i, c in rest if (i, c) not in measured)
+
+
+@pytest.mark.parametrize("params, macs", [(6.0, None), (None, 3.0), (6.0, 3.0)])
+def test_sensitivity_lands_at_the_target(params, macs, model, proxy, study):
+    """The greedy over coarse levels overshoots; settling raises ranks until no single layer can
+    grow one more step within the budget, so the policy sits at the target."""
+    from rl_mtd.budget import BudgetMeter
+    from rl_mtd.decompose import next_rank
+
+    budget = Budget(params, macs)
+    policy = sensitivity_policy(proxy, budget, study=study)
+    meter = BudgetMeter(model, budget)
+    choices = [(c.method, c.rank) for c in policy.layers]
+    assert meter.meets(choices)
+    for i, (method, rank) in enumerate(choices):
+        if method == "keep":
+            continue
+        bigger = next_rank(meter.convs[i][1], method, rank)
+        if bigger is not None:
+            assert not meter.meets([*choices[:i], (method, bigger), *choices[i + 1 :]]), i

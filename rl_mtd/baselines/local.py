@@ -10,6 +10,7 @@ evaluations, the learning adds nothing over the heuristic plus trial and error.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -38,8 +39,9 @@ def local_search(
 ) -> tuple[Policy, list[ProxyResult]]:
     """The best of ``n`` proxy evaluations of a hill climb from the sensitivity policy.
 
-    The first evaluation is the sensitivity policy itself (mapped onto ``methods`` x
-    ``levels``); each later one perturbs the best so far in ``CHANGED_LAYERS`` random layers:
+    The first evaluation is the sensitivity policy itself; each later one perturbs the best so
+    far (the heuristic's mapped onto ``methods`` x ``levels`` at first) in ``CHANGED_LAYERS``
+    random layers:
     half the time one level up or down within the layer's method, else a random option. The
     whole candidate then goes through ``BudgetTable.wall`` layer by layer, so every candidate
     meets the budget. A candidate replaces the best when its proxy accuracy is higher. Returns
@@ -52,9 +54,11 @@ def local_search(
     table = BudgetTable(proxy.model, methods, levels)
     table.check_target(budget)
     start = sensitivity_policy(proxy, budget, study=study)
+    # The heuristic's own policy is the first evaluation (its settled ranks lie between the
+    # grid's levels); perturbations start from its nearest options on the grid.
     best = _walled(table, _options_of(table, start), budget)
     rng = np.random.default_rng(seed)
-    best_policy = _policy(table, proxy, best, budget, seed, 0)
+    best_policy = replace(start, meta={**start.meta, "strategy": "local", "seed": seed, "index": 0})
     results = [proxy.evaluate(best_policy)]
     best_acc = results[0].accuracy
     for k in range(1, n):

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from rl_mtd.baselines._common import MethodRank, unreachable
+from rl_mtd.baselines._common import MethodRank, settle, unreachable
 from rl_mtd.budget import (
     Budget,
+    BudgetMeter,
     BudgetTable,
     LayerOptions,
     OptionIndex,
@@ -144,6 +145,9 @@ def sensitivity_policy(
        removed, then the earlier layer.
     3. Stop as soon as the predicted whole-model reductions meet the budget (``target`` is a
        parameter ratio or a ``Budget`` of parameters and/or MACs).
+    4. Settle: the levels are coarse, so the last moves overshoot the target; the layers moved
+       last get their ranks raised as far as the budget allows (``settle``), so the policy
+       sits at the target (within one rank step) rather than beyond it.
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -186,6 +190,7 @@ def sensitivity_policy(
     totals = [total for _, total, _, _, _ in limits]
     excess0 = [max(total - allowed, 1) for _, total, allowed, _, _ in limits]
     cur_acc = [float(proxy.baseline_acc)] * n
+    moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
         pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
@@ -211,12 +216,15 @@ def sensitivity_policy(
             totals[k] -= used[k][i] - new
             used[k][i] = new
         current[i] = opt
+        moves.append(i)
         cur_acc[i] = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
 
     choices: list[MethodRank] = [
         ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
         for c, layer in zip(current, table.layers)
     ]
+    last_first = list(dict.fromkeys(reversed(moves)))
+    choices = settle(BudgetMeter(proxy.model, budget), choices, last_first)
     meta = {
         "strategy": "sensitivity",
         "target_ratio": budget.params,
