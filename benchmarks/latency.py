@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.decompose import DecomposedConv  # noqa: E402
-from rl_mtd.export import inference_model, to_onnx  # noqa: E402
+from rl_mtd.export import CudaGraphed, inference_model, to_onnx  # noqa: E402
 from rl_mtd.metrics import count_macs, count_params, measure_latency  # noqa: E402
 from rl_mtd.models import build_vgg  # noqa: E402
 from rl_mtd.policy import Policy, apply_policy  # noqa: E402
@@ -79,6 +79,17 @@ class Entry:
     macs: int
     forms: dict[str, nn.Module]
     results: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)
+
+
+class Cast(nn.Module):
+    """``module`` fed its inputs cast to ``dtype`` (a bf16 inference form takes float32 inputs)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.dtype))
 
 
 class OrtModule(nn.Module):
@@ -131,7 +142,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the inference form without merging and/or without channels_last",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="cuda: also time the inference form in bfloat16 (inputs cast from float32 inside)",
+    )
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="cuda: also time every form replayed from a CUDA graph (rl_mtd.export.CudaGraphed)",
+    )
+    args = p.parse_args(argv)
+    if (args.bf16 or args.graphs) and args.device != "cuda":
+        p.error("--bf16 and --graphs are for --device cuda")
+    return args
 
 
 def machine(threads: int) -> str:
@@ -244,6 +268,11 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
         forms: dict[str, nn.Module] = {"eager": model, "inference": inference_model(model)}
         if args.ablate:
             forms.update((k, inference_model(model, **kw)) for k, kw in ABLATIONS.items())
+        if args.bf16:
+            bf16 = inference_model(model, dtype=torch.bfloat16)
+            forms["inference, bf16"] = Cast(bf16, torch.bfloat16)
+        if args.graphs:
+            forms.update({f"{k}, graph": CudaGraphed(m) for k, m in list(forms.items())})
         if onnx_dir is not None:
             forms["onnxruntime"] = OrtModule(to_onnx(model, onnx_dir / f"{i}.onnx"), args.threads)
         entries.append(Entry(name, count_params(model), count_macs(model), forms))
@@ -335,6 +364,21 @@ def goals(entries: list[Entry], batches: list[int], ways: list[str]) -> list[str
                 f"- {e.name} at batch {big}, {way}: speed-up {s:.1f}x vs "
                 f">= {need:.1f}x (half its MAC reduction), {ok}"
             )
+    return out
+
+
+def gpu_goals(entries: list[Entry], batches: list[int], ways: list[str]) -> list[str]:
+    """Issue 12 on the GPU: each compressed model no slower than the original at batch 1 and at
+    least 2x faster at the largest batch, each form against the original in the same form."""
+    base, out = entries[0], []
+    for e in entries[1:]:
+        for way in ways:
+            for bs, need in ((1, 1.0), (max(batches), 2.0)):
+                if bs not in batches:
+                    continue
+                s = _median(base, way, bs) / _median(e, way, bs)
+                ok = "met" if s >= need else "NOT met"
+                out.append(f"- GPU, {e.name}, batch {bs}, {way}: {s:.2f}x vs >= {need:g}x, {ok}")
     return out
 
 
@@ -438,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         print("Goals (speed-up against the original run the same way):\n")
         print("\n".join(goals(entries, batches, [w for w in ways if w in WAYS])))
+        if args.device == "cuda":
+            print("\n".join(gpu_goals(entries, batches, ways)))
         print(f"\nload average at the end {_load()}")
         if args.profile:
             for bs in batches:

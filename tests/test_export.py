@@ -223,3 +223,23 @@ def test_onnx_export_without_onnx_says_what_to_install(
     with pytest.raises(RlMtdError, match=r"pip install onnx"):
         to_onnx(compressed, tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_cuda_graphs_need_a_cuda_module():
+    from rl_mtd.export import CudaGraphed
+
+    with pytest.raises(RlMtdError, match="CUDA graphs need a module on a CUDA device"):
+        CudaGraphed(build_vgg("vgg11", width=0.125))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_graphed_matches_the_module():
+    from rl_mtd.export import CudaGraphed
+
+    model = build_vgg("vgg11", width=0.125).cuda().eval()
+    graphed = CudaGraphed(model)
+    for batch in (1, 4, 1):
+        x = torch.randn(batch, 3, 32, 32, device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(graphed(x), model(x), atol=1e-4, rtol=1e-4)
+    assert len(graphed._graphs) == 2, "one graph per input shape"
