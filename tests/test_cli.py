@@ -660,6 +660,23 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
 
 
 @pytest.mark.slow
+def test_parameter_and_macs_budgets_both_reached(tmp_path):
+    """Issue 11: --target-ratio 8 --target-macs 4; report.json states both targets and shows
+    both reached by the fine-tuned model."""
+    out = tmp_path / "both"
+    argv = [*COMMON, "--episodes", "3", "--levels", "4,8,16,32,64", "--target-ratio", "8"]
+    assert main([*argv, "--target-macs", "4", "--out", str(out)]) == 0
+    report = read_json(out / "report.json")
+    assert report["target_ratio"] == 8 and report["target_macs"] == 4
+    assert report["compression_ratio"] >= 8 and report["macs_ratio"] >= 4
+    assert report["macs_original"] / report["macs_compressed"] == pytest.approx(
+        report["macs_ratio"]
+    )
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert episodes and all(e["ratio"] >= 8 and e["macs_ratio"] >= 4 for e in episodes)
+
+
+@pytest.mark.slow
 def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
     """--stages 2 --feature-kd 1: two compression stages, each fine-tuned, ending at the
     policy's own ranks; the saved model is the policy's."""
