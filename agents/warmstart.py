@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,23 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
     return prob
 
 
+def _settings(config: Any) -> str:
+    """A dataclass's settings for a cache key: the fields that differ from their defaults
+    (nested dataclasses alike), so adding a field with a default keeps existing keys."""
+    default = type(config)()
+    out = {}
+    for f in fields(config):
+        value, base = getattr(config, f.name), getattr(default, f.name)
+        if is_dataclass(value):
+            value = _settings(value)
+            if value == _settings(base):
+                continue
+        elif value == base:
+            continue
+        out[f.name] = value
+    return repr(sorted(out.items()))
+
+
 def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
     """Where ``cached_study`` keeps the study: keyed by the baseline's kernels, the proxy's
     settings and split sizes, and the study's methods and levels."""
@@ -126,7 +143,7 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
         json.dumps(
             [
                 proxy.wkeys,
-                repr(asdict(proxy.config)),
+                _settings(proxy.config),
                 len(proxy.train_split),
                 len(proxy.proxy_split),
                 study.methods,

@@ -56,6 +56,12 @@ def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STE
         choices=["weights", "data"],
         help="factorise to the kernel alone or to the layer's outputs on baseline activations",
     )
+    p.add_argument(
+        "--fit-shrink",
+        type=float,
+        default=0.0,
+        help="--fit data: shrink each input moment this far towards the weight-only fit (0..1)",
+    )
 
 
 def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
@@ -70,6 +76,7 @@ def proxy_config(args: argparse.Namespace, **overrides) -> ProxyConfig:
         "repair_steps": args.repair_steps,
         "repair": repair,
         "fit": args.fit,
+        "fit_shrink": getattr(args, "fit_shrink", 0.0),
         "seed": getattr(args, "seed", 0),
         **overrides,
     }

@@ -85,6 +85,18 @@ def input_moment(inputs: torch.Tensor) -> torch.Tensor:
     return gram / count
 
 
+def shrink_to_identity(moment: torch.Tensor, weight: float) -> torch.Tensor:
+    """``(1 - weight) * M + weight * tr(M) / I * Id``: the data-aware fit pulled towards the
+    weight-only one (``weight`` 0 keeps ``M``; 1 gives a multiple of the identity, whose
+    whitened fit is exactly the weight-only fit)."""
+    if not 0.0 <= weight <= 1.0:
+        raise RlMtdError(f"the shrinkage weight must be in [0, 1], got {weight}")
+    n = moment.shape[0]
+    scale = float(torch.diagonal(moment).sum()) / n
+    eye = torch.eye(n, dtype=moment.dtype, device=moment.device)
+    return (1.0 - weight) * moment + weight * scale * eye
+
+
 def _image_batches(
     data: object, batch_size: int, seed: int, device: torch.device
 ) -> Iterable[torch.Tensor]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from rl_mtd.data import Split
+from rl_mtd.datafit import shrink_to_identity
 from rl_mtd.decompose import FactorCache, collect_input_moments, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
@@ -89,6 +90,9 @@ class ProxyConfig:
     each layer's output error on the baseline's own activations, ``rl_mtd.datafit``)."""
     fit_images: int = 512
     """Training images the input moments of ``fit="data"`` are collected from."""
+    fit_shrink: float = 0.0
+    """``fit="data"``: each input moment shrunk this far towards a multiple of the identity
+    (``rl_mtd.datafit.shrink_to_identity``; 0 the data alone, 1 the weight-only fit)."""
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -97,6 +101,8 @@ class ProxyConfig:
             raise RlMtdError(f"fit_images must be an int, got {self.fit_images!r}")
         if self.fit_images < 1:
             raise RlMtdError(f"fit_images must be >= 1, got {self.fit_images}")
+        if not 0.0 <= self.fit_shrink <= 1.0:
+            raise RlMtdError(f"fit_shrink must be in [0, 1], got {self.fit_shrink}")
         if self.bn_batches < 0 or self.repair_steps < 0:
             raise RlMtdError(
                 f"bn_batches and repair_steps must be >= 0, got {self.bn_batches} and "
@@ -159,13 +165,15 @@ class Proxy:
         self.wkeys = [weight_key(c.weight) for _, c in self.convs]  # hashed once, not per episode
         self.input_moments: dict[str, torch.Tensor] | None = None
         if self.config.fit == "data":  # the baseline's own activations, collected once
-            self.input_moments = collect_input_moments(
+            moments = collect_input_moments(
                 self.model,
                 self.train_split,
                 images=self.config.fit_images,
                 batch_size=self.config.bn_batch_size,
                 seed=self.config.seed,
             )
+            shrink = self.config.fit_shrink
+            self.input_moments = {k: shrink_to_identity(m, shrink) for k, m in moments.items()}
         self.params_original = count_params(self.model)
         self.macs_original = count_macs(self.model)
         self._memo: dict[tuple, ProxyResult] = {}

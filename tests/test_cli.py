@@ -758,3 +758,18 @@ def test_behaviour_cloning_raises_the_heuristic_actions_probability():
     prob = behaviour_clone(agent, obs, actions)
     assert prob == pytest.approx(mean_prob(), abs=0.05)
     assert prob >= BC_TARGET_PROB > before, (before, prob)
+
+
+def test_study_cache_key_names_only_changed_settings():
+    """The study's cache key lists the proxy settings that differ from the defaults, so a new
+    setting with a default keeps every cached study valid, while a changed one misses."""
+    from dataclasses import replace
+
+    from agents.warmstart import _settings
+    from rl_mtd.proxy import ProxyConfig
+
+    base = ProxyConfig()
+    assert _settings(base) == repr([])
+    assert _settings(replace(base, repair_steps=200)) == repr([("repair_steps", 200)])
+    nested = replace(base, repair=replace(base.repair, lr=0.02))
+    assert "0.02" in _settings(nested) and _settings(nested) != _settings(base)

@@ -250,3 +250,27 @@ def test_proxy_config_refuses_a_bad_fit() -> None:
         ProxyConfig(fit="bogus")
     with pytest.raises(RlMtdError, match="fit_images"):
         ProxyConfig(fit="data", fit_images=0)
+
+
+def test_shrinking_the_moment_moves_the_fit_to_the_weight_only_one() -> None:
+    """shrink_to_identity(M, 1) is a multiple of the identity: the whitened Tucker-2 fit is then
+    the weight-only one; at 0 the moment is unchanged; between, the kernel error lies between."""
+    from rl_mtd.datafit import shrink_to_identity
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 16, 3, 3, generator=g)
+    basis = torch.randn(16, 3, generator=g)
+    m = (basis @ basis.T + 1e-3 * torch.eye(16)).double()
+    assert torch.equal(shrink_to_identity(m, 0.0), m)
+
+    def kernel_error(moment) -> float:
+        t = factorize.tucker2(w, (8, 6), input_moment=moment)
+        approx = torch.einsum("abhw,oa,ib->oihw", t.core, t.u_out, t.u_in)
+        return float((approx - w).norm())
+
+    plain = kernel_error(None)
+    assert kernel_error(shrink_to_identity(m, 1.0)) == pytest.approx(plain, rel=1e-4)
+    errors = [kernel_error(shrink_to_identity(m, s)) for s in (0.0, 0.5)]
+    assert errors[0] > errors[1] > plain * (1 - 1e-6)
+    with pytest.raises(RlMtdError, match="shrinkage"):
+        shrink_to_identity(m, 1.5)
