@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="feature distillation weight: each decomposed block's output against the layer it "
-        "replaces, during fine-tuning (0 off; see BENCHMARKS.md)",
+        "replaces, during fine-tuning (0 off; BENCHMARKS.md has the fine-tune sweep)",
     )
     t.add_argument(
         "--stages",

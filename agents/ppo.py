@@ -110,7 +110,8 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise RlMtdError(f"agent file {path}: its metadata lacks {key!r}")
     if meta.get("observe", "layer") not in ("layer", "study"):
         raise RlMtdError(
-            f"agent file {path}: its metadata names an unknown observation {meta['observe']!r}"
+            f"agent file {path}: its metadata names an unknown observation {meta['observe']!r} "
+            "(layer or study); it was edited or written by another version, so re-run the search"
         )
     return meta
 

@@ -78,6 +78,11 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "proxy_bn_batches": r.proxy_config.bn_batches,
         "proxy_repair_steps": r.proxy_config.repair_steps,
         "fit": r.proxy_config.fit,
+        "observe": cfg.get("observe", "layer"),
+        "finetune_recipe": {
+            k: cfg.get(k)
+            for k in ("finetune_epochs", "finetune_lr", "kd", "feature_kd", "stages", "batch_size")
+        },
         "proxy_acc": r.proxy_acc,
         "finetuned_acc": r.finetuned_acc,
         "accuracy_drop": r.baseline_acc - r.finetuned_acc,

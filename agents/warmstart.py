@@ -36,13 +36,19 @@ BC_LR = 1e-3
 
 
 def warm_start(
-    proxy: Proxy, env_cfg: EnvConfig, agent: Any, *, scores: np.ndarray | None = None
+    proxy: Proxy,
+    env_cfg: EnvConfig,
+    agent: Any,
+    *,
+    scores: np.ndarray | None = None,
+    study: SensitivityStudy | None = None,
 ) -> dict[str, Any]:
     """Study, heuristic policy and behaviour cloning; returns the search's first best entry
     (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
-    search environments' ``layer_scores``, so the cloned observations are the agent's own."""
+    search environments' ``layer_scores``, so the cloned observations are the agent's own;
+    ``study``: the study already at hand (default: ``cached_study(proxy)``)."""
     t0 = time.perf_counter()
-    study = cached_study(proxy)
+    study = study if study is not None else cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
     observations, actions, _ = _follow(env, policy)
@@ -119,6 +125,11 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
     return prob
 
 
+STUDY_KEY_VERSION = 2
+"""Bump when a default of ``ProxyConfig`` (or its repair) changes what a study measures: keys
+list only the settings that differ from the defaults."""
+
+
 def _settings(config: Any) -> str:
     """A dataclass's settings for a cache key: the fields that differ from their defaults
     (nested dataclasses alike), so adding a field with a default keeps existing keys."""
@@ -142,6 +153,7 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
     key = hashlib.sha256(
         json.dumps(
             [
+                STUDY_KEY_VERSION,
                 proxy.wkeys,
                 _settings(proxy.config),
                 len(proxy.train_split),

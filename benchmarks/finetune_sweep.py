@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma-separated fine-tune seeds")
     p.add_argument("--out-dir", default="benchmarks/results/finetune_sweep")
     args = p.parse_args()
+    if args.fit != "weights":
+        p.error("the sweep factorises by the kernels alone (as --stages does); use --fit weights")
     recipes = [parse_recipe(r, args.epochs) for r in args.recipes]
     seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = Path(args.out_dir)
@@ -110,7 +112,7 @@ def main() -> None:
 
                 def finetune(model, k, recipe=recipe, seed=seed):
                     nonlocal recoveries
-                    reestimate_bn(model, splits.train, batches=args.bn_batches, seed=seed)
+                    reestimate_bn(model, splits.train, batches=max(1, args.bn_batches), seed=seed)
                     tcfg = TrainConfig(
                         epochs=recipe.epochs / recipe.stages,
                         lr=recipe.lr,

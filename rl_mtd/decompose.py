@@ -146,17 +146,18 @@ def _tucker_ranks_for(conv: nn.Conv2d, r_in: int) -> tuple[int, int]:
 
 def next_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank | None:
     """The next larger rank of ``method`` for ``conv`` (CP: ``rank + 1``; Tucker-2: one more
-    input rank, the output rank in the layer's proportion), or None past the largest."""
+    input rank, the output rank in the layer's proportion), or None when there is none or it
+    would not have fewer parameters than the layer itself."""
     rank = normalize_rank(conv, method, rank)
+    bigger: Rank | None = None
     if method == "cp":
-        return rank + 1  # type: ignore[operator]
-    if method == "tucker2":
+        bigger = rank + 1  # type: ignore[operator]
+    elif method == "tucker2" and rank[1] < conv.in_channels:  # type: ignore[index]
         r_in = rank[1] + 1  # type: ignore[index]
-        if r_in > conv.in_channels:
-            return None
-        r_out = max(_tucker_ranks_for(conv, r_in)[0], rank[0])  # type: ignore[index]
-        return (r_out, r_in)
-    return None
+        bigger = (max(_tucker_ranks_for(conv, r_in)[0], rank[0]), r_in)  # type: ignore[index]
+    if bigger is None or decomposed_params(conv, method, bigger) >= layer_params(conv):
+        return None
+    return bigger
 
 
 def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:

@@ -135,7 +135,8 @@ class CudaGraphed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device)
         if key not in self._graphs:
-            static_in = x.detach().clone()
+            with torch.inference_mode(False):  # a normal tensor: copy_ works in and out of it
+                static_in = x.detach().clone()
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):  # warm-up off the capture stream, as torch asks

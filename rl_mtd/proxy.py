@@ -103,6 +103,8 @@ class ProxyConfig:
             raise RlMtdError(f"fit_images must be >= 1, got {self.fit_images}")
         if not 0.0 <= self.fit_shrink <= 1.0:
             raise RlMtdError(f"fit_shrink must be in [0, 1], got {self.fit_shrink}")
+        if self.fit_shrink and self.fit != "data":
+            raise RlMtdError("fit_shrink applies to fit='data' only; leave it at 0 or fit to data")
         if self.bn_batches < 0 or self.repair_steps < 0:
             raise RlMtdError(
                 f"bn_batches and repair_steps must be >= 0, got {self.bn_batches} and "

@@ -707,6 +707,7 @@ def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
     assert count_params(model) == report["params_compressed"]
     assert [c.rank for c in saved.layers] == [c.rank for c in Policy.load(policy).layers]
     assert read_json(out / "config.json")["stages"] == 2
+    assert report["finetune_recipe"]["stages"] == 2 and report["finetune_recipe"]["feature_kd"] == 1
 
 
 @pytest.mark.slow
@@ -720,6 +721,9 @@ def test_observe_study_shows_the_study_and_replays(tmp_path):
     assert read_agent_meta(out / "agent.zip")["observe"] == "study"
     assert load_agent(out / "agent.zip").observation_space.shape == (14 + 2 * 6,)
     assert read_json(out / "config.json")["observe"] == "study"
+    state = read_json(out / "search_state.json")
+    assert state["invocations"][0]["study_seconds"] > 0, "the study's cost is charged"
+    assert state["seconds"] >= state["invocations"][0]["study_seconds"]
     baseline = read_json(out / "config.json")["baseline_path"]
     replay = tmp_path / "replay"
     args = ["--replay", str(out / "agent.zip"), "--checkpoint", baseline, "--out", str(replay)]
