@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--feature-kd",
         type=float,
-        default=0.0,
+        default=1.0,
         help="feature distillation weight: each decomposed block's output against the layer it "
-        "replaces, during fine-tuning (0 off; BENCHMARKS.md has the fine-tune sweep)",
+        "replaces, during fine-tuning (default 1, chosen by the fine-tune sweep in "
+        "BENCHMARKS.md; 0 off)",
     )
     t.add_argument(
         "--stages",

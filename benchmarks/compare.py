@@ -76,6 +76,13 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=float, default=1.0)
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--kd", type=float, default=0.0)
+    p.add_argument(
+        "--feature-kd",
+        type=float,
+        default=0.0,
+        help="feature distillation weight in every fine-tune (run_agent.py's default is 1; 0 "
+        "here keeps the tables comparable with the earlier ones)",
+    )
     p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()
@@ -169,6 +176,7 @@ def main() -> None:
                     width=args.width,
                     seed=seed,
                     kd=args.kd,
+                    feature_kd=args.feature_kd,
                     batch_size=args.batch_size,
                     finetune_epochs=args.finetune_epochs,
                     finetune_lr=args.finetune_lr,
@@ -218,7 +226,8 @@ def _row(r: dict) -> str:
 def _table(rows: list[dict], cfg, base_test: float, args) -> str:
     head = [
         f"{cfg.net} width {cfg.width:g}, baseline test accuracy {100 * base_test:.2f}%; "
-        f"fine-tune {args.finetune_epochs:g} epoch(s) at lr {args.finetune_lr:g} (kd {args.kd:g}) "
+        f"fine-tune {args.finetune_epochs:g} epoch(s) at lr {args.finetune_lr:g} (kd {args.kd:g}, "
+        f"feature kd {args.feature_kd:g}) "
         f"for every strategy; PPO {args.episodes} episodes; {machine()}",
         "",
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "

@@ -35,7 +35,7 @@ export PYTHONUNBUFFERED=1
 if [[ $DRY == 1 ]]; then
   DATA="${RL_MTD_DATA:?--dry-run reads the dataset from RL_MTD_DATA; set it}"
   ARGS=(--width 0.125 --device cpu --baseline-epochs 1 --train-size 1000 --proxy-size 200
-        --test-size 500 --targets 8,16 --episodes 3 --repair-steps 2 --finetune-epochs 0.2
+        --test-size 500 --targets 8,16 --episodes 3 --repair-steps 2 --finetune-epochs 0.2 --feature-kd 1
         --latency-repeats 2 --no-progress)
   export RL_MTD_CACHE="${RL_MTD_CACHE:-$WORK/cache}"
 else
@@ -50,7 +50,7 @@ else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   ARGS=(--width 1 --device cuda --baseline-epochs 30 --batch-size 256 --lr 0.1
         --proxy-size 5000 --targets 37,50 --episodes 30 --repair-steps 40 --finetune-epochs 5
-        --kd 0.5 --latency-repeats 10 --no-progress)
+        --feature-kd 1 --latency-repeats 10 --no-progress)
 fi
 
 set -o pipefail
