@@ -10,7 +10,15 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetTable, check_levels, check_methods
+from rl_mtd.budget import (
+    DEFAULT_LEVELS,
+    Budget,
+    BudgetMeter,
+    BudgetTable,
+    check_levels,
+    check_methods,
+    settle,
+)
 from rl_mtd.decompose import METHODS, conv_layers, layer_params
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
@@ -95,7 +103,9 @@ class MixedDecompositionEnv(gym.Env):
     After each action, if the layers still to come could not meet every target even at their
     smallest options, this layer's level is raised just enough (AMC's "action wall"; a ``keep``
     becomes the first decomposition method that fits). ``info["action"]`` is the action actually
-    taken, ``info["requested_action"]`` the agent's.
+    taken, ``info["requested_action"]`` the agent's. The finished policy is then settled at the
+    budget: the levels overshoot it, so the ranks of the last layers are raised while every
+    target holds (``rl_mtd.budget.settle``), and policies are scored at the target.
 
     ## Episode End
     Terminates after the last conv layer; never truncated. ``info`` on the last step carries the
@@ -153,6 +163,7 @@ class MixedDecompositionEnv(gym.Env):
         )
         self._i = 0
         self._choices: list[tuple[int, int]] = []
+        self._meter: BudgetMeter | None = None  # built at the first finished budget episode
 
     # ----------------------------------------------------------------- setup
     def _describe_layers(self) -> np.ndarray:
@@ -276,10 +287,18 @@ class MixedDecompositionEnv(gym.Env):
         return gain
 
     def current_policy(self) -> Policy:
+        """The choices so far as a policy; a finished episode in budget mode is settled at the
+        budget (``rl_mtd.budget.settle``: the levels overshoot, so the last layers' ranks are
+        raised while every target still holds)."""
         spec = self.scorer.spec
+        choices = self.table.to_choices(self._choices)
+        if self.config.budget.active and len(self._choices) == self.num_layers:
+            if self._meter is None:
+                self._meter = BudgetMeter(self.scorer.model, self.config.budget)
+            choices = settle(self._meter, choices, reversed(range(self.num_layers)))
         return Policy.from_choices(
             self.scorer.model,
-            self.table.to_choices(self._choices),
+            choices,
             net=spec.net,
             width=spec.width,
             num_classes=spec.num_classes,

@@ -16,7 +16,7 @@ import numpy as np
 
 from rl_mtd.baselines.random import RANDOM_METHODS
 from rl_mtd.baselines.sensitivity import SensitivityStudy, sensitivity_policy
-from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetTable, OptionIndex
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, OptionIndex, settle
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyResult
@@ -44,7 +44,8 @@ def local_search(
     random layers:
     half the time one level up or down within the layer's method, else a random option. The
     whole candidate then goes through ``BudgetTable.wall`` layer by layer, so every candidate
-    meets the budget. A candidate replaces the best when its proxy accuracy is higher. Returns
+    meets the budget, and is settled at it (``rl_mtd.budget.settle``: the last layers' ranks
+    raised while the budget holds). A candidate replaces the best when its proxy accuracy is higher. Returns
     the best policy and every evaluated result in order. ``study`` reuses a sensitivity study
     (its evaluations are not counted in ``n``).
     """
@@ -58,13 +59,14 @@ def local_search(
     # grid's levels); perturbations start from its nearest options on the grid.
     best = _walled(table, _options_of(table, start), budget)
     rng = np.random.default_rng(seed)
+    meter = BudgetMeter(proxy.model, budget)
     best_policy = replace(start, meta={**start.meta, "strategy": "local", "seed": seed, "index": 0})
     results = [proxy.evaluate(best_policy)]
     best_acc = results[0].accuracy
     for k in range(1, n):
         candidate = _perturb(table, best, rng)
         walled = _walled(table, candidate, budget)
-        policy = _policy(table, proxy, walled, budget, seed, k)
+        policy = _policy(table, proxy, walled, meter, seed, k)
         result = proxy.evaluate(policy)
         results.append(result)
         if result.accuracy > best_acc:
@@ -111,10 +113,12 @@ def _policy(
     table: BudgetTable,
     proxy: Proxy,
     options: list[OptionIndex],
-    budget: Budget,
+    meter: BudgetMeter,
     seed: int,
     index: int,
 ) -> Policy:
+    """The candidate as a policy, settled at the budget (the grid overshoots it)."""
+    budget = meter.budget
     meta = {
         "strategy": "local",
         "target_ratio": budget.params,
@@ -122,9 +126,10 @@ def _policy(
         "seed": seed,
         "index": index,
     }
+    choices = settle(meter, table.to_choices(options), reversed(range(len(options))))
     return Policy.from_choices(
         proxy.model,
-        table.to_choices(options),
+        choices,
         net=proxy.net,
         width=proxy.width,
         num_classes=proxy.num_classes,
