@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline, then behaviour cloning; the search ends at or above it by the proxy)",
     )
     g.add_argument(
+        "--warm-start-prob",
+        type=float,
+        default=0.5,
+        help="with --warm-start: how sure of the heuristic's actions the agent starts (0..1; "
+        "higher keeps its episodes closer to the heuristic)",
+    )
+    g.add_argument(
         "--observe",
         default="layer",
         choices=["layer", "study"],
@@ -275,6 +282,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "fit": args.fit,
         "warm_start": args.warm_start,
         "observe": args.observe,
+        "warm_start_prob": args.warm_start_prob,
         "export": args.export,
         "train_size": args.train_size,
         "test_size": args.test_size,

@@ -116,6 +116,9 @@ class RunConfig:
     """``sensitivity``: start the search from the MTD sensitivity heuristic (its study cached per
     baseline; behaviour cloning towards its actions; its policy the first best). ``none``: from
     a uniform agent."""
+    warm_start_prob: float = 0.5
+    """With ``--warm-start sensitivity``: behaviour cloning stops when the agent picks the
+    heuristic's actions with this mean probability (higher: episodes stay closer to it)."""
     observe: str = "layer"
     """What the agent sees of each layer: "layer" (its shape, size and the budget state) or
     "study" (also the sensitivity study's accuracy loss at each method and level for that layer
@@ -221,6 +224,10 @@ class RunConfig:
         if self.warm_start not in WARM_STARTS:
             raise RlMtdError(
                 f"--warm-start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}"
+            )
+        if not (isinstance(self.warm_start_prob, int | float) and 0 < self.warm_start_prob < 1):
+            raise RlMtdError(
+                f"--warm-start-prob must be between 0 and 1, got {self.warm_start_prob!r}"
             )
         if self.observe not in OBSERVES:
             raise RlMtdError(f"--observe {self.observe!r}: choose one of {', '.join(OBSERVES)}")

@@ -247,7 +247,14 @@ def search(
     if cfg.warm_start == "sensitivity" and not episodes_before:
         from agents.warmstart import warm_start
 
-        first = warm_start(proxy, env_config(cfg), agent, scores=scores, study=study)
+        first = warm_start(
+            proxy,
+            env_config(cfg),
+            agent,
+            scores=scores,
+            study=study,
+            target_prob=cfg.warm_start_prob,
+        )
         invocation["warm_start"] = {
             k: first[k] for k in ("strategy", "study_evaluations", "study_seconds")
         }

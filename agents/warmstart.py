@@ -42,17 +42,20 @@ def warm_start(
     *,
     scores: np.ndarray | None = None,
     study: SensitivityStudy | None = None,
+    target_prob: float = BC_TARGET_PROB,
 ) -> dict[str, Any]:
     """Study, heuristic policy and behaviour cloning; returns the search's first best entry
     (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
     search environments' ``layer_scores``, so the cloned observations are the agent's own;
-    ``study``: the study already at hand (default: ``cached_study(proxy)``)."""
+    ``study``: the study already at hand (default: ``cached_study(proxy)``); ``target_prob``:
+    how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
+    at 0.5 an episode departs from the heuristic in about half the layers)."""
     t0 = time.perf_counter()
     study = study if study is not None else cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
     observations, actions, _ = _follow(env, policy)
-    prob = behaviour_clone(agent, observations, actions)
+    prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy: its settled ranks lie between the agent's
     # levels, so the agent's nearest actions give a (slightly) different one.
     result = proxy.evaluate(policy)
@@ -107,8 +110,14 @@ def _follow(
     return np.stack(observations), np.asarray(actions), info
 
 
-def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -> float:
-    """Fit the agent's policy to pick ``actions`` at ``observations``; the final mean prob."""
+def behaviour_clone(
+    agent: Any,
+    observations: np.ndarray,
+    actions: np.ndarray,
+    target_prob: float = BC_TARGET_PROB,
+) -> float:
+    """Fit the agent's policy to pick ``actions`` at ``observations`` until their mean
+    probability reaches ``target_prob``; returns the final mean probability."""
     policy = agent.policy
     obs = torch.as_tensor(observations, device=policy.device)
     act = torch.as_tensor(actions, device=policy.device)
@@ -117,7 +126,7 @@ def behaviour_clone(agent: Any, observations: np.ndarray, actions: np.ndarray) -
     for _ in range(BC_MAX_STEPS):
         log_prob = policy.get_distribution(obs).log_prob(act)
         prob = float(log_prob.detach().exp().mean())
-        if prob >= BC_TARGET_PROB:
+        if prob >= target_prob:
             break
         optimizer.zero_grad()
         (-log_prob.mean()).backward()

@@ -67,6 +67,12 @@ def main() -> None:
         help="PPO starts from the sensitivity heuristic (run_agent.py --warm-start)",
     )
     p.add_argument(
+        "--warm-start-prob",
+        type=float,
+        default=0.5,
+        help="how sure of the heuristic's actions behaviour cloning leaves PPO",
+    )
+    p.add_argument(
         "--observe",
         default="layer",
         choices=["layer", "study"],
@@ -142,6 +148,7 @@ def main() -> None:
                         target_macs=args.target_macs,
                         warm_start=args.warm_start,
                         observe=args.observe,
+                        warm_start_prob=args.warm_start_prob,
                         fit=args.fit,
                         seed=seed,
                         progress=False,

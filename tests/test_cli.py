@@ -324,6 +324,7 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--feature-kd", "-1"], "--feature-kd must be a number >= 0"),
         (["--feature-kd", "inf"], "--feature-kd must be a number >= 0"),
         (["--stages", "0"], "--stages must be a whole number >= 1"),
+        (["--warm-start-prob", "1"], "--warm-start-prob must be between 0 and 1"),
         (["--stages", "2", "--fit", "data"], "use it with --fit weights"),
         (["--latency-repeats", "0"], "--latency-repeats must be a whole number >= 1"),
     ],
@@ -762,6 +763,8 @@ def test_behaviour_cloning_raises_the_heuristic_actions_probability():
     prob = behaviour_clone(agent, obs, actions)
     assert prob == pytest.approx(mean_prob(), abs=0.05)
     assert prob >= BC_TARGET_PROB > before, (before, prob)
+    surer = behaviour_clone(agent, obs, actions, target_prob=0.85)  # --warm-start-prob
+    assert surer >= 0.85 and mean_prob() >= 0.8, (surer, mean_prob())
 
 
 def test_study_cache_key_names_only_changed_settings():
