@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--warm-start-prob",
         type=float,
-        default=0.5,
+        default=0.85,
         help="with --warm-start: how sure of the heuristic's actions the agent starts (0..1; "
         "higher keeps its episodes closer to the heuristic)",
     )

@@ -116,9 +116,10 @@ class RunConfig:
     """``sensitivity``: start the search from the MTD sensitivity heuristic (its study cached per
     baseline; behaviour cloning towards its actions; its policy the first best). ``none``: from
     a uniform agent."""
-    warm_start_prob: float = 0.5
+    warm_start_prob: float = 0.85
     """With ``--warm-start sensitivity``: behaviour cloning stops when the agent picks the
-    heuristic's actions with this mean probability (higher: episodes stay closer to it)."""
+    heuristic's actions with this mean probability (higher: episodes stay closer to it; 0.85
+    measured in BENCHMARKS.md's 16x comparison)."""
     observe: str = "layer"
     """What the agent sees of each layer: "layer" (its shape, size and the budget state) or
     "study" (also the sensitivity study's accuracy loss at each method and level for that layer

@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument(
         "--warm-start-prob",
         type=float,
-        default=0.5,
+        default=0.85,
         help="how sure of the heuristic's actions behaviour cloning leaves PPO",
     )
     p.add_argument(
