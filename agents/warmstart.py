@@ -55,14 +55,14 @@ def warm_start(
     study = study if study is not None else cached_study(proxy)
     policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
-    observations, actions, _ = _follow(env, policy)
+    observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy: its settled ranks lie between the agent's
     # levels, so the agent's nearest actions give a (slightly) different one.
     result = proxy.evaluate(policy)
     proxy_result = result.to_dict()
     reward = env.reward(result.accuracy, result.compression_ratio, result.macs_ratio)
-    info = {"policy": policy.to_dict()}
+    policy_dict = policy.to_dict()
     log.info(
         "warm start: sensitivity policy %.2fx, proxy accuracy %.2f%% (%d study evaluations); "
         "the agent now picks its actions with mean probability %.2f",
@@ -81,8 +81,8 @@ def warm_start(
         "seconds": time.perf_counter() - t0,
         "cached": proxy_result["cached"],
         "wall_fraction": 0.0,
-        "methods": [layer["method"] for layer in info["policy"]["layers"]],
-        "policy": info["policy"],
+        "methods": [layer["method"] for layer in policy_dict["layers"]],
+        "policy": policy_dict,
         "proxy": proxy_result,
         "strategy": "sensitivity",
         "study_evaluations": study.evaluations,
@@ -90,15 +90,14 @@ def warm_start(
     }
 
 
-def _follow(
-    env: MixedDecompositionEnv, policy: Policy
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Step ``env`` with the actions nearest to ``policy``'s choices; observations, actions
-    and the last step's info (policy and proxy result)."""
+def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
+    """The observations ``env`` shows an agent taking the actions nearest to ``policy``'s
+    choices, and those actions. The last action is not taken: the episode would score a
+    policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)
     observations, actions = [], []
-    info: dict[str, Any] = {}
-    for layer, choice in zip(env.table.layers, policy.layers, strict=True):
+    pairs = list(zip(env.table.layers, policy.layers, strict=True))
+    for i, (layer, choice) in enumerate(pairs):
         same = [c for c in layer.options if env.methods[c[0]] == choice.method] or list(
             layer.options
         )
@@ -107,8 +106,9 @@ def _follow(
         action = env.encode(*option)
         observations.append(obs)
         actions.append(action)
-        obs, _, _, _, info = env.step(action)
-    return np.stack(observations), np.asarray(actions), info
+        if i < len(pairs) - 1:
+            obs, _, _, _, _ = env.step(action)
+    return np.stack(observations), np.asarray(actions)
 
 
 def behaviour_clone(

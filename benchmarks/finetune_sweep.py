@@ -9,7 +9,6 @@ and seconds. A recipe is ``name:key=value,...`` with keys
     lr      peak learning rate (default 0.01)
     kd      logit distillation weight from the baseline, 0..1 (default 0)
     fkd     feature distillation weight (each decomposed block against the original layer)
-    ls      label smoothing
     stages  compress in this many stages, the epochs split evenly between them (default 1)
 
     python benchmarks/finetune_sweep.py --data ../shared/data/cifar10-jpeg.tar.gz \\
@@ -27,6 +26,8 @@ from pathlib import Path
 
 from _common import add_common_args, add_proxy_args, machine, proxy_config, setup
 
+from agents.config import RunConfig
+from agents.pipeline import compress_and_finetune
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
@@ -34,8 +35,7 @@ from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
-from rl_mtd.staged import compress_in_stages
-from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
+from rl_mtd.train import evaluate
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,10 @@ class Recipe:
     lr: float = 0.01
     kd: float = 0.0
     fkd: float = 0.0
-    ls: float = 0.0
     stages: int = 1
 
 
-KEYS = {"ep": "epochs", "lr": "lr", "kd": "kd", "fkd": "fkd", "ls": "ls", "stages": "stages"}
+KEYS = {"ep": "epochs", "lr": "lr", "kd": "kd", "fkd": "fkd", "stages": "stages"}
 
 
 def parse_recipe(text: str, epochs: float) -> Recipe:
@@ -75,7 +74,7 @@ def main() -> None:
     p.add_argument("--out-dir", default="benchmarks/results/finetune_sweep")
     args = p.parse_args()
     if args.fit != "weights":
-        p.error("the sweep factorises by the kernels alone (as --stages does); use --fit weights")
+        p.error("--stages factorises fine-tuned kernels by the kernels alone; use --fit weights")
     recipes = [parse_recipe(r, args.epochs) for r in args.recipes]
     seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = Path(args.out_dir)
@@ -108,33 +107,21 @@ def main() -> None:
         for recipe in recipes:
             for seed in seeds:
                 t0 = time.perf_counter()
-                recoveries = 0
-
-                def finetune(model, k, recipe=recipe, seed=seed):
-                    nonlocal recoveries
-                    reestimate_bn(model, splits.train, batches=max(1, args.bn_batches), seed=seed)
-                    tcfg = TrainConfig(
-                        epochs=recipe.epochs / recipe.stages,
-                        lr=recipe.lr,
-                        batch_size=args.batch_size,
-                        schedule="cosine",
-                        kd_alpha=recipe.kd,
-                        feature_kd=recipe.fkd,
-                        label_smoothing=recipe.ls,
-                        seed=seed + 1000 * k,
-                        evals_per_epoch=2,
-                    )
-                    res = train(
-                        model,
-                        splits.train,
-                        config=tcfg,
-                        val_split=splits.proxy,
-                        teacher=baseline if tcfg.uses_teacher else None,
-                        desc=f"fine-tune {recipe.name} stage {k + 1}",
-                    )
-                    recoveries += res.recoveries
-
-                model = compress_in_stages(baseline, policy, recipe.stages, finetune)
+                run_cfg = RunConfig(  # run_agent.py's own compress-and-fine-tune, this recipe
+                    net=args.net,
+                    width=args.width,
+                    seed=seed,
+                    batch_size=args.batch_size,
+                    bn_batches=args.bn_batches,
+                    finetune_epochs=recipe.epochs,
+                    finetune_lr=recipe.lr,
+                    kd=recipe.kd,
+                    feature_kd=recipe.fkd,
+                    stages=recipe.stages,
+                    progress=False,
+                )
+                model, ft = compress_and_finetune(run_cfg, proxy, policy, baseline, splits)
+                recoveries = ft.recoveries
                 model.eval()
                 row = {
                     "policy": pname,

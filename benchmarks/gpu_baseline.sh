@@ -20,15 +20,7 @@ if [[ "${2:-}" == "--dry-run" ]]; then
   ARGS=(--width 0.125 --device cpu --train-size 1000 --proxy-size 200 --test-size 500)
   RECIPES=(today:ep=1,lr=0.1,bs=256 long:ep=2,lr=0.1,bs=256 wide:ep=2,lr=0.2,bs=512)
 else
-  DATA=.gpu/cifar10-jpeg.tar.gz
-  [[ -f $DATA ]] || { echo "error: $DATA missing; run 'bash benchmarks/gpu_paper.sh prepare' and carry .gpu" >&2; exit 2; }
-  if ! python3 -c "import gymnasium, stable_baselines3, tensorly" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
-    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-  fi
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-  export RL_MTD_CACHE="${RL_MTD_CACHE:-/tmp/rl_mtd_cache}"
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  source benchmarks/_gpu_env.sh
   ARGS=(--width 1 --device cuda --proxy-size 5000)
   # today's gpu_paper.sh recipe, twice the epochs, and twice the epochs at batch 512.
   RECIPES=(today:ep=30,lr=0.1,bs=256 long:ep=60,lr=0.1,bs=256 wide:ep=60,lr=0.2,bs=512)

@@ -39,15 +39,7 @@ if [[ $DRY == 1 ]]; then
         --latency-repeats 2 --no-progress)
   export RL_MTD_CACHE="${RL_MTD_CACHE:-$WORK/cache}"
 else
-  DATA=.gpu/cifar10-jpeg.tar.gz
-  [[ -f $DATA ]] || { echo "error: $DATA missing; run 'bash benchmarks/gpu_paper.sh prepare' and carry .gpu" >&2; exit 2; }
-  if ! python3 -c "import gymnasium, stable_baselines3, tensorly" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
-    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-  fi
-  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
-  export RL_MTD_CACHE="${RL_MTD_CACHE:-/tmp/rl_mtd_cache}"
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+  source benchmarks/_gpu_env.sh
   ARGS=(--width 1 --device cuda --baseline-epochs 30 --batch-size 256 --lr 0.1
         --proxy-size 5000 --targets 37,50 --episodes 30 --repair-steps 40 --finetune-epochs 5
         --feature-kd 1 --latency-repeats 10 --no-progress)
