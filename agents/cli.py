@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         "higher keeps its episodes closer to the heuristic)",
     )
     g.add_argument(
+        "--imitate-best",
+        action="store_true",
+        help="self-imitation: after every new best, clone the agent towards that policy's actions "
+        "(to --warm-start-prob) so it explores around the best so far",
+    )
+    g.add_argument(
         "--observe",
         default="layer",
         choices=["layer", "study"],
@@ -283,6 +289,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "warm_start": args.warm_start,
         "observe": args.observe,
         "warm_start_prob": args.warm_start_prob,
+        "imitate_best": args.imitate_best,
         "export": args.export,
         "train_size": args.train_size,
         "test_size": args.test_size,

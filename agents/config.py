@@ -120,6 +120,11 @@ class RunConfig:
     """With ``--warm-start sensitivity``: behaviour cloning stops when the agent picks the
     heuristic's actions with this mean probability (higher: episodes stay closer to it; 0.85
     measured in BENCHMARKS.md's 16x comparison)."""
+    imitate_best: bool = False
+    """Self-imitation: at the start of every rollout after a new best policy was found, clone
+    the agent towards that policy's actions (to ``warm_start_prob``), so its episodes explore
+    around the best so far rather than drift from it; PPO's updates in between shape which
+    departures it tries."""
     observe: str = "layer"
     """What the agent sees of each layer: "layer" (its shape, size and the budget state) or
     "study" (also the sensitivity study's accuracy loss at each method and level for that layer
@@ -230,6 +235,8 @@ class RunConfig:
             raise RlMtdError(
                 f"--warm-start-prob must be between 0 and 1, got {self.warm_start_prob!r}"
             )
+        if not isinstance(self.imitate_best, bool):
+            raise RlMtdError(f"imitate_best must be true or false, got {self.imitate_best!r}")
         if self.observe not in OBSERVES:
             raise RlMtdError(f"--observe {self.observe!r}: choose one of {', '.join(OBSERVES)}")
         if self.fit not in FITS:

@@ -228,6 +228,8 @@ def search(
     def save() -> None:
         invocation["episodes"] = len(callback.episodes) - episodes_before
         invocation["proxy_evaluations"] = proxy.evaluations
+        if imitate is not None:
+            invocation["imitations"] = imitate.clones
         seconds = seconds_before + time.perf_counter() - t0
         save_agent(agent, agent_path, meta)
         write_json_atomic(
@@ -267,11 +269,22 @@ def search(
         write_text_atomic(
             run_dir / "episodes.jsonl", "".join(json.dumps(e) + "\n" for e in callback.episodes)
         )
+    callbacks: list[Any] = [callback]
+    imitate = None
+    if cfg.imitate_best:
+        from agents.warmstart import ImitateBest
+
+        imitate = ImitateBest(
+            lambda: callback.best,
+            partial(MixedDecompositionEnv, proxy, env_config(cfg), layer_scores=scores),
+            cfg.warm_start_prob,
+        )
+        callbacks.append(imitate)
     interrupted = False
     try:
         agent.learn(
             timesteps,
-            callback=callback,
+            callback=callbacks,
             tb_log_name="search",
             reset_num_timesteps=cfg.resume is None,
             progress_bar=False,

@@ -14,12 +14,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.baselines import SensitivityStudy, sensitivity_policy
@@ -133,6 +135,46 @@ def behaviour_clone(
         (-log_prob.mean()).backward()
         optimizer.step()
     return prob
+
+
+class ImitateBest(BaseCallback):
+    """Self-imitation (after Oh et al., 2018): at the start of every rollout that follows a new
+    best episode, clone the agent towards the best policy's actions until it picks them with
+    mean probability ``target_prob``. Between clones PPO updates as usual, so the agent's
+    episodes stay centred on the best policy found so far (as local search's are) while what
+    it learned decides where they depart from it. Cloning at the start of a rollout keeps the
+    rollout's log-probabilities those of the policy that collected it."""
+
+    def __init__(
+        self,
+        best: Callable[[], dict[str, Any] | None],
+        make_env: Callable[[], MixedDecompositionEnv],
+        target_prob: float = BC_TARGET_PROB,
+    ):
+        super().__init__()
+        self.best = best
+        self.make_env = make_env
+        self.target_prob = target_prob
+        self.clones = 0
+        self._cloned: Any = None
+
+    def _on_training_start(self) -> None:
+        best = self.best()  # the warm start has already cloned towards its own first best
+        self._cloned = None if best is None or best.get("strategy") != "sensitivity" else 0
+
+    def _on_rollout_start(self) -> None:
+        best = self.best()
+        if best is None or best["episode"] == self._cloned:
+            return
+        observations, actions = _follow(self.make_env(), Policy.from_dict(best["policy"]))
+        prob = behaviour_clone(self.model, observations, actions, self.target_prob)
+        self._cloned = best["episode"]
+        self.clones += 1
+        self.logger.record("search/imitation_prob", prob)
+        log.debug("imitating the best episode %s: probability %.2f", best["episode"], prob)
+
+    def _on_step(self) -> bool:
+        return True
 
 
 STUDY_KEY_VERSION = 2

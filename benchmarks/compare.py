@@ -73,6 +73,11 @@ def main() -> None:
         help="how sure of the heuristic's actions behaviour cloning leaves PPO",
     )
     p.add_argument(
+        "--imitate-best",
+        action="store_true",
+        help="PPO clones itself towards every new best (run_agent.py --imitate-best)",
+    )
+    p.add_argument(
         "--observe",
         default="layer",
         choices=["layer", "study"],
@@ -149,6 +154,7 @@ def main() -> None:
                         warm_start=args.warm_start,
                         observe=args.observe,
                         warm_start_prob=args.warm_start_prob,
+                        imitate_best=args.imitate_best,
                         fit=args.fit,
                         seed=seed,
                         progress=False,

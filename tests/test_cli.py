@@ -780,3 +780,16 @@ def test_study_cache_key_names_only_changed_settings():
     assert _settings(replace(base, repair_steps=200)) == repr([("repair_steps", 200)])
     nested = replace(base, repair=replace(base.repair, lr=0.02))
     assert "0.02" in _settings(nested) and _settings(nested) != _settings(base)
+
+
+@pytest.mark.slow
+def test_imitate_best_clones_after_new_bests(tmp_path):
+    """--imitate-best in a real search: the first episode is always a new best, so the
+    rollouts after it start with a clone; the run records how many."""
+    out = tmp_path / "sil"
+    argv = [*COMMON, "--episodes", "9", "--levels", "16,32,64,128", "--target-ratio", str(TARGET)]
+    assert main([*argv, "--imitate-best", "--out", str(out)]) == 0
+    assert read_json(out / "config.json")["imitate_best"] is True
+    state = read_json(out / "search_state.json")
+    assert len(state["episodes"]) == 9
+    assert 1 <= state["invocations"][0]["imitations"] <= 2  # 3 rollouts of 4 episodes

@@ -532,3 +532,46 @@ def test_proxy_config_refuses_bad_repair_settings():
         ProxyConfig(repair=replace(default_repair(), kd_alpha=1.5))
     with pytest.raises(RlMtdError, match="repair_steps"):
         ProxyConfig(repair_steps=-1)
+
+
+def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
+    """--imitate-best: at the first rollout after a new best the agent picks that policy's
+    actions with the target probability; while the best stays the same it is not cloned again."""
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo
+    from agents.warmstart import ImitateBest, _follow
+
+    cfg = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
+
+    def make_env():
+        return MixedDecompositionEnv(structural_proxy, cfg)
+
+    agent = make_ppo(DummyVecEnv([make_env]), N_LAYERS, seed=0)
+    agent.set_logger(configure(None, []))
+    env = make_env()
+    run_episode(env, [env.encode(1, 0), env.encode(2, 3), *[env.encode(1, 2)] * 6])
+    best = {"episode": 4, "policy": env.current_policy().to_dict()}
+    observations, actions = _follow(make_env(), Policy.from_dict(best["policy"]))
+
+    def prob() -> float:
+        with torch.no_grad():
+            dist = agent.policy.get_distribution(torch.as_tensor(observations))
+            return float(dist.log_prob(torch.as_tensor(actions)).exp().mean())
+
+    current = None
+    imitate = ImitateBest(lambda: current, make_env, target_prob=0.85)
+    imitate.init_callback(agent)
+    imitate.on_training_start({}, {})
+    imitate.on_rollout_start()
+    assert imitate.clones == 0, "no best yet: nothing to imitate"
+    before = prob()
+    current = best
+    imitate.on_rollout_start()
+    assert imitate.clones == 1 and prob() >= 0.85 - 0.02 > before, (before, prob())
+    imitate.on_rollout_start()
+    assert imitate.clones == 1, "the same best is not cloned twice"
+    current = {**best, "episode": 9}
+    imitate.on_rollout_start()
+    assert imitate.clones == 2
