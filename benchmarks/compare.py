@@ -241,7 +241,9 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         f"{cfg.net} width {cfg.width:g}, baseline test accuracy {100 * base_test:.2f}%; "
         f"fine-tune {args.finetune_epochs:g} epoch(s) at lr {args.finetune_lr:g} (kd {args.kd:g}, "
         f"feature kd {args.feature_kd:g}) "
-        f"for every strategy; PPO {args.episodes} episodes; {machine()}",
+        f"for every strategy; PPO {args.episodes} episodes (warm start {args.warm_start}, "
+        f"observe {args.observe}{', imitating its best' if args.imitate_best else ''}); "
+        f"{machine()}",
         "",
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "
         "fine-tuned test acc | drop (pts) | search s | CPU speed-up b1 | CPU speed-up b128 |",
