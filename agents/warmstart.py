@@ -103,8 +103,16 @@ def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.
         same = [c for c in layer.options if env.methods[c[0]] == choice.method] or list(
             layer.options
         )
-        target = layer.original / choice.ratio
-        option = min(same, key=lambda c: abs(layer.params(c) - target))
+        # A settled layer's rank lies above a level's: the action is that level (the largest
+        # option within the layer's size), and settling raises it back. The nearest option
+        # by size would often pick the level above, and the replay would differ.
+        size = layer.original / choice.ratio
+        within = [c for c in same if layer.params(c) <= size * (1 + 1e-9)]
+        option = (
+            max(within, key=layer.params)
+            if within
+            else min(same, key=lambda c: abs(layer.params(c) - size))
+        )
         action = env.encode(*option)
         observations.append(obs)
         actions.append(action)

@@ -575,3 +575,21 @@ def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
     current = {**best, "episode": 9}
     imitate.on_rollout_start()
     assert imitate.clones == 2
+
+
+def test_imitation_targets_replay_the_policy_they_imitate(structural_proxy):
+    """The actions cloned towards a settled policy (``_follow``) give that very policy when
+    taken: settled ranks lie above a level, so each layer's action is the largest level
+    within its size, which settling raises back."""
+    from agents.warmstart import _follow
+
+    cfg = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        env = MixedDecompositionEnv(structural_proxy, cfg)
+        run_episode(env, rng.integers(0, env.action_space.n, N_LAYERS))
+        best = env.current_policy()
+        replay = MixedDecompositionEnv(structural_proxy, cfg)
+        _, actions = _follow(MixedDecompositionEnv(structural_proxy, cfg), best)
+        run_episode(replay, actions)
+        assert replay.current_policy().to_dict()["layers"] == best.to_dict()["layers"]
