@@ -59,8 +59,8 @@ def warm_start(
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
-    # The first best is the heuristic's own policy: its settled ranks lie between the agent's
-    # levels, so the agent's nearest actions give a (slightly) different one.
+    # The first best is the heuristic's own policy, scored as it is (not as the agent's grid
+    # actions for it replay).
     result = proxy.evaluate(policy)
     proxy_result = result.to_dict()
     reward = env.reward(result.accuracy, result.compression_ratio, result.macs_ratio)
@@ -93,30 +93,18 @@ def warm_start(
 
 
 def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
-    """The observations ``env`` shows an agent taking the actions nearest to ``policy``'s
-    choices, and those actions. The last action is not taken: the episode would score a
+    """The observations ``env`` shows an agent taking the actions of ``policy``'s choices on its
+    grid (``BudgetTable.options_of``: in budget mode they give ``policy`` back), and those
+    actions. The last action is not taken: the episode would score a
     policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)
     observations, actions = [], []
-    pairs = list(zip(env.table.layers, policy.layers, strict=True))
-    for i, (layer, choice) in enumerate(pairs):
-        same = [c for c in layer.options if env.methods[c[0]] == choice.method] or list(
-            layer.options
-        )
-        # A settled layer's rank lies above a level's: the action is that level (the largest
-        # option within the layer's size), and settling raises it back. The nearest option
-        # by size would often pick the level above, and the replay would differ.
-        size = layer.original / choice.ratio
-        within = [c for c in same if layer.params(c) <= size * (1 + 1e-9)]
-        option = (
-            max(within, key=layer.params)
-            if within
-            else min(same, key=lambda c: abs(layer.params(c) - size))
-        )
+    options = env.table.options_of(policy)
+    for i, option in enumerate(options):
         action = env.encode(*option)
         observations.append(obs)
         actions.append(action)
-        if i < len(pairs) - 1:
+        if i < len(options) - 1:
             obs, _, _, _, _ = env.step(action)
     return np.stack(observations), np.asarray(actions)
 

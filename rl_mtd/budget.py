@@ -357,6 +357,28 @@ class BudgetTable:
 
         return over
 
+    def options_of(self, policy: Any) -> list[OptionIndex]:
+        """Each layer's option on this grid for a ``Policy``'s choice: the largest option of the
+        same method within the layer's size. A policy settled at a budget
+        (:func:`settle`) has ranks just above a level's, and these options, walled and settled
+        again, give the same policy back; the nearest option by size would often be the level
+        above, and a different policy. A method the grid lacks falls back to the nearest
+        option by size (the mildest when ``keep`` is missing)."""
+        out = []
+        for layer, choice in zip(self.layers, policy.layers, strict=True):
+            same = [c for c in layer.options if self.methods[c[0]] == choice.method]
+            size = layer.original / choice.ratio
+            within = [c for c in same if layer.params(c) <= size * (1 + 1e-9)]
+            if within:
+                out.append(max(within, key=layer.params))
+            elif same:
+                out.append(min(same, key=layer.params))
+            elif choice.method == "keep":
+                out.append(max(layer.options, key=layer.params))
+            else:
+                out.append(min(layer.options, key=lambda c: abs(layer.params(c) - size)))
+        return out
+
     def to_choices(self, choices: list[OptionIndex]) -> list[tuple[str, Any]]:
         """``(method, rank)`` per layer, for ``Policy.from_choices``."""
         out = []

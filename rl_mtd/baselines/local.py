@@ -55,9 +55,9 @@ def local_search(
     table = BudgetTable(proxy.model, methods, levels)
     table.check_target(budget)
     start = sensitivity_policy(proxy, budget, study=study)
-    # The heuristic's own policy is the first evaluation (its settled ranks lie between the
-    # grid's levels); perturbations start from its nearest options on the grid.
-    best = _walled(table, _options_of(table, start), budget)
+    # The heuristic's own policy is the first evaluation; perturbations start from its options
+    # on the grid, which walled and settled give that policy back.
+    best = _walled(table, table.options_of(start), budget)
     rng = np.random.default_rng(seed)
     meter = BudgetMeter(proxy.model, budget)
     best_policy = replace(start, meta={**start.meta, "strategy": "local", "seed": seed, "index": 0})
@@ -72,20 +72,6 @@ def local_search(
         if result.accuracy > best_acc:
             best, best_acc, best_policy = walled, result.accuracy, policy
     return best_policy, results
-
-
-def _options_of(table: BudgetTable, policy: Policy) -> list[OptionIndex]:
-    """Each layer's option in ``table`` closest to the policy's choice (same method first)."""
-    out = []
-    for layer, choice in zip(table.layers, policy.layers, strict=True):
-        same = [c for c in layer.options if table.methods[c[0]] == choice.method]
-        pool = same or list(layer.options)
-        if choice.method == "keep" and not same:
-            out.append(max(pool, key=layer.params))  # keep unavailable: the mildest option
-            continue
-        target_params = layer.original / choice.ratio
-        out.append(min(pool, key=lambda c: abs(layer.params(c) - target_params)))
-    return out
 
 
 def _perturb(
