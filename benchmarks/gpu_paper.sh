@@ -47,7 +47,7 @@ fi
 
 set -o pipefail
 "${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,sensitivity,local,tucker2 \
-  --warm-start sensitivity --observe study \
+  --warm-start sensitivity --observe study --imitate-best \
   --out-dir "$WORK/$NET" "${ARGS[@]}" 2>&1 | tee "$OUT_DIR/$NET-log.txt"
 # The per-row reports and the plot beside the log, before the latency step can fail.
 cp "$WORK/$NET/rows.json" "$OUT_DIR/$NET-report.json"
