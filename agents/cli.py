@@ -142,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--warm-start",
-        default="none",
+        default=None,
         choices=["none", "sensitivity"],
         help="start the search from the MTD sensitivity heuristic (a per-layer study, cached per "
-        "baseline, then behaviour cloning; the search ends at or above it by the proxy)",
+        "baseline, then behaviour cloning; the search ends at or above it by the proxy); "
+        "default: sensitivity in the cpu and paper presets, none in smoke",
     )
     g.add_argument(
         "--warm-start-prob",
@@ -156,17 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--imitate-best",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="self-imitation: after every new best, clone the agent towards that policy's actions "
-        "(to --warm-start-prob) so it explores around the best so far",
+        "(to --warm-start-prob) so it explores around the best so far; default: on in the cpu "
+        "and paper presets, off in smoke",
     )
     g.add_argument(
         "--observe",
-        default="layer",
+        default=None,
         choices=["layer", "study"],
         help="what the agent sees of each layer: its shape and the budget (layer), or also the "
         "sensitivity study's accuracy loss at every option for that layer alone (study; the "
-        "study is cached per baseline)",
+        "study is cached per baseline); default: study in the cpu and paper presets, layer in "
+        "smoke",
     )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
@@ -314,6 +318,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         cfg.target_ratio = None
     elif args.target_macs is not None and args.target_ratio is None:
         cfg.target_ratio = None  # a MACs budget alone
+    if cfg.target_ratio is None and cfg.target_macs is None and args.warm_start is None:
+        cfg.warm_start = "none"  # the heuristic needs a budget; the preset's choice yields
     return cfg
 
 

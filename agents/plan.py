@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
+from rl_mtd.baselines import SENSITIVITY_LEVELS
 from rl_mtd.budget import check_target
 from rl_mtd.data import DataSplits, Split
-from rl_mtd.decompose import FactorCache, conv_layers
+from rl_mtd.decompose import DECOMPOSED, FactorCache, conv_layers
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyConfig
@@ -111,8 +112,16 @@ def print_plan(
 ) -> None:
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     t_step = timing.step_seconds
+    # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
+    # method and level, one proxy evaluation each; cached per baseline, so often free.
+    study_evals = (
+        0
+        if replay_path or (cfg.warm_start == "none" and cfg.observe != "study")
+        else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
+    )
     est = {
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
+        "study": study_evals * timing.episode_seconds,
         "search": 0.0 if replay_path else cfg.episodes * timing.episode_seconds,
         "fine-tune": cfg.finetune_epochs * steps_per_epoch * t_step * 1.3,
     }
@@ -131,6 +140,14 @@ def print_plan(
         f"plan: {cfg.net} width {cfg.width:g} on {device}, preset {cfg.preset}, seed {cfg.seed}",
         f"  data: {len(splits.train)} train / {len(splits.proxy)} proxy / {len(splits.test)} test",
         f"  1. baseline: {baseline} (~{_fmt(est['baseline'])})",
+        *(
+            [
+                f"  2. sensitivity study: up to {study_evals} proxy evaluations "
+                f"(~{_fmt(est['study'])}; none if cached for this baseline), then"
+            ]
+            if study_evals
+            else []
+        ),
         f"  2. search: {search}",
         f"  3. fine-tune {cfg.finetune_epochs:g} epochs (~{_fmt(est['fine-tune'])}), then test",
         f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "

@@ -325,6 +325,7 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--feature-kd", "inf"], "--feature-kd must be a number >= 0"),
         (["--stages", "0"], "--stages must be a whole number >= 1"),
         (["--warm-start-prob", "1"], "--warm-start-prob must be between 0 and 1"),
+        (["--tradeoff", "--warm-start", "sensitivity"], "in trade-off mode use --warm-start none"),
         (["--stages", "2", "--fit", "data"], "use it with --fit weights"),
         (["--latency-repeats", "0"], "--latency-repeats must be a whole number >= 1"),
     ],
@@ -333,6 +334,29 @@ def test_invalid_settings(extra, phrase, tmp_path, capsys):
     out = tmp_path / "out"
     fail([*COMMON, *extra, "--out", str(out)], capsys, phrase)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--preset", "cpu"], ("sensitivity", "study", True)),
+        (["--preset", "paper"], ("sensitivity", "study", True)),
+        (["--preset", "smoke"], ("none", "layer", False)),
+        (["--preset", "paper", "--tradeoff"], ("none", "study", True)),
+        (
+            ["--preset", "paper", "--warm-start", "none", "--no-imitate-best"],
+            ("none", "study", False),
+        ),
+        (["--preset", "smoke", "--imitate-best", "--observe", "study"], ("none", "study", True)),
+    ],
+)
+def test_presets_choose_how_to_search_and_flags_override(argv, expected):
+    """The cpu and paper presets search from the heuristic (measured best); smoke stays plain;
+    trade-off mode drops the preset's warm start (the heuristic needs a budget)."""
+    from agents.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(argv), argv).validate()
+    assert (cfg.warm_start, cfg.observe, cfg.imitate_best) == expected
 
 
 def test_checkpoint_of_another_net(tmp_path, capsys):
