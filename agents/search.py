@@ -234,7 +234,12 @@ def search(
         save_agent(agent, agent_path, meta)
         write_json_atomic(
             run_dir / "search_state.json",
-            {**callback.state(), "seconds": seconds, "invocations": invocations},
+            {
+                **callback.state(),
+                "seconds": seconds,
+                "invocations": invocations,
+                **({"imitated": imitate.cloned} if imitate is not None else {}),
+            },
         )
 
     callback = SearchCallback(
@@ -278,6 +283,7 @@ def search(
             lambda: callback.best,
             partial(MixedDecompositionEnv, proxy, env_config(cfg), layer_scores=scores),
             cfg.warm_start_prob,
+            cloned=state.get("imitated"),
         )
         callbacks.append(imitate)
     interrupted = False

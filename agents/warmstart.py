@@ -146,25 +146,28 @@ class ImitateBest(BaseCallback):
         best: Callable[[], dict[str, Any] | None],
         make_env: Callable[[], MixedDecompositionEnv],
         target_prob: float = BC_TARGET_PROB,
+        cloned: int | None = None,
     ):
         super().__init__()
         self.best = best
         self.make_env = make_env
         self.target_prob = target_prob
         self.clones = 0
-        self._cloned: Any = None
+        self.cloned = cloned
+        """The episode of the best last cloned (a resumed search passes the saved one)."""
 
     def _on_training_start(self) -> None:
         best = self.best()  # the warm start has already cloned towards its own first best
-        self._cloned = None if best is None or best.get("strategy") != "sensitivity" else 0
+        if self.cloned is None and best is not None and best.get("strategy") == "sensitivity":
+            self.cloned = best["episode"]
 
     def _on_rollout_start(self) -> None:
         best = self.best()
-        if best is None or best["episode"] == self._cloned:
+        if best is None or best["episode"] == self.cloned:
             return
         observations, actions = _follow(self.make_env(), Policy.from_dict(best["policy"]))
         prob = behaviour_clone(self.model, observations, actions, self.target_prob)
-        self._cloned = best["episode"]
+        self.cloned = best["episode"]
         self.clones += 1
         self.logger.record("search/imitation_prob", prob)
         log.debug("imitating the best episode %s: probability %.2f", best["episode"], prob)

@@ -817,3 +817,4 @@ def test_imitate_best_clones_after_new_bests(tmp_path):
     state = read_json(out / "search_state.json")
     assert len(state["episodes"]) == 9
     assert 1 <= state["invocations"][0]["imitations"] <= 2  # 3 rollouts of 4 episodes
+    assert 1 <= state["imitated"] <= state["best"]["episode"]  # what --resume carries on from

@@ -574,7 +574,12 @@ def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
     assert imitate.clones == 1, "the same best is not cloned twice"
     current = {**best, "episode": 9}
     imitate.on_rollout_start()
-    assert imitate.clones == 2
+    assert imitate.clones == 2 and imitate.cloned == 9
+    resumed = ImitateBest(lambda: current, make_env, target_prob=0.85, cloned=9)
+    resumed.init_callback(agent)
+    resumed.on_training_start({}, {})
+    resumed.on_rollout_start()
+    assert resumed.clones == 0, "a resumed search does not clone the saved best again"
 
 
 def test_imitation_targets_replay_the_policy_they_imitate(structural_proxy):
