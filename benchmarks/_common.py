@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,3 +154,17 @@ def prefill_factors(
                 get_factors(conv, METHODS[mi], rank, cache=default_cache())
                 n += 1
     return time.perf_counter() - t0, n
+
+
+def finetuned_tests(policy_files: list[Path]) -> dict[Path, float]:
+    """The fine-tuned test accuracy compare.py recorded beside each ``<strategy>-<t>x-seed<s>``."""
+    found = {}
+    for f in policy_files:
+        rows = f.parent / "rows.json"
+        if not rows.exists():
+            continue
+        for r in json.loads(rows.read_text()):
+            stem = f"{r['strategy']}-{r['target']:g}x-seed{r['seed']}"
+            if f.name == f"{stem}.policy.json":
+                found[f] = r["test_acc"]
+    return found

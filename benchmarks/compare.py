@@ -61,6 +61,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
     p.add_argument(
+        "--evaluations",
+        type=int,
+        default=None,
+        help="proxy evaluations for random and local (default: as many as PPO made in this "
+        "run, else --episodes); set it to rerun them alone against an earlier PPO run",
+    )
+    p.add_argument(
         "--warm-start",
         default="none",
         choices=["none", "sensitivity"],
@@ -101,6 +108,8 @@ def main() -> None:
     unknown = [s for s in strategies if s not in ALL]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+    if args.evaluations is not None and args.evaluations < 1:
+        p.error(f"--evaluations must be >= 1, got {args.evaluations}")
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = Path(args.out_dir)
@@ -142,6 +151,7 @@ def main() -> None:
             ppo_evals = None
             budget = Budget(target, args.target_macs)
             for name in strategies:
+                n_evals = args.evaluations or ppo_evals or args.episodes
                 proxy = new_proxy()
                 t0 = time.perf_counter()
                 if name == "ppo":
@@ -174,12 +184,10 @@ def main() -> None:
                         budget,
                         study=study,
                         seed=seed,
-                        n_random=ppo_evals or args.episodes,
+                        n_random=n_evals,
                     )
                 else:
-                    policy = strategy_policy(
-                        name, proxy, budget, seed=seed, n_random=ppo_evals or args.episodes
-                    )
+                    policy = strategy_policy(name, proxy, budget, seed=seed, n_random=n_evals)
                 search_s = time.perf_counter() - t0
                 if name in ("sensitivity", "local"):
                     search_s += study_s

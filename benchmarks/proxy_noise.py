@@ -15,7 +15,6 @@ seed-0 score and of the mean score with it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from _common import (
     add_common_args,
     add_proxy_args,
+    finetuned_tests,
     machine,
     prefill_factors,
     proxy_config,
@@ -33,20 +33,6 @@ from _common import (
 from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
-
-
-def finetuned_tests(policy_files: list[Path]) -> dict[Path, float]:
-    """The fine-tuned test accuracy compare.py recorded beside each ``<strategy>-<t>x-seed<s>``."""
-    found = {}
-    for f in policy_files:
-        rows = f.parent / "rows.json"
-        if not rows.exists():
-            continue
-        for r in json.loads(rows.read_text()):
-            stem = f"{r['strategy']}-{r['target']:g}x-seed{r['seed']}"
-            if f.name == f"{stem}.policy.json":
-                found[f] = r["test_acc"]
-    return found
 
 
 def main() -> None:

@@ -1,0 +1,201 @@
+"""Which proxy ranks the searched policies the way fine-tuning does?
+
+The searches pick the policy the proxy scores highest, so a proxy that favours one kind of policy
+more than fine-tuning does (issue 11: under an 8x + 6x MACs budget PPO's policies scored 3-6 points
+above the heuristic's on the proxy and fine-tuned 0.6 points below it) sends every search the
+wrong way. This rescoring study scores the policies earlier runs found, whose fine-tuned test
+accuracy compare.py recorded beside them (``rows.json``), with several proxy variants and prints,
+per group of policies at one budget:
+
+- the Spearman rank correlation of each variant's score with the fine-tuned test accuracy,
+- pairwise agreement: of the pairs of policies whose fine-tuned accuracies differ by more than
+  ``--margin`` points (closer pairs are within fine-tune noise), the share the variant orders
+  the same way,
+- seconds per evaluation.
+
+A policy found by several runs (the heuristic's, the same in every seed) counts once, with the
+mean of its fine-tuned accuracies. A variant is ``name:key=value,...`` with keys ``steps``
+(repair SGD steps), ``lr``, ``kd`` (logit distillation weight) and ``fkd`` (feature
+distillation weight, each decomposed block against the original layer, as ``--feature-kd`` in
+the fine-tune); unset keys take the command line's proxy settings.
+
+    python benchmarks/proxy_variants.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+      --baseline-epochs 20 --variants base: fkd:fkd=1 long:steps=400 \\
+      --group 8x runs/cmp8/*.policy.json --group 16x runs/cmp16/*.policy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from itertools import combinations
+from pathlib import Path
+
+from _common import (
+    add_common_args,
+    add_proxy_args,
+    finetuned_tests,
+    machine,
+    prefill_factors,
+    proxy_config,
+    setup,
+    spearman,
+)
+
+from rl_mtd.io import write_json_atomic
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+
+KEYS = {"steps": int, "lr": float, "kd": float, "fkd": float}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, float]]:
+    name, _, body = text.partition(":")
+    values: dict[str, float] = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in KEYS or not eq:
+            raise SystemExit(f"bad variant item {item!r} in {text!r}; keys: {', '.join(KEYS)}")
+        try:
+            values[key] = KEYS[key](value)
+        except ValueError:
+            raise SystemExit(f"bad value {value!r} for {key} in {text!r}") from None
+    return name or text, values
+
+
+def agreement(scores: list[float], tests: list[float], margin: float) -> tuple[float, int]:
+    """Share of the pairs apart by more than ``margin`` in ``tests`` that ``scores`` orders alike."""
+    pairs = [(i, j) for i, j in combinations(range(len(tests)), 2)]
+    pairs = [(i, j) for i, j in pairs if abs(tests[i] - tests[j]) > margin]
+    if not pairs:
+        return float("nan"), 0
+    same = sum((scores[i] - scores[j]) * (tests[i] - tests[j]) > 0 for i, j in pairs)
+    return same / len(pairs), len(pairs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    add_proxy_args(p)
+    p.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="NAME FILE",
+        help="a group name, then policy.json files compare.py wrote (repeatable)",
+    )
+    p.add_argument("--variants", nargs="+", default=["base:"], help="name:key=value,...")
+    p.add_argument("--margin", type=float, default=0.5, help="points; closer pairs are ties")
+    p.add_argument("--out", default="benchmarks/results/proxy_variants.json")
+    args = p.parse_args()
+    variants = [parse_variant(v) for v in args.variants]
+    groups: dict[str, list[Path]] = {}
+    for name, *files in args.group:
+        if not files:
+            p.error(f"--group {name}: no policy files")
+        groups[name] = [Path(f) for f in files]
+        for f in groups[name]:
+            if not f.is_file():
+                p.error(f"--group {name}: no such file {f}")
+
+    # each group's distinct policies, with the mean fine-tuned test accuracy of their copies
+    found: dict[str, list[dict]] = {}
+    for name, files in groups.items():
+        tests = finetuned_tests(files)
+        by_key: dict[tuple, dict] = {}
+        for f in files:
+            if f not in tests:
+                print(f"skipping {f}: no fine-tuned accuracy in {f.parent / 'rows.json'}")
+                continue
+            policy = Policy.load(f)
+            entry = by_key.setdefault(
+                Proxy.policy_key(policy), {"policy": policy, "files": [], "tests": []}
+            )
+            entry["files"].append(str(f))
+            entry["tests"].append(tests[f])
+        found[name] = list(by_key.values())
+        if len(found[name]) < 3:
+            p.error(f"--group {name}: {len(found[name])} distinct policies with results; need 3")
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    cfg, splits, baseline, device = setup(args)
+    prefill_factors(baseline)
+    base = proxy_config(args)
+    results = []
+    for vname, values in variants:
+        repair = replace(
+            base.repair,
+            lr=values.get("lr", base.repair.lr),
+            kd_alpha=values.get("kd", base.repair.kd_alpha),
+            feature_kd=values.get("fkd", base.repair.feature_kd),
+        )
+        config = replace(base, repair=repair, repair_steps=values.get("steps", base.repair_steps))
+        proxy = Proxy(
+            baseline,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device=device,
+            config=config,
+            net=args.net,
+            width=args.width,
+        )
+        for gname, entries in found.items():
+            t0 = time.perf_counter()
+            scores = [proxy.evaluate(e["policy"]).accuracy for e in entries]
+            seconds = (time.perf_counter() - t0) / len(entries)
+            tests = [statistics.fmean(e["tests"]) for e in entries]
+            agree, pairs = agreement(scores, tests, args.margin / 100)
+            results.append(
+                {
+                    "variant": vname,
+                    "settings": {
+                        "steps": config.repair_steps,
+                        "lr": repair.lr,
+                        "kd": repair.kd_alpha,
+                        "fkd": repair.feature_kd,
+                    },
+                    "group": gname,
+                    "policies": [
+                        {"files": e["files"], "score": s, "finetuned_test": t}
+                        for e, s, t in zip(entries, scores, tests)
+                    ],
+                    "spearman": spearman(scores, tests),
+                    "agreement": agree,
+                    "pairs": pairs,
+                    "seconds_per_eval": seconds,
+                }
+            )
+            r = results[-1]
+            print(
+                f"{vname} {gname}: Spearman {r['spearman']:.3f}, agreement {agree:.2f} of {pairs}"
+                f" pairs, {seconds:.1f} s per evaluation",
+                flush=True,
+            )
+            write_json_atomic(args.out, {"results": results, "args": vars(args)})
+
+    lines = [
+        f"{cfg.net} width {cfg.width:g}; pairs apart by more than {args.margin:g} points after "
+        f"fine-tuning; {machine()}",
+        "",
+        "| variant | steps | lr | kd | fkd | group | policies | Spearman | pairwise agreement "
+        "| s per evaluation |",
+        "|-|-:|-:|-:|-:|-|-:|-:|-:|-:|",
+    ]
+    for r in results:
+        s = r["settings"]
+        lines.append(
+            f"| {r['variant']} | {s['steps']} | {s['lr']:g} | {s['kd']:g} | {s['fkd']:g} | "
+            f"{r['group']} | {len(r['policies'])} | {r['spearman']:.3f} | "
+            f"{r['agreement']:.2f} ({r['pairs']} pairs) | {r['seconds_per_eval']:.1f} |"
+        )
+    print("\n".join(lines))
+    write_json_atomic(
+        args.out, {"results": results, "args": vars(args), "machine": machine(), "table": lines}
+    )
+
+
+if __name__ == "__main__":
+    main()
