@@ -230,6 +230,7 @@ def search(
         invocation["proxy_evaluations"] = proxy.evaluations
         if imitate is not None:
             invocation["imitations"] = imitate.clones
+            invocation["recentres"] = imitate.recentres
         seconds = seconds_before + time.perf_counter() - t0
         save_agent(agent, agent_path, meta)
         write_json_atomic(
@@ -284,6 +285,7 @@ def search(
             partial(MixedDecompositionEnv, proxy, env_config(cfg), layer_scores=scores),
             cfg.warm_start_prob,
             cloned=state.get("imitated"),
+            fresh=lambda: sum(not e["cached"] for e in callback.episodes),
         )
         callbacks.append(imitate)
     interrupted = False

@@ -34,6 +34,8 @@ log = logging.getLogger("rl_mtd")
 BC_TARGET_PROB = 0.85
 """Behaviour cloning stops once the heuristic's actions have this mean probability."""
 BC_MAX_STEPS = 500
+BC_TOLERANCE = 0.05
+"""How much surer than the target a two-sided clone leaves an agent alone."""
 BC_LR = 1e-3
 
 
@@ -114,21 +116,27 @@ def behaviour_clone(
     observations: np.ndarray,
     actions: np.ndarray,
     target_prob: float = BC_TARGET_PROB,
+    *,
+    two_sided: bool = False,
 ) -> float:
     """Fit the agent's policy to pick ``actions`` at ``observations`` until their mean
-    probability reaches ``target_prob``; returns the final mean probability."""
+    probability reaches ``target_prob``; returns the final mean probability. ``two_sided``:
+    an agent surer than ``target_prob`` (by more than ``BC_TOLERANCE``) is made less sure,
+    down to ``target_prob``, so it explores around ``actions`` again."""
     policy = agent.policy
     obs = torch.as_tensor(observations, device=policy.device)
     act = torch.as_tensor(actions, device=policy.device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=BC_LR)
-    prob = 0.0
+    with torch.no_grad():
+        prob = float(policy.get_distribution(obs).log_prob(act).exp().mean())
+    sign = -1.0 if two_sided and prob > target_prob + BC_TOLERANCE else 1.0
     for _ in range(BC_MAX_STEPS):
         log_prob = policy.get_distribution(obs).log_prob(act)
         prob = float(log_prob.detach().exp().mean())
-        if prob >= target_prob:
+        if (prob >= target_prob) if sign > 0 else (prob <= target_prob):
             break
         optimizer.zero_grad()
-        (-log_prob.mean()).backward()
+        (-sign * log_prob.mean()).backward()
         optimizer.step()
     return prob
 
@@ -139,7 +147,13 @@ class ImitateBest(BaseCallback):
     mean probability ``target_prob``. Between clones PPO updates as usual, so the agent's
     episodes stay centred on the best policy found so far (as local search's are) while what
     it learned decides where they depart from it. Cloning at the start of a rollout keeps the
-    rollout's log-probabilities those of the policy that collected it."""
+    rollout's log-probabilities those of the policy that collected it.
+
+    ``fresh`` (the number of episodes so far that the proxy had not scored before): when a
+    whole rollout only repeated policies already scored, PPO has collapsed onto them (at 8x the
+    agent settled within 20-30 episodes, in one seed on a policy 2 points below its best, and
+    repeated it for the rest of the search); the agent is then re-centred on the best, two-sided:
+    back to ``target_prob``, less sure if it was surer, so its episodes explore again."""
 
     def __init__(
         self,
@@ -147,14 +161,18 @@ class ImitateBest(BaseCallback):
         make_env: Callable[[], MixedDecompositionEnv],
         target_prob: float = BC_TARGET_PROB,
         cloned: int | None = None,
+        fresh: Callable[[], int] | None = None,
     ):
         super().__init__()
         self.best = best
         self.make_env = make_env
         self.target_prob = target_prob
         self.clones = 0
+        self.recentres = 0
         self.cloned = cloned
         """The episode of the best last cloned (a resumed search passes the saved one)."""
+        self.fresh = fresh
+        self._fresh_at_last_rollout: int | None = None
 
     def _on_training_start(self) -> None:
         best = self.best()  # the warm start has already cloned towards its own first best
@@ -163,14 +181,28 @@ class ImitateBest(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         best = self.best()
-        if best is None or best["episode"] == self.cloned:
+        fresh = self.fresh() if self.fresh is not None else None
+        stuck = fresh is not None and fresh == self._fresh_at_last_rollout
+        self._fresh_at_last_rollout = fresh
+        if best is None or (best["episode"] == self.cloned and not stuck):
             return
         observations, actions = _follow(self.make_env(), Policy.from_dict(best["policy"]))
-        prob = behaviour_clone(self.model, observations, actions, self.target_prob)
+        new_best = best["episode"] != self.cloned
+        prob = behaviour_clone(
+            self.model, observations, actions, self.target_prob, two_sided=not new_best
+        )
         self.cloned = best["episode"]
-        self.clones += 1
+        if new_best:
+            self.clones += 1
+        else:
+            self.recentres += 1
         self.logger.record("search/imitation_prob", prob)
-        log.debug("imitating the best episode %s: probability %.2f", best["episode"], prob)
+        log.debug(
+            "%s the best episode %s: probability %.2f",
+            "imitating" if new_best else "stuck on scored policies; re-centring on",
+            best["episode"],
+            prob,
+        )
 
     def _on_step(self) -> bool:
         return True

@@ -582,6 +582,48 @@ def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
     assert resumed.clones == 0, "a resumed search does not clone the saved best again"
 
 
+def test_imitation_recentres_an_agent_stuck_on_scored_policies(structural_proxy):
+    """--imitate-best: after a rollout that only repeated policies the proxy had scored, the
+    agent - here made almost sure of the best - is cloned back to the target probability, less
+    sure, so it explores again; a rollout with new policies leaves it alone."""
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo
+    from agents.warmstart import ImitateBest, _follow, behaviour_clone
+
+    cfg = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
+
+    def make_env():
+        return MixedDecompositionEnv(structural_proxy, cfg)
+
+    agent = make_ppo(DummyVecEnv([make_env]), N_LAYERS, seed=0)
+    agent.set_logger(configure(None, []))
+    env = make_env()
+    run_episode(env, [env.encode(1, 0), env.encode(2, 3), *[env.encode(1, 2)] * 6])
+    best = {"episode": 4, "policy": env.current_policy().to_dict()}
+    observations, actions = _follow(make_env(), Policy.from_dict(best["policy"]))
+
+    def prob() -> float:
+        with torch.no_grad():
+            dist = agent.policy.get_distribution(torch.as_tensor(observations))
+            return float(dist.log_prob(torch.as_tensor(actions)).exp().mean())
+
+    fresh = 3
+    imitate = ImitateBest(lambda: best, make_env, target_prob=0.85, fresh=lambda: fresh)
+    imitate.init_callback(agent)
+    imitate.on_training_start({}, {})
+    imitate.on_rollout_start()
+    assert (imitate.clones, imitate.recentres) == (1, 0)
+    assert behaviour_clone(agent, observations, actions, 0.99) >= 0.99  # collapsed onto it
+    fresh = 5  # the last rollout scored new policies: not stuck
+    imitate.on_rollout_start()
+    assert imitate.recentres == 0 and prob() >= 0.99
+    imitate.on_rollout_start()  # no new policy since the last rollout started: stuck
+    assert (imitate.clones, imitate.recentres) == (1, 1)
+    assert 0.85 - 0.02 <= prob() <= 0.85, prob()
+
+
 def test_imitation_targets_replay_the_policy_they_imitate(structural_proxy):
     """The actions cloned towards a settled policy (``_follow``) give that very policy when
     taken: settled ranks lie above a level, so each layer's action is the largest level
