@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="self-imitation: after every new best, clone the agent towards that policy's actions "
-        "(to --warm-start-prob) so it explores around the best so far; default: on in the cpu "
+        "(to --warm-start-prob) so it explores around the best so far, and again whenever a "
+        "rollout only repeated scored policies; default: on in the cpu "
         "and paper presets, off in smoke",
     )
     g.add_argument(
