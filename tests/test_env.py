@@ -534,19 +534,19 @@ def test_proxy_config_refuses_bad_repair_settings():
         ProxyConfig(repair_steps=-1)
 
 
-def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
-    """--imitate-best: at the first rollout after a new best the agent picks that policy's
-    actions with the target probability; while the best stays the same it is not cloned again."""
+def _agent_and_best(proxy):
+    """A fresh PPO agent, its environment factory, a best episode, the actions that replay it
+    and the agent's mean probability of them (the self-imitation tests)."""
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from agents.ppo import make_ppo
-    from agents.warmstart import ImitateBest, _follow
+    from agents.warmstart import _follow
 
     cfg = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
 
     def make_env():
-        return MixedDecompositionEnv(structural_proxy, cfg)
+        return MixedDecompositionEnv(proxy, cfg)
 
     agent = make_ppo(DummyVecEnv([make_env]), N_LAYERS, seed=0)
     agent.set_logger(configure(None, []))
@@ -560,6 +560,15 @@ def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
             dist = agent.policy.get_distribution(torch.as_tensor(observations))
             return float(dist.log_prob(torch.as_tensor(actions)).exp().mean())
 
+    return agent, make_env, best, observations, actions, prob
+
+
+def test_imitating_the_best_centres_the_agent_on_it(structural_proxy):
+    """--imitate-best: at the first rollout after a new best the agent picks that policy's
+    actions with the target probability; while the best stays the same it is not cloned again."""
+    from agents.warmstart import ImitateBest
+
+    agent, make_env, best, _, _, prob = _agent_and_best(structural_proxy)
     current = None
     imitate = ImitateBest(lambda: current, make_env, target_prob=0.85)
     imitate.init_callback(agent)
@@ -586,29 +595,9 @@ def test_imitation_recentres_an_agent_stuck_on_scored_policies(structural_proxy)
     """--imitate-best: after a rollout that only repeated policies the proxy had scored, the
     agent - here made almost sure of the best - is cloned back to the target probability, less
     sure, so it explores again; a rollout with new policies leaves it alone."""
-    from stable_baselines3.common.logger import configure
-    from stable_baselines3.common.vec_env import DummyVecEnv
+    from agents.warmstart import ImitateBest, behaviour_clone
 
-    from agents.ppo import make_ppo
-    from agents.warmstart import ImitateBest, _follow, behaviour_clone
-
-    cfg = EnvConfig(levels=FAST_LEVELS, target_ratio=8.0)
-
-    def make_env():
-        return MixedDecompositionEnv(structural_proxy, cfg)
-
-    agent = make_ppo(DummyVecEnv([make_env]), N_LAYERS, seed=0)
-    agent.set_logger(configure(None, []))
-    env = make_env()
-    run_episode(env, [env.encode(1, 0), env.encode(2, 3), *[env.encode(1, 2)] * 6])
-    best = {"episode": 4, "policy": env.current_policy().to_dict()}
-    observations, actions = _follow(make_env(), Policy.from_dict(best["policy"]))
-
-    def prob() -> float:
-        with torch.no_grad():
-            dist = agent.policy.get_distribution(torch.as_tensor(observations))
-            return float(dist.log_prob(torch.as_tensor(actions)).exp().mean())
-
+    agent, make_env, best, observations, actions, prob = _agent_and_best(structural_proxy)
     fresh = 3
     imitate = ImitateBest(lambda: best, make_env, target_prob=0.85, fresh=lambda: fresh)
     imitate.init_callback(agent)
