@@ -27,6 +27,7 @@ the fine-tune); unset keys take the command line's proxy settings.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import replace
@@ -75,6 +76,41 @@ def agreement(scores: list[float], tests: list[float], margin: float) -> tuple[f
     return same / len(pairs), len(pairs)
 
 
+def strategy_of(file: str) -> str:
+    """compare.py names policies ``<strategy>-<target>x-seed<s>.policy.json``."""
+    return Path(file).name.split("-")[0]
+
+
+def _table(results: list[dict], margin: float, near: list[str], machine_text: str) -> list[str]:
+    """One row per variant and group: all its policies, then only those ``near`` found."""
+    lines = [
+        f"pairs apart by more than {margin:g} points after fine-tuning; near: policies found by "
+        f"{', '.join(near)}; {machine_text}",
+        "",
+        "| variant | steps | lr | kd | fkd | group | policies | Spearman | pairwise agreement "
+        "| near: policies | near: Spearman | near: agreement | s per evaluation |",
+        "|-|-:|-:|-:|-:|-|-:|-:|-:|-:|-:|-:|-:|",
+    ]
+    for r in results:
+        s = r["settings"]
+        cells = []
+        subsets = (
+            r["policies"],
+            [q for q in r["policies"] if any(strategy_of(f) in near for f in q["files"])],
+        )
+        for pols in subsets:
+            scores = [q["score"] for q in pols]
+            tests = [q["finetuned_test"] for q in pols]
+            agree, pairs = agreement(scores, tests, margin / 100)
+            rho = spearman(scores, tests) if len(pols) >= 2 else float("nan")
+            cells += [str(len(pols)), f"{rho:.3f}", f"{agree:.2f} ({pairs} pairs)"]
+        lines.append(
+            f"| {r['variant']} | {s['steps']} | {s['lr']:g} | {s['kd']:g} | {s['fkd']:g} | "
+            f"{r['group']} | " + " | ".join(cells) + f" | {r['seconds_per_eval']:.1f} |"
+        )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -83,14 +119,33 @@ def main() -> None:
         "--group",
         nargs="+",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME FILE",
         help="a group name, then policy.json files compare.py wrote (repeatable)",
     )
     p.add_argument("--variants", nargs="+", default=["base:"], help="name:key=value,...")
     p.add_argument("--margin", type=float, default=0.5, help="points; closer pairs are ties")
+    p.add_argument(
+        "--near",
+        default="ppo,local,sensitivity",
+        help="the strategies whose policies (by file name) also get a row of their own: the "
+        "close calls the searches that start from the heuristic make",
+    )
+    p.add_argument(
+        "--summarise",
+        metavar="JSON",
+        help="print the table of an earlier run's --out file (with these --margin and --near) "
+        "and stop",
+    )
     p.add_argument("--out", default="benchmarks/results/proxy_variants.json")
     args = p.parse_args()
+    near = [n.strip() for n in args.near.split(",") if n.strip()]
+    if args.summarise:
+        saved = json.loads(Path(args.summarise).read_text())
+        print("\n".join(_table(saved["results"], args.margin, near, saved.get("machine", "?"))))
+        return
+    if not args.group:
+        p.error("give at least one --group NAME FILE... (or --summarise JSON)")
     variants = [parse_variant(v) for v in args.variants]
     groups: dict[str, list[Path]] = {}
     for name, *files in args.group:
@@ -147,7 +202,7 @@ def main() -> None:
             scores = [proxy.evaluate(e["policy"]).accuracy for e in entries]
             seconds = (time.perf_counter() - t0) / len(entries)
             tests = [statistics.fmean(e["tests"]) for e in entries]
-            agree, pairs = agreement(scores, tests, args.margin / 100)
+            agree, pairs = agreement(scores, tests, args.margin / 100)  # printed as it goes
             results.append(
                 {
                     "variant": vname,
@@ -176,21 +231,7 @@ def main() -> None:
             )
             write_json_atomic(args.out, {"results": results, "args": vars(args)})
 
-    lines = [
-        f"{cfg.net} width {cfg.width:g}; pairs apart by more than {args.margin:g} points after "
-        f"fine-tuning; {machine()}",
-        "",
-        "| variant | steps | lr | kd | fkd | group | policies | Spearman | pairwise agreement "
-        "| s per evaluation |",
-        "|-|-:|-:|-:|-:|-|-:|-:|-:|-:|",
-    ]
-    for r in results:
-        s = r["settings"]
-        lines.append(
-            f"| {r['variant']} | {s['steps']} | {s['lr']:g} | {s['kd']:g} | {s['fkd']:g} | "
-            f"{r['group']} | {len(r['policies'])} | {r['spearman']:.3f} | "
-            f"{r['agreement']:.2f} ({r['pairs']} pairs) | {r['seconds_per_eval']:.1f} |"
-        )
+    lines = _table(results, args.margin, near, machine())
     print("\n".join(lines))
     write_json_atomic(
         args.out, {"results": results, "args": vars(args), "machine": machine(), "table": lines}
