@@ -78,17 +78,23 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 20,
     input_size: int = 32,
+    in_channels: int = 3,
     threads: int | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Median and spread (10th and 90th percentiles) of forward-pass wall time in milliseconds.
 
     ``warmup`` untimed passes first; on the CPU, ``threads`` fixes torch's intra-op threads for
     the measurement (restored afterwards), so two measurements compare like with like. On CUDA
-    each pass is timed with CUDA events and synchronised.
+    each pass is timed with CUDA events and synchronised. The input is ``batch_size`` x
+    ``in_channels`` x ``input_size`` x ``input_size`` normal noise (one layer of a net can be
+    timed on its own input shape), stored channels_last with ``channels_last``.
     """
     device = torch.device(device)
     model = model.to(device).eval()
-    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    x = torch.randn(batch_size, in_channels, input_size, input_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -144,3 +144,23 @@ def test_measure_latency_times_each_forward_pass_in_ms() -> None:
     assert 4.0 <= stats["p10_ms"] <= stats["median_ms"] <= stats["p90_ms"]
     assert stats["median_ms"] < 200, "milliseconds per pass, not the total of all passes"
     assert stats["batch_size"] == 3 and stats["repeats"] == 5
+
+
+class _Shapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[tuple[int, ...], bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        self.seen.append((tuple(x.shape), cl))
+        return x
+
+
+def test_measure_latency_times_one_layer_on_its_own_input_shape() -> None:
+    model = _Shapes()
+    measure_latency(model, warmup=1, repeats=2, batch_size=4, in_channels=16, input_size=8)
+    assert model.seen == [((4, 16, 8, 8), False)] * 3
+    model = _Shapes()
+    measure_latency(model, warmup=0, repeats=1, in_channels=16, input_size=8, channels_last=True)
+    assert model.seen == [((1, 16, 8, 8), True)], "channels_last input when asked"
