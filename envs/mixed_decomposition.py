@@ -17,6 +17,7 @@ from rl_mtd.budget import (
     BudgetTable,
     check_levels,
     check_methods,
+    check_target,
     settle,
 )
 from rl_mtd.decompose import METHODS, conv_layers, layer_params
@@ -40,8 +41,11 @@ class EnvConfig:
     target_ratio: float | None = 32.0
     """Whole-model parameter reduction target (budget mode); None for no parameter limit."""
     target_macs: float | None = None
-    """Whole-model MACs reduction target (budget mode); None for no MACs limit. With neither
-    target the environment is in trade-off mode."""
+    """Whole-model MACs reduction target (budget mode); None for no MACs limit. With no target
+    the environment is in trade-off mode."""
+    target_latency: float | None = None
+    """Whole-model speed-up target, predicted by the environment's ``latency_model`` (budget
+    mode); None for no latency limit."""
     beyond_target_weight: float = 0.0
     """Budget mode: reward per doubling of compression beyond a target. 0 by default, so
     policies are compared at the budget: a bonus made the agent overshoot (10.8x for an 8x
@@ -54,9 +58,13 @@ class EnvConfig:
         self.levels = check_levels(self.levels)
         budget = Budget(self.target_ratio, self.target_macs)  # checks both
         self.target_ratio, self.target_macs = budget.params, budget.macs
+        if self.target_latency is not None:
+            self.target_latency = check_target(self.target_latency, "target speed-up")
 
     @property
     def budget(self) -> Budget:
+        """Parameters and MACs only: a latency target needs the environment's latency model
+        (``MixedDecompositionEnv.budget``)."""
         return Budget(self.target_ratio, self.target_macs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +94,8 @@ class MixedDecompositionEnv(gym.Env):
     Episode state, from ``8 + K`` on: budget used (compressed parameters chosen so far /
     original model parameters), budget left (parameters still allowed under the target /
     original parameters; 0 without a parameter target), MACs budget left (MACs still allowed
-    under ``target_macs`` / original MACs; 0 without one), share of the original conv
+    under ``target_macs`` / original MACs; without one, the predicted time still allowed under
+    ``target_latency`` / the original's; else 0), share of the original conv
     parameters in this and later layers, previous method index / (methods - 1), previous level
     index / (levels - 1).
 
@@ -117,7 +126,10 @@ class MixedDecompositionEnv(gym.Env):
     ``table``: the per-layer options (default: built from ``scorer.model`` and the config's
     methods and levels; one table can serve many environments); ``layer_scores``: optional
     per-layer features in 0..1, one row per conv layer, shown with the current layer (e.g.
-    ``SensitivityStudy.scores``: what compressing that layer alone costs at each option).
+    ``SensitivityStudy.scores``: what compressing that layer alone costs at each option);
+    ``latency_model``: a ``rl_mtd.latency.LatencyModel`` of ``scorer.model`` on the target
+    device, required with ``target_latency`` (the wall and settling then hold the predicted
+    speed-up too).
     """
 
     metadata = {"render_modes": []}
@@ -129,10 +141,22 @@ class MixedDecompositionEnv(gym.Env):
         *,
         table: BudgetTable | None = None,
         layer_scores: np.ndarray | None = None,
+        latency_model: Any = None,
     ):
         super().__init__()
         self.scorer = scorer
         self.config = config or EnvConfig()
+        if self.config.target_latency is not None and latency_model is None:
+            raise RlMtdError(
+                "target_latency needs a latency model of the network on the target device "
+                "(latency_model=rl_mtd.latency.LatencyModel(model, ...))"
+            )
+        self.budget = Budget(
+            self.config.target_ratio,
+            self.config.target_macs,
+            self.config.target_latency,
+            latency_model if self.config.target_latency is not None else None,
+        )
         self.methods = self.config.methods
         self.levels = self.config.levels
         self.action_space = spaces.Discrete(len(self.methods) * len(self.levels))
@@ -144,7 +168,7 @@ class MixedDecompositionEnv(gym.Env):
                 f"{self.methods} x {self.levels}; build the table from the same settings"
             )
         self.table = table
-        self.table.check_target(self.config.budget)
+        self.table.check_target(self.budget)
         self.max_ratio = self.table.max_ratio
         self.params_original = self.table.params_original
         self._static = self._describe_layers()
@@ -204,13 +228,18 @@ class MixedDecompositionEnv(gym.Env):
     def _obs(self) -> np.ndarray:
         i = min(self._i, self.num_layers - 1)
         used = self.table.used(self._choices)
-        budget = self.config.budget
+        budget = self.budget
         left = macs_left = 0.0
         if budget.params is not None:
             left = max(0.0, self.params_original / budget.params - used) / self.params_original
         if budget.macs is not None:
             macs0 = self.table.macs_original
             macs_left = max(0.0, macs0 / budget.macs - self.table.used_macs(self._choices)) / macs0
+        elif budget.latency is not None:  # the same slot: the predicted time still allowed
+            lm = budget.latency_model
+            costs = self.table.latency_costs(lm)
+            used_ms = lm.rest_ms + sum(costs[k][c] for k, c in enumerate(self._choices))
+            macs_left = max(0.0, lm.original_ms / budget.latency - used_ms) / lm.original_ms
         remaining = (
             sum(lay.original for lay in self.table.layers[self._i :]) / self.table.conv_original
         )
@@ -248,7 +277,7 @@ class MixedDecompositionEnv(gym.Env):
         if self._i >= self.num_layers:
             raise RuntimeError("episode is over; call reset()")
         requested = self.decode(action)
-        choice = self.table.wall(self._choices, requested, self.config.budget)
+        choice = self.table.wall(self._choices, requested, self.budget)
         layer = self.table.layers[self._i]
         self._choices.append(choice)
         info: dict[str, Any] = {
@@ -277,7 +306,7 @@ class MixedDecompositionEnv(gym.Env):
     # ----------------------------------------------------------------- helpers
     def reward(self, accuracy: float, ratio: float, macs_ratio: float | None = None) -> float:
         gain = accuracy - self.scorer.baseline_acc
-        budget, weight = self.config.budget, self.config.beyond_target_weight
+        budget, weight = self.budget, self.config.beyond_target_weight
         if not budget.active:
             return gain + self.config.tradeoff_weight * math.log2(ratio)
         if budget.params is not None:
@@ -292,9 +321,9 @@ class MixedDecompositionEnv(gym.Env):
         raised while every target still holds)."""
         spec = self.scorer.spec
         choices = self.table.to_choices(self._choices)
-        if self.config.budget.active and len(self._choices) == self.num_layers:
+        if self.budget.active and len(self._choices) == self.num_layers:
             if self._meter is None:
-                self._meter = BudgetMeter(self.scorer.model, self.config.budget)
+                self._meter = BudgetMeter(self.scorer.model, self.budget)
             choices = settle(self._meter, choices, reversed(range(self.num_layers)))
         return Policy.from_choices(
             self.scorer.model,
@@ -302,7 +331,7 @@ class MixedDecompositionEnv(gym.Env):
             net=spec.net,
             width=spec.width,
             num_classes=spec.num_classes,
-            meta={"target_ratio": self.config.target_ratio, "target_macs": self.config.target_macs},
+            meta=self.budget.meta(),
         )
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -26,6 +26,9 @@ from rl_mtd.decompose import (
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
+
+if TYPE_CHECKING:
+    from rl_mtd.latency import LatencyModel
 
 DEFAULT_LEVELS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 """Per-layer parameter reduction factors offered to the agent and the random strategies."""
@@ -80,18 +83,31 @@ def check_methods(
 
 @dataclass(frozen=True)
 class Budget:
-    """What a compressed model must reach: whole-model reductions of parameters and/or MACs."""
+    """What a compressed model must reach: whole-model reductions of parameters, MACs and/or
+    predicted latency."""
 
     params: float | None = None
     """Parameters of the original model / of the compressed one, at least (None: no limit)."""
     macs: float | None = None
     """MACs of the original model / of the compressed one, at least (None: no limit)."""
+    latency: float | None = None
+    """The original's measured latency / the compressed model's predicted one, at least (None:
+    no limit); needs ``latency_model``."""
+    latency_model: LatencyModel | None = field(default=None, compare=False, repr=False)
+    """What predicts latency (``rl_mtd.latency.LatencyModel``, measured on the target device)."""
 
     def __post_init__(self) -> None:
         if self.params is not None:
             object.__setattr__(self, "params", check_target(self.params, "target ratio"))
         if self.macs is not None:
             object.__setattr__(self, "macs", check_target(self.macs, "target MACs reduction"))
+        if self.latency is not None:
+            object.__setattr__(self, "latency", check_target(self.latency, "target speed-up"))
+            if self.latency_model is None:
+                raise RlMtdError(
+                    "a latency budget needs a latency model measured on the target device "
+                    "(rl_mtd.latency.LatencyModel)"
+                )
 
     @classmethod
     def of(cls, target: Budget | float | None) -> Budget:
@@ -100,7 +116,15 @@ class Budget:
 
     @property
     def active(self) -> bool:
-        return self.params is not None or self.macs is not None
+        return self.params is not None or self.macs is not None or self.latency is not None
+
+    def meta(self) -> dict[str, float | None]:
+        """The targets as a policy's meta records them."""
+        out = {"target_ratio": self.params, "target_macs": self.macs}
+        if self.latency is not None:
+            out["target_latency"] = self.latency
+            out["latency_batch"] = self.latency_model.batch_size
+        return out
 
 
 def option_macs(conv: nn.Conv2d, method: str, rank: Any, in_hw: tuple[int, int]) -> int:
@@ -166,6 +190,12 @@ class BudgetMeter:
             total += option_macs(conv, method, rank, hw) - option_macs(conv, "keep", None, hw)
         return total
 
+    def latency(self, choices: list[tuple[str, Any]]) -> float:
+        """Predicted milliseconds per batch (the budget's latency model; error without one)."""
+        if self.budget.latency_model is None:
+            raise RlMtdError("this budget has no latency model")
+        return self.budget.latency_model.predict(choices)
+
     def excess(self, choices: list[tuple[str, Any]]) -> float:
         """The worse of used / allowed over the budget's limits: <= 1 meets the budget."""
         worst = 0.0
@@ -173,17 +203,23 @@ class BudgetMeter:
             worst = self.params(choices) * self.budget.params / self.params_original
         if self.budget.macs is not None:
             worst = max(worst, self.macs(choices) * self.budget.macs / self.macs_original)
+        if self.budget.latency is not None:
+            lm = self.budget.latency_model
+            worst = max(worst, lm.predict(choices) * self.budget.latency / lm.original_ms)
         return worst
 
     def meets(self, choices: list[tuple[str, Any]]) -> bool:
         return self.excess(choices) <= 1.0
 
     def describe(self, choices: list[tuple[str, Any]]) -> str:
-        """``"8.1x parameters, 4.3x MACs"`` for error messages."""
-        return (
+        """``"8.1x parameters, 4.3x MACs"`` (and the predicted speed-up with a latency model)."""
+        out = (
             f"{self.params_original / self.params(choices):.2f}x parameters, "
             f"{self.macs_original / self.macs(choices):.2f}x MACs"
         )
+        if self.budget.latency_model is not None:
+            out += f", {self.budget.latency_model.speedup(choices):.2f}x faster (predicted)"
+        return out
 
 
 def settle(
@@ -272,10 +308,38 @@ class BudgetTable:
             self.min_macs_after[i] = self.min_macs_after[i + 1] + layer.macs(layer.fewest_macs())
         self.max_ratio = self.params_original / (self.fixed + self.min_after[0])
         self.max_macs_ratio = self.macs_original / (self.fixed_macs + self.min_macs_after[0])
+        self._latency: dict[int, tuple[LatencyModel, list[dict[OptionIndex, float]]]] = {}
+
+    def latency_costs(self, model: LatencyModel) -> list[dict[OptionIndex, float]]:
+        """Each layer's predicted milliseconds at each option (``model.cost``; memoised)."""
+        cached = self._latency.get(id(model))
+        if cached is None or cached[0] is not model:
+            costs = [
+                {c: model.cost(i, self.methods[c[0]], layer.rank(c)) for c in layer.options}
+                for i, layer in enumerate(self.layers)
+            ]
+            cached = self._latency[id(model)] = (model, costs)
+        return cached[1]
+
+    def _latency_min_after(self, model: LatencyModel) -> list[float]:
+        costs = self.latency_costs(model)
+        out = [0.0] * (len(costs) + 1)
+        for i in range(len(costs) - 1, -1, -1):
+            out[i] = out[i + 1] + min(costs[i].values())
+        return out
 
     def check_target(self, target: Budget | float | None) -> None:
         """Raise unless the budget (or parameter target) is within reach of these options."""
         budget = Budget.of(target)
+        if budget.latency is not None:
+            lm = budget.latency_model
+            fastest = lm.original_ms / (lm.rest_ms + self._latency_min_after(lm)[0])
+            if budget.latency > fastest:
+                raise RlMtdError(
+                    f"target speed-up {budget.latency:g} is beyond what these levels can reach "
+                    f"on this model and device (at most {fastest:.1f}x predicted at batch "
+                    f"{lm.batch_size}); lower --target-latency or add stronger --levels"
+                )
         if budget.params is not None and budget.params > self.max_ratio:
             raise RlMtdError(
                 f"target ratio {budget.params:g} is beyond what these levels can reach on this "
@@ -340,7 +404,8 @@ class BudgetTable:
 
     def _overshoot(self, choices: list[OptionIndex], budget: Budget):
         """``(layer, option) -> how far past the budget`` (<= 0: it fits), as a fraction of
-        the allowance, the worse of parameters and MACs, with later layers at their smallest."""
+        the allowance, the worst of parameters, MACs and latency, with later layers at their
+        smallest."""
         i = len(choices)
         limits = []
         if budget.params is not None:
@@ -351,6 +416,16 @@ class BudgetTable:
             before, rest = self.used_macs(choices), self.min_macs_after[i + 1]
             allowed = self.macs_original / budget.macs
             limits.append((LayerOptions.macs, before + rest, allowed))
+        if budget.latency is not None:
+            lm = budget.latency_model
+            costs = self.latency_costs(lm)
+            before = lm.rest_ms + sum(costs[k][c] for k, c in enumerate(choices))
+            rest = self._latency_min_after(lm)[i + 1]
+
+            def layer_cost(layer: LayerOptions, c: OptionIndex) -> float:
+                return costs[i][c]  # the wall only asks about layer i
+
+            limits.append((layer_cost, before + rest, lm.original_ms / budget.latency))
 
         def over(layer: LayerOptions, c: OptionIndex) -> float:
             return max((base + cost(layer, c)) / allowed - 1.0 for cost, base, allowed in limits)

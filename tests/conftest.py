@@ -15,6 +15,7 @@ from torch import nn
 
 from rl_mtd.data import DataSplits, load_cifar10, make_splits
 from rl_mtd.io import CACHE_ENV, DATA_ENV
+from rl_mtd.metrics import count_macs
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
 
@@ -73,3 +74,15 @@ def real_archive() -> Path:
     if not shared.is_file():
         pytest.skip(f"real CIFAR-10 not found: set {DATA_ENV} or put it at {shared}")
     return shared
+
+
+class FakeTimer:
+    """Deterministic 'milliseconds': 1e-6 per MAC of the batch plus 0.02 per conv call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, shape: tuple[int, ...]) -> float:
+        self.calls += 1
+        convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+        return 1e-6 * shape[0] * count_macs(module, (1, *shape[1:])) + 0.02 * convs

@@ -115,6 +115,24 @@ def test_strategy_meets_a_macs_budget(name, params, macs, model, proxy, study):
     assert policy.meta["target_macs"] == macs and policy.meta["target_ratio"] == params
 
 
+@pytest.mark.parametrize("params, speedup", [(None, 2.0), (4.0, 2.0)])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_meets_a_latency_budget(name, params, speedup, model, proxy, study):
+    """Every strategy accepts a predicted-latency limit, alone or with a parameter limit."""
+    from conftest import FakeTimer
+
+    from rl_mtd.latency import LatencyModel
+
+    latency = LatencyModel(model, batch_size=4, timer=FakeTimer())
+    budget = Budget(params=params, latency=speedup, latency_model=latency)
+    policy = strategy_policy(name, proxy, budget, n_random=N_RANDOM, study=study)
+    choices = [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+    assert latency.speedup(choices) >= speedup * (1 - 1e-9)
+    if params is not None:
+        assert _ratio(model, policy) >= params
+    assert policy.meta["target_latency"] == speedup and policy.meta["latency_batch"] == 4
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_unreachable_target_raises(name, proxy, study):
     before = proxy.evaluations

@@ -212,7 +212,7 @@ def _assert_settled(env, policy_dict) -> None:
     from rl_mtd.budget import BudgetMeter
     from rl_mtd.decompose import next_rank
 
-    meter = BudgetMeter(env.scorer.model, env.config.budget)
+    meter = BudgetMeter(env.scorer.model, env.budget)
     policy = Policy.from_dict(policy_dict)
     choices = [(c.method, c.rank) for c in policy.layers]
     assert meter.meets(choices)
@@ -269,6 +269,33 @@ def test_budget_wall_holds_parameters_and_macs(structural_proxy, target, target_
             assert proxy["compression_ratio"] >= target * (1 - 1e-12), (actions, proxy)
         taken = [env.decode(i["action"]) for i in infos]  # settling only adds MACs back
         assert proxy["macs"] >= env.table.total_macs(taken)
+        _assert_settled(env, infos[-1]["policy"])
+
+
+@pytest.mark.parametrize("target, speedup", [(None, 2.0), (4.0, 2.5)])
+def test_budget_wall_holds_a_predicted_latency(structural_proxy, target, speedup):
+    from conftest import FakeTimer
+
+    from rl_mtd.latency import LatencyModel
+
+    latency = LatencyModel(structural_proxy.model, batch_size=4, timer=FakeTimer())
+    config = EnvConfig(target_ratio=target, target_latency=speedup)
+    with pytest.raises(RlMtdError, match="latency model"):
+        MixedDecompositionEnv(structural_proxy, config)
+    env = MixedDecompositionEnv(structural_proxy, config, latency_model=latency)
+    rng = np.random.default_rng(11)
+    keep = env.encode(METHODS.index("keep"), 0)
+    sequences = [[keep] * N_LAYERS] + [
+        list(rng.integers(0, env.action_space.n, N_LAYERS)) for _ in range(20)
+    ]
+    for actions in sequences:
+        obs, _, infos = run_episode(env, actions)
+        policy = Policy.from_dict(infos[-1]["policy"])
+        choices = [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+        assert latency.speedup(choices) >= speedup * (1 - 1e-9), actions
+        if target is not None:
+            assert infos[-1]["proxy"]["compression_ratio"] >= target * (1 - 1e-12)
+        assert policy.meta["target_latency"] == speedup
         _assert_settled(env, infos[-1]["policy"])
 
 

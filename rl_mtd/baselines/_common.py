@@ -18,7 +18,11 @@ def unreachable(budget: Budget, reached: str, what: str) -> RlMtdError:
     """The error for a budget that even ``what`` (which ``reached`` that much) cannot meet."""
     wanted = " and ".join(
         f"{v:g}x {name}"
-        for v, name in ((budget.params, "parameters"), (budget.macs, "MACs"))
+        for v, name in (
+            (budget.params, "parameters"),
+            (budget.macs, "MACs"),
+            (budget.latency, "predicted latency"),
+        )
         if v is not None
     )
     return RlMtdError(

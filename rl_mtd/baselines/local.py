@@ -107,8 +107,7 @@ def _policy(
     budget = meter.budget
     meta = {
         "strategy": "local",
-        "target_ratio": budget.params,
-        "target_macs": budget.macs,
+        **budget.meta(),
         "seed": seed,
         "index": index,
     }

@@ -78,8 +78,7 @@ def random_policies(
             choices.append(table.wall(choices, draw, budget))
         meta = {
             "strategy": "random",
-            "target_ratio": budget.params,
-            "target_macs": budget.macs,
+            **budget.meta(),
             "seed": seed,
             "index": k,
         }

@@ -227,8 +227,7 @@ def sensitivity_policy(
     choices = settle(BudgetMeter(proxy.model, budget), choices, last_first)
     meta = {
         "strategy": "sensitivity",
-        "target_ratio": budget.params,
-        "target_macs": budget.macs,
+        **budget.meta(),
         "levels": list(study.levels),
         "methods": list(study.methods),
     }
@@ -243,8 +242,8 @@ def sensitivity_policy(
 
 
 def _limits(table: BudgetTable, budget: Budget) -> list[tuple]:
-    """Per budgeted resource: (option cost, original total, allowed total, fixed part, a kept
-    layer's cost)."""
+    """Per budgeted resource (parameters, MACs, predicted latency): (option cost, original
+    total, allowed total, fixed part, a kept layer's cost)."""
     out = []
     if budget.params is not None:
         out.append(
@@ -264,6 +263,19 @@ def _limits(table: BudgetTable, budget: Budget) -> list[tuple]:
                 table.macs_original / budget.macs,
                 table.fixed_macs,
                 lambda layer: layer.original_macs,
+            )
+        )
+    if budget.latency is not None:
+        lm = budget.latency_model
+        costs = table.latency_costs(lm)
+        index = {layer.name: i for i, layer in enumerate(table.layers)}
+        out.append(
+            (
+                lambda layer, c: costs[index[layer.name]][c],
+                lm.original_ms,
+                lm.original_ms / budget.latency,
+                lm.rest_ms,
+                lambda layer: lm.cost(index[layer.name], "keep", None),
             )
         )
     return out

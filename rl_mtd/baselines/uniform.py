@@ -38,7 +38,7 @@ def _budget(target: Budget | float) -> Budget:
 
 
 def _budget_meta(budget: Budget, strategy: str) -> dict:
-    return {"strategy": strategy, "target_ratio": budget.params, "target_macs": budget.macs}
+    return {"strategy": strategy, **budget.meta()}
 
 
 # ----------------------------------------------------------------------------- uniform

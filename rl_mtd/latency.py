@@ -1,0 +1,230 @@
+"""A per-layer latency model of a VGG on one device: what a latency budget adds up.
+
+MACs are a poor guide to speed on a CPU at batch 1 (early layers with large feature maps gain
+little from decomposition; BENCHMARKS.md, "A latency table per layer"). This model times each
+conv layer alone, on its own input shape, in the inference form it would run in
+(``rl_mtd.export.inference_model`` of the conv or its decomposed block with the layer's
+BatchNorm and ReLU), once per (layer, method, rank), and predicts a whole model's latency as
+
+    rest + sum over layers of (scale * kept layer's time, or the decomposed block's time)
+
+``rest`` (pooling, the head, Python) is what a small compressed model takes beyond its layers;
+``scale`` makes the original's prediction its measured time (its layers run slower inside the
+net than alone, where their weights stay in cache). Measured on demand and memoised, so a search
+asks for a few hundred blocks at most; ``path`` keeps the measurements between runs (they belong
+to one machine, device, batch size and thread count, which the file records and checks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rl_mtd.budget import conv_input_sizes
+from rl_mtd.decompose import build_decomposed, conv_layers, rank_for_ratio
+from rl_mtd.errors import RlMtdError
+from rl_mtd.io import write_json_atomic
+
+Timer = Callable[[nn.Module, tuple[int, ...]], float]
+"""``(module, input shape N x C x H x W) -> milliseconds per forward pass``."""
+
+FORMAT = 1
+
+
+def layer_block(model: nn.Module, name: str, body: nn.Module) -> nn.Module:
+    """``body`` (the conv ``name`` of ``model``, or what replaces it) followed by copies of the
+    BatchNorm and ReLU that follow that conv in its Sequential: one layer as the net runs it."""
+    parent_name, _, idx = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if not isinstance(parent, nn.Sequential):
+        return nn.Sequential(body).eval()
+    tail: list[nn.Module] = []
+    for m in list(parent)[int(idx) + 1 :]:
+        if not isinstance(m, nn.BatchNorm2d | nn.ReLU):
+            break
+        tail.append(copy.deepcopy(m))
+    return nn.Sequential(body, *tail).eval()
+
+
+def measured_timer(
+    device: str | torch.device = "cpu",
+    *,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    rounds: int = 2,
+) -> Timer:
+    """A ``Timer`` that runs the inference form of the module on ``device``: the best of
+    ``rounds`` medians of ``repeats`` passes after ``warmup`` (``rl_mtd.metrics.measure_latency``)."""
+    from rl_mtd.export import inference_model
+    from rl_mtd.metrics import measure_latency
+
+    def timer(module: nn.Module, shape: tuple[int, ...]) -> float:
+        net = inference_model(module.to(device))
+        kw = dict(
+            batch_size=shape[0],
+            in_channels=shape[1],
+            input_size=shape[2],
+            device=device,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
+            channels_last=shape[1] > 3,
+        )
+        with torch.inference_mode():
+            return min(measure_latency(net, **kw)["median_ms"] for _ in range(rounds))
+
+    return timer
+
+
+def _signature(model: nn.Module) -> str:
+    shapes = [(name, tuple(conv.weight.shape)) for name, conv in conv_layers(model)]
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+
+class LatencyModel:
+    """Predicted forward time of ``model`` compressed by per-layer ``(method, rank)`` choices.
+
+    Args:
+        model: the original network (a VGG from ``build_vgg``; any model whose convs sit in
+            Sequentials with their BatchNorm and ReLU after them works).
+        batch_size: the batch the latency is for.
+        timer: how a module is timed (default ``measured_timer(device)``); tests pass a
+            deterministic one.
+        device: where the default timer runs (the model's device by default).
+        path: a JSON file that keeps the measurements between runs (read if it matches this
+            model, batch size and ``context``; rewritten as new layers are timed).
+        context: what else the numbers depend on (machine, threads, torch version): a file made
+            in another context is ignored, not trusted.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int = 1,
+        timer: Timer | None = None,
+        device: str | torch.device | None = None,
+        path: str | Path | None = None,
+        context: str = "",
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise RlMtdError(f"latency batch size must be a whole number >= 1, got {batch_size!r}")
+        self.model = copy.deepcopy(model).eval()
+        if device is None:
+            device = next(self.model.parameters()).device
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.timer = timer or measured_timer(self.device)
+        self.convs = conv_layers(self.model)
+        sizes = conv_input_sizes(self.model)
+        self.shapes = {name: (conv.in_channels, *sizes[name]) for name, conv in self.convs}
+        self.path = Path(path) if path is not None else None
+        self.key = {
+            "format": FORMAT,
+            "model": _signature(self.model),
+            "batch_size": batch_size,
+            "context": context,
+        }
+        self._ms: dict[str, float] = {}
+        self._whole: dict[str, float] = {}
+        self._load()
+        self.original_ms = self._whole_ms("original", self.model)
+        small = [
+            (name, "tucker2", rank_for_ratio(conv, "tucker2", 64.0)) for name, conv in self.convs
+        ]
+        small_model = self._compressed(small)
+        small_sum = sum(self.layer_ms(n, m, r) for n, m, r in small)
+        self.rest_ms = max(0.0, self._whole_ms("small", small_model) - small_sum)
+        kept = sum(self.layer_ms(name, "keep", None) for name, _ in self.convs)
+        self.keep_scale = max(1e-9, self.original_ms - self.rest_ms) / kept
+        self._save()
+
+    # ------------------------------------------------------------------ timing
+    def layer_ms(self, name: str, method: str, rank: Any) -> float:
+        """Time of layer ``name`` alone as ``method`` at ``rank`` (``keep``: the layer itself)."""
+        key = f"{name}|{method}|{json.dumps(None if method == 'keep' else rank)}"
+        if key not in self._ms:
+            conv = dict(self.convs).get(name)
+            if conv is None:
+                raise RlMtdError(f"the latency model's network has no conv layer {name!r}")
+            body = copy.deepcopy(conv) if method == "keep" else build_decomposed(conv, method, rank)
+            block = layer_block(self.model, name, body)
+            ms = float(self.timer(block, (self.batch_size, *self.shapes[name])))
+            if not (ms >= 0 and ms < float("inf")):
+                raise RlMtdError(f"timing {key} gave {ms!r} ms")
+            self._ms[key] = ms
+            self._dirty = True
+        return self._ms[key]
+
+    def _whole_ms(self, label: str, model: nn.Module) -> float:
+        if label not in self._whole:
+            self._whole[label] = float(self.timer(model, (self.batch_size, 3, 32, 32)))
+            self._dirty = True
+        return self._whole[label]
+
+    def _compressed(self, choices: Sequence[tuple[str, str, Any]]) -> nn.Module:
+        from rl_mtd.policy import _set_module
+
+        out = copy.deepcopy(self.model)
+        for name, method, rank in choices:
+            if method != "keep":
+                conv = dict(self.convs)[name]
+                _set_module(out, name, build_decomposed(conv, method, rank))
+        return out.eval()
+
+    # ------------------------------------------------------------------ prediction
+    def cost(self, index: int, method: str, rank: Any) -> float:
+        """Layer ``index``'s share of the predicted time as ``method`` at ``rank``."""
+        name = self.convs[index][0]
+        if method == "keep":
+            return self.keep_scale * self.layer_ms(name, "keep", None)
+        return self.layer_ms(name, method, rank)
+
+    def predict(self, choices: Sequence[tuple[str, Any]]) -> float:
+        """Predicted milliseconds per batch for one ``(method, rank)`` per conv layer."""
+        if len(choices) != len(self.convs):
+            raise RlMtdError(f"{len(choices)} choices for {len(self.convs)} conv layers")
+        return self.rest_ms + sum(self.cost(i, m, r) for i, (m, r) in enumerate(choices))
+
+    def speedup(self, choices: Sequence[tuple[str, Any]]) -> float:
+        """The original's measured time / the predicted time of ``choices``."""
+        return self.original_ms / self.predict(choices)
+
+    def describe(self) -> str:
+        return (
+            f"latency model at batch {self.batch_size} on {self.device}: original "
+            f"{self.original_ms:.3g} ms, rest {self.rest_ms:.3g} ms, kept layers x"
+            f"{self.keep_scale:.2f}, {len(self._ms)} blocks timed"
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _load(self) -> None:
+        self._dirty = False
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("key") != self.key:
+                return  # another model, batch or machine: measure afresh
+            self._ms = {str(k): float(v) for k, v in data["layers"].items()}
+            self._whole = {str(k): float(v) for k, v in data["whole"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._ms, self._whole = {}, {}  # a damaged file is measured again, not trusted
+
+    def _save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        write_json_atomic(self.path, {"key": self.key, "layers": self._ms, "whole": self._whole})
+        self._dirty = False
+
+    def save(self) -> None:
+        """Write the measurements made since the last save (no-op without ``path``)."""
+        self._save()

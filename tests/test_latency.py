@@ -1,0 +1,112 @@
+"""Tests for the per-layer latency model and the latency budget (rl_mtd.latency)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FakeTimer
+from torch import nn
+
+from rl_mtd.baselines import random_policies
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, settle
+from rl_mtd.decompose import METHODS
+from rl_mtd.errors import RlMtdError
+from rl_mtd.latency import LatencyModel, layer_block
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import apply_policy
+
+NET, WIDTH = "vgg11", 0.125
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return build_vgg(NET, width=WIDTH).eval()
+
+
+@pytest.fixture(scope="module")
+def latency(model) -> LatencyModel:
+    return LatencyModel(model, batch_size=4, timer=FakeTimer())
+
+
+def _choices(policy):
+    return [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+
+
+def test_layer_block_is_the_conv_with_its_batchnorm_and_relu(model):
+    name = "features.0"
+    block = layer_block(model, name, model.get_submodule(name))
+    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_prediction_is_exact_for_an_additive_timer(model, latency):
+    """With a timer whose cost adds up over layers the sum of the layers is the whole model."""
+    timer = FakeTimer()
+    assert latency.predict([("keep", None)] * len(latency.convs)) == pytest.approx(
+        latency.original_ms
+    )
+    assert latency.keep_scale == pytest.approx(1.0)
+    for policy in random_policies(model, 4.0, 4, seed=3, net=NET, width=WIDTH):
+        built = apply_policy(model, policy, factorize=False)
+        measured = timer(built, (4, 3, 32, 32))
+        assert latency.predict(_choices(policy)) == pytest.approx(measured, rel=1e-9)
+        assert latency.speedup(_choices(policy)) == pytest.approx(latency.original_ms / measured)
+
+
+def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model, tmp_path):
+    path = tmp_path / "latency.json"
+    first = FakeTimer()
+    a = LatencyModel(model, batch_size=2, timer=first, path=path)
+    assert path.exists() and first.calls > 0
+    again = FakeTimer()
+    b = LatencyModel(model, batch_size=2, timer=again, path=path)
+    assert again.calls == 0, "everything the first run measured is read back"
+    assert (b.original_ms, b.rest_ms, b.keep_scale) == (a.original_ms, a.rest_ms, a.keep_scale)
+    b.layer_ms("features.4", "cp", 3)
+    assert again.calls == 1
+    b.save()
+    assert "features.4|cp|3" in json.loads(path.read_text())["layers"]
+    other = FakeTimer()
+    LatencyModel(model, batch_size=8, timer=other, path=path)
+    assert other.calls > 0, "another batch size is measured afresh"
+    path.write_text("{not json")
+    damaged = FakeTimer()
+    LatencyModel(model, batch_size=2, timer=damaged, path=path)
+    assert damaged.calls > 0 and json.loads(path.read_text())["key"]["batch_size"] == 2
+
+
+def test_bad_settings_are_refused(model):
+    with pytest.raises(RlMtdError, match="latency model"):
+        Budget(latency=2.0)
+    with pytest.raises(RlMtdError, match="batch size"):
+        LatencyModel(model, batch_size=0, timer=FakeTimer())
+    with pytest.raises(RlMtdError, match="target speed-up"):
+        Budget(latency=0.5, latency_model=object())
+
+
+@pytest.mark.parametrize("params, speedup", [(None, 2.0), (4.0, 2.5), (8.0, 1.5)])
+def test_the_wall_and_settling_hold_a_latency_budget(model, latency, params, speedup):
+    budget = Budget(params=params, latency=speedup, latency_model=latency)
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    table.check_target(budget)
+    meter = BudgetMeter(model, budget)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        choices = []
+        for _layer in table.layers:
+            draw = (int(rng.integers(len(METHODS))), int(rng.integers(len(DEFAULT_LEVELS))))
+            choices.append(table.wall(choices, draw, budget))
+        picked = table.to_choices(choices)
+        assert latency.speedup(picked) >= speedup * (1 - 1e-9)
+        settled = settle(meter, picked, reversed(range(len(picked))))
+        assert meter.meets(settled) and latency.speedup(settled) >= speedup * (1 - 1e-9)
+        if params is not None:
+            assert meter.params_original / meter.params(settled) >= params
+    assert "faster (predicted)" in meter.describe(picked)
+
+
+def test_a_latency_target_beyond_reach_is_refused(model, latency):
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    with pytest.raises(RlMtdError, match="--target-latency"):
+        table.check_target(Budget(latency=1e4, latency_model=latency))
