@@ -84,6 +84,8 @@ class SearchCallback(BaseCallback):
             "wall_fraction": wall_fraction,
             "methods": [layer["method"] for layer in info["policy"]["layers"]],
         }
+        if "predicted_speedup" in info:
+            entry["predicted_speedup"] = info["predicted_speedup"]
         self.episodes.append(entry)
         new_best = self.best is None or reward > self.best["reward"]
         if new_best:
@@ -107,6 +109,8 @@ class SearchCallback(BaseCallback):
         rec("search/compression_ratio", entry["ratio"])
         rec("search/best_ratio", self.best["ratio"])
         rec("search/macs_ratio", entry["macs_ratio"])
+        if "predicted_speedup" in entry:
+            rec("search/predicted_speedup", entry["predicted_speedup"])
         rec("search/wall_fraction", wall_fraction)
         rec("search/episodes_per_minute", (len(self.episodes) - self._n0) / minutes)
         rec("proxy/accuracy", entry["accuracy"])

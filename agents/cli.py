@@ -111,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
         "enforces both)",
     )
     g.add_argument(
+        "--target-latency",
+        type=float,
+        default=None,
+        help="whole-model speed-up target on this device at --latency-batch, alone or with the "
+        "others: each conv layer is timed alone at each option (cached per machine) and the "
+        "budget wall holds their predicted sum",
+    )
+    g.add_argument(
+        "--latency-batch",
+        type=int,
+        default=None,
+        help="batch size --target-latency is for (default 1)",
+    )
+    g.add_argument(
         "--tradeoff",
         action="store_true",
         help="no target: reward accuracy against log compression instead",
@@ -305,6 +319,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "argv": argv,
         "target_ratio": args.target_ratio,
         "target_macs": args.target_macs,
+        "target_latency": args.target_latency,
+        "latency_batch": args.latency_batch,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "finetune_lr": args.finetune_lr,
@@ -312,14 +328,17 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     }
     cfg = RunConfig.with_preset(args.preset, **overrides)
     if args.tradeoff:
-        if args.target_ratio is not None or args.target_macs is not None:
+        if any(t is not None for t in (args.target_ratio, args.target_macs, args.target_latency)):
             raise RlMtdError(
-                "--tradeoff excludes --target-ratio and --target-macs; pass one or the others"
+                "--tradeoff excludes --target-ratio, --target-macs and --target-latency; pass "
+                "one or the others"
             )
         cfg.target_ratio = None
-    elif args.target_macs is not None and args.target_ratio is None:
-        cfg.target_ratio = None  # a MACs budget alone
-    if cfg.target_ratio is None and cfg.target_macs is None and args.warm_start is None:
+    elif args.target_ratio is None and (
+        args.target_macs is not None or args.target_latency is not None
+    ):
+        cfg.target_ratio = None  # a MACs and/or latency budget alone
+    if not cfg.has_budget and args.warm_start is None:
         cfg.warm_start = "none"  # the heuristic needs a budget; the preset's choice yields
     return cfg
 

@@ -109,8 +109,13 @@ class RunConfig:
     target_ratio: float | None = 32.0
     """Whole-model parameter compression target; None for no parameter limit."""
     target_macs: float | None = None
-    """Whole-model MACs reduction target; None for no MACs limit. With neither target the
+    """Whole-model MACs reduction target; None for no MACs limit. With no target at all the
     search is in the accuracy/size trade-off mode."""
+    target_latency: float | None = None
+    """Whole-model speed-up target on the run's device at ``latency_batch``, as predicted by a
+    per-layer latency model measured there (``rl_mtd.latency``); None for no latency limit."""
+    latency_batch: int = 1
+    """Batch size the latency budget is for."""
     methods: tuple[str, ...] = METHODS
     levels: tuple[float, ...] = DEFAULT_LEVELS
     n_envs: int = 1
@@ -191,6 +196,8 @@ class RunConfig:
             check_target(self.target_ratio, "--target-ratio")
         if self.target_macs is not None:
             check_target(self.target_macs, "--target-macs")
+        if self.target_latency is not None:
+            check_target(self.target_latency, "--target-latency")
         check_methods(self.methods)
         check_levels(self.levels, "--levels")
         for flag, value in (
@@ -200,6 +207,7 @@ class RunConfig:
             ("--batch-size", self.batch_size),
             ("--latency-repeats", self.latency_repeats),
             ("--stages", self.stages),
+            ("--latency-batch", self.latency_batch),
         ):
             _at_least(flag, value, 1)
         if self.stages > 1 and self.fit == "data":
@@ -240,10 +248,10 @@ class RunConfig:
             raise RlMtdError(
                 f"--warm-start {self.warm_start!r}: choose one of {', '.join(WARM_STARTS)}"
             )
-        if self.warm_start != "none" and self.target_ratio is None and self.target_macs is None:
+        if self.warm_start != "none" and not self.has_budget:
             raise RlMtdError(
-                f"--warm-start {self.warm_start} needs a budget (--target-ratio and/or "
-                "--target-macs); in trade-off mode use --warm-start none"
+                f"--warm-start {self.warm_start} needs a budget (--target-ratio, --target-macs "
+                "and/or --target-latency); in trade-off mode use --warm-start none"
             )
         if not (isinstance(self.warm_start_prob, int | float) and 0 < self.warm_start_prob < 1):
             raise RlMtdError(
@@ -272,6 +280,13 @@ class RunConfig:
                 "to write into it"
             )
         return self
+
+    @property
+    def has_budget(self) -> bool:
+        """Budget mode (any target set) rather than the trade-off mode."""
+        return any(
+            t is not None for t in (self.target_ratio, self.target_macs, self.target_latency)
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

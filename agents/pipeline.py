@@ -22,6 +22,7 @@ from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_export, write_outputs
 from agents.search import (
     env_config,
+    latency_model,
     load_replay,
     make_proxy,
     proxy_config,
@@ -107,6 +108,22 @@ def compress_and_finetune(
         history=[h for r in results for h in r.history],
     )
     return compressed, merged
+
+
+def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
+    """The latency model's prediction for ``policy`` (None without ``--target-latency``)."""
+    lm = latency_model(cfg, proxy)
+    if lm is None:
+        return None
+    choices = [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+    lm.save()
+    return {
+        "batch": lm.batch_size,
+        "original_ms": lm.original_ms,
+        "compressed_ms": lm.predict(choices),
+        "speedup": lm.speedup(choices),
+        "model": lm.describe(),
+    }
 
 
 def run(
@@ -211,6 +228,7 @@ def run(
         proxy_evaluations=proxy.evaluations
         + sum(i.get("proxy_evaluations", 0) for i in invocations[:-1]),
         invocations=invocations,
+        predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]
     )
     report = build_report(result, cfg.latency_repeats)
     if cfg.export:

@@ -125,7 +125,16 @@ def print_plan(
         "search": 0.0 if replay_path else cfg.episodes * timing.episode_seconds,
         "fine-tune": cfg.finetune_epochs * steps_per_epoch * t_step * 1.3,
     }
-    target = f"{check_target(cfg.target_ratio):g}x" if cfg.target_ratio else "trade-off"
+    targets = [
+        f"{check_target(v):g}x {what}"
+        for v, what in (
+            (cfg.target_ratio, "parameters"),
+            (cfg.target_macs, "MACs"),
+            (cfg.target_latency, f"faster at batch {cfg.latency_batch}"),
+        )
+        if v is not None
+    ]
+    target = " and ".join(targets) if targets else "trade-off"
     baseline = f"train {cfg.baseline_epochs:g} epochs" if need_baseline else "given"
     if replay_path:
         search = f"replay {replay_path}"

@@ -54,6 +54,9 @@ class RunResult:
     of a resumed search."""
     episodes: list[dict[str, Any]] = field(default_factory=list)
     invocations: list[dict[str, Any]] = field(default_factory=list)
+    predicted_latency: dict[str, Any] | None = None
+    """With ``--target-latency``: the latency model's prediction for the policy (batch,
+    original_ms measured, compressed_ms predicted, speedup)."""
 
 
 def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
@@ -71,7 +74,10 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "seed": cfg["seed"],
         "target_ratio": cfg["target_ratio"],
         "target_macs": cfg.get("target_macs"),
-        "mode": "budget" if cfg["target_ratio"] or cfg.get("target_macs") else "trade-off",
+        "target_latency": cfg.get("target_latency"),
+        "mode": "budget"
+        if any(cfg.get(k) for k in ("target_ratio", "target_macs", "target_latency"))
+        else "trade-off",
         "replay": cfg["replay"],
         "baseline_acc": r.baseline_acc,
         "baseline_proxy_acc": r.baseline_proxy_acc,
@@ -118,14 +124,23 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
             for row in rows
         ],
     }
-    report.update(latency(r.baseline, r.compressed, r.device, latency_repeats))
+    batches = LATENCY_BATCHES
+    if r.predicted_latency is not None:
+        report["latency_batch"] = r.predicted_latency["batch"]
+        report["predicted_latency"] = r.predicted_latency
+        batches = tuple(sorted({*batches, int(r.predicted_latency["batch"])}))
+    report.update(latency(r.baseline, r.compressed, r.device, latency_repeats, batches))
     return report
 
 
 def latency(
-    baseline: nn.Module, compressed: nn.Module, device: torch.device, repeats: int
+    baseline: nn.Module,
+    compressed: nn.Module,
+    device: torch.device,
+    repeats: int,
+    batches: tuple[int, ...] = LATENCY_BATCHES,
 ) -> dict[str, Any]:
-    """Median and spread of the forward time at each of ``LATENCY_BATCHES``: both models as
+    """Median and spread of the forward time at each of ``batches``: both models as
     trained (eager, eval mode) and in their inference form (``rl_mtd.export.inference_model``:
     BatchNorm folded, factor chains merged).
 
@@ -143,7 +158,7 @@ def latency(
     }
     out = {}
     threads = torch.get_num_threads()
-    for bs in LATENCY_BATCHES:
+    for bs in batches:
         # Each measurement is the median of a block of passes: single passes at batch 1 caught
         # 4-8 ms scheduler stalls on a 2-core machine (benchmarks/latency.py).
         block = max(1, 16 // bs)
@@ -245,6 +260,17 @@ def layer_rows(original: nn.Module, compressed: nn.Module, policy: Policy) -> li
     return rows
 
 
+def _latency_target(r: dict[str, Any]) -> str:
+    pred = r.get("predicted_latency")
+    if not pred:
+        return ""
+    return (
+        f" Target speed-up {r['target_latency']:g}x at batch {pred['batch']} on this device: "
+        f"{pred['speedup']:.2f}x predicted by the per-layer latency model "
+        f"({pred['original_ms']:.3g} ms -> {pred['compressed_ms']:.3g} ms); measured below."
+    )
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -255,7 +281,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"# rl_mtd run: {r['net']} (width {r['width']}) on {r['dataset']}",
         "",
         f"Device {r['device']}, seed {r['seed']}, target ratio {r['target_ratio']}, "
-        f"target MACs reduction {r.get('target_macs')}, mode {r['mode']}.",
+        f"target MACs reduction {r.get('target_macs')}, mode {r['mode']}." + _latency_target(r),
         "",
         "| | original | compressed | ratio |",
         "|-|-:|-:|-:|",
@@ -266,10 +292,11 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"| MACs (conv + linear, one 32x32 image) | {r['macs_original']:,} | "
         f"{r['macs_compressed']:,} | {r['macs_original'] / r['macs_compressed']:.2f}x |",
     ]
-    for key, label in (("latency_b1", "batch 1"), ("latency_b128", "batch 128")):
-        lat = r.get(key)
-        if not lat:
-            continue
+    latency_keys = sorted(
+        (k for k in r if k.startswith("latency_b") and k[9:].isdigit()), key=lambda k: int(k[9:])
+    )
+    for key in latency_keys:
+        lat, label = r[key], f"batch {key[9:]}"
         head = f"latency, {label}, {lat['device']}, {lat.get('threads', '?')} threads"
         for kind, suffix in (("eager", ""), ("inference form", "_inference")):
             if f"original{suffix}_ms" not in lat:

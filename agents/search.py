@@ -63,7 +63,49 @@ def env_config(cfg: RunConfig) -> EnvConfig:
         levels=cfg.levels,
         target_ratio=cfg.target_ratio,
         target_macs=cfg.target_macs,
+        target_latency=cfg.target_latency,
     )
+
+
+_LATENCY_MODELS: dict[tuple, tuple[Proxy, Any]] = {}
+
+
+def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
+    """The run's ``rl_mtd.latency.LatencyModel`` (None without ``--target-latency``): each conv
+    layer of the baseline timed alone on the proxy's device at ``--latency-batch``, measured on
+    demand and kept under the cache directory per machine, device, batch and thread count."""
+    if cfg.target_latency is None:
+        return None
+    import platform
+
+    from rl_mtd.io import cache_dir
+    from rl_mtd.latency import LatencyModel
+
+    device = proxy.device
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    )
+    context = f"{where}, torch {torch.__version__}"
+    key = (id(proxy), cfg.latency_batch, context)
+    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy:
+        stem = f"{cfg.net}-w{cfg.width:g}-b{cfg.latency_batch}-{device.type}"
+        log.info(
+            "timing the conv layers at batch %d on %s for --target-latency",
+            cfg.latency_batch,
+            where,
+        )
+        lm = LatencyModel(
+            proxy.model,
+            batch_size=cfg.latency_batch,
+            device=device,
+            path=cache_dir() / "latency" / f"{stem}.json",
+            context=context,
+        )
+        log.info("%s", lm.describe())
+        _LATENCY_MODELS[key] = (proxy, lm)
+    return _LATENCY_MODELS[key][1]
 
 
 def proxy_config(cfg: RunConfig) -> ProxyConfig:
@@ -124,10 +166,12 @@ def layer_scores(observe: str, proxy: Proxy) -> np.ndarray | None:
     return cached_study(proxy).scores(proxy.baseline_acc)
 
 
-def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None):
+def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None, latency=None):
     from stable_baselines3.common.monitor import Monitor
 
-    return Monitor(MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores))
+    return Monitor(
+        MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency)
+    )
 
 
 def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
@@ -141,7 +185,8 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)
-    return _make_env(proxy, env_config(cfg), layer_scores(cfg.observe, proxy))
+    scores = layer_scores(cfg.observe, proxy)
+    return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy))
 
 
 def read_search_state(run_dir: Path) -> dict[str, Any]:
@@ -176,6 +221,7 @@ def search(
     from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
 
     n_layers = len(proxy.convs)
+    latency = latency_model(cfg, proxy)  # timed (or read from the cache) before the clock starts
     # The sensitivity study (for --observe study and --warm-start sensitivity) is measured or
     # read from the cache before the clock starts; its full cost is charged to the search.
     study, study_seconds, scores = None, 0.0, None
@@ -190,7 +236,7 @@ def search(
         fns = [partial(_subproc_env, cfg.to_dict(), baseline_path, i) for i in range(cfg.n_envs)]
         venv = SubprocVecEnv(fns)
     else:
-        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg), scores)])
+        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg), scores, latency)])
     agent_path = run_dir / "agent.zip"
     state = read_search_state(run_dir) if cfg.resume is not None else {}
     if cfg.resume is not None and agent_path.exists():
@@ -217,6 +263,8 @@ def search(
         "levels": list(cfg.levels),
         "target_ratio": cfg.target_ratio,
         "target_macs": cfg.target_macs,
+        "target_latency": cfg.target_latency,
+        "latency_batch": cfg.latency_batch,
         "num_classes": proxy.num_classes,
         "observe": cfg.observe,
     }
@@ -232,6 +280,8 @@ def search(
             invocation["imitations"] = imitate.clones
             invocation["recentres"] = imitate.recentres
         seconds = seconds_before + time.perf_counter() - t0
+        if latency is not None:
+            latency.save()  # the blocks settling timed, for workers and the next run
         save_agent(agent, agent_path, meta)
         write_json_atomic(
             run_dir / "search_state.json",
@@ -262,6 +312,7 @@ def search(
             scores=scores,
             study=study,
             target_prob=cfg.warm_start_prob,
+            latency_model=latency,
         )
         invocation["warm_start"] = {
             k: first[k] for k in ("strategy", "study_evaluations", "study_seconds")
@@ -282,7 +333,13 @@ def search(
 
         imitate = ImitateBest(
             lambda: callback.best,
-            partial(MixedDecompositionEnv, proxy, env_config(cfg), layer_scores=scores),
+            partial(
+                MixedDecompositionEnv,
+                proxy,
+                env_config(cfg),
+                layer_scores=scores,
+                latency_model=latency,
+            ),
             cfg.warm_start_prob,
             cloned=state.get("imitated"),
             fresh=lambda: sum(not e["cached"] for e in callback.episodes),
@@ -322,6 +379,13 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     from agents.ppo import load_agent
 
     meta = replay.meta or {}
+    target_latency = meta.get("target_latency")
+    latency = None
+    if target_latency is not None:  # the budget holds on this device, timed afresh here
+        latency = latency_model(
+            replace(cfg, target_latency=target_latency, latency_batch=meta.get("latency_batch", 1)),
+            proxy,
+        )
     env = MixedDecompositionEnv(
         proxy,
         EnvConfig(
@@ -329,8 +393,10 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             levels=tuple(meta["levels"]),
             target_ratio=meta.get("target_ratio"),
             target_macs=meta.get("target_macs"),
+            target_latency=target_latency,
         ),
         layer_scores=layer_scores(meta.get("observe", "layer"), proxy),
+        latency_model=latency,
     )
     agent = load_agent(replay.path)
     if agent.action_space != env.action_space or agent.observation_space != env.observation_space:

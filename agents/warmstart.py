@@ -47,6 +47,7 @@ def warm_start(
     scores: np.ndarray | None = None,
     study: SensitivityStudy | None = None,
     target_prob: float = BC_TARGET_PROB,
+    latency_model: Any = None,
 ) -> dict[str, Any]:
     """Study, heuristic policy and behaviour cloning; returns the search's first best entry
     (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
@@ -54,11 +55,12 @@ def warm_start(
     ``study``: the study already at hand (default: ``cached_study(proxy)``); ``target_prob``:
     how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
     at 0.85 an episode departs from the heuristic in about one layer in seven, at 0.5 in
-    half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured)."""
+    half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured);
+    ``latency_model``: the search environments' (with a latency target)."""
     t0 = time.perf_counter()
     study = study if study is not None else cached_study(proxy)
-    policy = sensitivity_policy(proxy, env_cfg.budget, study=study)
-    env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores)
+    env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
+    policy = sensitivity_policy(proxy, env.budget, study=study)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy, scored as it is (not as the agent's grid

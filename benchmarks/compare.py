@@ -28,7 +28,7 @@ from _common import add_common_args, add_proxy_args, machine, prefill_factors, p
 
 from agents.config import RunConfig
 from agents.pipeline import finetune
-from agents.search import search
+from agents.search import latency_model, search
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
@@ -50,6 +50,17 @@ def latency_speedup(baseline, compressed, repeats: int) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def inference_speedup(baseline, compressed, batch: int, repeats: int, device) -> float:
+    """Speed-up of ``compressed`` over ``baseline`` at ``batch``, both in their inference form
+    on ``device`` (what a latency budget predicts)."""
+    from rl_mtd.export import inference_model
+
+    kw = {"batch_size": batch, "device": device, "repeats": max(3, repeats), "warmup": 2}
+    a = measure_latency(inference_model(baseline, device=device), **kw)["median_ms"]
+    b = measure_latency(inference_model(compressed, device=device), **kw)["median_ms"]
+    return a / b
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
@@ -57,6 +68,14 @@ def main() -> None:
     p.add_argument(
         "--target-macs", type=float, default=None, help="MACs reduction every target also needs"
     )
+    p.add_argument(
+        "--target-latency",
+        type=float,
+        default=None,
+        help="speed-up every target also needs, predicted by a per-layer latency model timed on "
+        "this device at --latency-batch (run_agent.py --target-latency)",
+    )
+    p.add_argument("--latency-batch", type=int, default=1, help="batch of --target-latency")
     p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
@@ -145,11 +164,22 @@ def main() -> None:
     if {"sensitivity", "local"} & set(strategies) or ("ppo" in strategies and ppo_uses_study):
         study = cached_study(new_proxy())
         study_s = study.seconds
+    latency = None
+    if args.target_latency is not None:
+        latency = latency_model(
+            RunConfig(
+                net=args.net,
+                width=args.width,
+                target_latency=args.target_latency,
+                latency_batch=args.latency_batch,
+            ),
+            new_proxy(),
+        )
     rows = []
     for seed in seeds:
         for target in targets:
             ppo_evals = None
-            budget = Budget(target, args.target_macs)
+            budget = Budget(target, args.target_macs, args.target_latency, latency)
             for name in strategies:
                 n_evals = args.evaluations or ppo_evals or args.episodes
                 proxy = new_proxy()
@@ -161,6 +191,8 @@ def main() -> None:
                         episodes=args.episodes,
                         target_ratio=target,
                         target_macs=args.target_macs,
+                        target_latency=args.target_latency,
+                        latency_batch=args.latency_batch,
                         warm_start=args.warm_start,
                         observe=args.observe,
                         warm_start_prob=args.warm_start_prob,
@@ -222,6 +254,15 @@ def main() -> None:
                     "recoveries": ft.recoveries,
                     "methods": policy.methods(),
                 }
+                if latency is not None:
+                    choices = [
+                        (c.method, c.rank if c.method != "keep" else None) for c in policy.layers
+                    ]
+                    row["predicted_speedup"] = latency.speedup(choices)
+                    row["inference_speedup"] = inference_speedup(
+                        baseline, model, args.latency_batch, args.latency_repeats, latency.device
+                    )
+                    row["latency_batch"] = args.latency_batch
                 rows.append(row)
                 policy.save(out_dir / f"{name}-{target:g}x-seed{seed}.policy.json")
                 print(_row(row), flush=True)
@@ -236,12 +277,15 @@ def main() -> None:
 
 
 def _row(r: dict) -> str:
-    return (
+    out = (
         f"| {r['strategy']} | {r['target']:g}x | {r['seed']} | {r['ratio']:.1f}x | "
         f"{r['macs_reduction']:.1f}x | {100 * r['proxy_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
         f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {r['speedup_b1']:.2f}x | "
         f"{r['speedup_b128']:.2f}x |"
     )
+    if "predicted_speedup" in r:
+        out += f" {r['predicted_speedup']:.2f}x | {r['inference_speedup']:.2f}x |"
+    return out
 
 
 def _table(rows: list[dict], cfg, base_test: float, args) -> str:
@@ -257,6 +301,10 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         "fine-tuned test acc | drop (pts) | search s | CPU speed-up b1 | CPU speed-up b128 |",
         "|-|-:|-:|-:|-:|-:|-:|-:|-:|-:|-:|",
     ]
+    if args.target_latency is not None:
+        b = args.latency_batch
+        head[-2] += f" predicted speed-up b{b} | measured speed-up b{b}, inference forms |"
+        head[-1] += "-:|-:|"
     return "\n".join(head + [_row(r) for r in rows])
 
 

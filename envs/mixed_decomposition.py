@@ -118,7 +118,8 @@ class MixedDecompositionEnv(gym.Env):
 
     ## Episode End
     Terminates after the last conv layer; never truncated. ``info`` on the last step carries the
-    policy (``info["policy"]``, a dict) and the proxy's result (``info["proxy"]``).
+    policy (``info["policy"]``, a dict) and the proxy's result (``info["proxy"]``), and with a
+    latency target the latency model's predicted speed-up (``info["predicted_speedup"]``).
 
     ## Arguments
     ``scorer``: scores a finished policy (a ``rl_mtd.proxy.Proxy``, or anything with ``model``,
@@ -301,6 +302,10 @@ class MixedDecompositionEnv(gym.Env):
                 reward=reward,
                 baseline_acc=self.scorer.baseline_acc,
             )
+            if self.budget.latency_model is not None:
+                info["predicted_speedup"] = self.budget.latency_model.speedup(
+                    [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+                )
         return self._obs(), float(reward), terminated, False, info
 
     # ----------------------------------------------------------------- helpers

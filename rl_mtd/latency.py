@@ -8,11 +8,15 @@ BatchNorm and ReLU), once per (layer, method, rank), and predicts a whole model'
 
     rest + sum over layers of (scale * kept layer's time, or the decomposed block's time)
 
-``rest`` (pooling, the head, Python) is what a small compressed model takes beyond its layers;
-``scale`` makes the original's prediction its measured time (its layers run slower inside the
-net than alone, where their weights stay in cache). Measured on demand and memoised, so a search
-asks for a few hundred blocks at most; ``path`` keeps the measurements between runs (they belong
-to one machine, device, batch size and thread count, which the file records and checks).
+``rest`` (pooling, the head, Python) is what a small compressed model takes beyond its layers
+(at most what the original takes beyond its own); ``scale`` makes the original's prediction its
+measured time (its layers run slower inside the
+net than alone, where their weights stay in cache). Only a grid of ranks is timed per layer and
+method (those of ``GRID_LEVELS`` parameter reductions, all at once when the layer and method are
+first asked for); another rank, such as one settling raised a step, is interpolated in its
+parameter count between the grid ranks around it (the kept layer above the weakest). Measured on
+demand and memoised; ``path`` keeps the measurements between runs (they belong to one machine,
+device, batch size and thread count, which the file records and checks).
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rl_mtd.budget import conv_input_sizes
-from rl_mtd.decompose import build_decomposed, conv_layers, rank_for_ratio
+from rl_mtd.budget import DEFAULT_LEVELS, conv_input_sizes
+from rl_mtd.decompose import (
+    build_decomposed,
+    conv_layers,
+    decomposed_params,
+    layer_params,
+    rank_for_ratio,
+)
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 
@@ -36,6 +46,8 @@ Timer = Callable[[nn.Module, tuple[int, ...]], float]
 """``(module, input shape N x C x H x W) -> milliseconds per forward pass``."""
 
 FORMAT = 1
+GRID_LEVELS = DEFAULT_LEVELS
+"""Per-layer parameter reductions whose ranks are timed; others are interpolated."""
 
 
 def layer_block(model: nn.Module, name: str, body: nn.Module) -> nn.Module:
@@ -134,6 +146,7 @@ class LatencyModel:
             "context": context,
         }
         self._ms: dict[str, float] = {}
+        self._grids: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         self._whole: dict[str, float] = {}
         self._load()
         self.original_ms = self._whole_ms("original", self.model)
@@ -141,20 +154,65 @@ class LatencyModel:
             (name, "tucker2", rank_for_ratio(conv, "tucker2", 64.0)) for name, conv in self.convs
         ]
         small_model = self._compressed(small)
-        small_sum = sum(self.layer_ms(n, m, r) for n, m, r in small)
-        self.rest_ms = max(0.0, self._whole_ms("small", small_model) - small_sum)
+        small_sum = sum(self._timed(n, m, r) for n, m, r in small)
         kept = sum(self.layer_ms(name, "keep", None) for name, _ in self.convs)
+        # Never more than the original leaves beside its layers: inside the net a layer runs
+        # no faster than alone (keep_scale >= 1), whatever noise the small model's timing had.
+        small_rest = self._whole_ms("small", small_model) - small_sum
+        self.rest_ms = min(max(0.0, small_rest), max(0.0, self.original_ms - kept))
         self.keep_scale = max(1e-9, self.original_ms - self.rest_ms) / kept
         self._save()
 
     # ------------------------------------------------------------------ timing
     def layer_ms(self, name: str, method: str, rank: Any) -> float:
-        """Time of layer ``name`` alone as ``method`` at ``rank`` (``keep``: the layer itself)."""
-        key = f"{name}|{method}|{json.dumps(None if method == 'keep' else rank)}"
+        """Time of layer ``name`` alone as ``method`` at ``rank`` (``keep``: the layer itself):
+        measured for the kept layer and grid ranks, interpolated for others."""
+        if method == "keep":
+            return self._timed(name, "keep", None)
+        conv = self._conv(name)
+        grid = self._grid(name, method)  # (params, rank), increasing
+        for _, r in grid:
+            self._timed(name, method, r)  # the whole grid at once: the same set every run
+        if self._key(name, method, rank) in self._ms:
+            return self._ms[self._key(name, method, rank)]
+        points = [(p, self._ms[self._key(name, method, r)]) for p, r in grid]
+        points.append((layer_params(conv), self._timed(name, "keep", None)))
+        size = decomposed_params(conv, method, rank)
+        if size <= points[0][0]:
+            return points[0][1]
+        for (p0, t0), (p1, t1) in zip(points, points[1:]):
+            if p0 <= size <= p1:
+                return t0 if p1 == p0 else t0 + (t1 - t0) * (size - p0) / (p1 - p0)
+        return points[-1][1]
+
+    def _grid(self, name: str, method: str) -> list[tuple[int, Any]]:
+        if (name, method) not in self._grids:
+            self._grids[(name, method)] = self._make_grid(name, method)
+        return self._grids[(name, method)]
+
+    def _make_grid(self, name: str, method: str) -> list[tuple[int, Any]]:
+        conv = self._conv(name)
+        ranks = {json.dumps(rank_for_ratio(conv, method, lv)): lv for lv in GRID_LEVELS}
+        grid = [
+            (decomposed_params(conv, method, rank_for_ratio(conv, method, lv)), json.loads(k))
+            for k, lv in ranks.items()
+        ]
+        return sorted((p, tuple(r) if isinstance(r, list) else r) for p, r in grid)
+
+    def _conv(self, name: str) -> nn.Conv2d:
+        conv = dict(self.convs).get(name)
+        if conv is None:
+            raise RlMtdError(f"the latency model's network has no conv layer {name!r}")
+        return conv
+
+    @staticmethod
+    def _key(name: str, method: str, rank: Any) -> str:
+        return f"{name}|{method}|{json.dumps(None if method == 'keep' else rank)}"
+
+    def _timed(self, name: str, method: str, rank: Any) -> float:
+        key = self._key(name, method, rank)
         if key not in self._ms:
-            conv = dict(self.convs).get(name)
-            if conv is None:
-                raise RlMtdError(f"the latency model's network has no conv layer {name!r}")
+            conv = self._conv(name)
             body = copy.deepcopy(conv) if method == "keep" else build_decomposed(conv, method, rank)
             block = layer_block(self.model, name, body)
             ms = float(self.timer(block, (self.batch_size, *self.shapes[name])))
@@ -224,6 +282,10 @@ class LatencyModel:
             return
         write_json_atomic(self.path, {"key": self.key, "layers": self._ms, "whole": self._whole})
         self._dirty = False
+
+    def measurements(self) -> dict[str, float]:
+        """Every block timed so far: ``"layer|method|rank"`` -> milliseconds."""
+        return dict(self._ms)
 
     def save(self) -> None:
         """Write the measurements made since the last save (no-op without ``path``)."""

@@ -818,3 +818,35 @@ def test_imitate_best_clones_after_new_bests(tmp_path):
     assert len(state["episodes"]) == 9
     assert 1 <= state["invocations"][0]["imitations"] <= 2  # 3 rollouts of 4 episodes
     assert 1 <= state["imitated"] <= state["best"]["episode"]  # what --resume carries on from
+
+
+@pytest.mark.slow
+def test_latency_budget_reached_and_reported(tmp_path, monkeypatch):
+    """--target-latency 2 --latency-batch 4: the budget holds the latency model's prediction,
+    report.json and report.md state target and prediction and time batch 4, and a second run
+    reads the per-layer timings back from the cache instead of timing again."""
+    from conftest import FakeTimer
+
+    import rl_mtd.latency
+
+    timers: list[FakeTimer] = []
+
+    def fake_timer(*_args, **_kwargs):
+        timers.append(FakeTimer())
+        return timers[-1]
+
+    monkeypatch.setattr(rl_mtd.latency, "measured_timer", fake_timer)
+    argv = [*COMMON, "--episodes", "3", "--levels", "4,8,16,32,64", "--target-latency", "2"]
+    for name in ("first", "second"):
+        out = tmp_path / name
+        assert main([*argv, "--latency-batch", "4", "--out", str(out)]) == 0
+    report = read_json(out / "report.json")
+    assert report["target_latency"] == 2 and report["latency_batch"] == 4
+    assert report["target_ratio"] is None and report["mode"] == "budget"
+    assert report["predicted_latency"]["speedup"] >= 2 * (1 - 1e-9)
+    assert report["latency_b4"]["original_ms"] > 0
+    assert "Target speed-up 2x at batch 4" in (out / "report.md").read_text()
+    assert timers[0].calls > 0 and timers[-1].calls == 0, "the second run timed nothing"
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert episodes and all(e["predicted_speedup"] >= 2 * (1 - 1e-9) for e in episodes)
+    assert read_json(out / "policy.json")["meta"]["target_latency"] == 2

@@ -64,9 +64,12 @@ def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model,
     assert again.calls == 0, "everything the first run measured is read back"
     assert (b.original_ms, b.rest_ms, b.keep_scale) == (a.original_ms, a.rest_ms, a.keep_scale)
     b.layer_ms("features.4", "cp", 3)
-    assert again.calls == 1
+    grid_calls = again.calls
+    assert grid_calls > 1, "the layer's whole CP grid is timed when first asked for"
+    b.layer_ms("features.4", "cp", 5)
+    assert again.calls == grid_calls, "other ranks of that layer are on the grid or between"
     b.save()
-    assert "features.4|cp|3" in json.loads(path.read_text())["layers"]
+    assert any(k.startswith("features.4|cp|") for k in json.loads(path.read_text())["layers"])
     other = FakeTimer()
     LatencyModel(model, batch_size=8, timer=other, path=path)
     assert other.calls > 0, "another batch size is measured afresh"
@@ -74,6 +77,20 @@ def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model,
     damaged = FakeTimer()
     LatencyModel(model, batch_size=2, timer=damaged, path=path)
     assert damaged.calls > 0 and json.loads(path.read_text())["key"]["batch_size"] == 2
+
+
+def test_a_rank_off_the_grid_is_interpolated_in_its_parameters(model, latency):
+    from rl_mtd.decompose import conv_layers, decomposed_params, rank_for_ratio
+
+    name, conv = conv_layers(model)[3]
+    lo, hi = rank_for_ratio(conv, "cp", 8.0), rank_for_ratio(conv, "cp", 4.0)
+    assert hi - lo >= 2
+    mid = (lo + hi) // 2
+    t_lo, t_hi = latency.layer_ms(name, "cp", lo), latency.layer_ms(name, "cp", hi)
+    p_lo, p_hi, p_mid = (decomposed_params(conv, "cp", r) for r in (lo, hi, mid))
+    expected = t_lo + (t_hi - t_lo) * (p_mid - p_lo) / (p_hi - p_lo)
+    assert latency.layer_ms(name, "cp", mid) == pytest.approx(expected)
+    assert t_lo < latency.layer_ms(name, "cp", mid) < t_hi
 
 
 def test_bad_settings_are_refused(model):
@@ -110,3 +127,13 @@ def test_a_latency_target_beyond_reach_is_refused(model, latency):
     table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
     with pytest.raises(RlMtdError, match="--target-latency"):
         table.check_target(Budget(latency=1e4, latency_model=latency))
+
+
+def test_the_default_timer_measures_the_inference_form(model):
+    """The real timer on this machine: positive times, and the original predicted as measured."""
+    real = LatencyModel(model, batch_size=2)
+    keep = [("keep", None)] * len(real.convs)
+    assert real.original_ms > 0 and real.rest_ms >= 0 and real.keep_scale > 0
+    assert real.predict(keep) == pytest.approx(real.original_ms)
+    assert real.layer_ms("features.4", "tucker2", (4, 4)) > 0
+    assert "batch 2" in real.describe()
