@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shlex
 import sys
 import tempfile
@@ -60,6 +59,8 @@ from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.decompose import DecomposedConv  # noqa: E402
 from rl_mtd.export import CudaGraphed, inference_model, to_onnx  # noqa: E402
 from rl_mtd.metrics import count_macs, count_params, measure_latency  # noqa: E402
+from rl_mtd.metrics import cpu_seconds as _cpu_seconds  # noqa: E402
+from rl_mtd.metrics import others_cpu_share as others_share  # noqa: E402
 from rl_mtd.models import build_vgg  # noqa: E402
 from rl_mtd.policy import Policy, apply_policy  # noqa: E402
 
@@ -185,31 +186,6 @@ def _ort_version() -> str:
     except ImportError:
         return "onnxruntime not installed"
     return f"onnxruntime {onnxruntime.__version__}"
-
-
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds the machine was busy or stolen by its host, CPU seconds of this process).
-
-    From /proc/stat (user, nice, system, irq, softirq and steal; guest time is already inside
-    user and nice); None where it cannot be read. Processes of other containers on the same
-    machine count, though ``ps`` does not show them.
-    """
-    try:
-        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7))
-    except (OSError, ValueError, IndexError):
-        return None
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
-
-
-def others_share(before: tuple[float, float] | None, seconds: float) -> float | None:
-    """Share of all CPUs that other processes kept busy since ``before`` (``seconds`` ago)."""
-    after = _cpu_seconds()
-    if before is None or after is None or seconds <= 0:
-        return None
-    others = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, others) / (seconds * (os.cpu_count() or 1))
 
 
 def _load() -> str:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ from rl_mtd.decompose import (
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
+from rl_mtd.metrics import cpu_seconds, others_cpu_share
+
+log = logging.getLogger(__name__)
 
 Timer = Callable[[nn.Module, tuple[int, ...]], float]
 """``(module, input shape N x C x H x W) -> milliseconds per forward pass``."""
@@ -48,6 +53,9 @@ Timer = Callable[[nn.Module, tuple[int, ...]], float]
 FORMAT = 1
 GRID_LEVELS = DEFAULT_LEVELS
 """Per-layer parameter reductions whose ranks are timed; others are interpolated."""
+BUSY_LIMIT = 0.25
+"""Share of the CPUs other processes may use while the model times on the CPU before its
+timings are called untrustworthy: a warning, and nothing is written to ``path``."""
 
 
 def layer_block(model: nn.Module, name: str, body: nn.Module) -> nn.Module:
@@ -149,6 +157,11 @@ class LatencyModel:
         self._grids: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         self._whole: dict[str, float] = {}
         self._load()
+        self.busy: float | None = None
+        """Share of the CPUs other processes used while this model timed (CPU only)."""
+        self._timing_s = 0.0
+        self._before = cpu_seconds() if self.device.type == "cpu" else None
+        self._t_start = time.perf_counter()
         self.original_ms = self._whole_ms("original", self.model)
         small = [
             (name, "tucker2", rank_for_ratio(conv, "tucker2", 64.0)) for name, conv in self.convs
@@ -161,6 +174,7 @@ class LatencyModel:
         small_rest = self._whole_ms("small", small_model) - small_sum
         self.rest_ms = min(max(0.0, small_rest), max(0.0, self.original_ms - kept))
         self.keep_scale = max(1e-9, self.original_ms - self.rest_ms) / kept
+        self._check_busy()
         self._save()
 
     # ------------------------------------------------------------------ timing
@@ -215,7 +229,9 @@ class LatencyModel:
             conv = self._conv(name)
             body = copy.deepcopy(conv) if method == "keep" else build_decomposed(conv, method, rank)
             block = layer_block(self.model, name, body)
+            t0 = time.perf_counter()
             ms = float(self.timer(block, (self.batch_size, *self.shapes[name])))
+            self._timing_s += time.perf_counter() - t0
             if not (ms >= 0 and ms < float("inf")):
                 raise RlMtdError(f"timing {key} gave {ms!r} ms")
             self._ms[key] = ms
@@ -224,7 +240,9 @@ class LatencyModel:
 
     def _whole_ms(self, label: str, model: nn.Module) -> float:
         if label not in self._whole:
+            t0 = time.perf_counter()
             self._whole[label] = float(self.timer(model, (self.batch_size, 3, 32, 32)))
+            self._timing_s += time.perf_counter() - t0
             self._dirty = True
         return self._whole[label]
 
@@ -257,11 +275,26 @@ class LatencyModel:
         return self.original_ms / self.predict(choices)
 
     def describe(self) -> str:
+        busy = "" if self.busy is None else f"; others used {self.busy:.0%} of the CPUs meanwhile"
         return (
             f"latency model at batch {self.batch_size} on {self.device}: original "
             f"{self.original_ms:.3g} ms, rest {self.rest_ms:.3g} ms, kept layers x"
-            f"{self.keep_scale:.2f}, {len(self._ms)} blocks timed"
+            f"{self.keep_scale:.2f}, {len(self._ms)} blocks timed{busy}"
         )
+
+    def _check_busy(self) -> None:
+        """Measure how busy others kept the CPUs while this model timed; warn and keep the
+        timings out of ``path`` when too busy (they would mislead every later run)."""
+        if self._before is None or self._timing_s < 0.05:
+            return  # a GPU, or everything came from the file
+        self.busy = others_cpu_share(self._before, time.perf_counter() - self._t_start)
+        if self.busy is not None and self.busy > BUSY_LIMIT:
+            log.warning(
+                "other processes used %.0f%% of the CPUs while the layers were timed: the "
+                "latency model is not trustworthy and is not cached; rerun on an idle machine",
+                100 * self.busy,
+            )
+            self.path = None
 
     # ------------------------------------------------------------------ persistence
     def _load(self) -> None:

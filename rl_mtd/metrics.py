@@ -9,9 +9,11 @@ What is counted:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -131,3 +133,30 @@ def measure_latency(
         "repeats": float(repeats),
         "threads": float(torch.get_num_threads() if threads is None else threads),
     }
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the machine was busy or stolen by its host, CPU seconds of this process).
+
+    From /proc/stat (user, nice, system, irq, softirq and steal; guest time is already inside
+    user and nice); None where it cannot be read. Processes of other containers on the same
+    machine count, though ``ps`` does not show them.
+    """
+    try:
+        import resource  # Unix only
+
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7))
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime
+
+
+def others_cpu_share(before: tuple[float, float] | None, seconds: float) -> float | None:
+    """Share of all CPUs that other processes kept busy since ``before`` (``seconds`` ago)."""
+    after = cpu_seconds()
+    if before is None or after is None or seconds <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (seconds * (os.cpu_count() or 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -137,3 +138,22 @@ def test_the_default_timer_measures_the_inference_form(model):
     assert real.predict(keep) == pytest.approx(real.original_ms)
     assert real.layer_ms("features.4", "tucker2", (4, 4)) > 0
     assert "batch 2" in real.describe()
+
+
+def test_timings_taken_on_a_busy_machine_are_not_cached(model, tmp_path, monkeypatch, caplog):
+    import rl_mtd.latency as latency_module
+
+    class SlowTimer(FakeTimer):
+        def __call__(self, module, shape):
+            time.sleep(0.005)  # long enough for the busy check to judge
+            return super().__call__(module, shape)
+
+    monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.8)
+    path = tmp_path / "busy.json"
+    with caplog.at_level("WARNING", logger="rl_mtd"):
+        busy = LatencyModel(model, batch_size=2, timer=SlowTimer(), path=path)
+    assert busy.busy == 0.8 and "80%" in busy.describe()
+    assert not path.exists() and "not trustworthy" in caplog.text
+    monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.0)
+    LatencyModel(model, batch_size=2, timer=SlowTimer(), path=path)
+    assert path.exists(), "an idle machine's timings are kept"
