@@ -115,7 +115,7 @@ def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str
     lm = latency_model(cfg, proxy)
     if lm is None:
         return None
-    choices = [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+    choices = policy.choices()
     lm.save()
     return {
         "batch": lm.batch_size,

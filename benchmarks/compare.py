@@ -255,10 +255,7 @@ def main() -> None:
                     "methods": policy.methods(),
                 }
                 if latency is not None:
-                    choices = [
-                        (c.method, c.rank if c.method != "keep" else None) for c in policy.layers
-                    ]
-                    row["predicted_speedup"] = latency.speedup(choices)
+                    row["predicted_speedup"] = latency.speedup(policy.choices())
                     row["inference_speedup"] = inference_speedup(
                         baseline, model, args.latency_batch, args.latency_repeats, latency.device
                     )

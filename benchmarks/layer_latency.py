@@ -58,7 +58,6 @@ from rl_mtd.metrics import count_macs  # noqa: E402
 from rl_mtd.models import build_vgg  # noqa: E402
 from rl_mtd.policy import Policy, apply_policy  # noqa: E402
 
-Option = tuple[str, object]  # (method, rank); rank None for keep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,10 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every measurement here")
     return p.parse_args(argv)
-
-
-def choices_of(policy: Policy) -> list[Option]:
-    return [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
 
 
 def policies(original: nn.Module, args: argparse.Namespace) -> list[tuple[str, Policy]]:
@@ -162,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         raw_rest = lm.original_ms - sum(lm.layer_ms(n, "keep", None) for n, _ in lm.convs)
         model_pred, naive = [], []
         for _, p, _ in whole:
-            choices = choices_of(p)
+            choices = p.choices()
             model_pred.append(lm.predict(choices))
             naive.append(
                 raw_rest

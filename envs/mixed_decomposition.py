@@ -303,9 +303,7 @@ class MixedDecompositionEnv(gym.Env):
                 baseline_acc=self.scorer.baseline_acc,
             )
             if self.budget.latency_model is not None:
-                info["predicted_speedup"] = self.budget.latency_model.speedup(
-                    [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
-                )
+                info["predicted_speedup"] = self.budget.latency_model.speedup(policy.choices())
         return self._obs(), float(reward), terminated, False, info
 
     # ----------------------------------------------------------------- helpers

@@ -108,10 +108,15 @@ class Policy:
     def methods(self) -> list[str]:
         return [c.method for c in self.layers]
 
+    def choices(self) -> list[tuple[str, Any]]:
+        """``(method, rank)`` per layer (rank None for a kept layer), as ``BudgetMeter`` and
+        ``rl_mtd.latency.LatencyModel`` take them."""
+        return [(c.method, None if c.method == "keep" else c.rank) for c in self.layers]
+
     def predicted_params(self, model: nn.Module) -> int:
         """Parameters ``apply_policy(model, self)`` will have, from the per-layer choices alone."""
         convs = check_matches(model, self)
-        return params_after(count_params(model), convs, [(c.method, c.rank) for c in self.layers])
+        return params_after(count_params(model), convs, self.choices())
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

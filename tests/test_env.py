@@ -251,17 +251,21 @@ def test_budget_wall_reaches_target(structural_proxy, target):
     assert walls_hit[1], "the weakest Tucker-2 level everywhere must hit the wall"
 
 
+def _all_keep_then_random(env, *, seed: int, n: int) -> list[list[int]]:
+    """Action sequences for the wall tests: all layers kept, then ``n`` random episodes."""
+    rng = np.random.default_rng(seed)
+    keep = env.encode(METHODS.index("keep"), 0)
+    return [[keep] * N_LAYERS] + [
+        list(rng.integers(0, env.action_space.n, N_LAYERS)) for _ in range(n)
+    ]
+
+
 @pytest.mark.parametrize("target, target_macs", [(8.0, 4.0), (None, 6.0), (4.0, 10.0)])
 def test_budget_wall_holds_parameters_and_macs(structural_proxy, target, target_macs):
     env = MixedDecompositionEnv(
         structural_proxy, EnvConfig(target_ratio=target, target_macs=target_macs)
     )
-    rng = np.random.default_rng(7)
-    keep = env.encode(METHODS.index("keep"), 0)
-    sequences = [[keep] * N_LAYERS] + [
-        list(rng.integers(0, env.action_space.n, N_LAYERS)) for _ in range(30)
-    ]
-    for actions in sequences:
+    for actions in _all_keep_then_random(env, seed=7, n=30):
         _, _, infos = run_episode(env, actions)
         proxy = infos[-1]["proxy"]
         assert proxy["macs_ratio"] >= target_macs * (1 - 1e-12), (actions, proxy)
@@ -283,15 +287,10 @@ def test_budget_wall_holds_a_predicted_latency(structural_proxy, target, speedup
     with pytest.raises(RlMtdError, match="latency model"):
         MixedDecompositionEnv(structural_proxy, config)
     env = MixedDecompositionEnv(structural_proxy, config, latency_model=latency)
-    rng = np.random.default_rng(11)
-    keep = env.encode(METHODS.index("keep"), 0)
-    sequences = [[keep] * N_LAYERS] + [
-        list(rng.integers(0, env.action_space.n, N_LAYERS)) for _ in range(20)
-    ]
-    for actions in sequences:
+    for actions in _all_keep_then_random(env, seed=11, n=20):
         obs, _, infos = run_episode(env, actions)
         policy = Policy.from_dict(infos[-1]["policy"])
-        choices = [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
+        choices = policy.choices()
         assert latency.speedup(choices) >= speedup * (1 - 1e-9), actions
         if target is not None:
             assert infos[-1]["proxy"]["compression_ratio"] >= target * (1 - 1e-12)

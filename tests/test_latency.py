@@ -31,10 +31,6 @@ def latency(model) -> LatencyModel:
     return LatencyModel(model, batch_size=4, timer=FakeTimer())
 
 
-def _choices(policy):
-    return [(c.method, None if c.method == "keep" else c.rank) for c in policy.layers]
-
-
 def test_layer_block_is_the_conv_with_its_batchnorm_and_relu(model):
     name = "features.0"
     block = layer_block(model, name, model.get_submodule(name))
@@ -51,8 +47,8 @@ def test_prediction_is_exact_for_an_additive_timer(model, latency):
     for policy in random_policies(model, 4.0, 4, seed=3, net=NET, width=WIDTH):
         built = apply_policy(model, policy, factorize=False)
         measured = timer(built, (4, 3, 32, 32))
-        assert latency.predict(_choices(policy)) == pytest.approx(measured, rel=1e-9)
-        assert latency.speedup(_choices(policy)) == pytest.approx(latency.original_ms / measured)
+        assert latency.predict(policy.choices()) == pytest.approx(measured, rel=1e-9)
+        assert latency.speedup(policy.choices()) == pytest.approx(latency.original_ms / measured)
 
 
 def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model, tmp_path):
