@@ -41,23 +41,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from _common import spearman  # noqa: E402
-from latency import (  # noqa: E402
-    _busy_note,
-    _cpu_seconds,
-    _load,
-    machine,
-    others_share,
-    variance_preserving,  # noqa: E402
-)
+from latency import _busy_note, _load, machine, variance_preserving  # noqa: E402
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable  # noqa: E402
 from rl_mtd.io import write_json_atomic  # noqa: E402
 from rl_mtd.latency import LatencyModel, measured_timer  # noqa: E402
-from rl_mtd.metrics import count_macs  # noqa: E402
+from rl_mtd.metrics import count_macs, cpu_seconds, others_cpu_share  # noqa: E402
 from rl_mtd.models import build_vgg  # noqa: E402
 from rl_mtd.policy import Policy, apply_policy  # noqa: E402
-
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     record: dict[str, object] = {"args": vars(args), "machine": machine(args.threads)}
     show = [li for li, lv in enumerate(table.levels) if lv in (4.0, 16.0, 64.0)] or [0]
     for bs in batches:
-        before, t0 = _cpu_seconds(), time.perf_counter()
+        before, t0 = cpu_seconds(), time.perf_counter()
         lm = LatencyModel(original, batch_size=bs, timer=timer, device=args.device)
         meas = [timer(m, (bs, 3, 32, 32)) for _, _, m in whole]
         raw_rest = lm.original_ms - sum(lm.layer_ms(n, "keep", None) for n, _ in lm.convs)
@@ -166,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
             )
         per_layer = layer_table(lm, table, show)
-        busy = others_share(before, time.perf_counter() - t0)
+        busy = others_cpu_share(before, time.perf_counter() - t0)
         macs = [count_macs(m) for _, _, m in whole]
         print(
             f"batch {bs}, {args.threads} threads, {args.device}{_busy_note(busy)}; "
