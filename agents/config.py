@@ -198,6 +198,11 @@ class RunConfig:
             check_target(self.target_macs, "--target-macs")
         if self.target_latency is not None:
             check_target(self.target_latency, "--target-latency")
+            if self.n_envs != 1:
+                raise RlMtdError(
+                    "--target-latency times the layers in this process, and worker processes "
+                    "would time them again under other loads; use it with --n-envs 1"
+                )
         check_methods(self.methods)
         check_levels(self.levels, "--levels")
         for flag, value in (

@@ -32,6 +32,7 @@ from agents.search import latency_model, search
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
+from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.proxy import Proxy
@@ -184,42 +185,46 @@ def main() -> None:
                 n_evals = args.evaluations or ppo_evals or args.episodes
                 proxy = new_proxy()
                 t0 = time.perf_counter()
-                if name == "ppo":
-                    rcfg = RunConfig(
-                        net=args.net,
-                        width=args.width,
-                        episodes=args.episodes,
-                        target_ratio=target,
-                        target_macs=args.target_macs,
-                        target_latency=args.target_latency,
-                        latency_batch=args.latency_batch,
-                        warm_start=args.warm_start,
-                        observe=args.observe,
-                        warm_start_prob=args.warm_start_prob,
-                        imitate_best=args.imitate_best,
-                        fit=args.fit,
-                        seed=seed,
-                        progress=False,
-                        on_interrupt="stop",
-                    )
-                    run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    policy = search(rcfg, proxy, run_dir, baseline_path="").policy
-                    ppo_evals = proxy.evaluations
-                    if ppo_uses_study:
-                        t0 -= study_s  # its cached study is part of its cost
-                elif name in ("sensitivity", "local"):
-                    proxy = study.proxy
-                    policy = strategy_policy(
-                        name,
-                        proxy,
-                        budget,
-                        study=study,
-                        seed=seed,
-                        n_random=n_evals,
-                    )
-                else:
-                    policy = strategy_policy(name, proxy, budget, seed=seed, n_random=n_evals)
+                try:
+                    if name == "ppo":
+                        rcfg = RunConfig(
+                            net=args.net,
+                            width=args.width,
+                            episodes=args.episodes,
+                            target_ratio=target,
+                            target_macs=args.target_macs,
+                            target_latency=args.target_latency,
+                            latency_batch=args.latency_batch,
+                            warm_start=args.warm_start,
+                            observe=args.observe,
+                            warm_start_prob=args.warm_start_prob,
+                            imitate_best=args.imitate_best,
+                            fit=args.fit,
+                            seed=seed,
+                            progress=False,
+                            on_interrupt="stop",
+                        )
+                        run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
+                        run_dir.mkdir(parents=True, exist_ok=True)
+                        policy = search(rcfg, proxy, run_dir, baseline_path="").policy
+                        ppo_evals = proxy.evaluations
+                        if ppo_uses_study:
+                            t0 -= study_s  # its cached study is part of its cost
+                    elif name in ("sensitivity", "local"):
+                        proxy = study.proxy
+                        policy = strategy_policy(
+                            name,
+                            proxy,
+                            budget,
+                            study=study,
+                            seed=seed,
+                            n_random=n_evals,
+                        )
+                    else:
+                        policy = strategy_policy(name, proxy, budget, seed=seed, n_random=n_evals)
+                except RlMtdError as exc:  # a budget this strategy cannot meet: the rest run
+                    print(f"| {name} | {target:g}x | {seed} | skipped: {exc} |", flush=True)
+                    continue
                 search_s = time.perf_counter() - t0
                 if name in ("sensitivity", "local"):
                     search_s += study_s

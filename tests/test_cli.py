@@ -328,6 +328,10 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--tradeoff", "--warm-start", "sensitivity"], "in trade-off mode use --warm-start none"),
         (["--stages", "2", "--fit", "data"], "use it with --fit weights"),
         (["--latency-repeats", "0"], "--latency-repeats must be a whole number >= 1"),
+        (["--target-latency", "1"], "--target-latency must be a finite reduction factor > 1"),
+        (["--target-latency", "2", "--latency-batch", "0"], "--latency-batch must be a whole"),
+        (["--target-latency", "2", "--n-envs", "2"], "use it with --n-envs 1"),
+        (["--tradeoff", "--target-latency", "2"], "--tradeoff excludes"),
     ],
 )
 def test_invalid_settings(extra, phrase, tmp_path, capsys):
