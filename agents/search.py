@@ -76,25 +76,18 @@ def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
     demand and kept under the cache directory per machine, device, batch and thread count."""
     if cfg.target_latency is None:
         return None
-    import platform
-
     from rl_mtd.io import cache_dir
-    from rl_mtd.latency import LatencyModel
+    from rl_mtd.latency import LatencyModel, device_context
 
     device = proxy.device
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-    )
-    context = f"{where}, torch {torch.__version__}"
+    context = device_context(device)
     key = (id(proxy), cfg.latency_batch, context)
     if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy:
         stem = f"{cfg.net}-w{cfg.width:g}-b{cfg.latency_batch}-{device.type}"
         log.info(
             "timing the conv layers at batch %d on %s for --target-latency",
             cfg.latency_batch,
-            where,
+            context,
         )
         lm = LatencyModel(
             proxy.model,

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -58,7 +57,12 @@ if str(REPO) not in sys.path:
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.decompose import DecomposedConv  # noqa: E402
 from rl_mtd.export import CudaGraphed, inference_model, to_onnx  # noqa: E402
-from rl_mtd.metrics import count_macs, count_params, measure_latency  # noqa: E402
+from rl_mtd.metrics import (  # noqa: E402
+    count_macs,
+    count_params,
+    cpu_name,  # noqa: E402
+    measure_latency,
+)
 from rl_mtd.metrics import cpu_seconds as _cpu_seconds  # noqa: E402
 from rl_mtd.metrics import others_cpu_share as others_share  # noqa: E402
 from rl_mtd.models import build_vgg  # noqa: E402
@@ -165,16 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} CPUs, {threads} threads, torch {torch.__version__}, "
+        f"{cpu_name()}, {os.cpu_count()} CPUs, {threads} threads, torch {torch.__version__}, "
         f"{_ort_version()}"
     )
 

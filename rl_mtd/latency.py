@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ from rl_mtd.decompose import (
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
-from rl_mtd.metrics import cpu_seconds, others_cpu_share
+from rl_mtd.metrics import cpu_name, cpu_seconds, others_cpu_share
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,17 @@ def measured_timer(
     return timer
 
 
+def device_context(device: str | torch.device) -> str:
+    """What a timing on ``device`` depends on beyond the model and batch: the GPU's name, or the
+    CPU's model name, count and torch's thread count; and the torch version."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{cpu_name()} ({os.cpu_count()} CPUs) x{torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
+
+
 def _signature(model: nn.Module) -> str:
     shapes = [(name, tuple(conv.weight.shape)) for name, conv in conv_layers(model)]
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
@@ -160,7 +172,8 @@ class LatencyModel:
         self.busy: float | None = None
         """Share of the CPUs other processes used while this model timed (CPU only)."""
         self._timing_s = 0.0
-        self._before = cpu_seconds() if self.device.type == "cpu" else None
+        # Only this module's own timer on the CPU is judged; a caller's timer is theirs.
+        self._before = cpu_seconds() if self.device.type == "cpu" and timer is None else None
         self._t_start = time.perf_counter()
         self.original_ms = self._whole_ms("original", self.model)
         small = [

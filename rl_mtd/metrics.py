@@ -160,3 +160,16 @@ def others_cpu_share(before: tuple[float, float] | None, seconds: float) -> floa
         return None
     others = (after[0] - before[0]) - (after[1] - before[1])
     return max(0.0, others) / (seconds * (os.cpu_count() or 1))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one, else the platform's)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

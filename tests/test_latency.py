@@ -144,12 +144,17 @@ def test_timings_taken_on_a_busy_machine_are_not_cached(model, tmp_path, monkeyp
             time.sleep(0.005)  # long enough for the busy check to judge
             return super().__call__(module, shape)
 
+    # The busy check judges the module's own timer only: stand a slow fake in for it.
+    monkeypatch.setattr(latency_module, "measured_timer", lambda *a, **k: SlowTimer())
     monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.8)
     path = tmp_path / "busy.json"
     with caplog.at_level("WARNING", logger="rl_mtd"):
-        busy = LatencyModel(model, batch_size=2, timer=SlowTimer(), path=path)
+        busy = LatencyModel(model, batch_size=2, path=path)
     assert busy.busy == 0.8 and "80%" in busy.describe()
     assert not path.exists() and "not trustworthy" in caplog.text
     monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.0)
-    LatencyModel(model, batch_size=2, timer=SlowTimer(), path=path)
+    LatencyModel(model, batch_size=2, path=path)
     assert path.exists(), "an idle machine's timings are kept"
+    monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.8)
+    LatencyModel(model, batch_size=3, timer=SlowTimer(), path=tmp_path / "own.json")
+    assert (tmp_path / "own.json").exists(), "a caller's own timer is not judged"
