@@ -115,15 +115,20 @@ def test_strategy_meets_a_macs_budget(name, params, macs, model, proxy, study):
     assert policy.meta["target_macs"] == macs and policy.meta["target_ratio"] == params
 
 
-@pytest.mark.parametrize("params, speedup", [(None, 2.0), (4.0, 2.0)])
-@pytest.mark.parametrize("name", STRATEGIES)
-def test_strategy_meets_a_latency_budget(name, params, speedup, model, proxy, study):
-    """Every strategy accepts a predicted-latency limit, alone or with a parameter limit."""
+@pytest.fixture(scope="module")
+def latency(model):
+    """A latency model of the suite's net with a deterministic additive timer."""
     from conftest import FakeTimer
 
     from rl_mtd.latency import LatencyModel
 
-    latency = LatencyModel(model, batch_size=4, timer=FakeTimer())
+    return LatencyModel(model, batch_size=4, timer=FakeTimer())
+
+
+@pytest.mark.parametrize("params, speedup", [(None, 2.0), (4.0, 2.0)])
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_strategy_meets_a_latency_budget(name, params, speedup, model, proxy, study, latency):
+    """Every strategy accepts a predicted-latency limit, alone or with a parameter limit."""
     budget = Budget(params=params, latency=speedup, latency_model=latency)
     policy = strategy_policy(name, proxy, budget, n_random=N_RANDOM, study=study)
     choices = policy.choices()
