@@ -67,7 +67,7 @@ def env_config(cfg: RunConfig) -> EnvConfig:
     )
 
 
-_LATENCY_MODELS: dict[tuple, tuple[Proxy, Any]] = {}
+_LATENCY_MODELS: dict[tuple, tuple[nn.Module, Any]] = {}
 
 
 def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
@@ -81,8 +81,9 @@ def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
 
     device = proxy.device
     context = device_context(device)
-    key = (id(proxy), cfg.latency_batch, context)
-    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy:
+    # One model per baseline (several proxies over one baseline, as in compare.py, share it).
+    key = (id(proxy.model), cfg.latency_batch, context)
+    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy.model:
         stem = f"{cfg.net}-w{cfg.width:g}-b{cfg.latency_batch}-{device.type}"
         log.info(
             "timing the conv layers at batch %d on %s for --target-latency",
@@ -97,7 +98,7 @@ def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
             context=context,
         )
         log.info("%s", lm.describe())
-        _LATENCY_MODELS[key] = (proxy, lm)
+        _LATENCY_MODELS[key] = (proxy.model, lm)
     return _LATENCY_MODELS[key][1]
 
 

@@ -158,3 +158,20 @@ def test_timings_taken_on_a_busy_machine_are_not_cached(model, tmp_path, monkeyp
     monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.8)
     LatencyModel(model, batch_size=3, timer=SlowTimer(), path=tmp_path / "own.json")
     assert (tmp_path / "own.json").exists(), "a caller's own timer is not judged"
+
+
+def test_proxies_over_one_baseline_share_one_latency_model(tiny_baseline, tiny_splits, monkeypatch):
+    """compare.py scores each strategy through its own proxy: all must hold the same budget."""
+    import rl_mtd.latency as latency_module
+    from agents.config import RunConfig
+    from agents.search import latency_model
+    from rl_mtd.proxy import Proxy
+
+    monkeypatch.setattr(latency_module, "measured_timer", lambda *a, **k: FakeTimer())
+    cfg = RunConfig(net=NET, width=WIDTH, target_latency=2.0, latency_batch=4)
+    a, b = (
+        Proxy(tiny_baseline, train_split=tiny_splits.train, proxy_split=tiny_splits.proxy)
+        for _ in range(2)
+    )
+    assert latency_model(cfg, a) is latency_model(cfg, b)
+    assert latency_model(RunConfig(net=NET, width=WIDTH), a) is None
