@@ -76,15 +76,13 @@ def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
     demand and kept under the cache directory per machine, device, batch and thread count."""
     if cfg.target_latency is None:
         return None
-    from rl_mtd.io import cache_dir
-    from rl_mtd.latency import LatencyModel, device_context
+    from rl_mtd.latency import LatencyModel, cache_path, device_context
 
     device = proxy.device
     context = device_context(device)
     # One model per baseline (several proxies over one baseline, as in compare.py, share it).
     key = (id(proxy.model), cfg.latency_batch, context)
     if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy.model:
-        stem = f"{cfg.net}-w{cfg.width:g}-b{cfg.latency_batch}-{device.type}"
         log.info(
             "timing the conv layers at batch %d on %s for --target-latency",
             cfg.latency_batch,
@@ -94,7 +92,7 @@ def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
             proxy.model,
             batch_size=cfg.latency_batch,
             device=device,
-            path=cache_dir() / "latency" / f"{stem}.json",
+            path=cache_path(cfg.net, cfg.width, cfg.latency_batch, device),
             context=context,
         )
         log.info("%s", lm.describe())

@@ -26,8 +26,7 @@ from _common import add_common_args, add_proxy_args, proxy_config, setup
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
-from rl_mtd.io import cache_dir
-from rl_mtd.latency import LatencyModel, device_context, measured_timer
+from rl_mtd.latency import LatencyModel, cache_path, device_context, measured_timer
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import apply_policy
 from rl_mtd.proxy import Proxy
@@ -58,12 +57,11 @@ def main() -> None:
     )
     study = cached_study(proxy)
     torch.set_num_threads(args.threads)
-    stem = f"{args.net}-w{args.width:g}-b{args.batch}-{device.type}"
     latency = LatencyModel(
         baseline,
         batch_size=args.batch,
         device=device,
-        path=cache_dir() / "latency" / f"{stem}.json",
+        path=cache_path(args.net, args.width, args.batch, device),
         context=device_context(device),
     )
     print(latency.describe(), flush=True)

@@ -116,6 +116,16 @@ def device_context(device: str | torch.device) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
+def cache_path(net: str, width: float, batch_size: int, device: str | torch.device) -> Path:
+    """Where the cache keeps a net's timings for one batch size on ``device`` in this context
+    (``device_context``: one file per CPU and thread count, or GPU, and torch version)."""
+    from rl_mtd.io import cache_dir
+
+    device = torch.device(device)
+    tag = hashlib.sha256(device_context(device).encode()).hexdigest()[:8]
+    return cache_dir() / "latency" / f"{net}-w{width:g}-b{batch_size}-{device.type}-{tag}.json"
+
+
 def _signature(model: nn.Module) -> str:
     shapes = [(name, tuple(conv.weight.shape)) for name, conv in conv_layers(model)]
     return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
