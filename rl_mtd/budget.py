@@ -331,6 +331,15 @@ class BudgetTable:
     def check_target(self, target: Budget | float | None) -> None:
         """Raise unless the budget (or parameter target) is within reach of these options."""
         budget = Budget.of(target)
+        if budget.latency is not None and (budget.params is not None or budget.macs is not None):
+            limits = self._limits(budget)
+            least = self._least_after(budget, limits, 0)
+            if any(f + r > a for (_, f, a), r in zip(limits, least, strict=True)):
+                raise RlMtdError(
+                    f"target speed-up {budget.latency:g} together with the other targets is "
+                    "beyond what these levels can reach on this model and device (no one "
+                    "option per layer meets them all); lower --target-latency or the others"
+                )
         if budget.latency is not None:
             lm = budget.latency_model
             fastest = lm.original_ms / (lm.rest_ms + self._latency_min_after(lm)[0])
@@ -402,33 +411,75 @@ class BudgetTable:
                     return (m, lv)
         return min(layer.options, key=lambda c: over(layer, c))  # only beyond reach
 
-    def _overshoot(self, choices: list[OptionIndex], budget: Budget):
-        """``(layer, option) -> how far past the budget`` (<= 0: it fits), as a fraction of
-        the allowance, the worst of parameters, MACs and latency, with later layers at their
-        smallest."""
-        i = len(choices)
-        limits = []
+    def _limits(self, budget: Budget) -> list[tuple]:
+        """Per limit of ``budget``: (cost of option c at layer k, fixed part, allowed total)."""
+        out: list[tuple] = []
         if budget.params is not None:
-            before, rest = self.used(choices), self.min_after[i + 1]
-            allowed = self.params_original / budget.params
-            limits.append((LayerOptions.params, before + rest, allowed))
+            out.append(
+                (
+                    lambda k, c: self.layers[k].params(c),
+                    self.fixed,
+                    self.params_original / budget.params,
+                )
+            )
         if budget.macs is not None:
-            before, rest = self.used_macs(choices), self.min_macs_after[i + 1]
-            allowed = self.macs_original / budget.macs
-            limits.append((LayerOptions.macs, before + rest, allowed))
+            out.append(
+                (
+                    lambda k, c: self.layers[k].macs(c),
+                    self.fixed_macs,
+                    self.macs_original / budget.macs,
+                )
+            )
         if budget.latency is not None:
             lm = budget.latency_model
             costs = self.latency_costs(lm)
-            before = lm.rest_ms + sum(costs[k][c] for k, c in enumerate(choices))
-            rest = self._latency_min_after(lm)[i + 1]
+            out.append((lambda k, c: costs[k][c], lm.rest_ms, lm.original_ms / budget.latency))
+        return out
 
-            def layer_cost(layer: LayerOptions, c: OptionIndex) -> float:
-                return costs[i][c]  # the wall only asks about layer i
+    def _least_after(self, budget: Budget, limits: list[tuple], start: int) -> list[float]:
+        """Per limit, the least that layers ``start``.. can cost while every limit holds.
 
-            limits.append((layer_cost, before + rest, lm.original_ms / budget.latency))
+        Parameters and MACs are both least at a layer's smallest options, so each limit takes
+        its own minimum. Latency is not (a kept layer can be the fastest and the largest), so
+        with a latency limit beside another every later layer takes the one option with the
+        smallest worst share of the allowances, for every limit alike: a completion that
+        exists, so the wall never accepts a layer that leaves the budget out of reach."""
+        if budget.latency is None or len(limits) == 1:
+            out: list[float] = []
+            if budget.params is not None:
+                out.append(self.min_after[start])
+            if budget.macs is not None:
+                out.append(self.min_macs_after[start])
+            if budget.latency is not None:
+                out.append(self._latency_min_after(budget.latency_model)[start])
+            return out
+        totals = [0.0] * len(limits)
+        for k in range(start, len(self.layers)):
+            best = min(
+                self.layers[k].options,
+                key=lambda c, k=k: max(cost(k, c) / allowed for cost, _, allowed in limits),
+            )
+            for j, (cost, _, _) in enumerate(limits):
+                totals[j] += cost(k, best)
+        return totals
 
-        def over(layer: LayerOptions, c: OptionIndex) -> float:
-            return max((base + cost(layer, c)) / allowed - 1.0 for cost, base, allowed in limits)
+    def _overshoot(self, choices: list[OptionIndex], budget: Budget):
+        """``(layer, option) -> how far past the budget`` (<= 0: it fits), as a fraction of
+        the allowance, the worst of parameters, MACs and latency, with later layers at the
+        least they can cost (``_least_after``)."""
+        i = len(choices)
+        limits = self._limits(budget)
+        rests = self._least_after(budget, limits, i + 1)
+        bases = [
+            fixed + sum(cost(k, c) for k, c in enumerate(choices)) + rest
+            for (cost, fixed, _), rest in zip(limits, rests, strict=True)
+        ]
+
+        def over(layer: LayerOptions, c: OptionIndex) -> float:  # the wall asks about layer i
+            return max(
+                (base + cost(i, c)) / allowed - 1.0
+                for (cost, _, allowed), base in zip(limits, bases, strict=True)
+            )
 
         return over
 

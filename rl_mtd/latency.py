@@ -197,7 +197,6 @@ class LatencyModel:
         small_rest = self._whole_ms("small", small_model) - small_sum
         self.rest_ms = min(max(0.0, small_rest), max(0.0, self.original_ms - kept))
         self.keep_scale = max(1e-9, self.original_ms - self.rest_ms) / kept
-        self._check_busy()
         self._save()
 
     # ------------------------------------------------------------------ timing
@@ -306,11 +305,14 @@ class LatencyModel:
         )
 
     def _check_busy(self) -> None:
-        """Measure how busy others kept the CPUs while this model timed; warn and keep the
-        timings out of ``path`` when too busy (they would mislead every later run)."""
+        """Measure how busy others kept the CPUs since the last check while this model timed;
+        warn and keep the timings out of ``path`` when too busy (they would mislead every
+        later run). Called before every write, so blocks timed later (a layer's grid when the
+        search first asks for it) are judged too."""
         if self._before is None or self._timing_s < 0.05:
-            return  # a GPU, or everything came from the file
+            return  # a GPU, a caller's timer, or (almost) nothing timed since the last check
         self.busy = others_cpu_share(self._before, time.perf_counter() - self._t_start)
+        self._before, self._t_start, self._timing_s = cpu_seconds(), time.perf_counter(), 0.0
         if self.busy is not None and self.busy > BUSY_LIMIT:
             log.warning(
                 "other processes used %.0f%% of the CPUs while the layers were timed: the "
@@ -335,6 +337,9 @@ class LatencyModel:
 
     def _save(self) -> None:
         if self.path is None or not self._dirty:
+            return
+        self._check_busy()
+        if self.path is None:
             return
         write_json_atomic(self.path, {"key": self.key, "layers": self._ms, "whole": self._whole})
         self._dirty = False

@@ -15,6 +15,7 @@ from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, sett
 from rl_mtd.decompose import METHODS
 from rl_mtd.errors import RlMtdError
 from rl_mtd.latency import LatencyModel, layer_block
+from rl_mtd.metrics import count_macs
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import apply_policy
 
@@ -175,3 +176,50 @@ def test_proxies_over_one_baseline_share_one_latency_model(tiny_baseline, tiny_s
     )
     assert latency_model(cfg, a) is latency_model(cfg, b)
     assert latency_model(RunConfig(net=NET, width=WIDTH), a) is None
+
+
+def test_the_wall_holds_parameters_and_latency_together_when_keeping_is_fastest(model):
+    """With a large cost per conv call a kept layer is the fastest option and a decomposed one
+    the smallest: the wall must not count on later layers being both (28 of 200 random walks
+    ended over budget before it took one option per later layer for every limit)."""
+
+    class CallBound(FakeTimer):
+        def __call__(self, module, shape):
+            self.calls += 1
+            convs = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+            return 1e-6 * shape[0] * count_macs(module, (1, *shape[1:])) + 0.05 * convs
+
+    latency = LatencyModel(model, batch_size=1, timer=CallBound())
+    table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
+    budget = Budget(params=32.0, latency=2.0, latency_model=latency)
+    table.check_target(budget)
+    meter = BudgetMeter(model, budget)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        choices = []
+        for _layer in table.layers:
+            draw = (int(rng.integers(len(METHODS))), int(rng.integers(len(DEFAULT_LEVELS))))
+            choices.append(table.wall(choices, draw, budget))
+        assert meter.meets(table.to_choices(choices)), meter.describe(table.to_choices(choices))
+
+
+def test_blocks_timed_after_construction_are_judged_before_they_are_cached(
+    model, tmp_path, monkeypatch
+):
+    import rl_mtd.latency as latency_module
+
+    class SlowTimer(FakeTimer):
+        def __call__(self, module, shape):
+            time.sleep(0.01)  # the CP grid's seven blocks: long enough to judge
+            return super().__call__(module, shape)
+
+    monkeypatch.setattr(latency_module, "measured_timer", lambda *a, **k: SlowTimer())
+    monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.0)
+    path = tmp_path / "later.json"
+    lm = LatencyModel(model, batch_size=2, path=path)
+    assert path.exists()
+    monkeypatch.setattr(latency_module, "others_cpu_share", lambda before, seconds: 0.9)
+    lm.layer_ms("features.4", "cp", 3)  # the layer's CP grid, timed on a busy machine
+    lm.save()
+    saved = json.loads(path.read_text())["layers"]
+    assert not any(k.startswith("features.4|cp|") for k in saved), "busy timings not cached"

@@ -188,7 +188,8 @@ def sensitivity_policy(
     current: list[OptionIndex | None] = [None] * n  # None: kept
     used = [[original(layer) for layer in table.layers] for _, _, _, _, original in limits]
     totals = [total for _, total, _, _, _ in limits]
-    excess0 = [max(total - allowed, 1) for _, total, allowed, _, _ in limits]
+    # Relative floor: latency limits are in milliseconds, where 1 would dwarf the excess.
+    excess0 = [max(total - allowed, 1e-9 * total) for _, total, allowed, _, _ in limits]
     cur_acc = [float(proxy.baseline_acc)] * n
     moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
