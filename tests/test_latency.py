@@ -100,18 +100,26 @@ def test_bad_settings_are_refused(model):
         Budget(latency=0.5, latency_model=object())
 
 
+def _random_walks(table: BudgetTable, budget: Budget, n: int) -> list[list[tuple[int, int]]]:
+    """``n`` policies of uniformly drawn options, each layer's through the wall (seeded)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        choices: list[tuple[int, int]] = []
+        for _layer in table.layers:
+            draw = (int(rng.integers(len(METHODS))), int(rng.integers(len(DEFAULT_LEVELS))))
+            choices.append(table.wall(choices, draw, budget))
+        out.append(choices)
+    return out
+
+
 @pytest.mark.parametrize("params, speedup", [(None, 2.0), (4.0, 2.5), (8.0, 1.5)])
 def test_the_wall_and_settling_hold_a_latency_budget(model, latency, params, speedup):
     budget = Budget(params=params, latency=speedup, latency_model=latency)
     table = BudgetTable(model, METHODS, DEFAULT_LEVELS)
     table.check_target(budget)
     meter = BudgetMeter(model, budget)
-    rng = np.random.default_rng(0)
-    for _ in range(30):
-        choices = []
-        for _layer in table.layers:
-            draw = (int(rng.integers(len(METHODS))), int(rng.integers(len(DEFAULT_LEVELS))))
-            choices.append(table.wall(choices, draw, budget))
+    for choices in _random_walks(table, budget, 30):
         picked = table.to_choices(choices)
         assert latency.speedup(picked) >= speedup * (1 - 1e-9)
         settled = settle(meter, picked, reversed(range(len(picked))))
@@ -194,12 +202,7 @@ def test_the_wall_holds_parameters_and_latency_together_when_keeping_is_fastest(
     budget = Budget(params=32.0, latency=2.0, latency_model=latency)
     table.check_target(budget)
     meter = BudgetMeter(model, budget)
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        choices = []
-        for _layer in table.layers:
-            draw = (int(rng.integers(len(METHODS))), int(rng.integers(len(DEFAULT_LEVELS))))
-            choices.append(table.wall(choices, draw, budget))
+    for choices in _random_walks(table, budget, 200):
         assert meter.meets(table.to_choices(choices)), meter.describe(table.to_choices(choices))
 
 
