@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from rl_mtd.proxy import Proxy
 
 log = logging.getLogger("rl_mtd")
 
@@ -115,3 +119,36 @@ def get_baseline(
         meta={"epochs": cfg.baseline_epochs, "data": data_key},
     )
     return model, str(path)
+
+
+_LATENCY_MODELS: dict[tuple, tuple[nn.Module, Any]] = {}
+
+
+def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
+    """The run's ``rl_mtd.latency.LatencyModel`` (None without ``--target-latency``): each conv
+    layer of the baseline timed alone on the proxy's device at ``--latency-batch``, measured on
+    demand and kept under the cache directory per machine, device, batch and thread count."""
+    if cfg.target_latency is None:
+        return None
+    from rl_mtd.latency import LatencyModel, cache_path, device_context
+
+    device = proxy.device
+    context = device_context(device)
+    # One model per baseline (several proxies over one baseline, as in compare.py, share it).
+    key = (id(proxy.model), cfg.latency_batch, context)
+    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy.model:
+        log.info(
+            "timing the conv layers at batch %d on %s for --target-latency",
+            cfg.latency_batch,
+            context,
+        )
+        lm = LatencyModel(
+            proxy.model,
+            batch_size=cfg.latency_batch,
+            device=device,
+            path=cache_path(cfg.net, cfg.width, cfg.latency_batch, device),
+            context=context,
+        )
+        log.info("%s", lm.describe())
+        _LATENCY_MODELS[key] = (proxy.model, lm)
+    return _LATENCY_MODELS[key][1]

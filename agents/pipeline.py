@@ -16,13 +16,12 @@ from typing import Any
 from torch import nn
 
 from agents.config import RunConfig
-from agents.inputs import baseline_cache_path, get_baseline, load_data
+from agents.inputs import baseline_cache_path, get_baseline, latency_model, load_data
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_export, write_outputs
 from agents.search import (
     env_config,
-    latency_model,
     load_replay,
     make_proxy,
     proxy_config,

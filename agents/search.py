@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
+from agents.inputs import latency_model
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import DataSplits
@@ -65,39 +66,6 @@ def env_config(cfg: RunConfig) -> EnvConfig:
         target_macs=cfg.target_macs,
         target_latency=cfg.target_latency,
     )
-
-
-_LATENCY_MODELS: dict[tuple, tuple[nn.Module, Any]] = {}
-
-
-def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
-    """The run's ``rl_mtd.latency.LatencyModel`` (None without ``--target-latency``): each conv
-    layer of the baseline timed alone on the proxy's device at ``--latency-batch``, measured on
-    demand and kept under the cache directory per machine, device, batch and thread count."""
-    if cfg.target_latency is None:
-        return None
-    from rl_mtd.latency import LatencyModel, cache_path, device_context
-
-    device = proxy.device
-    context = device_context(device)
-    # One model per baseline (several proxies over one baseline, as in compare.py, share it).
-    key = (id(proxy.model), cfg.latency_batch, context)
-    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy.model:
-        log.info(
-            "timing the conv layers at batch %d on %s for --target-latency",
-            cfg.latency_batch,
-            context,
-        )
-        lm = LatencyModel(
-            proxy.model,
-            batch_size=cfg.latency_batch,
-            device=device,
-            path=cache_path(cfg.net, cfg.width, cfg.latency_batch, device),
-            context=context,
-        )
-        log.info("%s", lm.describe())
-        _LATENCY_MODELS[key] = (proxy.model, lm)
-    return _LATENCY_MODELS[key][1]
 
 
 def proxy_config(cfg: RunConfig) -> ProxyConfig:

@@ -27,8 +27,9 @@ from pathlib import Path
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
 from agents.config import RunConfig
+from agents.inputs import latency_model
 from agents.pipeline import finetune
-from agents.search import latency_model, search
+from agents.search import search
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget

@@ -24,7 +24,7 @@ import torch
 from _common import add_common_args, add_proxy_args, proxy_config, setup
 
 from agents.config import RunConfig
-from agents.search import latency_model
+from agents.inputs import latency_model
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget

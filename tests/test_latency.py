@@ -173,7 +173,7 @@ def test_proxies_over_one_baseline_share_one_latency_model(tiny_baseline, tiny_s
     """compare.py scores each strategy through its own proxy: all must hold the same budget."""
     import rl_mtd.latency as latency_module
     from agents.config import RunConfig
-    from agents.search import latency_model
+    from agents.inputs import latency_model
     from rl_mtd.proxy import Proxy
 
     monkeypatch.setattr(latency_module, "measured_timer", lambda *a, **k: FakeTimer())
