@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,9 +19,6 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
-
-if TYPE_CHECKING:
-    from rl_mtd.proxy import Proxy
 
 log = logging.getLogger("rl_mtd")
 
@@ -121,34 +118,44 @@ def get_baseline(
     return model, str(path)
 
 
-_LATENCY_MODELS: dict[tuple, tuple[nn.Module, Any]] = {}
+_LATENCY_MODELS: dict[tuple, Any] = {}
 
 
-def latency_model(cfg: RunConfig, proxy: Proxy) -> Any:
+def latency_model(cfg: RunConfig, device: torch.device | str) -> Any:
     """The run's ``rl_mtd.latency.LatencyModel`` (None without ``--target-latency``): each conv
-    layer of the baseline timed alone on the proxy's device at ``--latency-batch``, measured on
-    demand and kept under the cache directory per machine, device, batch and thread count."""
+    layer of ``--net`` at ``--width`` timed alone on ``device`` at ``--latency-batch``, measured
+    on demand and kept under the cache directory per machine, device, batch and thread count.
+
+    Timing depends on the architecture, not the weights, so the model is built from a fresh
+    network: the run can check a latency target before it trains a baseline, and every proxy
+    (compare.py builds several) shares one model per net, width, batch and device.
+    """
     if cfg.target_latency is None:
         return None
     from rl_mtd.latency import LatencyModel, cache_path, device_context
 
-    device = proxy.device
+    device = torch.device(device)
     context = device_context(device)
-    # One model per baseline (several proxies over one baseline, as in compare.py, share it).
-    key = (id(proxy.model), cfg.latency_batch, context)
-    if key not in _LATENCY_MODELS or _LATENCY_MODELS[key][0] is not proxy.model:
+    key = (cfg.net, float(cfg.width), cfg.latency_batch, str(device), context)
+    if key not in _LATENCY_MODELS:
         log.info(
             "timing the conv layers at batch %d on %s for --target-latency",
             cfg.latency_batch,
             context,
         )
         lm = LatencyModel(
-            proxy.model,
+            build_vgg(cfg.net, width=cfg.width),
             batch_size=cfg.latency_batch,
             device=device,
             path=cache_path(cfg.net, cfg.width, cfg.latency_batch, device),
             context=context,
         )
         log.info("%s", lm.describe())
-        _LATENCY_MODELS[key] = (proxy.model, lm)
-    return _LATENCY_MODELS[key][1]
+        _LATENCY_MODELS[key] = lm
+    return _LATENCY_MODELS[key]
+
+
+def forget_latency_models() -> None:
+    """Drop the latency models memoised in this process (the next run reads the cache file or
+    times afresh)."""
+    _LATENCY_MODELS.clear()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from agents.config import RunConfig
@@ -21,6 +23,7 @@ from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_export, write_outputs
 from agents.search import (
+    Replay,
     env_config,
     load_replay,
     make_proxy,
@@ -28,7 +31,7 @@ from agents.search import (
     replay_agent,
     search,
 )
-from rl_mtd.budget import BudgetTable
+from rl_mtd.budget import Budget, BudgetTable
 from rl_mtd.checkpoints import save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.io import write_json_atomic
@@ -111,7 +114,7 @@ def compress_and_finetune(
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
     """The latency model's prediction for ``policy`` (None without ``--target-latency``)."""
-    lm = latency_model(cfg, proxy)
+    lm = latency_model(cfg, proxy.device)
     if lm is None:
         return None
     choices = policy.choices()
@@ -123,6 +126,30 @@ def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str
         "speedup": lm.speedup(choices),
         "model": lm.describe(),
     }
+
+
+def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
+    """Raise if the targets are beyond these methods and levels on this network: parameters and
+    MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
+    search reuses them), all before the baseline is trained."""
+    env = env_config(cfg)
+    lm = latency_model(cfg, device)
+    BudgetTable(build_vgg(cfg.net, width=cfg.width), env.methods, env.levels).check_target(
+        Budget(env.target_ratio, env.target_macs, env.target_latency, lm)
+    )
+
+
+def _with_replayed_latency_target(cfg: RunConfig, replay: Replay | None) -> RunConfig:
+    """A replayed agent or policy searched under a latency budget brings that budget (the
+    agent's environment needs it; the report predicts the policy's speed-up on this device)
+    unless the run sets its own ``--target-latency``."""
+    if replay is None or cfg.target_latency is not None:
+        return cfg
+    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
+    target = meta.get("target_latency")
+    if target is None:
+        return cfg
+    return replace(cfg, target_latency=target, latency_batch=int(meta.get("latency_batch", 1)))
 
 
 def run(
@@ -137,12 +164,10 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
-    if replay is None or replay.kind == "policy":  # a target out of reach: before any work
-        env = env_config(cfg)
-        BudgetTable(build_vgg(cfg.net, width=cfg.width), env.methods, env.levels).check_target(
-            env.budget
-        )
     device = resolve_device(cfg.device)
+    if replay is None or replay.kind == "policy":  # a target out of reach: before any work
+        _check_reachable(cfg, device)
+    cfg = _with_replayed_latency_target(cfg, replay)
     splits, data = load_data(cfg)
     splits = splits.to(device)
     run_dir = (

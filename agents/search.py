@@ -146,7 +146,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)
     scores = layer_scores(cfg.observe, proxy)
-    return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy))
+    return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
 
 def read_search_state(run_dir: Path) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def search(
     from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
 
     n_layers = len(proxy.convs)
-    latency = latency_model(cfg, proxy)  # timed (or read from the cache) before the clock starts
+    latency = latency_model(cfg, proxy.device)  # timed (or read from the cache) before the clock starts
     # The sensitivity study (for --observe study and --warm-start sensitivity) is measured or
     # read from the cache before the clock starts; its full cost is charged to the search.
     study, study_seconds, scores = None, 0.0, None
@@ -344,7 +344,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     if target_latency is not None:  # the budget holds on this device, timed afresh here
         latency = latency_model(
             replace(cfg, target_latency=target_latency, latency_batch=meta.get("latency_batch", 1)),
-            proxy,
+            proxy.device,
         )
     env = MixedDecompositionEnv(
         proxy,

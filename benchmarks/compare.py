@@ -175,7 +175,7 @@ def main() -> None:
                 target_latency=args.target_latency,
                 latency_batch=args.latency_batch,
             ),
-            new_proxy(),
+            device,
         )
     rows = []
     for seed in seeds:

@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     latency = latency_model(  # the run's own model: timed here, cached per machine context
         RunConfig(net=args.net, width=args.width, target_latency=2.0, latency_batch=args.batch),
-        proxy,
+        device,
     )
     print(latency.describe(), flush=True)
     timer = measured_timer(device, repeats=20, rounds=3)

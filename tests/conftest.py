@@ -34,7 +34,11 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Nothing goes to ~/.cache, and a user's $RL_MTD_DATA does not leak into a test."""
+    """Nothing goes to ~/.cache, and a user's $RL_MTD_DATA does not leak into a test; nor do the
+    latency models an earlier test memoised in this process (they hold its timer)."""
+    from agents.inputs import forget_latency_models
+
+    forget_latency_models()
     cache = tmp_path / "cache"
     monkeypatch.setenv(CACHE_ENV, str(cache))
     monkeypatch.delenv(DATA_ENV, raising=False)

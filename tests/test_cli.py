@@ -832,6 +832,7 @@ def test_latency_budget_reached_and_reported(tmp_path, monkeypatch):
     from conftest import FakeTimer
 
     import rl_mtd.latency
+    from agents.inputs import forget_latency_models
 
     timers: list[FakeTimer] = []
 
@@ -840,8 +841,12 @@ def test_latency_budget_reached_and_reported(tmp_path, monkeypatch):
         return timers[-1]
 
     monkeypatch.setattr(rl_mtd.latency, "measured_timer", fake_timer)
+    # This test is about the cache, not the busy-machine guard (tests/test_latency.py): the
+    # timings are cached however busy the machine running the tests is.
+    monkeypatch.setattr(rl_mtd.latency, "BUSY_LIMIT", float("inf"))
     argv = [*COMMON, "--episodes", "3", "--levels", "4,8,16,32,64", "--target-latency", "2"]
     for name in ("first", "second"):
+        forget_latency_models()  # as a new process would: the second run reads the cache file
         out = tmp_path / name
         assert main([*argv, "--latency-batch", "4", "--out", str(out)]) == 0
     report = read_json(out / "report.json")
@@ -854,3 +859,38 @@ def test_latency_budget_reached_and_reported(tmp_path, monkeypatch):
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert episodes and all(e["predicted_speedup"] >= 2 * (1 - 1e-9) for e in episodes)
     assert read_json(out / "policy.json")["meta"]["target_latency"] == 2
+    # Replays bring the budget they were searched under: the agent's environment holds it and
+    # both reports predict the speed-up on this device, from the cached timings.
+    baseline = read_json(out / "config.json")["baseline_path"]
+    for name, file in (("agent", "agent.zip"), ("policy", "policy.json")):
+        forget_latency_models()
+        replay = tmp_path / f"replay-{name}"
+        args = ["--replay", str(out / file), "--checkpoint", baseline, "--out", str(replay)]
+        assert main([*COMMON, *args]) == 0
+        report = read_json(replay / "report.json")
+        assert report["target_latency"] == 2 and report["latency_batch"] == 4
+        assert report["predicted_latency"]["speedup"] >= 2 * (1 - 1e-9)
+    assert timers[-1].calls == 0, "the replays timed nothing"
+
+
+def test_an_unreachable_latency_target_stops_before_the_baseline_is_trained(
+    tmp_path, monkeypatch, capsys
+):
+    """The layers are timed on a fresh network of the architecture (timing does not depend on
+    the weights), so a speed-up beyond reach is refused before any training or data loading."""
+    from conftest import FakeTimer
+
+    import agents.inputs
+    import rl_mtd.latency
+
+    monkeypatch.setattr(rl_mtd.latency, "measured_timer", lambda *a, **k: FakeTimer())
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("the baseline was trained before the target was checked")
+
+    monkeypatch.setattr(agents.inputs, "train", no_training)
+    monkeypatch.setattr(agents.inputs, "load_cifar10", no_training)
+    out = tmp_path / "run"
+    args = ["--baseline-epochs", "3", "--target-latency", "1000", "--out", str(out)]
+    err = fail([*COMMON, *args], capsys, "target speed-up 1000 is beyond what these levels")
+    assert "--target-latency" in err and not out.exists()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import FakeTimer
 from torch import nn
 
@@ -169,21 +171,22 @@ def test_timings_taken_on_a_busy_machine_are_not_cached(model, tmp_path, monkeyp
     assert (tmp_path / "own.json").exists(), "a caller's own timer is not judged"
 
 
-def test_proxies_over_one_baseline_share_one_latency_model(tiny_baseline, tiny_splits, monkeypatch):
-    """compare.py scores each strategy through its own proxy: all must hold the same budget."""
+def test_one_latency_model_per_net_width_batch_and_device(monkeypatch):
+    """compare.py scores each strategy through its own proxy: all must hold the same budget,
+    so a run's latency model is one per architecture (timing does not depend on weights)."""
     import rl_mtd.latency as latency_module
     from agents.config import RunConfig
     from agents.inputs import latency_model
-    from rl_mtd.proxy import Proxy
 
     monkeypatch.setattr(latency_module, "measured_timer", lambda *a, **k: FakeTimer())
     cfg = RunConfig(net=NET, width=WIDTH, target_latency=2.0, latency_batch=4)
-    a, b = (
-        Proxy(tiny_baseline, train_split=tiny_splits.train, proxy_split=tiny_splits.proxy)
-        for _ in range(2)
-    )
-    assert latency_model(cfg, a) is latency_model(cfg, b)
-    assert latency_model(RunConfig(net=NET, width=WIDTH), a) is None
+    first = latency_model(cfg, "cpu")
+    assert first is latency_model(replace(cfg, target_latency=3.0), torch.device("cpu"))
+    assert first.batch_size == 4
+    other = latency_model(replace(cfg, latency_batch=2), "cpu")
+    assert other is not first and other.batch_size == 2
+    assert latency_model(replace(cfg, width=2 * WIDTH), "cpu") is not first
+    assert latency_model(RunConfig(net=NET, width=WIDTH), "cpu") is None
 
 
 def test_the_wall_holds_parameters_and_latency_together_when_keeping_is_fastest(model):
