@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak fine-tuning learning rate (default 0.01)",
     )
     t.add_argument(
+        "--finetune-weight-decay",
+        type=float,
+        default=5e-4,
+        help="fine-tuning weight decay (default 5e-4)",
+    )
+    t.add_argument(
+        "--finetune-label-smoothing",
+        type=float,
+        default=0.0,
+        help="fine-tuning label smoothing (default 0)",
+    )
+    t.add_argument(
         "--latency-repeats",
         type=int,
         default=None,
@@ -324,6 +336,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "finetune_lr": args.finetune_lr,
+        "finetune_weight_decay": args.finetune_weight_decay,
+        "finetune_label_smoothing": args.finetune_label_smoothing,
         "latency_repeats": args.latency_repeats,
     }
     cfg = RunConfig.with_preset(args.preset, **overrides)

@@ -122,6 +122,10 @@ class RunConfig:
     # training
     lr: float = 0.05
     finetune_lr: float = 0.01
+    finetune_weight_decay: float = 5e-4
+    """Weight decay of the fine-tune (on every weight but BatchNorm's and biases)."""
+    finetune_label_smoothing: float = 0.0
+    """Label smoothing of the fine-tune's cross-entropy (the baseline trains with 0.1)."""
     batch_size: int = 128
     export: str | None = None
     """Also write the compressed model's inference form: "onnx" (model.onnx) or "torchscript"
@@ -219,6 +223,21 @@ class RunConfig:
             raise RlMtdError(
                 "--stages re-factorises fine-tuned blocks by their kernels alone; use it with "
                 "--fit weights (the default)"
+            )
+        if not (
+            isinstance(self.finetune_weight_decay, int | float)
+            and 0 <= self.finetune_weight_decay < math.inf
+        ):
+            raise RlMtdError(
+                f"--finetune-weight-decay must be a number >= 0, got {self.finetune_weight_decay!r}"
+            )
+        if not (
+            isinstance(self.finetune_label_smoothing, int | float)
+            and 0 <= self.finetune_label_smoothing < 1
+        ):
+            raise RlMtdError(
+                "--finetune-label-smoothing must be in [0, 1), got "
+                f"{self.finetune_label_smoothing!r}"
             )
         if not (isinstance(self.feature_kd, int | float) and 0 <= self.feature_kd < math.inf):
             raise RlMtdError(

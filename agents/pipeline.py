@@ -61,6 +61,8 @@ def finetune(
     tcfg = TrainConfig(
         epochs=epochs if epochs is not None else cfg.finetune_epochs,
         lr=cfg.finetune_lr,
+        weight_decay=cfg.finetune_weight_decay,
+        label_smoothing=cfg.finetune_label_smoothing,
         batch_size=cfg.batch_size,
         schedule="cosine",
         kd_alpha=cfg.kd,

@@ -87,7 +87,16 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "observe": cfg.get("observe", "layer"),
         "finetune_recipe": {
             k: cfg.get(k)
-            for k in ("finetune_epochs", "finetune_lr", "kd", "feature_kd", "stages", "batch_size")
+            for k in (
+                "finetune_epochs",
+                "finetune_lr",
+                "finetune_weight_decay",
+                "finetune_label_smoothing",
+                "kd",
+                "feature_kd",
+                "stages",
+                "batch_size",
+            )
         },
         "proxy_acc": r.proxy_acc,
         "finetuned_acc": r.finetuned_acc,

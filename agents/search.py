@@ -181,7 +181,8 @@ def search(
     from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
 
     n_layers = len(proxy.convs)
-    latency = latency_model(cfg, proxy.device)  # timed (or read from the cache) before the clock starts
+    # Timed (or read from the cache) before the clock starts.
+    latency = latency_model(cfg, proxy.device)
     # The sensitivity study (for --observe study and --warm-start sensitivity) is measured or
     # read from the cache before the clock starts; its full cost is charged to the search.
     study, study_seconds, scores = None, 0.0, None

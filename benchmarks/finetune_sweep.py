@@ -10,6 +10,8 @@ and seconds. A recipe is ``name:key=value,...`` with keys
     kd      logit distillation weight from the baseline, 0..1 (default 0)
     fkd     feature distillation weight (each decomposed block against the original layer)
     stages  compress in this many stages, the epochs split evenly between them (default 1)
+    wd      weight decay (default 5e-4)
+    ls      label smoothing (default 0)
 
     python benchmarks/finetune_sweep.py --data ../shared/data/cifar10-jpeg.tar.gz \\
         --baseline-epochs 20 --targets 16 --seeds 0,1 \\
@@ -46,9 +48,19 @@ class Recipe:
     kd: float = 0.0
     fkd: float = 0.0
     stages: int = 1
+    wd: float = 5e-4
+    ls: float = 0.0
 
 
-KEYS = {"ep": "epochs", "lr": "lr", "kd": "kd", "fkd": "fkd", "stages": "stages"}
+KEYS = {
+    "ep": "epochs",
+    "lr": "lr",
+    "kd": "kd",
+    "fkd": "fkd",
+    "stages": "stages",
+    "wd": "wd",
+    "ls": "ls",
+}
 
 
 def parse_recipe(text: str, epochs: float) -> Recipe:
@@ -115,6 +127,8 @@ def main() -> None:
                     bn_batches=args.bn_batches,
                     finetune_epochs=recipe.epochs,
                     finetune_lr=recipe.lr,
+                    finetune_weight_decay=recipe.wd,
+                    finetune_label_smoothing=recipe.ls,
                     kd=recipe.kd,
                     feature_kd=recipe.fkd,
                     stages=recipe.stages,

@@ -20,7 +20,7 @@ from rl_mtd.io import CACHE_ENV, DATA_ENV
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, load_compressed
-from rl_mtd.train import evaluate
+from rl_mtd.train import evaluate, train
 
 NET, WIDTH = "vgg11", 0.125
 TARGET = 8.0
@@ -320,6 +320,8 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--bn-batches", "-1"], "--bn-batches must be a whole number >= 0"),
         (["--lr", "-0.1"], "--lr must be a positive number"),
         (["--finetune-lr", "nan"], "--finetune-lr must be a positive number"),
+        (["--finetune-weight-decay", "-1"], "--finetune-weight-decay must be a number >= 0"),
+        (["--finetune-label-smoothing", "1"], "--finetune-label-smoothing must be in [0, 1)"),
         (["--kd", "1.5"], "--kd must be in [0, 1]"),
         (["--feature-kd", "-1"], "--feature-kd must be a number >= 0"),
         (["--feature-kd", "inf"], "--feature-kd must be a number >= 0"),
@@ -706,11 +708,20 @@ def test_parameter_and_macs_budgets_both_reached(tmp_path):
 
 
 @pytest.mark.slow
-def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
+def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog, monkeypatch):
     """--stages 2 --feature-kd 1: two compression stages, each fine-tuned, ending at the
     policy's own ranks; the saved model is the policy's."""
+    import agents.pipeline
+
     out = tmp_path / "staged"
     policy = smoke_run / "policy.json"
+    configs = []
+
+    def recording_train(*args, config, **kwargs):
+        configs.append(config)
+        return train(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(agents.pipeline, "train", recording_train)
     with caplog.at_level("INFO", logger="rl_mtd"):
         assert (
             main(
@@ -722,6 +733,10 @@ def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
                     "2",
                     "--feature-kd",
                     "1",
+                    "--finetune-weight-decay",
+                    "0.0002",
+                    "--finetune-label-smoothing",
+                    "0.05",
                     "--out",
                     str(out),
                 ]
@@ -737,6 +752,9 @@ def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog):
     assert [c.rank for c in saved.layers] == [c.rank for c in Policy.load(policy).layers]
     assert read_json(out / "config.json")["stages"] == 2
     assert report["finetune_recipe"]["stages"] == 2 and report["finetune_recipe"]["feature_kd"] == 1
+    assert report["finetune_recipe"]["finetune_weight_decay"] == 0.0002
+    assert len(configs) == 2, "one fine-tune per stage"
+    assert all(c.weight_decay == 0.0002 and c.label_smoothing == 0.05 for c in configs)
 
 
 @pytest.mark.slow
