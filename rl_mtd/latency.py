@@ -6,12 +6,17 @@ conv layer alone, on its own input shape, in the inference form it would run in
 (``rl_mtd.export.inference_model`` of the conv or its decomposed block with the layer's
 BatchNorm and ReLU), once per (layer, method, rank), and predicts a whole model's latency as
 
-    rest + sum over layers of (scale * kept layer's time, or the decomposed block's time)
+    rest + sum over layers of (the layer's time alone + per_byte * its weight bytes beyond cache)
 
 ``rest`` (pooling, the head, Python) is what a small compressed model takes beyond its layers
-(at most what the original takes beyond its own); ``scale`` makes the original's prediction its
-measured time (its layers run slower inside the
-net than alone, where their weights stay in cache). Only a grid of ranks is timed per layer and
+(at most what the original takes beyond its own). Inside the net a layer runs slower than alone,
+where its weights stay in cache between passes; inside, a layer whose weights do not fit the
+cache next to the core (``cache_bytes``: the CPU's L2, the GPU's L2) streams them in each pass.
+``per_byte`` is calibrated so the original is predicted as measured, and charges a decomposed
+block with large factors as it charges a kept layer (at batch 1 on this CPU this cut the median
+error over 24 compressed VGG16s from 10.1% to 4.1%; BENCHMARKS.md). When no layer of the
+original is larger than the cache, the kept layers' times are scaled instead
+(``keep_scale``). Only a grid of ranks is timed per layer and
 method (those of ``GRID_LEVELS`` parameter reductions, all at once when the layer and method are
 first asked for); another rank, such as one settling raised a step, is interpolated in its
 parameter count between the grid ranks around it (the kept layer above the weakest). Measured on
@@ -54,6 +59,8 @@ Timer = Callable[[nn.Module, tuple[int, ...]], float]
 FORMAT = 1
 GRID_LEVELS = DEFAULT_LEVELS
 """Per-layer parameter reductions whose ranks are timed; others are interpolated."""
+BYTES_PER_WEIGHT = 4
+"""float32 weights (what the timed inference forms hold on the CPU)."""
 BUSY_LIMIT = 0.25
 """Share of the CPUs other processes may use while the model times on the CPU before its
 timings are called untrustworthy: a warning, and nothing is written to ``path``."""
@@ -116,6 +123,27 @@ def device_context(device: str | torch.device) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
+def cache_bytes(device: str | torch.device) -> int:
+    """Bytes of the cache next to one core (the CPU's L2, read from sysfs) or of the GPU's L2;
+    0 where unknown (then every weight byte counts as streamed)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() != "2":
+                continue
+            size = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if size[-1:] in units and size[:-1].isdigit():
+            return int(size[:-1]) * units[size[-1]]
+        if size.isdigit():
+            return int(size)
+    return 0
+
+
 def cache_path(net: str, width: float, batch_size: int, device: str | torch.device) -> Path:
     """Where the cache keeps a net's timings for one batch size on ``device`` in this context
     (``device_context``: one file per CPU and thread count, or GPU, and torch version)."""
@@ -145,6 +173,8 @@ class LatencyModel:
             model, batch size and ``context``; rewritten as new layers are timed).
         context: what else the numbers depend on (machine, threads, torch version): a file made
             in another context is ignored, not trusted.
+        cache: bytes of weights a layer keeps in cache inside the net (default
+            ``cache_bytes(device)``).
     """
 
     def __init__(
@@ -156,6 +186,7 @@ class LatencyModel:
         device: str | torch.device | None = None,
         path: str | Path | None = None,
         context: str = "",
+        cache: int | None = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise RlMtdError(f"latency batch size must be a whole number >= 1, got {batch_size!r}")
@@ -165,6 +196,7 @@ class LatencyModel:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.timer = timer or measured_timer(self.device)
+        self.cache = cache_bytes(self.device) if cache is None else int(cache)
         self.convs = conv_layers(self.model)
         sizes = conv_input_sizes(self.model)
         self.shapes = {name: (conv.in_channels, *sizes[name]) for name, conv in self.convs}
@@ -196,7 +228,11 @@ class LatencyModel:
         # no faster than alone (keep_scale >= 1), whatever noise the small model's timing had.
         small_rest = self._whole_ms("small", small_model) - small_sum
         self.rest_ms = min(max(0.0, small_rest), max(0.0, self.original_ms - kept))
-        self.keep_scale = max(1e-9, self.original_ms - self.rest_ms) / kept
+        streamed = sum(self._streamed(name, "keep", None) for name, _ in self.convs)
+        excess = max(0.0, self.original_ms - self.rest_ms - kept)
+        self.per_byte_ms = excess / streamed if streamed > 0 else 0.0
+        """Milliseconds per weight byte beyond ``cache`` in a layer (0: no layer that large)."""
+        self.keep_scale = 1.0 if streamed > 0 else max(1e-9, self.original_ms - self.rest_ms) / kept
         self._save()
 
     # ------------------------------------------------------------------ timing
@@ -279,12 +315,19 @@ class LatencyModel:
         return out.eval()
 
     # ------------------------------------------------------------------ prediction
+    def _streamed(self, name: str, method: str, rank: Any) -> int:
+        """Weight bytes of layer ``name`` as ``method`` at ``rank`` beyond the cache."""
+        conv = self._conv(name)
+        params = layer_params(conv) if method == "keep" else decomposed_params(conv, method, rank)
+        return max(0, BYTES_PER_WEIGHT * params - self.cache)
+
     def cost(self, index: int, method: str, rank: Any) -> float:
         """Layer ``index``'s share of the predicted time as ``method`` at ``rank``."""
         name = self.convs[index][0]
+        streamed = self.per_byte_ms * self._streamed(name, method, rank)
         if method == "keep":
-            return self.keep_scale * self.layer_ms(name, "keep", None)
-        return self.layer_ms(name, method, rank)
+            return self.keep_scale * self.layer_ms(name, "keep", None) + streamed
+        return self.layer_ms(name, method, rank) + streamed
 
     def predict(self, choices: Sequence[tuple[str, Any]]) -> float:
         """Predicted milliseconds per batch for one ``(method, rank)`` per conv layer."""
@@ -301,7 +344,8 @@ class LatencyModel:
         return (
             f"latency model at batch {self.batch_size} on {self.device}: original "
             f"{self.original_ms:.3g} ms, rest {self.rest_ms:.3g} ms, kept layers x"
-            f"{self.keep_scale:.2f}, {len(self._ms)} blocks timed{busy}"
+            f"{self.keep_scale:.2f}, {self.per_byte_ms * 2**20:.3g} ms per MiB of a layer's weights "
+            f"beyond {self.cache / 2**20:g} MiB of cache, {len(self._ms)} blocks timed{busy}"
         )
 
     def _check_busy(self) -> None:

@@ -12,9 +12,9 @@ import torch
 from conftest import FakeTimer
 from torch import nn
 
-from rl_mtd.baselines import random_policies
+from rl_mtd.baselines import random_policies, uniform_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, settle
-from rl_mtd.decompose import METHODS
+from rl_mtd.decompose import METHODS, conv_layers
 from rl_mtd.errors import RlMtdError
 from rl_mtd.latency import LatencyModel, layer_block
 from rl_mtd.metrics import count_macs
@@ -52,6 +52,50 @@ def test_prediction_is_exact_for_an_additive_timer(model, latency):
         measured = timer(built, (4, 3, 32, 32))
         assert latency.predict(policy.choices()) == pytest.approx(measured, rel=1e-9)
         assert latency.speedup(policy.choices()) == pytest.approx(latency.original_ms / measured)
+
+
+class CacheBound(FakeTimer):
+    """Inside a whole net each layer also pays 1e-5 ms per weight byte it
+    holds beyond ``cache`` bytes, as on a CPU where large weights leave the cache between passes;
+    alone (in a timing loop) it does not."""
+
+    def __init__(self, cache: int) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def __call__(self, module, shape):
+        ms = super().__call__(module, shape)
+        if not hasattr(module, "features"):  # a layer alone
+            return ms
+        for layer in module.features:
+            if not isinstance(layer, nn.BatchNorm2d | nn.ReLU | nn.MaxPool2d):
+                weights = 4 * sum(p.numel() for p in layer.parameters())
+                ms += 1e-5 * max(0, weights - self.cache)
+        return ms
+
+
+def test_weights_beyond_the_cache_are_charged_to_every_layer_that_has_them(model):
+    """At batch 1 on a CPU a layer runs slower inside the net than alone when its weights do not
+    fit the cache: the model charges that per byte beyond it, to kept layers and decomposed
+    blocks alike, and then predicts such a timer exactly; scaling the kept layers instead (what
+    it does when no layer exceeds the cache) misprices decomposed blocks with large factors."""
+    sizes = sorted(4 * sum(p.numel() for p in c.parameters()) for _, c in conv_layers(model))
+    cache = sizes[len(sizes) // 2]  # half the layers exceed it
+    timer = CacheBound(cache)
+    aware = LatencyModel(model, batch_size=1, timer=timer, cache=cache)
+    scaled = LatencyModel(model, batch_size=1, timer=CacheBound(cache), cache=10**12)
+    assert aware.keep_scale == 1.0 and aware.per_byte_ms == pytest.approx(1e-5)
+    assert scaled.per_byte_ms == 0.0 and scaled.keep_scale > 1.0
+    worst_scaled = 0.0
+    policies = [
+        uniform_policy(model, m, t, net=NET, width=WIDTH) for m in METHODS[1:] for t in (2.0, 4.0)
+    ]
+    policies += random_policies(model, 2.0, 4, seed=5, net=NET, width=WIDTH)
+    for policy in policies:
+        measured = timer(apply_policy(model, policy, factorize=False), (1, 3, 32, 32))
+        assert aware.predict(policy.choices()) == pytest.approx(measured, rel=1e-9)
+        worst_scaled = max(worst_scaled, abs(scaled.predict(policy.choices()) / measured - 1))
+    assert worst_scaled > 0.05
 
 
 def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model, tmp_path):
