@@ -83,6 +83,8 @@ class SearchCallback(BaseCallback):
             "cached": proxy["cached"],
             "wall_fraction": wall_fraction,
             "methods": [layer["method"] for layer in info["policy"]["layers"]],
+            # The whole choice, so any episode's policy can be rebuilt and studied afterwards.
+            "ranks": [layer["rank"] for layer in info["policy"]["layers"]],
         }
         if "predicted_speedup" in info:
             entry["predicted_speedup"] = info["predicted_speedup"]

@@ -705,6 +705,13 @@ def test_parameter_and_macs_budgets_both_reached(tmp_path):
     )
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert episodes and all(e["ratio"] >= 8 and e["macs_ratio"] >= 4 for e in episodes)
+    # Each episode records its whole choice: the best one's is the saved policy.
+    best = max(episodes, key=lambda e: e["reward"])
+    saved = read_json(out / "policy.json")["layers"]
+    assert (best["methods"], best["ranks"]) == (
+        [layer["method"] for layer in saved],
+        [layer["rank"] for layer in saved],
+    )
 
 
 @pytest.mark.slow
