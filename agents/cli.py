@@ -247,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--finetune-weight-decay",
         type=float,
-        default=5e-4,
+        default=None,
         help="fine-tuning weight decay (default 5e-4)",
     )
     t.add_argument(
         "--finetune-label-smoothing",
         type=float,
-        default=0.0,
+        default=None,
         help="fine-tuning label smoothing (default 0)",
     )
     t.add_argument(

@@ -34,6 +34,7 @@ from agents.search import (
 from rl_mtd.budget import Budget, BudgetTable
 from rl_mtd.checkpoints import save_compressed
 from rl_mtd.data import DataSplits
+from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
@@ -141,17 +142,31 @@ def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
     )
 
 
-def _with_replayed_latency_target(cfg: RunConfig, replay: Replay | None) -> RunConfig:
-    """A replayed agent or policy searched under a latency budget brings that budget (the
-    agent's environment needs it; the report predicts the policy's speed-up on this device)
-    unless the run sets its own ``--target-latency``."""
-    if replay is None or cfg.target_latency is not None:
+BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
+
+
+def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
+    """A replayed agent or policy is judged by the budget it was searched under, as its meta
+    records it: the agent's environment holds it, and the report states it and, for a latency
+    budget, predicts the speed-up on this device. A file that records none keeps the run's."""
+    if replay is None:
         return cfg
     meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
-    target = meta.get("target_latency")
-    if target is None:
+    if not any(k in meta for k in BUDGET_KEYS):
         return cfg
-    return replace(cfg, target_latency=target, latency_batch=int(meta.get("latency_batch", 1)))
+    budget = {k: meta.get(k) for k in BUDGET_KEYS}
+    batch = meta.get("latency_batch", cfg.latency_batch)
+    try:
+        out = replace(cfg, **budget, latency_batch=batch, n_envs=1).validate()
+    except RlMtdError as exc:
+        raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
+    if budget != {k: getattr(cfg, k) for k in BUDGET_KEYS}:
+        log.info(
+            "replaying %s under the budget it was searched for (%s), not this run's",
+            replay.path,
+            ", ".join(f"{k} {v:g}" for k, v in budget.items() if v is not None) or "trade-off",
+        )
+    return out
 
 
 def run(
@@ -169,7 +184,7 @@ def run(
     device = resolve_device(cfg.device)
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         _check_reachable(cfg, device)
-    cfg = _with_replayed_latency_target(cfg, replay)
+    cfg = _with_replayed_budget(cfg, replay)
     splits, data = load_data(cfg)
     splits = splits.to(device)
     run_dir = (

@@ -15,7 +15,7 @@ cache next to the core (``cache_bytes``: the CPU's L2, the GPU's L2) streams the
 ``per_byte`` is calibrated so the original is predicted as measured, and charges a decomposed
 block with large factors as it charges a kept layer (at batch 1 on this CPU this cut the median
 error over 24 compressed VGG16s from 10.1% to 4.1%; BENCHMARKS.md). When no layer of the
-original is larger than the cache, the kept layers' times are scaled instead
+original is larger than the cache (or its size is unknown), the kept layers' times are scaled instead
 (``keep_scale``). Only a grid of ranks is timed per layer and
 method (those of ``GRID_LEVELS`` parameter reductions, all at once when the layer and method are
 first asked for); another rank, such as one settling raised a step, is interpolated in its
@@ -123,13 +123,17 @@ def device_context(device: str | torch.device) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
-def cache_bytes(device: str | torch.device) -> int:
+SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def cache_bytes(device: str | torch.device) -> int | None:
     """Bytes of the cache next to one core (the CPU's L2, read from sysfs) or of the GPU's L2;
-    0 where unknown (then every weight byte counts as streamed)."""
+    None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+        return size or None
+    for index in sorted(SYSFS_CACHES.glob("index*")):
         try:
             if (index / "level").read_text().strip() != "2":
                 continue
@@ -141,7 +145,7 @@ def cache_bytes(device: str | torch.device) -> int:
             return int(size[:-1]) * units[size[-1]]
         if size.isdigit():
             return int(size)
-    return 0
+    return None
 
 
 def cache_path(net: str, width: float, batch_size: int, device: str | torch.device) -> Path:
@@ -174,7 +178,7 @@ class LatencyModel:
         context: what else the numbers depend on (machine, threads, torch version): a file made
             in another context is ignored, not trusted.
         cache: bytes of weights a layer keeps in cache inside the net (default
-            ``cache_bytes(device)``).
+            ``cache_bytes(device)``; where that is unknown, the kept layers are scaled instead).
     """
 
     def __init__(
@@ -197,6 +201,7 @@ class LatencyModel:
         self.batch_size = batch_size
         self.timer = timer or measured_timer(self.device)
         self.cache = cache_bytes(self.device) if cache is None else int(cache)
+        """Bytes of a layer's weights that stay in cache inside the net (None: unknown)."""
         self.convs = conv_layers(self.model)
         sizes = conv_input_sizes(self.model)
         self.shapes = {name: (conv.in_channels, *sizes[name]) for name, conv in self.convs}
@@ -229,10 +234,15 @@ class LatencyModel:
         small_rest = self._whole_ms("small", small_model) - small_sum
         self.rest_ms = min(max(0.0, small_rest), max(0.0, self.original_ms - kept))
         streamed = sum(self._streamed(name, "keep", None) for name, _ in self.convs)
-        excess = max(0.0, self.original_ms - self.rest_ms - kept)
-        self.per_byte_ms = excess / streamed if streamed > 0 else 0.0
-        """Milliseconds per weight byte beyond ``cache`` in a layer (0: no layer that large)."""
-        self.keep_scale = 1.0 if streamed > 0 else max(1e-9, self.original_ms - self.rest_ms) / kept
+        excess = self.original_ms - self.rest_ms - kept
+        # Inside the net the layers whose weights leave the cache pay for it; where none does
+        # (or the cache is unknown, or the net runs faster than its layers alone) the kept
+        # layers are scaled so that the original is still predicted as measured.
+        self.per_byte_ms = excess / streamed if streamed > 0 and excess > 0 else 0.0
+        """Milliseconds per weight byte beyond ``cache`` in a layer (0: not charged)."""
+        self.keep_scale = (
+            1.0 if self.per_byte_ms > 0 else max(1e-9, self.original_ms - self.rest_ms) / kept
+        )
         self._save()
 
     # ------------------------------------------------------------------ timing
@@ -319,7 +329,7 @@ class LatencyModel:
         """Weight bytes of layer ``name`` as ``method`` at ``rank`` beyond the cache."""
         conv = self._conv(name)
         params = layer_params(conv) if method == "keep" else decomposed_params(conv, method, rank)
-        return max(0, BYTES_PER_WEIGHT * params - self.cache)
+        return 0 if self.cache is None else max(0, BYTES_PER_WEIGHT * params - self.cache)
 
     def cost(self, index: int, method: str, rank: Any) -> float:
         """Layer ``index``'s share of the predicted time as ``method`` at ``rank``."""
@@ -345,7 +355,8 @@ class LatencyModel:
             f"latency model at batch {self.batch_size} on {self.device}: original "
             f"{self.original_ms:.3g} ms, rest {self.rest_ms:.3g} ms, kept layers x"
             f"{self.keep_scale:.2f}, {self.per_byte_ms * 2**20:.3g} ms per MiB of a layer's weights "
-            f"beyond {self.cache / 2**20:g} MiB of cache, {len(self._ms)} blocks timed{busy}"
+            f"beyond {'an unknown' if self.cache is None else f'{self.cache / 2**20:g} MiB of'} "
+            f"cache, {len(self._ms)} blocks timed{busy}"
         )
 
     def _check_busy(self) -> None:

@@ -235,12 +235,16 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
             str(smoke_run / "policy.json"),
             "--checkpoint",
             baseline,
+            "--target-ratio",
+            "4",
             "--out",
             str(out),
         ]
     )
     assert rc == 0
     report = read_json(out / "report.json")
+    # Judged by the budget it was searched under (its meta), not this run's --target-ratio 4.
+    assert report["target_ratio"] == original["target_ratio"] == TARGET
     assert layer_choices(report["layers"]) == layer_choices(original["layers"])
     replayed = Policy.load(out / "policy.json")
     assert layer_choices(replayed.to_dict()["layers"]) == layer_choices(original["layers"])
@@ -433,6 +437,21 @@ def test_corrupt_policy_replay(tmp_path, capsys):
     fail([*COMMON, "--replay", str(bad), "--out", str(out)], capsys, "not valid JSON", str(bad))
     assert not out.exists()
     assert bad.read_text() == text[: len(text) // 2]
+
+
+def test_policy_with_a_hand_edited_budget(tmp_path, capsys):
+    policy = Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
+    policy.meta.update(target_ratio="8x", target_macs=None)
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    out = tmp_path / "out"
+    err = fail(
+        [*COMMON, "--replay", str(path), "--out", str(out)],
+        capsys,
+        "records a budget this run cannot use",
+        str(path),
+    )
+    assert "'8x'" in err and not out.exists()
 
 
 def test_missing_data(tmp_path, capsys):

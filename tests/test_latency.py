@@ -98,6 +98,37 @@ def test_weights_beyond_the_cache_are_charged_to_every_layer_that_has_them(model
     assert worst_scaled > 0.05
 
 
+def test_the_original_is_predicted_as_measured_when_the_net_runs_faster_than_its_layers(model):
+    """No weight byte is charged then (it would only add time): the kept layers are scaled."""
+
+    class Overlapping(FakeTimer):
+        def __call__(self, module, shape):
+            ms = super().__call__(module, shape)
+            return 0.9 * ms if hasattr(module, "features") else ms
+
+    lm = LatencyModel(model, batch_size=1, timer=Overlapping(), cache=0)
+    assert lm.per_byte_ms == 0.0 and lm.keep_scale < 1.0
+    assert lm.speedup([("keep", None)] * len(lm.convs)) == pytest.approx(1.0)
+
+
+def test_the_cache_size_is_read_from_sysfs_and_unknown_without_it(tmp_path, monkeypatch):
+    import rl_mtd.latency as latency_module
+
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (2, "Unified", "1024K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(f"{value}\n")
+    monkeypatch.setattr(latency_module, "SYSFS_CACHES", tmp_path)
+    assert latency_module.cache_bytes("cpu") == 1024 * 1024
+    (tmp_path / "index1" / "size").write_text("2M\n")
+    assert latency_module.cache_bytes("cpu") == 2 * 1024 * 1024
+    monkeypatch.setattr(latency_module, "SYSFS_CACHES", tmp_path / "absent")
+    assert latency_module.cache_bytes("cpu") is None
+    lm = LatencyModel(build_vgg(NET, width=WIDTH).eval(), batch_size=1, timer=FakeTimer())
+    assert lm.cache is None and lm.per_byte_ms == 0.0 and "an unknown cache" in lm.describe()
+
+
 def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model, tmp_path):
     path = tmp_path / "latency.json"
     first = FakeTimer()
