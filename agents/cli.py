@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-lr",
         type=float,
         default=None,
-        help="peak fine-tuning learning rate (default 0.01)",
+        help="peak fine-tuning learning rate (default 0.02)",
     )
     t.add_argument(
         "--finetune-weight-decay",
