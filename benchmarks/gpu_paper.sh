@@ -11,7 +11,8 @@
 # name .gpu in the device tool's carry. Budgets are sized from the H200 timings in issue 10 (decode
 # 11 s, 30 baseline epochs 55 s, factorising every option 25 s, 40 PPO episodes 36-89 s, the
 # sensitivity study 155 s, a distilled fine-tune epoch ~3.5 s at batch 256) to about 9 minutes;
-# not yet run on a GPU in this form.
+# not yet run on a GPU in this form. The fine-tune is run_agent.py's (feature distillation, peak
+# lr 0.02: BENCHMARKS.md's CPU sweeps), shortened to 5 epochs to fit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +43,7 @@ else
   source benchmarks/_gpu_env.sh
   ARGS=(--width 1 --device cuda --baseline-epochs 30 --batch-size 256 --lr 0.1
         --proxy-size 5000 --targets 37,50 --episodes 30 --repair-steps 40 --finetune-epochs 5
-        --feature-kd 1 --latency-repeats 10 --no-progress)
+        --feature-kd 1 --finetune-lr 0.02 --latency-repeats 10 --no-progress)
 fi
 
 # LATENCY=S: every row must also be S times faster than the original at batch LATENCY_BATCH
