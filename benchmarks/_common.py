@@ -19,7 +19,7 @@ from agents.inputs import get_baseline, load_data
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
-from rl_mtd.proxy import ProxyConfig, default_repair, resolve_device
+from rl_mtd.proxy import Proxy, ProxyConfig, default_repair, resolve_device
 
 
 def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: float = 0.25) -> None:
@@ -63,6 +63,19 @@ def add_proxy_args(p: argparse.ArgumentParser, *, repair_steps: int = REPAIR_STE
         type=float,
         default=0.0,
         help="--fit data: shrink each input moment this far towards the weight-only fit (0..1)",
+    )
+
+
+def make_proxy(args: argparse.Namespace, baseline, splits: DataSplits, device) -> Proxy:
+    """A proxy over ``baseline`` with the script's proxy settings (``proxy_config(args)``)."""
+    return Proxy(
+        baseline,
+        train_split=splits.train,
+        proxy_split=splits.proxy,
+        device=device,
+        config=proxy_config(args),
+        net=args.net,
+        width=args.width,
     )
 
 

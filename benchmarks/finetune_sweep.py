@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import add_common_args, add_proxy_args, machine, proxy_config, setup
+from _common import add_common_args, add_proxy_args, machine, make_proxy, setup
 
 from agents.config import RunConfig
 from agents.pipeline import compress_and_finetune
@@ -36,7 +36,6 @@ from rl_mtd.budget import Budget
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy
-from rl_mtd.proxy import Proxy
 from rl_mtd.train import evaluate
 
 
@@ -94,15 +93,7 @@ def main() -> None:
 
     cfg, splits, baseline, device = setup(args)
     base_test = evaluate(baseline, splits.test)
-    proxy = Proxy(
-        baseline,
-        train_split=splits.train,
-        proxy_split=splits.proxy,
-        device=device,
-        config=proxy_config(args),
-        net=args.net,
-        width=args.width,
-    )
+    proxy = make_proxy(args, baseline, splits, device)
     policies = [(Path(f).stem, Policy.load(f)) for f in args.policy]
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     if targets:

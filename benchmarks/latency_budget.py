@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _common import add_common_args, add_proxy_args, proxy_config, setup
+from _common import add_common_args, add_proxy_args, make_proxy, setup
 
 from agents.config import RunConfig
 from agents.inputs import latency_model
@@ -32,7 +32,6 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.latency import measured_timer
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import apply_policy
-from rl_mtd.proxy import Proxy
 
 
 def main() -> None:
@@ -49,15 +48,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     cfg, splits, baseline, device = setup(args)
-    proxy = Proxy(
-        baseline,
-        train_split=splits.train,
-        proxy_split=splits.proxy,
-        device=device,
-        config=proxy_config(args),
-        net=args.net,
-        width=args.width,
-    )
+    proxy = make_proxy(args, baseline, splits, device)
     study = cached_study(proxy)
     torch.set_num_threads(args.threads)
     latency = latency_model(  # the run's own model: timed here, cached per machine context
