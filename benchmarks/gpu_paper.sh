@@ -54,6 +54,12 @@ if [[ -n "${LATENCY:-}" ]]; then
   ARGS+=(--target-latency "$LATENCY" --latency-batch "${LATENCY_BATCH:-1}")
 fi
 
+# MACS=M: every row must also do M times fewer MACs than the original (issue 11's "one row at
+# 37x parameters with at least 8x MACs within 1 point of the baseline": MACS=8).
+if [[ -n "${MACS:-}" ]]; then
+  ARGS+=(--target-macs "$MACS")
+fi
+
 set -o pipefail
 "${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,sensitivity,local,tucker2 \
   --warm-start sensitivity --observe study --imitate-best \
