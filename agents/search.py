@@ -203,6 +203,8 @@ def search(
     if cfg.resume is not None and agent_path.exists():
         agent = load_agent(agent_path)
         agent.set_env(venv)
+        # The zip remembers the folder it was saved from; a copied or moved run logs here.
+        agent.tensorboard_log = str(run_dir / "tb")
         log.info("resuming: %d episodes done", len(state.get("episodes", [])))
     else:
         agent = make_ppo(

@@ -558,11 +558,16 @@ def test_truncated_agent(smoke_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_continues_the_search(tmp_path):
-    out = tmp_path / "resumable"
-    assert main([*COMMON, *SEARCH, "--out", str(out)]) == 0
-    first = read_json(out / "search_state.json")
+    started = tmp_path / "resumable"
+    assert main([*COMMON, *SEARCH, "--out", str(started)]) == 0
+    first = read_json(started / "search_state.json")
     assert len(first["episodes"]) == 3
+    out = tmp_path / "moved"  # a run moved (or copied) elsewhere resumes where it now is
+    shutil.move(started, out)
     assert main(["--resume", str(out), "--episodes", "5", "--no-progress", "--quiet"]) == 0
+    assert not started.exists(), "the resumed search must not write to the run's old place"
+    events = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert len(events) == 2, "the resumed search logs to TensorBoard beside the first one"
     state = read_json(out / "search_state.json")
     assert len(state["episodes"]) == 5, "resume must add episodes to the ones already run"
     assert state["episodes"][:3] == first["episodes"]
