@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="budgets: smoke (a pipeline check: under a minute on a 2-core CPU), cpu "
         "(about an hour at --width 0.25), paper (GPU)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    p.add_argument(
+        "--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="device (default auto)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for splits, training and the agent")
     g = p.add_argument_group("search")
     g.add_argument(

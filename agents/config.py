@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,10 @@ class RunConfig:
         check_net_name(self.net)
         if self.preset not in PRESETS:
             raise RlMtdError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise RlMtdError(f"--device {self.device!r}: choose one of {', '.join(DEVICES)}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(self.device)):
+            raise RlMtdError(
+                f"--device {self.device!r}: choose one of {', '.join(DEVICES)} or cuda:N"
+            )
         if self.on_interrupt not in ON_INTERRUPT:
             raise RlMtdError(
                 f"--on-interrupt {self.on_interrupt!r}: choose one of {', '.join(ON_INTERRUPT)}"
@@ -255,6 +258,14 @@ class RunConfig:
         ):
             if value is not None:
                 _at_least(flag, value, 1)
+        if self.train_size is not None and self.train_size < self.batch_size:
+            raise RlMtdError(
+                f"--train-size {self.train_size} is smaller than one batch of {self.batch_size}; "
+                "raise --train-size or lower --batch-size"
+            )
+        _at_least("--seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise RlMtdError(f"--seed must be below 2**32, got {self.seed}")
         _at_least("--bn-batches", self.bn_batches, 0)
         _at_least("--repair-steps", self.repair_steps, 0)
         for flag, value in (

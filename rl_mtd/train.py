@@ -24,6 +24,7 @@ from torch import nn
 
 from rl_mtd.data import DeviceLoader, Split
 from rl_mtd.distill import FeatureMatch
+from rl_mtd.errors import RlMtdError
 from rl_mtd.models import model_device
 
 log = logging.getLogger(__name__)
@@ -340,9 +341,9 @@ def train(
         channels_last=device.type == "cuda",
     )
     if len(loader) == 0:
-        raise ValueError(
+        raise RlMtdError(
             f"training split of {len(train_split)} images is smaller than one batch of "
-            f"{cfg.batch_size}; lower the batch size"
+            f"{cfg.batch_size}; lower the batch size (--batch-size) or train on more images"
         )
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * len(loader)))
     eval_every = max(1, len(loader) // max(1, cfg.evals_per_epoch))

@@ -338,11 +338,23 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--target-latency", "2", "--latency-batch", "0"], "--latency-batch must be a whole"),
         (["--target-latency", "2", "--n-envs", "2"], "use it with --n-envs 1"),
         (["--tradeoff", "--target-latency", "2"], "--tradeoff excludes"),
+        (["--seed", "-1"], "--seed must be a whole number >= 0"),
+        (["--seed", str(2**32)], "--seed must be below 2**32"),
+        (["--train-size", "5"], "smaller than one batch of 128"),
+        (["--device", "gpu"], "choose one of auto, cpu, cuda or cuda:N"),
+        (["--device", "cuda:x"], "choose one of auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_invalid_settings(extra, phrase, tmp_path, capsys):
     out = tmp_path / "out"
     fail([*COMMON, *extra, "--out", str(out)], capsys, phrase)
+    assert not out.exists()
+
+
+def test_a_cuda_device_that_is_not_there_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    # No GPU (CI): "no CUDA GPU is visible"; with GPUs: "only N CUDA GPU(s) are visible".
+    fail([*COMMON, "--device", "cuda:99", "--out", str(out)], capsys, "CUDA GPU")
     assert not out.exists()
 
 
