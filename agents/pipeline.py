@@ -169,6 +169,15 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
     return out
 
 
+def _check_not_cleared(path: Path, run_dir: Path) -> None:
+    """--overwrite clears the old search's files first; the replayed file must not be one."""
+    if path.resolve() in {(run_dir / name).resolve() for name in STALE_SEARCH_FILES}:
+        raise RlMtdError(
+            f"--replay {path} is a file of --out {run_dir}, which --overwrite clears before the "
+            "replay reads it; copy it elsewhere first or pass another --out"
+        )
+
+
 def run(
     cfg: RunConfig,
     *,
@@ -181,6 +190,8 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
+    if replay is not None and cfg.overwrite and cfg.out:
+        _check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         _check_reachable(cfg, device)

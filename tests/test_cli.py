@@ -660,6 +660,8 @@ def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, cap
         ["--checkpoint", str(tmp_path / "missing.pt")],
         ["--replay", str(report)],
         ["--data", str(tmp_path / "no-such-data")],
+        ["--seed", "-1"],
+        ["--replay", str(run / "agent.zip")],  # a file that --overwrite would clear
     ]
     for extra in battery:
         argv = [*COMMON, *SEARCH, *extra, "--out", str(run), "--overwrite"]
