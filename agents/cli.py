@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue a search; its "
         "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
-        "--no-progress and --on-interrupt apply",
+        "--no-progress, --quiet and --on-interrupt may be given with it",
     )
     r.add_argument(
         "--on-interrupt",
@@ -380,9 +380,31 @@ def _ask_to_go_on(cfg: RunConfig) -> Callable[[Path], bool]:
     return ask
 
 
+RESUME_FLAGS = ("resume", "episodes", "timesteps", "no_progress", "quiet", "on_interrupt")
+"""What --resume takes from the command line; everything else comes from the run's config."""
+
+
+def _check_resume_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag --resume would ignore is an error, not a silent no-op."""
+    ignored = [
+        "--" + dest.replace("_", "-")
+        for dest, value in vars(args).items()
+        if dest not in RESUME_FLAGS and value != parser.get_default(dest)
+    ]
+    if ignored:
+        parser.error(
+            f"--resume continues a run with the settings in its config.json; {', '.join(ignored)} "
+            "would be ignored. Drop them, or start a new run (--replay RUN_DIR/policy.json "
+            "applies that run's policy with new settings)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        _check_resume_flags(parser, args)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

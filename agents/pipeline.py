@@ -28,6 +28,7 @@ from agents.search import (
     load_replay,
     make_proxy,
     proxy_config,
+    read_search_state,
     replay_agent,
     search,
 )
@@ -203,7 +204,10 @@ def run(
     )
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
-    print_plan(cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None)
+    done = len(read_search_state(run_dir).get("episodes", [])) if cfg.resume else 0
+    print_plan(
+        cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None, done
+    )
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device)
     proxy = make_proxy(cfg, baseline, splits, device)
 

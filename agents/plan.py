@@ -109,6 +109,7 @@ def print_plan(
     timing: Timing,
     need_baseline: bool,
     replay_path: str | None,
+    episodes_done: int = 0,
 ) -> None:
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     t_step = timing.step_seconds
@@ -119,10 +120,11 @@ def print_plan(
         if replay_path or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
+    episodes_left = max(0, cfg.episodes - episodes_done)
     est = {
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
         "study": study_evals * timing.episode_seconds,
-        "search": 0.0 if replay_path else cfg.episodes * timing.episode_seconds,
+        "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
         "fine-tune": cfg.finetune_epochs * steps_per_epoch * t_step * 1.3,
     }
     targets = [
@@ -140,7 +142,9 @@ def print_plan(
         search = f"replay {replay_path}"
     else:
         search = (
-            f"{cfg.episodes} episodes x {timing.n_layers} layers, target {target}, "
+            f"{episodes_left} episodes x {timing.n_layers} layers"
+            + (f" (of {cfg.episodes}; {episodes_done} done)" if episodes_done else "")
+            + f", target {target}, "
             f"{cfg.n_envs} env(s), proxy {cfg.bn_batches} BN batches + {cfg.repair_steps} "
             f"repair steps (~{_fmt(est['search'])}, plus factorising each new layer option "
             "once; repeated policies are faster)"

@@ -569,14 +569,16 @@ def test_truncated_agent(smoke_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_search(tmp_path):
+def test_resume_continues_the_search(tmp_path, caplog):
     started = tmp_path / "resumable"
     assert main([*COMMON, *SEARCH, "--out", str(started)]) == 0
     first = read_json(started / "search_state.json")
     assert len(first["episodes"]) == 3
     out = tmp_path / "moved"  # a run moved (or copied) elsewhere resumes where it now is
     shutil.move(started, out)
-    assert main(["--resume", str(out), "--episodes", "5", "--no-progress", "--quiet"]) == 0
+    with caplog.at_level("INFO"):
+        assert main(["--resume", str(out), "--episodes", "5", "--no-progress", "--quiet"]) == 0
+    assert "search: 2 episodes x 8 layers (of 5; 3 done)" in caplog.text, "the plan: what is left"
     assert not started.exists(), "the resumed search must not write to the run's old place"
     events = list((out / "tb").rglob("events.out.tfevents.*"))
     assert len(events) == 2, "the resumed search logs to TensorBoard beside the first one"
@@ -594,6 +596,21 @@ def test_resume_continues_the_search(tmp_path):
 
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     fail(["--resume", str(tmp_path)], capsys, "no config.json there")
+
+
+@pytest.mark.parametrize(
+    "extra", [["--finetune-epochs", "3"], ["--net", "vgg13"], ["--preset", "cpu"], ["--overwrite"]]
+)
+def test_resume_refuses_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = _digest(run)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--resume", str(run), "--episodes", "9", *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below argparse's usage text
+    assert extra[0] in err and "would be ignored" in err and "--episodes" not in err
+    assert _digest(run) == before
 
 
 @pytest.mark.slow
