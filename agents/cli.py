@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="paper",
         choices=list(PRESETS),
         help="budgets: smoke (a pipeline check: under a minute on a 2-core CPU), cpu "
-        "(about an hour at --width 0.25), paper (GPU)",
+        "(an hour or two at --width 0.25 on 2 cores), paper (GPU)",
     )
     p.add_argument(
         "--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}", help="device (default auto)"

@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         finetune_epochs=0.5,
         latency_repeats=3,
     ),
-    # A real but small search that fits a 2-core CPU in about an hour and a half at width 0.25.
+    # A real but small search that fits a 2-core CPU in an hour or two at width 0.25.
     # The fine-tune is most of what the accuracy depends on: with the heuristic's 8x policy
     # (VGG11 width 0.25, BENCHMARKS.md, feature distillation) 3 and 8 epochs at lr 0.01 gave
     # 79.25% and 80.25%, 20 epochs 81.48% at lr 0.01 and 81.72% at lr 0.02 (3 seeds).
