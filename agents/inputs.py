@@ -69,12 +69,18 @@ def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:
 
 
 def get_baseline(
-    cfg: RunConfig, splits: DataSplits, data_key: str, device: torch.device
+    cfg: RunConfig,
+    splits: DataSplits,
+    data_key: str,
+    device: torch.device,
+    given: nn.Module | None = None,
 ) -> tuple[nn.Module, str]:
-    """The baseline: ``--checkpoint``, a cached one for these settings, or train one now."""
+    """The baseline: ``--checkpoint`` (``given`` if it was loaded already), a cached one for
+    these settings, or train one now."""
     if cfg.checkpoint is not None:
-        model, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
-        return model.to(device), str(cfg.checkpoint)
+        if given is None:
+            given, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
+        return given.to(device), str(cfg.checkpoint)
     path = baseline_cache_path(cfg, data_key)
     if path.exists():
         try:

@@ -33,7 +33,7 @@ from agents.search import (
     search,
 )
 from rl_mtd.budget import Budget, BudgetTable
-from rl_mtd.checkpoints import save_compressed
+from rl_mtd.checkpoints import load_baseline, save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
@@ -194,6 +194,12 @@ def run(
     if replay is not None and cfg.overwrite and cfg.out:
         _check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
+    # A checkpoint of another net, a whole pickled model or NaN weights: before any work.
+    given = (
+        None
+        if cfg.checkpoint is None
+        else load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)[0]
+    )
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         _check_reachable(cfg, device)
     cfg = _with_replayed_budget(cfg, replay)
@@ -208,7 +214,7 @@ def run(
     print_plan(
         cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None, done
     )
-    baseline, baseline_path = get_baseline(cfg, splits, data.key, device)
+    baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given)
     proxy = make_proxy(cfg, baseline, splits, device)
 
     if cfg.resume is None:

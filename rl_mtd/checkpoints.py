@@ -10,6 +10,7 @@ A bare state_dict of a ``build_vgg`` model is accepted too. A compressed file is
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load of a foreign file raises almost anything
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours parts of its message
+        if "Unsupported global" in text:  # weights_only met a class it will not rebuild
+            raise RlMtdError(
+                f"checkpoint {path} holds pickled Python objects (a whole model saved with "
+                "torch.save(model)?), which rl_mtd does not unpickle; save the weights instead: "
+                "torch.save(model.state_dict(), path)"
+            ) from None
         raise RlMtdError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it may be "
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {text[:200]}); it may be "
             "truncated or not a PyTorch file - re-save it or train a new baseline"
         ) from None
     if not isinstance(data, dict):

@@ -404,6 +404,29 @@ def test_truncated_checkpoint(tmp_path, capsys):
     assert bad.read_bytes() == blob[: len(blob) // 2]
 
 
+@pytest.mark.parametrize("kind", ["whole model", "another net"])
+def test_a_bad_checkpoint_stops_the_run_before_the_data_is_loaded(
+    kind, tmp_path, capsys, monkeypatch
+):
+    import agents.pipeline
+
+    def no_data(cfg):
+        raise AssertionError("the data was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(agents.pipeline, "load_data", no_data)
+    ckpt = tmp_path / "model.pt"
+    if kind == "whole model":
+        torch.save(build_vgg(NET, width=WIDTH), ckpt)
+        phrase = "torch.save(model.state_dict(), path)"
+    else:
+        save_baseline(ckpt, build_vgg("vgg13", width=WIDTH), net="vgg13", width=WIDTH)
+        phrase = "pass --net vgg13"
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, phrase)
+    assert "\x1b" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("text", ["", "hello", "not a checkpoint\n" * 100])
 def test_text_file_as_checkpoint(text, tmp_path, capsys):
     bad = tmp_path / "notes.pt"
