@@ -133,6 +133,27 @@ def layer_choices(layers):
 # ----------------------------------------------------------------------------- the smoke run
 
 
+def test_report_md_latency_rows_compare_the_models_run_the_same_way(smoke_run):
+    report = read_json(smoke_run / "report.json")
+    md = (smoke_run / "report.md").read_text()
+    for key in ("latency_b1", "latency_b128"):
+        lat = report[key]
+        batch = f"batch {key[9:]}"
+        rows = {
+            kind: next(line for line in md.splitlines() if batch in line and f", {kind} (" in line)
+            for kind in ("eager", "inference form")
+        }
+        eager = lat["original_ms"] / lat["compressed_ms"]
+        own = lat["original_inference_ms"] / lat["compressed_inference_ms"]
+        if lat["noisy"]:  # a loaded machine: the ratio is withheld, not misreported
+            assert all("not a measurement" in row for row in rows.values())
+        else:
+            assert rows["eager"].endswith(f"| {eager:.2f}x |")
+            assert rows["inference form"].endswith(
+                f"| {own:.2f}x ({lat['inference_speedup']:.2f}x against the eager original) |"
+            )
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_every_file(smoke_run):
     for name in RUN_FILES:
