@@ -200,9 +200,14 @@ def run(
         if cfg.checkpoint is None
         else load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)[0]
     )
-    if replay is None or replay.kind == "policy":  # a target out of reach: before any work
-        _check_reachable(cfg, device)
     cfg = _with_replayed_budget(cfg, replay)
+    if replay is None:  # a target out of reach: before any work
+        _check_reachable(cfg, device)
+    elif replay.kind == "policy":
+        try:
+            _check_reachable(cfg, device)
+        except RlMtdError as exc:  # the file's budget, hand-edited or from another net
+            raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
     splits, data = load_data(cfg)
     splits = splits.to(device)
     run_dir = (

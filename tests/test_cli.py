@@ -495,9 +495,10 @@ def test_corrupt_policy_replay(tmp_path, capsys):
     assert bad.read_text() == text[: len(text) // 2]
 
 
-def test_policy_with_a_hand_edited_budget(tmp_path, capsys):
+@pytest.mark.parametrize("ratio, phrase", [("8x", "'8x'"), (1e6, "beyond what these levels")])
+def test_policy_with_a_hand_edited_budget(ratio, phrase, tmp_path, capsys):
     policy = Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
-    policy.meta.update(target_ratio="8x", target_macs=None)
+    policy.meta.update(target_ratio=ratio, target_macs=None)
     path = tmp_path / "policy.json"
     policy.save(path)
     out = tmp_path / "out"
@@ -507,7 +508,20 @@ def test_policy_with_a_hand_edited_budget(tmp_path, capsys):
         "records a budget this run cannot use",
         str(path),
     )
-    assert "'8x'" in err and not out.exists()
+    assert phrase in err and not out.exists()
+
+
+def test_a_replay_is_judged_by_its_own_budget_not_the_command_line_s(smoke_run, tmp_path):
+    """--target-ratio beside --replay of a file that records its budget gives way to the file
+    (it used to be checked, and refused when out of reach, before the file's budget replaced it)."""
+    out = tmp_path / "out"
+    policy = smoke_run / "policy.json"
+    assert (
+        main([*COMMON, "--replay", str(policy), "--target-ratio", "1000", "--out", str(out)]) == 0
+    )
+    assert (
+        read_json(out / "report.json")["target_ratio"] == read_json(policy)["meta"]["target_ratio"]
+    )
 
 
 def test_missing_data(tmp_path, capsys):
