@@ -42,6 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise _naming(exc, path) from None
     os.close(fd)
+    os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would make every result private
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -51,6 +52,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0666 less the process's umask."""
+    try:  # Linux states the umask here; os.umask() can only read it by changing it
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
 
 
 def _naming(exc: OSError, path: Path) -> OSError:

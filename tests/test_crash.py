@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -127,6 +128,18 @@ def test_full_disk_keeps_the_earlier_file(writer, tmp_path, monkeypatch):
     assert excinfo.value.filename == str(target), "the error names the file being written"
     assert target.read_bytes() == before
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_mode_of_an_ordinary_new_file(umask, tmp_path):
+    """The temporary file is renamed into place, so its mode is the result's: as ``open`` would
+    give, not mkstemp's owner-only 0600."""
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "report.json", {"ok": True})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o666 & ~umask
 
 
 def test_full_disk_while_saving_the_agent(tmp_path, monkeypatch):
