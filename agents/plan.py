@@ -137,7 +137,13 @@ def print_plan(
         if v is not None
     ]
     target = " and ".join(targets) if targets else "trade-off"
-    baseline = f"train {cfg.baseline_epochs:g} epochs" if need_baseline else "given"
+    baseline = (
+        f"train {cfg.baseline_epochs:g} epochs"
+        if need_baseline
+        else f"{cfg.checkpoint}"
+        if cfg.checkpoint
+        else "cached from an earlier run"
+    )
     if replay_path:
         search = f"replay {replay_path}"
     else:
