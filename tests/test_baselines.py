@@ -35,6 +35,7 @@ from rl_mtd.decompose import (
     conv_layers,
     decomposed_params,
     layer_params,
+    next_rank,
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
@@ -173,17 +174,31 @@ def test_uniform_is_one_method_one_ratio_close_to_target(method, target, model):
     assert all(c.method == method for c in policy.layers[1:])
     ratio = _ratio(model, policy)
     assert target <= ratio < 1.25 * target
-    # The shared ratio is the smallest that works: a slightly smaller one misses the target.
+    # Settled at the target: no decomposed layer's rank can grow by a step within the budget.
+    choices = [(c.method, c.rank) for c in policy.layers]
+    for i, ((_, conv), (m, rank)) in enumerate(zip(conv_layers(model), choices)):
+        bigger = next_rank(conv, m, rank) if m != "keep" else None
+        if bigger is not None:
+            grown = Policy.from_choices(
+                model, [*choices[:i], (m, bigger), *choices[i + 1 :]], net=NET, width=WIDTH
+            )
+            assert _ratio(model, grown) < target, f"layer {i} could take a bigger rank"
+    # The shared ratio is the smallest that works: a slightly smaller one misses the target;
+    # settling only raises ranks above it.
     r = policy.meta["layer_ratio"]
     choices = []
     for (_, conv), choice in zip(conv_layers(model), policy.layers):
         rank = rank_for_ratio(conv, method, r)
-        assert choice.method == "keep" or choice.rank == rank
+        assert choice.method == "keep" or _rank_size(choice.rank) >= _rank_size(rank)
         smaller = rank_for_ratio(conv, method, r * 0.999)
         kept = decomposed_params(conv, method, smaller) >= layer_params(conv)
         choices.append(("keep", None) if kept else (method, smaller))
     looser = Policy.from_choices(model, choices, net=NET, width=WIDTH)
     assert _ratio(model, looser) < target
+
+
+def _rank_size(rank) -> int:
+    return rank[0] * rank[1] if isinstance(rank, tuple | list) else rank
 
 
 def test_uniform_rejects_keep(model):
