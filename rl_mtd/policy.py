@@ -188,8 +188,8 @@ def _parse_policy(data: Any, source: str) -> Policy:
             f"field 'layers' has {len(raw_layers)} entries but {net} has {len(expected)} conv layers",
         )
     layers = [
-        _parse_layer(item, i, conv, source)
-        for i, (item, (_, conv)) in enumerate(zip(raw_layers, expected))
+        _parse_layer(item, i, name, conv, source)
+        for i, (item, (name, conv)) in enumerate(zip(raw_layers, expected))
     ]
     meta = data.get("meta", {})
     if not isinstance(meta, dict):
@@ -197,17 +197,23 @@ def _parse_policy(data: Any, source: str) -> Policy:
     return Policy(net, float(width), layers, num_classes, meta)
 
 
-def _parse_layer(item: Any, i: int, conv: nn.Conv2d, source: str) -> LayerChoice:
+def _parse_layer(item: Any, i: int, name: str, conv: nn.Conv2d, source: str) -> LayerChoice:
     where = f"layers[{i}]"
     if not isinstance(item, dict):
         raise _fail(source, f"{where} must be an object")
     for key in ("name", "method", "rank"):
         if key not in item:
             raise _fail(source, f"{where} is missing field {key!r}")
+    if item["name"] != name:
+        raise _fail(source, f"{where}.name {item['name']!r} is not that layer's name {name!r}")
     method = item["method"]
     if method not in METHODS:
         raise _fail(
             source, f"{where}.method {method!r} is unknown; choose one of {', '.join(METHODS)}"
+        )
+    if method == "keep" and item["rank"] is not None:
+        raise _fail(
+            source, f"{where} keeps its layer, so its rank must be null, not {item['rank']!r}"
         )
     shape = item.get("shape")
     if shape is not None and list(shape) != list(conv.weight.shape):
@@ -248,6 +254,11 @@ def check_matches(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Conv2d
     """The model's conv layers, after checking they are the ones ``policy`` was made for."""
     convs = conv_layers(model)
     for i, ((name, conv), choice) in enumerate(zip(convs, policy.layers)):
+        if choice.name != name:
+            raise RlMtdError(
+                f"the policy ({policy.net}, width {policy.width}) does not fit this model: "
+                f"its layer {i} is {choice.name!r}, the model's is {name!r}"
+            )
         shape = tuple(conv.weight.shape)
         if choice.shape is not None and shape != tuple(choice.shape):
             raise RlMtdError(

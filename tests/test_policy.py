@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from rl_mtd.checkpoints import load_baseline, save_baseline
 from rl_mtd.decompose import (
@@ -115,6 +116,12 @@ def test_vgg11_policy_refused_on_vgg16(policy: Policy) -> None:
         policy.predicted_params(vgg16)
 
 
+def test_policy_refused_on_a_model_whose_layers_have_other_names(model, policy: Policy) -> None:
+    wrapped = nn.Sequential(model)  # same kernels, every name now starts with "0."
+    with pytest.raises(RlMtdError, match=r"'0\.features\.0'"):
+        apply_policy(wrapped, policy)
+
+
 def test_policy_with_wrong_choice_count_refused(model) -> None:
     with pytest.raises(RlMtdError, match="conv layers"):
         Policy.from_choices(model, [("keep", None)] * 7, net="vgg11", width=WIDTH)
@@ -176,6 +183,15 @@ def _wrong_ratio(d):
     d["layers"][_first_decomposed(d)]["ratio"] = 123.0
 
 
+def _wrong_name(d):
+    d["layers"][2]["name"] = "features.99"
+
+
+def _rank_on_a_kept_layer(d):
+    i = next(i for i, layer in enumerate(d["layers"]) if layer["method"] == "keep")
+    d["layers"][i]["rank"] = 5
+
+
 def _unknown_net(d):
     d["net"] = "vgg12"
 
@@ -198,6 +214,8 @@ def _bad_width(d):
         (_unknown_method, ["method", "svd"]),
         (_wrong_shape, ["shape", "layers[2]"]),
         (_wrong_ratio, ["ratio"]),
+        (_wrong_name, ["layers[2].name", "features.99"]),
+        (_rank_on_a_kept_layer, ["rank must be null", "5"]),
         (_unknown_net, ["net", "vgg12"]),
         (_missing_net, ["net"]),
         (_bad_width, ["width"]),
