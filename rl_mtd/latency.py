@@ -215,6 +215,9 @@ class LatencyModel:
         self._ms: dict[str, float] = {}
         self._grids: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         self._whole: dict[str, float] = {}
+        self.seconds = 0.0
+        """Wall seconds spent timing every measurement this model holds, those read from
+        ``path`` included: what a search that uses it is charged, as for the study."""
         self._load()
         self.busy: float | None = None
         """Share of the CPUs other processes used while this model timed (CPU only)."""
@@ -300,6 +303,7 @@ class LatencyModel:
             t0 = time.perf_counter()
             ms = float(self.timer(block, (self.batch_size, *self.shapes[name])))
             self._timing_s += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0
             if not (ms >= 0 and ms < float("inf")):
                 raise RlMtdError(f"timing {key} gave {ms!r} ms")
             self._ms[key] = ms
@@ -311,6 +315,7 @@ class LatencyModel:
             t0 = time.perf_counter()
             self._whole[label] = float(self.timer(model, (self.batch_size, 3, 32, 32)))
             self._timing_s += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0
             self._dirty = True
         return self._whole[label]
 
@@ -387,8 +392,10 @@ class LatencyModel:
                 return  # another model, batch or machine: measure afresh
             self._ms = {str(k): float(v) for k, v in data["layers"].items()}
             self._whole = {str(k): float(v) for k, v in data["whole"].items()}
+            self.seconds = float(data.get("seconds", 0.0))  # files before it was recorded: 0
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._ms, self._whole = {}, {}  # a damaged file is measured again, not trusted
+            self.seconds = 0.0
 
     def _save(self) -> None:
         if self.path is None or not self._dirty:
@@ -396,7 +403,10 @@ class LatencyModel:
         self._check_busy()
         if self.path is None:
             return
-        write_json_atomic(self.path, {"key": self.key, "layers": self._ms, "whole": self._whole})
+        write_json_atomic(
+            self.path,
+            {"key": self.key, "layers": self._ms, "whole": self._whole, "seconds": self.seconds},
+        )
         self._dirty = False
 
     def measurements(self) -> dict[str, float]:

@@ -994,6 +994,9 @@ def test_latency_budget_reached_and_reported(tmp_path, monkeypatch):
     assert report["latency_b4"]["original_ms"] > 0
     assert "Target speed-up 2x at batch 4" in (out / "report.md").read_text()
     assert timers[0].calls > 0 and timers[-1].calls == 0, "the second run timed nothing"
+    charged = report["invocations"][0]["latency_model_seconds"]
+    assert charged > 0, "the cached timing's cost is charged to the search, as the study's is"
+    assert report["search_seconds"] >= charged
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert episodes and all(e["predicted_speedup"] >= 2 * (1 - 1e-9) for e in episodes)
     assert read_json(out / "policy.json")["meta"]["target_latency"] == 2

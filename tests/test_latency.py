@@ -12,14 +12,14 @@ import torch
 from conftest import FakeTimer
 from torch import nn
 
-from rl_mtd.baselines import random_policies, uniform_policy
+from rl_mtd.baselines import random_policies
 from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, settle
-from rl_mtd.decompose import METHODS, conv_layers
+from rl_mtd.decompose import METHODS, conv_layers, rank_for_ratio
 from rl_mtd.errors import RlMtdError
 from rl_mtd.latency import LatencyModel, layer_block
 from rl_mtd.metrics import count_macs
 from rl_mtd.models import build_vgg
-from rl_mtd.policy import apply_policy
+from rl_mtd.policy import Policy, apply_policy
 
 NET, WIDTH = "vgg11", 0.125
 
@@ -88,7 +88,14 @@ def test_weights_beyond_the_cache_are_charged_to_every_layer_that_has_them(model
     assert scaled.per_byte_ms == 0.0 and scaled.keep_scale > 1.0
     worst_scaled = 0.0
     policies = [
-        uniform_policy(model, m, t, net=NET, width=WIDTH) for m in METHODS[1:] for t in (2.0, 4.0)
+        Policy.from_choices(  # every layer at one grid level: timed, not interpolated
+            model,
+            [(m, rank_for_ratio(c, m, t)) for _, c in conv_layers(model)],
+            net=NET,
+            width=WIDTH,
+        )
+        for m in METHODS[1:]
+        for t in (2.0, 4.0)
     ]
     policies += random_policies(model, 2.0, 4, seed=5, net=NET, width=WIDTH)
     for policy in policies:
@@ -138,7 +145,9 @@ def test_measurements_are_kept_between_runs_and_a_bad_file_is_not_trusted(model,
     b = LatencyModel(model, batch_size=2, timer=again, path=path)
     assert again.calls == 0, "everything the first run measured is read back"
     assert (b.original_ms, b.rest_ms, b.keep_scale) == (a.original_ms, a.rest_ms, a.keep_scale)
+    assert b.seconds == a.seconds > 0, "what the timing cost is read back too: a search pays it"
     b.layer_ms("features.4", "cp", 3)
+    assert b.seconds > a.seconds, "timing the grid adds its cost"
     grid_calls = again.calls
     assert grid_calls > 1, "the layer's whole CP grid is timed when first asked for"
     b.layer_ms("features.4", "cp", 5)
