@@ -210,6 +210,9 @@ class ImitateBest(BaseCallback):
         return True
 
 
+STUDY_SAVE_EVERY_S = 30.0
+"""How often a running study is written to its cache file (it takes minutes on a CPU)."""
+
 STUDY_KEY_VERSION = 2
 """Bump when a default of ``ProxyConfig`` (or its repair) changes what a study measures: keys
 list only the settings that differ from the defaults."""
@@ -269,11 +272,22 @@ def cached_study(proxy: Proxy) -> SensitivityStudy:
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring unusable cached study %s (%s)", path, exc)
     t0 = time.perf_counter()
-    study.run()
-    study.seconds += time.perf_counter() - t0
-    rows = [[i, m, lv, a] for (i, m, lv), a in study.results.items()]
-    try:
-        write_json_atomic(path, {"rows": rows, "seconds": study.seconds})
-    except OSError as exc:  # a full or read-only cache costs only time
-        log.warning("could not cache the sensitivity study at %s (%s)", path, exc)
+    seconds_before, last_save = study.seconds, [t0]
+
+    def save(every: float = STUDY_SAVE_EVERY_S) -> None:
+        now = time.perf_counter()
+        if now - last_save[0] < every:
+            return
+        last_save[0] = now
+        study.seconds = seconds_before + now - t0
+        rows = [[i, m, lv, a] for (i, m, lv), a in study.results.items()]
+        try:
+            write_json_atomic(path, {"rows": rows, "seconds": study.seconds})
+        except OSError as exc:  # a full or read-only cache costs only time
+            log.warning("could not cache the sensitivity study at %s (%s)", path, exc)
+
+    measured_before = len(study.results)
+    study.run(on_result=save)  # partial studies are saved too: Ctrl-C keeps what was measured
+    if len(study.results) > measured_before or not path.exists():
+        save(every=0.0)
     return study

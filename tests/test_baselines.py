@@ -73,6 +73,37 @@ def study(proxy) -> SensitivityStudy:
     return SensitivityStudy(proxy, methods=("tucker2", "cp"), levels=STUDY_LEVELS)
 
 
+def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
+    """Ctrl-C in the sensitivity study (minutes on a CPU) loses nothing already measured:
+    the cache file holds the partial study and the next one measures only the rest."""
+    import agents.warmstart as warmstart
+
+    monkeypatch.setattr(warmstart, "STUDY_SAVE_EVERY_S", 0.0)
+    real, calls = proxy.evaluate, []
+
+    def interrupted_after(n):
+        def evaluate(policy):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(policy.choices())
+            return real(policy)
+
+        return evaluate
+
+    monkeypatch.setattr(proxy, "evaluate", interrupted_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        warmstart.cached_study(proxy)
+    path = warmstart.study_path(proxy, SensitivityStudy(proxy))
+    saved = len(json.loads(path.read_text())["rows"])  # levels that share a rank share a row
+    assert saved >= 3
+    first = list(calls)
+    monkeypatch.setattr(proxy, "evaluate", interrupted_after(5))
+    with pytest.raises(KeyboardInterrupt):
+        warmstart.cached_study(proxy)
+    assert calls[3:] and not set(map(str, calls[3:])) & set(map(str, first)), "nothing twice"
+    assert len(json.loads(path.read_text())["rows"]) > saved
+
+
 def _ratio(model: nn.Module, policy: Policy) -> float:
     return count_params(model) / policy.predicted_params(model)
 

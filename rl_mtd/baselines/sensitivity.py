@@ -8,7 +8,7 @@ parameter removed (:func:`sensitivity_policy`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -75,8 +75,13 @@ class SensitivityStudy:
                     out.append(((i, self.methods[mi], self.levels[li]), rank))
         return out
 
-    def run(self, progress: bool = False) -> dict[StudyKey, float]:
-        """Measure every entry not measured yet; return all results (a copy)."""
+    def run(
+        self, progress: bool = False, on_result: Callable[[], None] | None = None
+    ) -> dict[StudyKey, float]:
+        """Measure every entry not measured yet; return all results (a copy).
+
+        ``on_result()`` is called after each new entry (a caller saves partial studies with it,
+        so an interrupted study resumes where it stopped)."""
         todo = [(k, r) for k, r in self.keys() if k not in self.results]
         items: Iterable[tuple[StudyKey, Rank]] = todo
         if progress and todo:
@@ -102,6 +107,8 @@ class SensitivityStudy:
                     self.evaluations += 1
                 self._by_rank[same] = result.accuracy
             self.results[key] = self._by_rank[same]
+            if on_result is not None:
+                on_result()
         return dict(self.results)
 
     def scores(self, baseline_acc: float) -> np.ndarray:
