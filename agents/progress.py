@@ -43,6 +43,25 @@ def train_bar(desc: str, enabled: bool) -> Iterator[Callable[[TrainProgress], No
 
 
 @contextlib.contextmanager
+def count_bar(desc: str, unit: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """An ``on_progress(done, total)`` callback drawing a bar (the sensitivity study's), or None
+    when bars are off."""
+    if not bars_wanted(enabled):
+        yield None
+        return
+    bar = tqdm(desc=desc, leave=False, unit=unit)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
 def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict], None] | None]:
     """A ``search(on_episode=...)`` callback: episodes done / total, best reward and ratio,
     proxy accuracy, episodes per minute and an ETA; None when bars are off."""

@@ -187,9 +187,11 @@ def search(
     # read from the cache before the clock starts; its full cost is charged to the search.
     study, study_seconds, scores = None, 0.0, None
     if cfg.observe == "study" or cfg.warm_start == "sensitivity":
+        from agents.progress import count_bar
         from agents.warmstart import cached_study
 
-        study = cached_study(proxy)  # the workers below find it cached
+        with count_bar("sensitivity study", "eval", cfg.progress) as bar:
+            study = cached_study(proxy, bar)  # the workers below find it cached
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)

@@ -254,11 +254,14 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
     return cache_dir() / "studies" / f"{key}.json"
 
 
-def cached_study(proxy: Proxy) -> SensitivityStudy:
+def cached_study(
+    proxy: Proxy, on_progress: Callable[[int, int], None] | None = None
+) -> SensitivityStudy:
     """A sensitivity study whose results are kept on disk per baseline and proxy settings.
 
     ``study.seconds`` is what measuring it cost, also when it came from the cache, so a search
-    that reuses it is still charged for it.
+    that reuses it is still charged for it. ``on_progress(done, total)`` follows the entries
+    measured (a progress bar: ``agents.progress.count_bar``).
     """
     study = SensitivityStudy(proxy)
     study.seconds = 0.0
@@ -274,7 +277,11 @@ def cached_study(proxy: Proxy) -> SensitivityStudy:
     t0 = time.perf_counter()
     seconds_before, last_save = study.seconds, [t0]
 
+    total = len(study.keys())
+
     def save(every: float = STUDY_SAVE_EVERY_S) -> None:
+        if on_progress is not None:
+            on_progress(len(study.results), total)
         now = time.perf_counter()
         if now - last_save[0] < every:
             return

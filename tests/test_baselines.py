@@ -98,10 +98,16 @@ def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
     assert saved >= 3
     first = list(calls)
     monkeypatch.setattr(proxy, "evaluate", interrupted_after(5))
+    progress: list[tuple[int, int]] = []
     with pytest.raises(KeyboardInterrupt):
-        warmstart.cached_study(proxy)
+        warmstart.cached_study(
+            proxy, on_progress=lambda done, total: progress.append((done, total))
+        )
     assert calls[3:] and not set(map(str, calls[3:])) & set(map(str, first)), "nothing twice"
     assert len(json.loads(path.read_text())["rows"]) > saved
+    # A progress bar follows it: done counts up from what was cached, out of the whole study.
+    done, totals = [d for d, _ in progress], {t for _, t in progress}
+    assert done == sorted(done) and done[0] > saved and len(totals) == 1 and totals.pop() > done[-1]
 
 
 def _ratio(model: nn.Module, policy: Policy) -> float:
