@@ -384,12 +384,35 @@ RESUME_FLAGS = ("resume", "episodes", "timesteps", "no_progress", "quiet", "on_i
 """What --resume takes from the command line; everything else comes from the run's config."""
 
 
-def _check_resume_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A flag --resume would ignore is an error, not a silent no-op."""
+def _typed_dests(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """The flags on the command line as typed (abbreviations resolved), by destination."""
+    out = {}
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        matches = {
+            action.dest
+            for action in parser._actions
+            for option in action.option_strings
+            if option == name or (parser.allow_abbrev and option.startswith(name))
+        }
+        exact = [a.dest for a in parser._actions if name in a.option_strings]
+        for dest in exact or (matches if len(matches) == 1 else []):
+            out.setdefault(dest, name)
+    return out
+
+
+def _check_resume_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]
+) -> None:
+    """A flag --resume would ignore is an error, not a silent no-op, even when its value is
+    the default (``--seed 0``)."""
+    typed = _typed_dests(parser, argv)
     ignored = [
-        "--" + dest.replace("_", "-")
+        typed.get(dest, "--" + dest.replace("_", "-"))
         for dest, value in vars(args).items()
-        if dest not in RESUME_FLAGS and value != parser.get_default(dest)
+        if dest not in RESUME_FLAGS and (dest in typed or value != parser.get_default(dest))
     ]
     if ignored:
         parser.error(
@@ -404,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume is not None:
-        _check_resume_flags(parser, args)
+        _check_resume_flags(parser, args, argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",

@@ -146,15 +146,20 @@ def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
 
 
+def _records_budget(replay: Replay) -> bool:
+    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
+    return any(k in meta for k in BUDGET_KEYS)
+
+
 def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
     """A replayed agent or policy is judged by the budget it was searched under, as its meta
     records it: the agent's environment holds it, and the report states it and, for a latency
     budget, predicts the speed-up on this device. A file that records none keeps the run's."""
     if replay is None:
         return cfg
-    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
-    if not any(k in meta for k in BUDGET_KEYS):
+    if not _records_budget(replay):
         return cfg
+    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
     budget = {k: meta.get(k) for k in BUDGET_KEYS}
     batch = meta.get("latency_batch", cfg.latency_batch)
     try:
@@ -201,8 +206,8 @@ def run(
         else load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)[0]
     )
     cfg = _with_replayed_budget(cfg, replay)
-    if replay is None:  # a target out of reach: before any work
-        _check_reachable(cfg, device)
+    if replay is None or (replay.kind == "policy" and not _records_budget(replay)):
+        _check_reachable(cfg, device)  # a target out of reach: before any work
     elif replay.kind == "policy":
         try:
             _check_reachable(cfg, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -120,7 +121,12 @@ def print_plan(
         if replay_path or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
-    episodes_left = max(0, cfg.episodes - episodes_done)
+    # As the search counts them: --timesteps, else the episodes left, and at least one.
+    episodes_left = (
+        math.ceil(cfg.timesteps / timing.n_layers)
+        if cfg.timesteps
+        else max(1, cfg.episodes - episodes_done)
+    )
     est = {
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
         "study": study_evals * timing.episode_seconds,
@@ -149,7 +155,13 @@ def print_plan(
     else:
         search = (
             f"{episodes_left} episodes x {timing.n_layers} layers"
-            + (f" (of {cfg.episodes}; {episodes_done} done)" if episodes_done else "")
+            + (
+                f" (of {cfg.episodes}; {episodes_done} done)"
+                if episodes_done and not cfg.timesteps
+                else f" ({cfg.timesteps} timesteps; {episodes_done} episodes done)"
+                if episodes_done
+                else ""
+            )
             + f", target {target}, "
             f"{cfg.n_envs} env(s), proxy {cfg.bn_batches} BN batches + {cfg.repair_steps} "
             f"repair steps (~{_fmt(est['search'])}, plus factorising each new layer option "

@@ -511,6 +511,16 @@ def test_policy_with_a_hand_edited_budget(ratio, phrase, tmp_path, capsys):
     assert phrase in err and not out.exists()
 
 
+def test_a_policy_without_a_budget_is_not_blamed_for_the_command_line_s(tmp_path, capsys):
+    policy = Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    out = tmp_path / "out"
+    args = ["--replay", str(path), "--target-ratio", "1000", "--out", str(out)]
+    err = fail([*COMMON, *args], capsys, "beyond what these levels can reach")
+    assert "records a budget" not in err and not out.exists()
+
+
 def test_a_replay_is_judged_by_its_own_budget_not_the_command_line_s(smoke_run, tmp_path):
     """--target-ratio beside --replay of a file that records its budget gives way to the file
     (it used to be checked, and refused when out of reach, before the file's budget replaced it)."""
@@ -657,7 +667,17 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--finetune-epochs", "3"], ["--net", "vgg13"], ["--preset", "cpu"], ["--overwrite"]]
+    "extra",
+    [
+        ["--finetune-epochs", "3"],
+        ["--net", "vgg13"],
+        ["--preset", "cpu"],
+        ["--overwrite"],
+        ["--seed", "0"],  # the default value: typed, so refused all the same
+        ["--preset=paper"],
+        ["--no-imitate-best"],
+        ["--finetune-e", "3"],  # an abbreviation argparse accepts
+    ],
 )
 def test_resume_refuses_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys):
     run = tmp_path / "run"
@@ -667,7 +687,7 @@ def test_resume_refuses_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys
         main(["--resume", str(run), "--episodes", "9", *extra])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # below argparse's usage text
-    assert extra[0] in err and "would be ignored" in err and "--episodes" not in err
+    assert extra[0].split("=")[0] in err and "would be ignored" in err and "--episodes" not in err
     assert _digest(run) == before
 
 
