@@ -140,8 +140,8 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
 
     cfg = RunConfig.from_dict(cfg_dict)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        device = torch.device(f"cuda:{rank % torch.cuda.device_count()}")  # cuda:N stays there
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)

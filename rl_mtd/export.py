@@ -144,7 +144,7 @@ class CudaGraphed(nn.Module):
                     self.module(static_in)
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.device(x.device), torch.cuda.graph(graph):  # on x's GPU, not cuda:0
                 static_out = self.module(static_in)
             self._graphs[key] = (graph, static_in, static_out)
         graph, static_in, static_out = self._graphs[key]

@@ -9,6 +9,7 @@ What is counted:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -105,23 +106,26 @@ def measure_latency(
     before = torch.get_num_threads()
     if threads is not None and device.type == "cpu":
         torch.set_num_threads(threads)
+    # Events record on the current device's stream: make that the model's GPU (cuda:1 too).
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
-        for _ in range(warmup):
-            model(x)
-        sync()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":  # the GPU's own clock: no host-side launch jitter
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
+        with on_device:
+            for _ in range(warmup):
                 model(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-                continue
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1e3)
+            sync()
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":  # the GPU's own clock: no host-side launch jitter
+                    start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                    start.record()
+                    model(x)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                    continue
+                t0 = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t0) * 1e3)
     finally:
         torch.set_num_threads(before)
     times.sort()

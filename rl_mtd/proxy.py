@@ -44,7 +44,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RlMtdError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise RlMtdError(
+            f"--device {dev} was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RlMtdError(
             f"--device {dev} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are "

@@ -372,10 +372,13 @@ def test_invalid_settings(extra, phrase, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_a_cuda_device_that_is_not_there_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_a_cuda_device_that_is_not_there_is_refused(gpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     out = tmp_path / "out"
-    # No GPU (CI): "no CUDA GPU is visible"; with GPUs: "only N CUDA GPU(s) are visible".
-    fail([*COMMON, "--device", "cuda:99", "--out", str(out)], capsys, "CUDA GPU")
+    phrase = "only 2 CUDA GPU(s) are visible" if gpus else "--device cuda:2 was asked for but no"
+    fail([*COMMON, "--device", "cuda:2", "--out", str(out)], capsys, phrase)
     assert not out.exists()
 
 
