@@ -42,9 +42,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         raise _naming(exc, path) from None
     os.close(fd)
-    os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would make every result private
     tmp_path = Path(tmp)
     try:
+        # mkstemp's 0600 would make every result private: the mode the file had, or a new one's.
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
+        except OSError:
+            pass  # a filesystem without modes (FAT, some network mounts): keep what it gives
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as exc:

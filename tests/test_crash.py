@@ -140,6 +140,19 @@ def test_atomic_writes_get_the_mode_of_an_ordinary_new_file(umask, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o666 & ~umask
+    (tmp_path / "report.json").chmod(0o600)  # the user's choice survives a rewrite
+    write_json_atomic(tmp_path / "report.json", {"ok": False})
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o600
+
+
+def test_an_atomic_write_works_where_modes_cannot_be_set(tmp_path, monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    write_json_atomic(tmp_path / "report.json", {"ok": True})
+    assert json.loads((tmp_path / "report.json").read_text()) == {"ok": True}
+    assert _leftovers(tmp_path) == []
 
 
 def test_full_disk_while_saving_the_agent(tmp_path, monkeypatch):
