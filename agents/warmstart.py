@@ -271,7 +271,13 @@ def cached_study(
             saved = json.loads(path.read_text())
             study.results = {(int(i), m, float(lv)): float(a) for i, m, lv, a in saved["rows"]}
             study.seconds = float(saved["seconds"])
-            log.info("sensitivity study: cached %s", path)
+            done, keys = len(study.results), len(study.keys())
+            if done < keys:
+                log.info(
+                    "sensitivity study: %d of %d measured in %s; the rest now", done, keys, path
+                )
+            else:
+                log.info("sensitivity study: cached %s", path)
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("ignoring unusable cached study %s (%s)", path, exc)
     t0 = time.perf_counter()

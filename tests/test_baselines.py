@@ -204,22 +204,14 @@ def test_unknown_strategy_raises(proxy):
 
 @pytest.mark.parametrize("target", [4, 8])
 @pytest.mark.parametrize("method", ["tucker2", "cp"])
-def test_uniform_is_one_method_one_ratio_close_to_target(method, target, model):
+def test_uniform_is_one_method_one_ratio_settled_at_the_target(method, target, model):
     policy = uniform_policy(model, method, target, net=NET, width=WIDTH)
     assert {c.method for c in policy.layers} <= {method, "keep"}
     # The big layers are all decomposed; only a too-small layer may be kept.
     assert all(c.method == method for c in policy.layers[1:])
     ratio = _ratio(model, policy)
     assert target <= ratio < 1.25 * target
-    # Settled at the target: no decomposed layer's rank can grow by a step within the budget.
-    choices = [(c.method, c.rank) for c in policy.layers]
-    for i, ((_, conv), (m, rank)) in enumerate(zip(conv_layers(model), choices)):
-        bigger = next_rank(conv, m, rank) if m != "keep" else None
-        if bigger is not None:
-            grown = Policy.from_choices(
-                model, [*choices[:i], (m, bigger), *choices[i + 1 :]], net=NET, width=WIDTH
-            )
-            assert _ratio(model, grown) < target, f"layer {i} could take a bigger rank"
+    _assert_settled(model, policy, target)
     # The shared ratio is the smallest that works: a slightly smaller one misses the target;
     # settling only raises ranks above it.
     r = policy.meta["layer_ratio"]
@@ -232,6 +224,18 @@ def test_uniform_is_one_method_one_ratio_close_to_target(method, target, model):
         choices.append(("keep", None) if kept else (method, smaller))
     looser = Policy.from_choices(model, choices, net=NET, width=WIDTH)
     assert _ratio(model, looser) < target
+
+
+def _assert_settled(model: nn.Module, policy: Policy, target: float) -> None:
+    """At the target: no decomposed layer's rank can grow by a step within the budget."""
+    choices = [(c.method, c.rank) for c in policy.layers]
+    for i, ((_, conv), (m, rank)) in enumerate(zip(conv_layers(model), choices)):
+        bigger = next_rank(conv, m, rank) if m != "keep" else None
+        if bigger is not None:
+            grown = Policy.from_choices(
+                model, [*choices[:i], (m, bigger), *choices[i + 1 :]], net=NET, width=WIDTH
+            )
+            assert _ratio(model, grown) < target, f"layer {i} could take a bigger rank"
 
 
 def _rank_size(rank) -> int:
@@ -282,19 +286,25 @@ def test_vbmf_scale_is_largest_that_reaches_target(target, model):
     bases = [tuple(b) for b in policy.meta["vbmf_ranks"]]
     assert bases == [vbmf_ranks(conv) for _, conv in conv_layers(model)]
     s = policy.meta["scale"]
-    # The ranks are the EVBMF ranks times one common factor, rounded and clipped.
-    for (_, conv), base, choice in zip(conv_layers(model), bases, policy.layers):
-        if choice.method == "tucker2":
-            assert choice.rank == (
+    # The ranks are the EVBMF ranks times one common factor, rounded and clipped, before
+    # settling raises some of them.
+    convs = conv_layers(model)
+    scaled = _vbmf_choices(convs, bases, s)
+    for (_, conv), base, (method, rank) in zip(convs, bases, scaled):
+        if method == "tucker2":
+            assert rank == (
                 min(conv.out_channels, max(1, math.floor(s * base[0] + 0.5))),
                 min(conv.in_channels, max(1, math.floor(s * base[1] + 0.5))),
             )
-    # As close as possible from above: a slightly larger factor misses the target.
-    convs = conv_layers(model)
+    for (method, rank), choice in zip(scaled, policy.layers):
+        assert choice.method == method
+        assert method == "keep" or all(a >= b for a, b in zip(choice.rank, rank))
+    # The largest factor that works: a slightly larger one misses the target.
     larger = Policy.from_choices(
         model, _vbmf_choices(convs, bases, s * (1 + 1e-6)), net=NET, width=WIDTH
     )
     assert _ratio(model, larger) < target <= _ratio(model, policy)
+    _assert_settled(model, policy, target)
 
 
 def test_vbmf_uses_the_layer_proportions():

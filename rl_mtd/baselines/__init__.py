@@ -7,11 +7,12 @@ whose predicted parameters are at most ``params_original / T``. ``T`` counts the
 Strategies (``STRATEGIES``), one module each:
 
 - ``tucker2`` / ``cp`` (:func:`uniform_policy`, in ``uniform``): one method and one per-layer
-  reduction for every conv layer, the smallest reduction that reaches the target.
+  reduction for every conv layer, the smallest reduction that reaches the target, then settled
+  at the target (ranks raised, last layer first, where the budget allows).
 - ``vbmf`` (:func:`vbmf_policy`, in ``uniform``): Tucker-2 ranks picked per layer by empirical
   variational Bayesian matrix factorisation of the kernel's two channel unfoldings, as in Kim et
   al., "Compression of Deep Convolutional Neural Networks for Fast and Low Power Mobile
-  Applications" (ICLR 2016), then scaled by one common factor to meet the target.
+  Applications" (ICLR 2016), then scaled by one common factor to meet the target and settled.
 - ``sensitivity`` (:func:`sensitivity_policy`, in ``sensitivity``): the recipe of MTD, "Automatic
   Selection of Tensor Decomposition for Compressing Convolutional Neural Networks: A Case Study
   on VGG-type Networks" (IPDPSW 2021): measure every layer's accuracy under each method and level

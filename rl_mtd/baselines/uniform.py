@@ -1,11 +1,13 @@
 """Data-free strategies: one method at one per-layer reduction everywhere, and EVBMF ranks.
 
 - ``tucker2`` / ``cp`` (:func:`uniform_policy`): one method and one per-layer reduction for every
-  conv layer, the smallest reduction that reaches the target.
+  conv layer, the smallest reduction that reaches the target; then ranks raised, last layer
+  first, where the budget still allows (integer ranks overshoot the target otherwise).
 - ``vbmf`` (:func:`vbmf_policy`): Tucker-2 ranks picked per layer by empirical variational
   Bayesian matrix factorisation of the kernel's two channel unfoldings, as in Kim et al.,
   "Compression of Deep Convolutional Neural Networks for Fast and Low Power Mobile
-  Applications" (ICLR 2016), then scaled by one common factor to meet the target.
+  Applications" (ICLR 2016), then scaled by one common factor to meet the target, and settled
+  like the uniform policies.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def uniform_policy(
     width: float,
     num_classes: int = 10,
 ) -> Policy:
-    """Every conv layer decomposed with ``method`` at one shared per-layer reduction ``r``.
+    """Every conv layer decomposed with ``method`` at one shared per-layer reduction ``r``,
+    then settled at the target.
 
     ``r`` is continuous; each layer gets ``rank_for_ratio(conv, method, r)``. The returned
     policy uses the smallest ``r`` (found by bisection in ``log r`` to a relative tolerance of
@@ -166,9 +169,10 @@ def vbmf_policy(
     as they are, which fixes the compression. To compare strategies at one budget, both ranks
     of every layer are multiplied by one common factor ``s`` (rounded half up and clipped to
     ``[1, channels]``), so the layers keep their EVBMF proportions. ``s`` is the largest factor
-    (bisection in ``log s``) whose whole-model ratio still reaches ``target``: the ratio reaches
-    the target as closely as possible from above. A layer whose Tucker-2 at the scaled ranks
-    would not shrink it is kept. ``meta`` records ``scale`` (``s``) and the unscaled
+    (bisection in ``log s``) whose whole-model ratio still reaches ``target``. A layer whose
+    Tucker-2 at the scaled ranks would not shrink it is kept. Rounding leaves the ratio above
+    the target (39.4x for 37x), so ranks are then raised, last layer first, as far as the budget
+    allows (:func:`rl_mtd.budget.settle`). ``meta`` records ``scale`` (``s``) and the unscaled
     ``vbmf_ranks``.
 
     Raises:
@@ -203,9 +207,10 @@ def vbmf_policy(
         "scale": lo,
         "vbmf_ranks": [list(b) for b in bases],
     }
+    choices = settle(meter, _vbmf_choices(convs, bases, lo), reversed(range(len(convs))))
     return Policy.from_choices(
         model,
-        _vbmf_choices(convs, bases, lo),
+        choices,
         net=net,
         width=width,
         num_classes=num_classes,
