@@ -146,9 +146,12 @@ def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
 
 
+def _replay_meta(replay: Replay) -> dict[str, Any]:
+    return (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
+
+
 def _records_budget(replay: Replay) -> bool:
-    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
-    return any(k in meta for k in BUDGET_KEYS)
+    return any(k in _replay_meta(replay) for k in BUDGET_KEYS)
 
 
 def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
@@ -159,7 +162,7 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
         return cfg
     if not _records_budget(replay):
         return cfg
-    meta = (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
+    meta = _replay_meta(replay)
     budget = {k: meta.get(k) for k in BUDGET_KEYS}
     batch = meta.get("latency_batch", cfg.latency_batch)
     try:
@@ -206,12 +209,13 @@ def run(
         else load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)[0]
     )
     cfg = _with_replayed_budget(cfg, replay)
-    if replay is None or (replay.kind == "policy" and not _records_budget(replay)):
-        _check_reachable(cfg, device)  # a target out of reach: before any work
-    elif replay.kind == "policy":
+    if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         try:
             _check_reachable(cfg, device)
-        except RlMtdError as exc:  # the file's budget, hand-edited or from another net
+        except RlMtdError as exc:
+            if replay is None or not _records_budget(replay):
+                raise
+            # The file's budget, hand-edited or from another net.
             raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
     splits, data = load_data(cfg)
     splits = splits.to(device)

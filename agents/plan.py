@@ -150,19 +150,15 @@ def print_plan(
         if cfg.checkpoint
         else "cached from an earlier run"
     )
+    resumed = ""
+    if episodes_done:
+        whole = f"{cfg.timesteps} timesteps" if cfg.timesteps else f"of {cfg.episodes}"
+        resumed = f" ({whole}; {episodes_done} done)"
     if replay_path:
         search = f"replay {replay_path}"
     else:
         search = (
-            f"{episodes_left} episodes x {timing.n_layers} layers"
-            + (
-                f" (of {cfg.episodes}; {episodes_done} done)"
-                if episodes_done and not cfg.timesteps
-                else f" ({cfg.timesteps} timesteps; {episodes_done} episodes done)"
-                if episodes_done
-                else ""
-            )
-            + f", target {target}, "
+            f"{episodes_left} episodes x {timing.n_layers} layers{resumed}, target {target}, "
             f"{cfg.n_envs} env(s), proxy {cfg.bn_batches} BN batches + {cfg.repair_steps} "
             f"repair steps (~{_fmt(est['search'])}, plus factorising each new layer option "
             "once; repeated policies are faster)"
