@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<net>-<time>)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the settings, time this device and print the plan with its time estimate, "
+        "then stop before any work (nothing is written)",
+    )
+    p.add_argument(
         "--preset",
         default="paper",
         choices=list(PRESETS),
@@ -282,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue a search; its "
         "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
-        "--no-progress, --quiet and --on-interrupt may be given with it",
+        "--no-progress, --quiet, --on-interrupt and --dry-run may be given with it",
     )
     r.add_argument(
         "--on-interrupt",
@@ -303,6 +309,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "checkpoint": args.checkpoint,
         "out": args.out,
         "overwrite": args.overwrite,
+        "dry_run": args.dry_run,
         "device": args.device,
         "seed": args.seed,
         "methods": args.methods,
@@ -380,7 +387,15 @@ def _ask_to_go_on(cfg: RunConfig) -> Callable[[Path], bool]:
     return ask
 
 
-RESUME_FLAGS = ("resume", "episodes", "timesteps", "no_progress", "quiet", "on_interrupt")
+RESUME_FLAGS = (
+    "resume",
+    "episodes",
+    "timesteps",
+    "no_progress",
+    "quiet",
+    "on_interrupt",
+    "dry_run",
+)
 """What --resume takes from the command line; everything else comes from the run's config."""
 
 
@@ -448,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 timesteps=args.timesteps,
                 progress=not args.no_progress,
                 on_interrupt=args.on_interrupt,
+                dry_run=args.dry_run,
             )
         else:
             cfg = config_from_args(args, argv)

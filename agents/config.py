@@ -95,6 +95,8 @@ class RunConfig:
     out: str | None = None
     """Run directory; None means runs/<net>-<time>."""
     overwrite: bool = False
+    dry_run: bool = False
+    """Print the plan and its time estimate, then stop before any work (nothing is written)."""
     preset: str = "paper"
     device: str = "auto"
     seed: int = 0
@@ -361,6 +363,7 @@ def resume_config(
     timesteps: int | None = None,
     progress: bool = True,
     on_interrupt: str = "ask",
+    dry_run: bool = False,
 ) -> RunConfig:
     """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
     run_dir = Path(run_dir)
@@ -376,5 +379,5 @@ def resume_config(
         cfg.episodes, cfg.timesteps = episodes, None
     if timesteps is not None:
         cfg.timesteps = timesteps
-    cfg.progress, cfg.on_interrupt = progress, on_interrupt
+    cfg.progress, cfg.on_interrupt, cfg.dry_run = progress, on_interrupt, dry_run
     return cfg

@@ -194,6 +194,7 @@ def run(
     on_episode: Callable[[dict, dict], None] | None = None,
 ) -> dict[str, Any] | None:
     """Run the whole job; report.json's content, or None when an interrupted search stops it.
+    With ``cfg.dry_run``, stop after the plan: ``{"dry_run": True, "estimated_seconds": ...}``.
 
     ``go_on_after_interrupt(run_dir)`` decides, after Ctrl-C in the search, whether to fine-tune
     and report the best policy so far (the CLI asks the user).
@@ -225,9 +226,12 @@ def run(
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     done = len(read_search_state(run_dir).get("episodes", [])) if cfg.resume else 0
-    print_plan(
+    estimate = print_plan(
         cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None, done
     )
+    if cfg.dry_run:
+        log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
+        return {"dry_run": True, "estimated_seconds": estimate}
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given)
     proxy = make_proxy(cfg, baseline, splits, device)
 

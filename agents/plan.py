@@ -111,7 +111,8 @@ def print_plan(
     need_baseline: bool,
     replay_path: str | None,
     episodes_done: int = 0,
-) -> None:
+) -> dict[str, float]:
+    """Log the plan; its estimated seconds per stage."""
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     t_step = timing.step_seconds
     # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
@@ -170,13 +171,14 @@ def print_plan(
         *(
             [
                 f"  2. sensitivity study: up to {study_evals} proxy evaluations "
-                f"(~{_fmt(est['study'])}; none if cached for this baseline), then"
+                f"(~{_fmt(est['study'])}; none if cached for this baseline)"
             ]
             if study_evals
             else []
         ),
-        f"  2. search: {search}",
-        f"  3. fine-tune {cfg.finetune_epochs:g} epochs (~{_fmt(est['fine-tune'])}), then test",
+        f"  {2 + bool(study_evals)}. search: {search}",
+        f"  {3 + bool(study_evals)}. fine-tune {cfg.finetune_epochs:g} epochs "
+        f"(~{_fmt(est['fine-tune'])}), then test",
         f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "
         f"{timing.episode_seconds:.1f} s/episode on this device)",
     ]
@@ -184,6 +186,7 @@ def print_plan(
         log.info(line)
     if device.type == "cpu" and cfg.preset == "paper":
         log.warning("a paper-scale run without a GPU takes days; consider --preset cpu")
+    return est
 
 
 def _fmt(seconds: float) -> str:

@@ -703,6 +703,22 @@ def test_resume_refuses_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys
     assert _digest(run) == before
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(smoke_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = _digest(run)
+    fresh = tmp_path / "fresh"
+    with caplog.at_level("INFO"):
+        argv = [*COMMON, *SEARCH, "--dry-run"]
+        assert main([*argv, "--out", str(run), "--overwrite"]) == 0
+        assert main([*argv, "--out", str(fresh)]) == 0
+        assert main(["--resume", str(run), "--episodes", "5", "--dry-run", "--quiet"]) == 0
+    assert caplog.text.count("estimated total") == 3 and "dry run: stopped" in caplog.text
+    assert "(of 5; 3 done)" in caplog.text, "a resumed run's plan counts what is left"
+    assert _digest(run) == before, "--overwrite --dry-run must not clear the earlier run"
+    assert not fresh.exists()
+
+
 @pytest.mark.slow
 def test_two_envs_in_subprocesses(tmp_path):
     out = tmp_path / "two-envs"
