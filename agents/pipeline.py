@@ -282,7 +282,17 @@ def run(
         100 * proxy_result.accuracy,
     )
 
-    compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)  # type: ignore[arg-type]
+    try:
+        compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        log.warning(
+            "fine-tune interrupted; the policy is kept in %s: run_agent.py --replay %s "
+            "--out NEW_DIR (with this run's other settings) fine-tunes it again without "
+            "searching",
+            run_dir / "policy.json",
+            run_dir / "policy.json",
+        )
+        raise
     finetuned_acc = evaluate(compressed, splits.test)
     save_compressed(
         run_dir / "compressed.pt",

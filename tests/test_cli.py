@@ -719,6 +719,25 @@ def test_dry_run_prints_the_plan_and_writes_nothing(smoke_run, tmp_path, caplog)
     assert not fresh.exists()
 
 
+def test_ctrl_c_in_the_fine_tune_keeps_the_policy_and_says_how_to_go_on(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    import agents.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.pipeline, "compress_and_finetune", interrupted)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main([*COMMON, *SEARCH, "--out", str(out)]) == 130
+    kept = out / "policy.json"
+    assert f"--replay {kept}" in caplog.text and "interrupted" in capsys.readouterr().err
+    net = build_vgg(NET, width=WIDTH)
+    ratio = count_params(net) / Policy.load(kept).predicted_params(net)
+    assert ratio >= TARGET * 0.98, "the search's best policy is kept"
+
+
 @pytest.mark.slow
 def test_two_envs_in_subprocesses(tmp_path):
     out = tmp_path / "two-envs"
