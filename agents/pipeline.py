@@ -6,6 +6,7 @@ before any long work starts and before the run directory is touched.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from agents.report import RunResult, build_report, write_export, write_outputs
 from agents.search import (
     Replay,
     env_config,
+    finished_search,
     load_replay,
     make_proxy,
     proxy_config,
@@ -46,7 +48,16 @@ from rl_mtd.train import TrainConfig, TrainResult, evaluate, reestimate_bn, trai
 
 log = logging.getLogger("rl_mtd")
 
-STALE_SEARCH_FILES = ("tb", "episodes.jsonl", "search_state.json", "agent.zip", "reward_curve.png")
+FINETUNE_STATE = "finetune_state.pt"
+"""Where an interrupted fine-tune's state waits for ``--resume`` (removed when it ends)."""
+STALE_SEARCH_FILES = (
+    "tb",
+    "episodes.jsonl",
+    "search_state.json",
+    "agent.zip",
+    "reward_curve.png",
+    FINETUNE_STATE,
+)
 
 
 def finetune(
@@ -57,9 +68,12 @@ def finetune(
     *,
     epochs: float | None = None,
     seed_offset: int = 0,
+    state_path: Path | None = None,
+    state_key: str = "",
 ) -> TrainResult:
     """Fine-tune ``compressed`` in place, distilling from ``baseline`` when ``--kd`` or
-    ``--feature-kd`` ask for it; ``epochs`` defaults to ``--finetune-epochs``."""
+    ``--feature-kd`` ask for it; ``epochs`` defaults to ``--finetune-epochs``. With
+    ``state_path``, an interrupted fine-tune of the same job goes on from its last save."""
     tcfg = TrainConfig(
         epochs=epochs if epochs is not None else cfg.finetune_epochs,
         lr=cfg.finetune_lr,
@@ -81,19 +95,32 @@ def finetune(
             teacher=baseline if tcfg.uses_teacher else None,
             on_progress=bar,
             desc="fine-tune",
+            state_path=state_path,
+            state_key=state_key,
         )
     compressed.eval()
     return result
 
 
 def compress_and_finetune(
-    cfg: RunConfig, proxy: Proxy, policy: Policy, baseline: nn.Module, splits: DataSplits
+    cfg: RunConfig,
+    proxy: Proxy,
+    policy: Policy,
+    baseline: nn.Module,
+    splits: DataSplits,
+    run_dir: Path | None = None,
 ) -> tuple[nn.Module, TrainResult]:
     """The compressed, fine-tuned model: one-shot, or in ``--stages`` stages (each stage's
-    BatchNorm statistics re-estimated, then its share of the fine-tune epochs)."""
+    BatchNorm statistics re-estimated, then its share of the fine-tune epochs).
+
+    With ``run_dir``, a one-shot fine-tune saves its state there as it goes, and goes on from
+    an interrupted one of the same policy (``--resume``); a staged one starts over."""
     if cfg.stages == 1:
         compressed = proxy.compress(policy)
-        return compressed, finetune(cfg, compressed, baseline, splits)
+        state_path = run_dir / FINETUNE_STATE if run_dir is not None else None
+        key = json.dumps(policy.to_dict()["layers"], sort_keys=True)
+        ft = finetune(cfg, compressed, baseline, splits, state_path=state_path, state_key=key)
+        return compressed, ft
     results: list[TrainResult] = []
 
     def stage(model: nn.Module, k: int) -> None:
@@ -178,6 +205,21 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
     return out
 
 
+def _check_resumable(cfg: RunConfig) -> None:
+    """``--resume`` of a run with nothing left to do is refused rather than redone."""
+    run_dir = Path(cfg.out or cfg.resume or ".")
+    if not (run_dir / "report.json").exists() or (run_dir / FINETUNE_STATE).exists():
+        return
+    done = len(read_search_state(run_dir).get("episodes", []))
+    if cfg.replay is None and (cfg.timesteps or done < cfg.episodes):
+        return
+    more = f"pass --episodes above {done} to search longer, or " if cfg.replay is None else ""
+    raise RlMtdError(
+        f"--resume {run_dir}: that run is complete (report.json is written and nothing was "
+        f"interrupted); {more}replay its policy.json with --out NEW_DIR to fine-tune it again"
+    )
+
+
 def _check_not_cleared(path: Path, run_dir: Path) -> None:
     """--overwrite clears the old search's files first; the replayed file must not be one."""
     if path.resolve() in {(run_dir / name).resolve() for name in STALE_SEARCH_FILES}:
@@ -200,6 +242,8 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
+    if cfg.resume is not None:
+        _check_resumable(cfg)
     if replay is not None and cfg.overwrite and cfg.out:
         _check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
@@ -261,7 +305,9 @@ def run(
     invocations: list[dict[str, Any]] = []
     search_seconds = 0.0
     if replay is None:
-        found = search(cfg, proxy, run_dir, baseline_path, on_episode=on_episode)
+        found = (finished_search(cfg, run_dir) if cfg.resume else None) or search(
+            cfg, proxy, run_dir, baseline_path, on_episode=on_episode
+        )
         if found.interrupted and not go_on_after_interrupt(run_dir):
             return None
         policy, episodes, invocations = found.policy, found.episodes, found.invocations
@@ -283,15 +329,23 @@ def run(
     )
 
     try:
-        compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)  # type: ignore[arg-type]
+        compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits, run_dir)  # type: ignore[arg-type]
     except KeyboardInterrupt:
-        log.warning(
-            "fine-tune interrupted; the policy is kept in %s: run_agent.py --replay %s "
-            "--out NEW_DIR (with this run's other settings) fine-tunes it again without "
-            "searching",
-            run_dir / "policy.json",
-            run_dir / "policy.json",
-        )
+        if (run_dir / FINETUNE_STATE).exists():
+            log.warning(
+                "fine-tune interrupted; run_agent.py --resume %s goes on from its last save "
+                "(%s), without searching again",
+                run_dir,
+                run_dir / FINETUNE_STATE,
+            )
+        else:
+            log.warning(
+                "fine-tune interrupted; the policy is kept in %s: run_agent.py --replay %s "
+                "--out NEW_DIR (with this run's other settings) fine-tunes it again without "
+                "searching",
+                run_dir / "policy.json",
+                run_dir / "policy.json",
+            )
         raise
     finetuned_acc = evaluate(compressed, splits.test)
     save_compressed(

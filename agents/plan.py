@@ -117,15 +117,19 @@ def print_plan(
     t_step = timing.step_seconds
     # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
     # method and level, one proxy evaluation each; cached per baseline, so often free.
+    # A resumed search with no episode left is not run again (agents.search.finished_search).
+    finished = bool(episodes_done) and not cfg.timesteps and episodes_done >= cfg.episodes
     study_evals = (
         0
-        if replay_path or (cfg.warm_start == "none" and cfg.observe != "study")
+        if replay_path or finished or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
     # As the search counts them: --timesteps, else the episodes left, and at least one.
     episodes_left = (
         math.ceil(cfg.timesteps / timing.n_layers)
         if cfg.timesteps
+        else 0
+        if finished
         else max(1, cfg.episodes - episodes_done)
     )
     est = {
@@ -157,6 +161,8 @@ def print_plan(
         resumed = f" ({whole}; {episodes_done} done)"
     if replay_path:
         search = f"replay {replay_path}"
+    elif finished:
+        search = f"finished ({episodes_done} episodes); its best policy is fine-tuned"
     else:
         search = (
             f"{episodes_left} episodes x {timing.n_layers} layers{resumed}, target {target}, "

@@ -162,6 +162,22 @@ def read_search_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
+def finished_search(cfg: RunConfig, run_dir: Path) -> SearchResult | None:
+    """A resumed run's search when it has no episode left (its fine-tune was interrupted):
+    the best policy and the episodes from ``search_state.json``, nothing searched again."""
+    state = read_search_state(run_dir)
+    done = len(state.get("episodes", []))
+    if cfg.timesteps or not done or done < cfg.episodes or not state.get("best"):
+        return None
+    log.info("the search finished its %d episodes; going on with its best policy", done)
+    return SearchResult(
+        Policy.from_dict(state["best"]["policy"]),
+        state["episodes"],
+        float(state.get("seconds", 0.0)),
+        invocations=state.get("invocations", []),
+    )
+
+
 def search(
     cfg: RunConfig,
     proxy: Proxy,

@@ -16,7 +16,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torch import nn
 from rl_mtd.data import DeviceLoader, Split
 from rl_mtd.distill import FeatureMatch
 from rl_mtd.errors import RlMtdError
+from rl_mtd.io import torch_save_atomic
 from rl_mtd.models import model_device
 
 log = logging.getLogger(__name__)
@@ -309,6 +311,61 @@ class _Run:
     def gave_up(self) -> bool:
         return self.recoveries > self.cfg.max_recoveries
 
+    def state(self, key: str, total: int, loader_epoch: int, skip: int, seconds: float) -> dict:
+        """Everything a later :func:`train` needs to go on exactly from this step."""
+        return {
+            "format": 1,
+            "key": key,
+            "config": asdict(self.cfg),
+            "total": total,
+            "step": self.step,
+            "loader_epoch": loader_epoch,
+            "skip": skip,
+            "seconds": seconds,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "best_state": self.best_state,
+            "best_acc": self.best_acc,
+            "last_acc": self.last_acc,
+            "lr_scale": self.lr_scale,
+            "clip": self.clip,
+            "recoveries": self.recoveries,
+            "history": self.history,
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.best_state, self.best_acc = state["best_state"], state["best_acc"]
+        self.last_acc, self.lr_scale, self.clip = (
+            state["last_acc"],
+            state["lr_scale"],
+            state["clip"],
+        )
+        self.recoveries, self.step = state["recoveries"], state["step"]
+        self.history = list(state["history"])
+
+
+def _saved_state(path: Path, key: str, cfg: TrainConfig, total: int, desc: str) -> dict | None:
+    """The state an interrupted :func:`train` left at ``path`` if it is this very job's."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        same = (
+            state.get("format") == 1
+            and state.get("key") == key
+            and state.get("config") == asdict(cfg)
+            and state.get("total") == total
+        )
+    except Exception as exc:  # a damaged file costs the progress it held, nothing else
+        log.warning("%s: ignoring %s, which cannot be read (%s); starting over", desc, path, exc)
+        return None
+    if not same:
+        log.warning("%s: %s was saved by another job; starting over", desc, path)
+        return None
+    return state
+
 
 def train(
     model: nn.Module,
@@ -319,6 +376,8 @@ def train(
     teacher: nn.Module | None = None,
     on_progress: Callable[[TrainProgress], None] | None = None,
     desc: str = "train",
+    state_path: str | Path | None = None,
+    state_key: str = "",
 ) -> TrainResult:
     """Train ``model`` in place on ``train_split`` (SGD with Nesterov momentum).
 
@@ -326,6 +385,11 @@ def train(
     detected and recovered from, and the best state is restored at the end. ``on_progress`` is
     called after every step (the CLI draws its progress bar from it); ``desc`` names the run in
     log messages.
+
+    With ``state_path``, the whole state (model, optimiser, best state, collapse guard, where
+    the data order stands) is saved there at every evaluation, and a later call for the same
+    job (same ``state_key``, settings and length, on a model built the same way) goes on from
+    the last save exactly as if never stopped; the file is removed when training ends.
     """
     cfg = config or TrainConfig()
     device = model_device(model)
@@ -351,10 +415,21 @@ def train(
         model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     run = _Run(model, cfg, val_split, teacher, desc, len(loader))
+    path = Path(state_path) if state_path is not None else None
+    saved = _saved_state(path, state_key, cfg, total, desc) if path is not None else None
+    skip, seconds_before = 0, 0.0
+    if saved is not None:
+        run.load(saved)
+        loader.epoch, skip, seconds_before = saved["loader_epoch"], saved["skip"], saved["seconds"]
+        log.info("%s: going on from step %d of %d (%s)", desc, run.step, total, path)
     model.train()
     try:
         while run.step < total and not run.gave_up:
+            pass_start = run.step - skip  # the step this pass of the loader began at
             for x, y in loader:
+                if skip:  # replaying the data order up to the saved step
+                    skip -= 1
+                    continue
                 if run.step >= total or run.gave_up:
                     break
                 lr = run.lr_at(total)
@@ -364,14 +439,22 @@ def train(
                 elif run.step % eval_every == 0 or run.step == total:
                     entry = run.checkpoint(lr)
                     report.loss, report.val_acc = entry["loss"], entry.get("val_acc")
+                    if path is not None and run.step < total:
+                        seconds = seconds_before + time.perf_counter() - t0
+                        state = run.state(
+                            state_key, total, loader.epoch - 1, run.step - pass_start, seconds
+                        )
+                        torch_save_atomic(state, path)
                 if on_progress is not None:
                     on_progress(report)
     finally:
         if run.features is not None:
             run.features.remove()  # the model leaves with no hooks, also on Ctrl-C
+    if path is not None:
+        path.unlink(missing_ok=True)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     if device.type == "cuda":
         model.to(memory_format=torch.contiguous_format)
-    seconds = time.perf_counter() - t0
+    seconds = seconds_before + time.perf_counter() - t0
     return TrainResult(run.best_acc, run.last_acc, run.recoveries, run.step, seconds, run.history)

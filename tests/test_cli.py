@@ -678,6 +678,14 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     fail(["--resume", str(tmp_path)], capsys, "no config.json there")
 
 
+def test_resume_of_a_complete_run_is_refused_and_says_what_to_do(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = _digest(run)
+    fail(["--resume", str(run)], capsys, "that run is complete", "--episodes above 3")
+    assert _digest(run) == before
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -736,6 +744,48 @@ def test_ctrl_c_in_the_fine_tune_keeps_the_policy_and_says_how_to_go_on(
     net = build_vgg(NET, width=WIDTH)
     ratio = count_params(net) / Policy.load(kept).predicted_params(net)
     assert ratio >= TARGET * 0.98, "the search's best policy is kept"
+
+
+def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypatch):
+    """Ctrl-C in the fine-tune, then --resume: no new search, the fine-tune goes on from its
+    last save and ends where an uninterrupted fine-tune of the same policy ends."""
+    import agents.pipeline
+
+    argv = [*COMMON, *SEARCH, "--finetune-epochs", "2"]
+    out = tmp_path / "run"
+    real_bar = agents.pipeline.train_bar
+
+    @contextlib.contextmanager
+    def stopping_bar(desc, enabled):
+        def on_progress(p):
+            if p.step == 4:
+                raise KeyboardInterrupt
+
+        with real_bar(desc, enabled):
+            yield on_progress if desc == "fine-tune" else None
+
+    monkeypatch.setattr(agents.pipeline, "train_bar", stopping_bar)
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--out", str(out)]) == 130
+    assert (out / "finetune_state.pt").exists() and f"--resume {out}" in caplog.text
+    assert not (out / "report.json").exists()
+    monkeypatch.setattr(agents.pipeline, "train_bar", real_bar)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
+    assert "search: finished (3 episodes)" in caplog.text, "the plan: nothing left to search"
+    assert "going on from step 4" in caplog.text
+    assert not (out / "finetune_state.pt").exists(), "removed once the fine-tune ends"
+    report = read_json(out / "report.json")
+    assert report["episodes"] == 3, "the finished search is not run again"
+    ref = tmp_path / "uninterrupted"
+    assert main([*argv, "--replay", str(out / "policy.json"), "--out", str(ref)]) == 0
+    assert read_json(ref / "report.json")["finetuned_acc"] == report["finetuned_acc"]
+    resumed, whole = load_compressed(out / "compressed.pt"), load_compressed(ref / "compressed.pt")
+    for (name, a), b in zip(
+        resumed[0].state_dict().items(), whole[0].state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.slow

@@ -173,3 +173,67 @@ def test_too_small_training_split_is_a_clear_error(splits):
     tiny = Split(splits.train.x[:10], splits.train.y[:10])
     with pytest.raises(ValueError, match="smaller than one batch"):
         train(build_vgg("vgg11", width=0.125), tiny, config=TrainConfig(batch_size=64))
+
+
+def _stop_at(step: int):
+    def on_progress(p) -> None:
+        if p.step == step:
+            raise KeyboardInterrupt
+
+    return on_progress
+
+
+def test_an_interrupted_training_goes_on_exactly_where_it_stopped(splits, trained, tmp_path):
+    """Ctrl-C mid-epoch, then the same call again: the same weights, best state and history as
+    one uninterrupted run (distillation and the held-out guard included); the file is removed."""
+    teacher = trained[0].eval()
+    convs = conv_layers(teacher)
+    policy = Policy.from_choices(
+        teacher,
+        [("keep", None)] + [("tucker2", rank_for_ratio(c, "tucker2", 4)) for _, c in convs[1:]],
+        net="vgg11",
+        width=0.125,
+    )
+    start = apply_policy(teacher, policy)
+    cfg = TrainConfig(epochs=3, lr=0.02, batch_size=64, feature_kd=1.0, evals_per_epoch=2, seed=1)
+    kwargs = {"config": cfg, "val_split": splits.proxy, "teacher": teacher}
+    whole = copy.deepcopy(start)
+    expected = train(whole, splits.train, **kwargs)
+    steps_per_epoch = len(splits.train) // 64
+    eval_every = steps_per_epoch // 2
+    stop = steps_per_epoch + eval_every + 1  # mid-epoch, one step after an evaluation
+    assert eval_every > 1 and stop % eval_every
+
+    state = tmp_path / "ft_state.pt"
+    resumed = copy.deepcopy(start)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, splits.train, **kwargs, state_path=state, on_progress=_stop_at(stop))
+    assert state.exists(), "the last evaluation before Ctrl-C must have been saved"
+    saved_step = torch.load(state, weights_only=True)["step"]
+    assert saved_step == stop - 1
+    # A job of another key (another policy) does not take the state; it starts over.
+    other = copy.deepcopy(start)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            other,
+            splits.train,
+            **kwargs,
+            state_path=state,
+            state_key="other",
+            on_progress=_stop_at(1),
+        )
+    assert torch.load(state, weights_only=True)["step"] == saved_step, "left alone"
+    seen = []
+    result = train(
+        resumed,
+        splits.train,
+        **kwargs,
+        state_path=state,
+        on_progress=lambda p: seen.append(p.step),
+    )
+    assert seen[0] == saved_step + 1, "goes on after the saved step, not from the start"
+    assert not state.exists()
+    assert result.steps == expected.steps and result.history == expected.history
+    assert result.best_acc == expected.best_acc
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
