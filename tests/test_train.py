@@ -106,18 +106,23 @@ def _block_errors(teacher, student, x) -> float:
     ) / len(names)
 
 
+def _tucker2_student(teacher: nn.Module, ratio: float) -> nn.Module:
+    """The teacher with every conv but the first decomposed by Tucker-2 at ``ratio``."""
+    convs = conv_layers(teacher)
+    policy = Policy.from_choices(
+        teacher,
+        [("keep", None)] + [("tucker2", rank_for_ratio(c, "tucker2", ratio)) for _, c in convs[1:]],
+        net="vgg11",
+        width=0.125,
+    )
+    return apply_policy(teacher, policy)
+
+
 def test_feature_distillation_pulls_each_block_towards_its_layer(splits, trained):
     """Uniform Tucker-2 at 2x, the same steps with feature_kd 20 and 0: the distilled blocks end
     closer to the original layers' outputs on held-out images, and no hook is left behind."""
     teacher = trained[0].eval()
-    convs = conv_layers(teacher)
-    policy = Policy.from_choices(
-        teacher,
-        [("keep", None)] + [("tucker2", rank_for_ratio(c, "tucker2", 2)) for _, c in convs[1:]],
-        net="vgg11",
-        width=0.125,
-    )
-    start = apply_policy(teacher, policy)
+    start = _tucker2_student(teacher, 2)
     x = normalize(splits.proxy.x[:200])
     errors = {}
     for weight in (0.0, 20.0):
@@ -187,14 +192,7 @@ def test_an_interrupted_training_goes_on_exactly_where_it_stopped(splits, traine
     """Ctrl-C mid-epoch, then the same call again: the same weights, best state and history as
     one uninterrupted run (distillation and the held-out guard included); the file is removed."""
     teacher = trained[0].eval()
-    convs = conv_layers(teacher)
-    policy = Policy.from_choices(
-        teacher,
-        [("keep", None)] + [("tucker2", rank_for_ratio(c, "tucker2", 4)) for _, c in convs[1:]],
-        net="vgg11",
-        width=0.125,
-    )
-    start = apply_policy(teacher, policy)
+    start = _tucker2_student(teacher, 4)
     cfg = TrainConfig(epochs=3, lr=0.02, batch_size=64, feature_kd=1.0, evals_per_epoch=2, seed=1)
     kwargs = {"config": cfg, "val_split": splits.proxy, "teacher": teacher}
     whole = copy.deepcopy(start)
