@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check the settings, time this device and print the plan with its time estimate, "
-        "then stop before any work (nothing is written)",
+        "then stop before any work (nothing is written to the run directory; the caches "
+        "may be filled: the dataset, and layer timings for --target-latency)",
     )
     p.add_argument(
         "--preset",
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue a search; its "
+        help="continue a search, or an interrupted fine-tune; its "
         "settings come from RUN_DIR/config.json, and only --episodes/--timesteps, "
         "--no-progress, --quiet, --on-interrupt and --dry-run may be given with it",
     )
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         _check_resume_flags(parser, args, argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet and not args.dry_run else logging.INFO,
         format="%(message)s",
         stream=sys.stdout,
     )

@@ -174,6 +174,9 @@ class RunConfig:
     # replay / resume
     replay: str | None = None
     resume: str | None = None
+    search_more: bool = False
+    """Set by ``--resume`` given ``--episodes`` or ``--timesteps``: search on even where the
+    saved search had finished (``--episodes``: up to that total)."""
     on_interrupt: str = "ask"
     progress: bool = True
     argv: list[str] = field(default_factory=list)
@@ -375,6 +378,7 @@ def resume_config(
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
         raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
     cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
+    cfg.search_more = episodes is not None or timesteps is not None
     if episodes is not None:
         cfg.episodes, cfg.timesteps = episodes, None
     if timesteps is not None:

@@ -33,6 +33,7 @@ from agents.search import (
     read_search_state,
     replay_agent,
     search,
+    search_finished,
 )
 from rl_mtd.budget import Budget, BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
@@ -44,12 +45,20 @@ from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.staged import compress_in_stages
-from rl_mtd.train import TrainConfig, TrainResult, evaluate, reestimate_bn, train
+from rl_mtd.train import (
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    reestimate_bn,
+    saved_progress,
+    train,
+)
 
 log = logging.getLogger("rl_mtd")
 
 FINETUNE_STATE = "finetune_state.pt"
-"""Where an interrupted fine-tune's state waits for ``--resume`` (removed when it ends)."""
+"""Where an interrupted fine-tune's state waits for ``--resume`` (removed once the run's
+outputs are written)."""
 STALE_SEARCH_FILES = (
     "tb",
     "episodes.jsonl",
@@ -58,6 +67,10 @@ STALE_SEARCH_FILES = (
     "reward_curve.png",
     FINETUNE_STATE,
 )
+"""What --overwrite clears before a new run: files a replay would not rewrite, and the
+fine-tune state, whose job is gone."""
+STALE_OUTPUTS = ("report.json", "report.md", "compressed.pt", "model.onnx", "model.torchscript.pt")
+"""Also cleared by --overwrite, so no earlier run's report stands beside an unfinished one."""
 
 
 def finetune(
@@ -206,13 +219,23 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
 
 
 def _check_resumable(cfg: RunConfig) -> None:
-    """``--resume`` of a run with nothing left to do is refused rather than redone."""
+    """``--resume`` of a run with nothing left to do is refused rather than redone: its search
+    (if any) finished, no fine-tune waits, and its report.json is of that search."""
     run_dir = Path(cfg.out or cfg.resume or ".")
-    if not (run_dir / "report.json").exists() or (run_dir / FINETUNE_STATE).exists():
+    report_path = run_dir / "report.json"
+    if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return
-    done = len(read_search_state(run_dir).get("episodes", []))
-    if cfg.replay is None and (cfg.timesteps or done < cfg.episodes):
-        return
+    state = read_search_state(run_dir)
+    done = len(state.get("episodes", []))
+    if cfg.replay is None:
+        if not search_finished(cfg, state):
+            return
+        try:
+            reported = json.loads(report_path.read_text()).get("episodes")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return  # a damaged report: the resumed run writes a new one
+        if reported != done:
+            return  # the report is of an earlier, shorter search
     more = f"pass --episodes above {done} to search longer, or " if cfg.replay is None else ""
     raise RlMtdError(
         f"--resume {run_dir}: that run is complete (report.json is written and nothing was "
@@ -271,7 +294,14 @@ def run(
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     done = len(read_search_state(run_dir).get("episodes", [])) if cfg.resume else 0
     estimate = print_plan(
-        cfg, splits, device, timing, need_baseline, str(replay.path) if replay else None, done
+        cfg,
+        splits,
+        device,
+        timing,
+        need_baseline,
+        str(replay.path) if replay else None,
+        done,
+        saved_progress(run_dir / FINETUNE_STATE) if cfg.resume else None,
     )
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
@@ -281,7 +311,7 @@ def run(
 
     if cfg.resume is None:
         if run_dir.exists() and cfg.overwrite:
-            for stale in STALE_SEARCH_FILES:
+            for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
                 target = run_dir / stale
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +333,7 @@ def run(
     )
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
-    search_seconds = 0.0
+    search_seconds, interrupted = 0.0, False
     if replay is None:
         found = (finished_search(cfg, run_dir) if cfg.resume else None) or search(
             cfg, proxy, run_dir, baseline_path, on_episode=on_episode
@@ -311,7 +341,7 @@ def run(
         if found.interrupted and not go_on_after_interrupt(run_dir):
             return None
         policy, episodes, invocations = found.policy, found.episodes, found.invocations
-        search_seconds = found.seconds
+        search_seconds, interrupted = found.seconds, found.interrupted
     else:
         policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
         if replay.kind == "agent":
@@ -331,7 +361,8 @@ def run(
     try:
         compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits, run_dir)  # type: ignore[arg-type]
     except KeyboardInterrupt:
-        if (run_dir / FINETUNE_STATE).exists():
+        # --resume goes on with this fine-tune unless it has a search to finish first.
+        if (run_dir / FINETUNE_STATE).exists() and (replay is not None or not interrupted):
             log.warning(
                 "fine-tune interrupted; run_agent.py --resume %s goes on from its last save "
                 "(%s), without searching again",
@@ -378,6 +409,7 @@ def run(
     if cfg.export:
         report.update(write_export(cfg.export, compressed, run_dir))
     write_outputs(run_dir, report, episodes)
+    (run_dir / FINETUNE_STATE).unlink(missing_ok=True)  # its result is now safe on disk
     log.info(
         "done: %.2fx fewer parameters, test accuracy %.2f%% (baseline %.2f%%) -> %s",
         report["compression_ratio"],

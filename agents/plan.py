@@ -111,6 +111,7 @@ def print_plan(
     need_baseline: bool,
     replay_path: str | None,
     episodes_done: int = 0,
+    finetune_done: float | None = None,
 ) -> dict[str, float]:
     """Log the plan; its estimated seconds per stage."""
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
@@ -136,7 +137,11 @@ def print_plan(
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
         "study": study_evals * timing.episode_seconds,
         "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
-        "fine-tune": cfg.finetune_epochs * steps_per_epoch * t_step * 1.3,
+        "fine-tune": cfg.finetune_epochs
+        * steps_per_epoch
+        * t_step
+        * 1.3
+        * (1 - (finetune_done or 0)),
     }
     targets = [
         f"{check_target(v):g}x {what}"
@@ -184,7 +189,8 @@ def print_plan(
         ),
         f"  {2 + bool(study_evals)}. search: {search}",
         f"  {3 + bool(study_evals)}. fine-tune {cfg.finetune_epochs:g} epochs "
-        f"(~{_fmt(est['fine-tune'])}), then test",
+        + (f"going on from {finetune_done:.0%} " if finetune_done is not None else "")
+        + f"(~{_fmt(est['fine-tune'])}), then test",
         f"  estimated total ~{_fmt(sum(est.values()))} (from timing {t_step * 1e3:.0f} ms/step, "
         f"{timing.episode_seconds:.1f} s/episode on this device)",
     ]

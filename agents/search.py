@@ -162,19 +162,33 @@ def read_search_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
+def search_finished(cfg: RunConfig, state: dict[str, Any]) -> bool:
+    """Whether a resumed run's saved search has nothing left to do: it ended without Ctrl-C
+    and ``--resume`` asked for no longer search (``--episodes`` above the episodes done, or
+    ``--timesteps``)."""
+    done = len(state.get("episodes", []))
+    if not done or not state.get("best"):
+        return False
+    if cfg.search_more and (cfg.timesteps or cfg.episodes > done):
+        return False
+    # States written before the flag existed: finished when every episode asked for was run.
+    return bool(state.get("finished", not cfg.timesteps and done >= cfg.episodes))
+
+
 def finished_search(cfg: RunConfig, run_dir: Path) -> SearchResult | None:
-    """A resumed run's search when it has no episode left (its fine-tune was interrupted):
+    """A resumed run's search when it has nothing left to do (its fine-tune was interrupted):
     the best policy and the episodes from ``search_state.json``, nothing searched again."""
     state = read_search_state(run_dir)
-    done = len(state.get("episodes", []))
-    if cfg.timesteps or not done or done < cfg.episodes or not state.get("best"):
+    if not search_finished(cfg, state):
         return None
+    done = len(state["episodes"])
     log.info("the search finished its %d episodes; going on with its best policy", done)
+    this = {"argv": list(cfg.argv), "episodes_before": done, "episodes": 0, "proxy_evaluations": 0}
     return SearchResult(
         Policy.from_dict(state["best"]["policy"]),
         state["episodes"],
         float(state.get("seconds", 0.0)),
-        invocations=state.get("invocations", []),
+        invocations=[*state.get("invocations", []), this],
     )
 
 
@@ -257,6 +271,7 @@ def search(
     invocation["study_seconds"] = study_seconds
     invocation["latency_model_seconds"] = latency_seconds
     t0 = time.perf_counter() - study_seconds - latency_seconds
+    interrupted = finished = False  # finished: learn() ran to its end (saved for --resume)
 
     def save() -> None:
         invocation["episodes"] = len(callback.episodes) - episodes_before
@@ -274,6 +289,7 @@ def search(
                 **callback.state(),
                 "seconds": seconds,
                 "invocations": invocations,
+                "finished": finished,
                 **({"imitated": imitate.cloned} if imitate is not None else {}),
             },
         )
@@ -330,7 +346,6 @@ def search(
             fresh=lambda: sum(not e["cached"] for e in callback.episodes),
         )
         callbacks.append(imitate)
-    interrupted = False
     try:
         agent.learn(
             timesteps,
@@ -339,6 +354,7 @@ def search(
             reset_num_timesteps=cfg.resume is None,
             progress_bar=False,
         )
+        finished = True
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -215,7 +215,14 @@ class _Run:
     """One call of :func:`train`: the optimiser, the best state, and the collapse guard."""
 
     def __init__(
-        self, model, cfg: TrainConfig, val_split, teacher, desc: str, steps_per_epoch: int
+        self,
+        model,
+        cfg: TrainConfig,
+        val_split,
+        teacher,
+        desc: str,
+        steps_per_epoch: int,
+        fresh: bool = True,
     ):
         self.model, self.cfg, self.val, self.teacher, self.desc = (
             model,
@@ -230,8 +237,10 @@ class _Run:
         self.lr_scale, self.clip = 1.0, cfg.grad_clip
         self.recoveries, self.step = 0, 0
         self.history: list[dict[str, float]] = []
-        self.best_acc = evaluate(model, val_split) if val_split is not None else None
-        self.best_state = _snapshot(model) if val_split is not None else None
+        # Going on from a saved state (not fresh), load() sets these.
+        held_out = val_split is not None and fresh
+        self.best_acc = evaluate(model, val_split) if held_out else None
+        self.best_state = _snapshot(model) if held_out else None
         self.last_acc = self.best_acc
         self._loss_sum, self._loss_n = 0.0, 0
         self.features = (
@@ -346,6 +355,28 @@ class _Run:
         self.history = list(state["history"])
 
 
+def _save_state(state: dict, path: Path, desc: str) -> Path | None:
+    """Save ``state``; ``path`` again, or None (no more saves) when the save failed."""
+    try:
+        torch_save_atomic(state, path)
+    except OSError as exc:  # a full disk must not end hours of training
+        log.warning(
+            "%s: cannot save its state to %s (%s); going on without saving", desc, path, exc
+        )
+        return None
+    return path
+
+
+def saved_progress(path: str | Path) -> float | None:
+    """The share of its steps an interrupted :func:`train` had done, from its state file;
+    None where there is none (or it cannot be read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return min(1.0, state["step"] / state["total"])
+    except Exception:  # no file, or one the run will ignore and start over from
+        return None
+
+
 def _saved_state(path: Path, key: str, cfg: TrainConfig, total: int, desc: str) -> dict | None:
     """The state an interrupted :func:`train` left at ``path`` if it is this very job's."""
     if not path.exists():
@@ -387,9 +418,11 @@ def train(
     log messages.
 
     With ``state_path``, the whole state (model, optimiser, best state, collapse guard, where
-    the data order stands) is saved there at every evaluation, and a later call for the same
-    job (same ``state_key``, settings and length, on a model built the same way) goes on from
-    the last save exactly as if never stopped; the file is removed when training ends.
+    the data order stands) is saved there at every evaluation, the last step's included, and a
+    later call for the same job (same ``state_key``, settings and length, on a model built the
+    same way) goes on from the last save as if never stopped (bit for bit on the CPU). The
+    caller removes the file once the result is safe; a save that fails (a full disk) is
+    warned about and training goes on without saving.
     """
     cfg = config or TrainConfig()
     device = model_device(model)
@@ -414,13 +447,15 @@ def train(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    run = _Run(model, cfg, val_split, teacher, desc, len(loader))
     path = Path(state_path) if state_path is not None else None
     saved = _saved_state(path, state_key, cfg, total, desc) if path is not None else None
+    run = _Run(model, cfg, val_split, teacher, desc, len(loader), fresh=saved is None)
     skip, seconds_before = 0, 0.0
     if saved is not None:
         run.load(saved)
         loader.epoch, skip, seconds_before = saved["loader_epoch"], saved["skip"], saved["seconds"]
+        if skip >= len(loader):  # saved at the end of a pass: the next one starts afresh
+            loader.epoch, skip = loader.epoch + 1, 0
         log.info("%s: going on from step %d of %d (%s)", desc, run.step, total, path)
     model.train()
     try:
@@ -439,19 +474,17 @@ def train(
                 elif run.step % eval_every == 0 or run.step == total:
                     entry = run.checkpoint(lr)
                     report.loss, report.val_acc = entry["loss"], entry.get("val_acc")
-                    if path is not None and run.step < total:
+                    if path is not None:
                         seconds = seconds_before + time.perf_counter() - t0
                         state = run.state(
                             state_key, total, loader.epoch - 1, run.step - pass_start, seconds
                         )
-                        torch_save_atomic(state, path)
+                        path = _save_state(state, path, desc)
                 if on_progress is not None:
                     on_progress(report)
     finally:
         if run.features is not None:
             run.features.remove()  # the model leaves with no hooks, also on Ctrl-C
-    if path is not None:
-        path.unlink(missing_ok=True)
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
     if device.type == "cuda":

@@ -678,6 +678,28 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     fail(["--resume", str(tmp_path)], capsys, "no config.json there")
 
 
+@pytest.mark.parametrize(
+    ("state", "more", "finished"),
+    [
+        ({"finished": True}, {}, True),
+        ({"finished": False}, {}, False),  # Ctrl-C in the search: --resume finishes it
+        ({"finished": True}, {"search_more": True, "episodes": 9}, False),
+        ({"finished": True}, {"search_more": True, "episodes": 3}, True),  # a total reached
+        ({"finished": True}, {"search_more": True, "timesteps": 16}, False),  # more timesteps
+        ({"finished": True}, {"timesteps": 16}, True),  # the saved --timesteps run ended
+        ({}, {"episodes": 3}, True),  # a state from before the flag: every episode was run
+        ({}, {"episodes": 9}, False),
+    ],
+)
+def test_when_a_resumed_search_has_nothing_left(state, more, finished):
+    from agents.config import RunConfig
+    from agents.search import search_finished
+
+    cfg = RunConfig(**{"episodes": 3, **more})
+    saved = {"episodes": [{}] * 3, "best": {"policy": {}}, **state}
+    assert search_finished(cfg, saved) is finished
+
+
 def test_resume_of_a_complete_run_is_refused_and_says_what_to_do(smoke_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
@@ -778,6 +800,9 @@ def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypa
     assert not (out / "finetune_state.pt").exists(), "removed once the fine-tune ends"
     report = read_json(out / "report.json")
     assert report["episodes"] == 3, "the finished search is not run again"
+    searched = read_json(out / "search_state.json")["invocations"][0]["proxy_evaluations"]
+    assert report["proxy_evaluations"] >= searched > 0, "the search's evaluations still count"
+    assert [i["argv"][0] for i in report["invocations"]] == ["--net", "--resume"]
     ref = tmp_path / "uninterrupted"
     assert main([*argv, "--replay", str(out / "policy.json"), "--out", str(ref)]) == 0
     assert read_json(ref / "report.json")["finetuned_acc"] == report["finetuned_acc"]

@@ -190,7 +190,7 @@ def _stop_at(step: int):
 
 def test_an_interrupted_training_goes_on_exactly_where_it_stopped(splits, trained, tmp_path):
     """Ctrl-C mid-epoch, then the same call again: the same weights, best state and history as
-    one uninterrupted run (distillation and the held-out guard included); the file is removed."""
+    one uninterrupted run (distillation and the held-out guard included)."""
     teacher = trained[0].eval()
     start = _tucker2_student(teacher, 4)
     cfg = TrainConfig(epochs=3, lr=0.02, batch_size=64, feature_kd=1.0, evals_per_epoch=2, seed=1)
@@ -230,8 +230,19 @@ def test_an_interrupted_training_goes_on_exactly_where_it_stopped(splits, traine
         on_progress=lambda p: seen.append(p.step),
     )
     assert seen[0] == saved_step + 1, "goes on after the saved step, not from the start"
-    assert not state.exists()
+    assert torch.load(state, weights_only=True)["step"] == expected.steps, "the last step too"
     assert result.steps == expected.steps and result.history == expected.history
     assert result.best_acc == expected.best_acc
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_save_does_not_stop_training(splits, tmp_path, caplog):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    model = build_vgg("vgg11", width=0.125)
+    cfg = TrainConfig(steps=4, batch_size=64, evals_per_epoch=4)
+    with caplog.at_level("WARNING"):
+        result = train(model, splits.train, config=cfg, state_path=blocked / "state.pt")
+    assert result.steps == 4
+    assert caplog.text.count("cannot save its state") == 1, "warned once, then no more tries"
