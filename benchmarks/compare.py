@@ -112,7 +112,13 @@ def main() -> None:
         help="PPO also observes the sensitivity study (run_agent.py --observe)",
     )
     add_proxy_args(p)
-    p.add_argument("--finetune-epochs", type=float, default=1.0)
+    p.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=1.0,
+        help="0: no fine-tune (search and score only; fine-tune the saved policies with "
+        "benchmarks/finetune_sweep.py); test accuracy is then the compressed model's as it is",
+    )
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--kd", type=float, default=0.0)
     p.add_argument(
@@ -131,6 +137,8 @@ def main() -> None:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
     if args.evaluations is not None and args.evaluations < 1:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
+    if not args.finetune_epochs >= 0:
+        p.error(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")
     targets = [float(t) for t in args.targets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = Path(args.out_dir)
@@ -245,7 +253,11 @@ def main() -> None:
                     progress=not args.no_progress,
                 )
                 model = proxy.compress(policy)
-                ft = finetune(ft_cfg, model, baseline, splits)
+                recoveries = (
+                    finetune(ft_cfg, model, baseline, splits).recoveries
+                    if args.finetune_epochs > 0
+                    else 0
+                )
                 test = evaluate(model, splits.test)
                 b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
                 row = {
@@ -260,7 +272,7 @@ def main() -> None:
                     "search_s": search_s,
                     "speedup_b1": b1,
                     "speedup_b128": b128,
-                    "recoveries": ft.recoveries,
+                    "recoveries": recoveries,
                     "methods": policy.methods(),
                 }
                 if latency is not None:
