@@ -796,6 +796,7 @@ def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypa
     with caplog.at_level("INFO"):
         assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
     assert "search: finished (3 episodes)" in caplog.text, "the plan: nothing left to search"
+    assert "fine-tune 2 epochs going on from " in caplog.text, "and the share of it done"
     assert "going on from step 4" in caplog.text
     assert not (out / "finetune_state.pt").exists(), "removed once the fine-tune ends"
     report = read_json(out / "report.json")
