@@ -45,14 +45,8 @@ from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.staged import compress_in_stages
-from rl_mtd.train import (
-    TrainConfig,
-    TrainResult,
-    evaluate,
-    reestimate_bn,
-    saved_progress,
-    train,
-)
+from rl_mtd.train import TrainConfig, TrainResult, evaluate, reestimate_bn, train
+from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
 
@@ -218,14 +212,13 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
     return out
 
 
-def _check_resumable(cfg: RunConfig) -> None:
+def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:
     """``--resume`` of a run with nothing left to do is refused rather than redone: its search
-    (if any) finished, no fine-tune waits, and its report.json is of that search."""
-    run_dir = Path(cfg.out or cfg.resume or ".")
+    (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
+    search."""
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return
-    state = read_search_state(run_dir)
     done = len(state.get("episodes", []))
     if cfg.replay is None:
         if not search_finished(cfg, state):
@@ -265,8 +258,10 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
+    # A resumed run's search as saved (read once: the checks, the plan and the search use it).
+    state = read_search_state(Path(cfg.resume)) if cfg.resume is not None else {}
     if cfg.resume is not None:
-        _check_resumable(cfg)
+        _check_resumable(cfg, Path(cfg.resume), state)
     if replay is not None and cfg.overwrite and cfg.out:
         _check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
@@ -292,7 +287,7 @@ def run(
     )
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
-    done = len(read_search_state(run_dir).get("episodes", [])) if cfg.resume else 0
+    search_done = replay is None and cfg.resume is not None and search_finished(cfg, state)
     estimate = print_plan(
         cfg,
         splits,
@@ -300,8 +295,9 @@ def run(
         timing,
         need_baseline,
         str(replay.path) if replay else None,
-        done,
+        len(state.get("episodes", [])),
         saved_progress(run_dir / FINETUNE_STATE) if cfg.resume else None,
+        search_done,
     )
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
@@ -335,7 +331,7 @@ def run(
     invocations: list[dict[str, Any]] = []
     search_seconds, interrupted = 0.0, False
     if replay is None:
-        found = (finished_search(cfg, run_dir) if cfg.resume else None) or search(
+        found = (finished_search(cfg, state) if search_done else None) or search(
             cfg, proxy, run_dir, baseline_path, on_episode=on_episode
         )
         if found.interrupted and not go_on_after_interrupt(run_dir):

@@ -142,17 +142,17 @@ def print_plan(
     replay_path: str | None,
     episodes_done: int = 0,
     finetune_done: float | None = None,
+    search_done: bool = False,
 ) -> dict[str, float]:
-    """Log the plan; its estimated seconds per stage."""
+    """Log the plan; its estimated seconds per stage. ``search_done``: a resumed search with
+    nothing left, which is not run again (``agents.search.search_finished``)."""
     steps_per_epoch = max(1, len(splits.train) // cfg.batch_size)
     t_step = timing.step_seconds
     # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
     # method and level, one proxy evaluation each; cached per baseline, so often free.
-    # A resumed search with no episode left is not run again (agents.search.finished_search).
-    finished = bool(episodes_done) and not cfg.timesteps and episodes_done >= cfg.episodes
     study_evals = (
         0
-        if replay_path or finished or (cfg.warm_start == "none" and cfg.observe != "study")
+        if replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
     # As the search counts them: --timesteps, else the episodes left, and at least one.
@@ -160,7 +160,7 @@ def print_plan(
         math.ceil(cfg.timesteps / timing.n_layers)
         if cfg.timesteps
         else 0
-        if finished
+        if search_done
         else max(1, cfg.episodes - episodes_done)
     )
     est = {
@@ -196,7 +196,7 @@ def print_plan(
         resumed = f" ({whole}; {episodes_done} done)"
     if replay_path:
         search = f"replay {replay_path}"
-    elif finished:
+    elif search_done:
         search = f"finished ({episodes_done} episodes); its best policy is fine-tuned"
     else:
         search = (

@@ -175,10 +175,10 @@ def search_finished(cfg: RunConfig, state: dict[str, Any]) -> bool:
     return bool(state.get("finished", not cfg.timesteps and done >= cfg.episodes))
 
 
-def finished_search(cfg: RunConfig, run_dir: Path) -> SearchResult | None:
-    """A resumed run's search when it has nothing left to do (its fine-tune was interrupted):
-    the best policy and the episodes from ``search_state.json``, nothing searched again."""
-    state = read_search_state(run_dir)
+def finished_search(cfg: RunConfig, state: dict[str, Any]) -> SearchResult | None:
+    """A resumed run's search when its saved ``state`` (``read_search_state``) has nothing
+    left to do (its fine-tune was interrupted): the best policy and the episodes, nothing
+    searched again."""
     if not search_finished(cfg, state):
         return None
     done = len(state["episodes"])

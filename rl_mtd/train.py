@@ -26,8 +26,8 @@ from torch import nn
 from rl_mtd.data import DeviceLoader, Split
 from rl_mtd.distill import FeatureMatch
 from rl_mtd.errors import RlMtdError
-from rl_mtd.io import torch_save_atomic
 from rl_mtd.models import model_device
+from rl_mtd.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -355,49 +355,6 @@ class _Run:
         self.history = list(state["history"])
 
 
-def _save_state(state: dict, path: Path, desc: str) -> Path | None:
-    """Save ``state``; ``path`` again, or None (no more saves) when the save failed."""
-    try:
-        torch_save_atomic(state, path)
-    except OSError as exc:  # a full disk must not end hours of training
-        log.warning(
-            "%s: cannot save its state to %s (%s); going on without saving", desc, path, exc
-        )
-        return None
-    return path
-
-
-def saved_progress(path: str | Path) -> float | None:
-    """The share of its steps an interrupted :func:`train` had done, from its state file;
-    None where there is none (or it cannot be read)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return min(1.0, state["step"] / state["total"])
-    except Exception:  # no file, or one the run will ignore and start over from
-        return None
-
-
-def _saved_state(path: Path, key: str, cfg: TrainConfig, total: int, desc: str) -> dict | None:
-    """The state an interrupted :func:`train` left at ``path`` if it is this very job's."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        same = (
-            state.get("format") == 1
-            and state.get("key") == key
-            and state.get("config") == asdict(cfg)
-            and state.get("total") == total
-        )
-    except Exception as exc:  # a damaged file costs the progress it held, nothing else
-        log.warning("%s: ignoring %s, which cannot be read (%s); starting over", desc, path, exc)
-        return None
-    if not same:
-        log.warning("%s: %s was saved by another job; starting over", desc, path)
-        return None
-    return state
-
-
 def train(
     model: nn.Module,
     train_split: Split,
@@ -448,7 +405,7 @@ def train(
         model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     path = Path(state_path) if state_path is not None else None
-    saved = _saved_state(path, state_key, cfg, total, desc) if path is not None else None
+    saved = load_state(path, state_key, asdict(cfg), total, desc) if path is not None else None
     run = _Run(model, cfg, val_split, teacher, desc, len(loader), fresh=saved is None)
     skip, seconds_before = 0, 0.0
     if saved is not None:
@@ -479,7 +436,7 @@ def train(
                         state = run.state(
                             state_key, total, loader.epoch - 1, run.step - pass_start, seconds
                         )
-                        path = _save_state(state, path, desc)
+                        path = save_state(state, path, desc)
                 if on_progress is not None:
                     on_progress(report)
     finally:
