@@ -138,6 +138,8 @@ def main() -> None:
                     "test_acc": evaluate(model, splits.test),
                     "recoveries": recoveries,
                     "seconds": time.perf_counter() - t0,
+                    # held-out accuracy at each evaluation: what a shorter run would have seen
+                    "history": ft.history,
                 }
                 rows.append(row)
                 print(
