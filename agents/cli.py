@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
         if "invalid choice" in message:
             bad = message.split("'")[1] if "'" in message else ""
             pool = list(NET_NAMES) + list(PRESETS) + ["auto", "cpu", "cuda"]
-            close = difflib.get_close_matches(bad, pool, n=1)
+            close = difflib.get_close_matches(bad.lower(), pool, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
         super().error(message)
@@ -86,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", default=None, help="baseline checkpoint (default: train one and cache it)"
     )
     p.add_argument("--out", default=None, help="run directory (default runs/<net>-<time>)")
-    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an existing --out, first clearing "
+        "the old run's search (agent, episodes, search state, tb/) and report",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -198,7 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
     g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
-    g.add_argument("--bn-batches", type=int, default=None, help="batches for the BN re-estimate")
+    g.add_argument(
+        "--bn-batches",
+        type=int,
+        default=None,
+        help="training batches for the BatchNorm re-estimate of each compressed model (0: keep "
+        "the original statistics, an ablation: decomposed layers then score near chance)",
+    )
     g.add_argument(
         "--repair-steps",
         type=int,
@@ -438,6 +450,16 @@ def _check_resume_flags(
         )
 
 
+def os_error_message(exc: OSError) -> str:
+    """What failed, where, and what to do: free space for a full disk, else another place."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there, or point --out / RL_MTD_CACHE at a disk with room"
+    else:
+        fix = "check that the place is a writable directory, or pick another --out / RL_MTD_CACHE"
+    return f"{exc.strerror or exc}{where}; {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -482,10 +504,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk, a read-only directory
-        print(
-            f"error: {exc.strerror or exc} ({exc.filename or ''}); free space or pick another "
-            "--out / RL_MTD_CACHE",
-            file=sys.stderr,
-        )
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 1
     return 0

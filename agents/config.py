@@ -211,6 +211,12 @@ class RunConfig:
                 f"--on-interrupt {self.on_interrupt!r}: choose one of {', '.join(ON_INTERRUPT)}"
             )
         _positive("--width", self.width)
+        if not MIN_WIDTH <= self.width <= MAX_WIDTH:
+            raise RlMtdError(
+                f"--width {self.width:g} is outside {MIN_WIDTH:g}..{MAX_WIDTH:g}: 1 is the real "
+                "network, 0.25 a quick CPU-sized one, 0.125 what the tests use (below 1/64 the "
+                "first layers would have under one channel; above 8 the net needs tens of GB)"
+            )
         if self.target_ratio is not None:
             check_target(self.target_ratio, "--target-ratio")
         if self.target_macs is not None:
@@ -312,20 +318,17 @@ class RunConfig:
             raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):
             raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
-        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
-            raise RlMtdError(f"--checkpoint {self.checkpoint} does not exist")
-        if self.replay is not None and not Path(self.replay).is_file():
-            raise RlMtdError(f"--replay {self.replay} does not exist")
-        if (
-            self.resume is None
-            and self.out is not None
-            and Path(self.out).exists()
-            and not self.overwrite
-        ):
-            raise RlMtdError(
-                f"output directory {self.out} already exists; pass another --out, or --overwrite "
-                "to write into it"
-            )
+        _check_file("--checkpoint", self.checkpoint, "a baseline checkpoint (.pt)")
+        _check_file("--replay", self.replay, "its policy.json or agent.zip")
+        if self.resume is None and self.out is not None and Path(self.out).exists():
+            if not Path(self.out).is_dir():
+                raise RlMtdError(f"--out {self.out} is a file; --out names a run directory")
+            if not self.overwrite:
+                raise RlMtdError(
+                    f"output directory {self.out} already exists; pass another --out, "
+                    f"--resume {self.out} to go on with an unfinished run there, or --overwrite "
+                    "to write a new run into it (clearing the old run's search and report)"
+                )
         return self
 
     @property
@@ -347,6 +350,18 @@ class RunConfig:
 def _at_least(flag: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise RlMtdError(f"{flag} must be a whole number >= {low}, got {value!r}")
+
+
+def _check_file(flag: str, path: str | None, what: str) -> None:
+    if path is None or Path(path).is_file():
+        return
+    if Path(path).is_dir():
+        raise RlMtdError(f"{flag} {path} is a directory; give the file itself ({what})")
+    raise RlMtdError(f"{flag} {path} does not exist")
+
+
+MIN_WIDTH, MAX_WIDTH = 1 / 64, 8.0
+"""The channel widths a run accepts (VGG's 64-channel first layer: at least one channel)."""
 
 
 def _positive(flag: str, value: Any) -> None:
@@ -371,6 +386,8 @@ def resume_config(
     """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise RlMtdError(f"--resume {run_dir}: no such directory (give a run directory, --out)")
     if not saved.exists():
         raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
     try:

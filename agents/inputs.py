@@ -105,15 +105,28 @@ def get_baseline(
         seed=cfg.seed,
         label_smoothing=0.1,
     )
-    with train_bar("baseline", cfg.progress) as bar:
-        train(
-            model,
-            splits.train,
-            config=tcfg,
-            val_split=splits.proxy,
-            on_progress=bar,
-            desc="baseline",
-        )
+    # Saved as it trains, beside the cache entry: after Ctrl-C the same command goes on.
+    state_path = path.with_name(path.stem + ".train-state.pt")
+    try:
+        with train_bar("baseline", cfg.progress) as bar:
+            train(
+                model,
+                splits.train,
+                config=tcfg,
+                val_split=splits.proxy,
+                on_progress=bar,
+                desc="baseline",
+                state_path=state_path,
+                state_key=path.name,
+            )
+    except KeyboardInterrupt:
+        if state_path.exists():
+            log.warning(
+                "baseline training interrupted; its progress is saved (%s): the same command "
+                "goes on from there",
+                state_path,
+            )
+        raise
     save_baseline(
         path,
         model,
@@ -121,6 +134,7 @@ def get_baseline(
         width=cfg.width,
         meta={"epochs": cfg.baseline_epochs, "data": data_key},
     )
+    state_path.unlink(missing_ok=True)
     return model, str(path)
 
 

@@ -35,11 +35,11 @@ from agents.search import (
     search,
     search_finished,
 )
-from rl_mtd.budget import Budget, BudgetTable
+from rl_mtd.budget import Budget, BudgetMeter, BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
 from rl_mtd.data import DataSplits
 from rl_mtd.errors import RlMtdError
-from rl_mtd.io import write_json_atomic
+from rl_mtd.io import check_writable, write_json_atomic
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
@@ -166,6 +166,22 @@ def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str
     }
 
 
+def _meets_budget(cfg: RunConfig, proxy: Proxy, policy: Policy) -> bool | None:
+    """Whether ``policy`` meets the run's budget; None in trade-off mode (no budget)."""
+    if not any(getattr(cfg, k) for k in BUDGET_KEYS):
+        return None
+    lm = latency_model(cfg, proxy.device)
+    budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
+    return BudgetMeter(proxy.model, budget).meets(policy.choices())
+
+
+def _budget_text(cfg: RunConfig) -> str:
+    """The run's budget as its flags: ``--target-ratio 8, --target-macs 4``."""
+    return ", ".join(
+        f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in BUDGET_KEYS if getattr(cfg, k)
+    )
+
+
 def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
     """Raise if the targets are beyond these methods and levels on this network: parameters and
     MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
@@ -215,7 +231,14 @@ def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
 def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:
     """``--resume`` of a run with nothing left to do is refused rather than redone: its search
     (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
-    search."""
+    search. So is one whose config.json no longer names the network its search was of."""
+    best = (state.get("best") or {}).get("policy") or {}
+    if best and (best.get("net"), best.get("width")) != (cfg.net, cfg.width):
+        raise RlMtdError(
+            f"--resume {run_dir}: config.json names {cfg.net} width {cfg.width:g}, but the "
+            f"run searched {best.get('net')} width {best.get('width')}; config.json was edited: "
+            "put it back, or start a new run with --out NEW_DIR"
+        )
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return
@@ -280,12 +303,15 @@ def run(
                 raise
             # The file's budget, hand-edited or from another net.
             raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
-    splits, data = load_data(cfg)
-    splits = splits.to(device)
     run_dir = (
         Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
     )
+    check_writable(run_dir)  # a read-only --out: now, not after the baseline is trained
+    splits, data = load_data(cfg)
+    splits = splits.to(device)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
+    if need_baseline:  # where the trained baseline will be kept
+        check_writable(baseline_cache_path(cfg, data.key).parent)
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     search_done = replay is None and cfg.resume is not None and search_finished(cfg, state)
     estimate = print_plan(
@@ -327,6 +353,15 @@ def run(
         100 * baseline_acc,
         100 * proxy.baseline_acc,
     )
+    chance = 1.0 / proxy.num_classes
+    if baseline_acc < 1.5 * chance:
+        log.warning(
+            "the baseline is at about chance (%.2f%%; guessing gives %.0f%%): its training "
+            "diverged (lower --lr) or was far too short (--baseline-epochs), or --checkpoint is "
+            "not a trained model; compressing it measures nothing",
+            100 * baseline_acc,
+            100 * chance,
+        )
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
     search_seconds, interrupted = 0.0, False
@@ -354,6 +389,15 @@ def run(
         100 * proxy_result.accuracy,
     )
 
+    budget_met = _meets_budget(cfg, proxy, policy)  # type: ignore[arg-type]
+    if budget_met is False:
+        log.warning(
+            "the policy (%s) does not meet this run's budget (%s)%s; going on with it as "
+            "it is, and the report says so",
+            BudgetMeter(proxy.model, None).describe(policy.choices()),  # type: ignore[union-attr]
+            _budget_text(cfg),
+            ": it was searched for another budget, or edited" if replay is not None else "",
+        )
     try:
         compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits, run_dir)  # type: ignore[arg-type]
     except KeyboardInterrupt:
@@ -400,6 +444,7 @@ def run(
         + sum(i.get("proxy_evaluations", 0) for i in invocations[:-1]),
         invocations=invocations,
         predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]
+        budget_met=budget_met,
     )
     report = build_report(result, cfg.latency_repeats)
     if cfg.export:

@@ -54,6 +54,8 @@ class RunResult:
     of a resumed search."""
     episodes: list[dict[str, Any]] = field(default_factory=list)
     invocations: list[dict[str, Any]] = field(default_factory=list)
+    budget_met: bool | None = None
+    """Whether the policy meets the run's budget (None without one, in trade-off mode)."""
     predicted_latency: dict[str, Any] | None = None
     """With ``--target-latency``: the latency model's prediction for the policy (batch,
     original_ms measured, compressed_ms predicted, speedup)."""
@@ -78,6 +80,7 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "mode": "budget"
         if any(cfg.get(k) for k in ("target_ratio", "target_macs", "target_latency"))
         else "trade-off",
+        "budget_met": r.budget_met,
         "replay": cfg["replay"],
         "baseline_acc": r.baseline_acc,
         "baseline_proxy_acc": r.baseline_proxy_acc,
@@ -280,6 +283,12 @@ def _latency_target(r: dict[str, Any]) -> str:
     )
 
 
+def _budget_note(r: dict[str, Any]) -> str:
+    if r.get("budget_met") is False:
+        return " **The policy does not meet this budget** (a replayed policy searched for another)."
+    return ""
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -290,7 +299,9 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"# rl_mtd run: {r['net']} (width {r['width']}) on {r['dataset']}",
         "",
         f"Device {r['device']}, seed {r['seed']}, target ratio {r['target_ratio']}, "
-        f"target MACs reduction {r.get('target_macs')}, mode {r['mode']}." + _latency_target(r),
+        f"target MACs reduction {r.get('target_macs')}, mode {r['mode']}."
+        + _latency_target(r)
+        + _budget_note(r),
         "",
         "| | original | compressed | ratio |",
         "|-|-:|-:|-:|",

@@ -19,11 +19,12 @@ from agents.inputs import get_baseline, load_data
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.models import NET_NAMES
 from rl_mtd.proxy import Proxy, ProxyConfig, default_repair, resolve_device
 
 
 def add_common_args(p: argparse.ArgumentParser, *, net: str = "vgg11", width: float = 0.25) -> None:
-    p.add_argument("--net", default=net)
+    p.add_argument("--net", default=net, choices=NET_NAMES)
     p.add_argument("--width", type=float, default=width)
     p.add_argument("--data", default=None, help="dataset source (default $RL_MTD_DATA)")
     p.add_argument(

@@ -25,6 +25,7 @@ from _common import add_common_args, machine
 from agents.config import RunConfig
 from agents.inputs import load_data
 from rl_mtd.data import DeviceLoader
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.io import write_json_atomic
 from rl_mtd.models import build_vgg, model_device
 from rl_mtd.proxy import resolve_device
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

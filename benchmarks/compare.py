@@ -33,7 +33,7 @@ from agents.search import search
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
-from rl_mtd.errors import RlMtdError
+from rl_mtd.errors import RlMtdError, exit_on_user_error
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.proxy import Proxy
@@ -367,4 +367,4 @@ def _plot(rows: list[dict], path: Path, base_test: float) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

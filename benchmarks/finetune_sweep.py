@@ -33,6 +33,7 @@ from agents.pipeline import compress_and_finetune
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy
@@ -177,4 +178,4 @@ def _summary(rows: list[dict], base_test: float, args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.decompose import DecomposedConv  # noqa: E402
+from rl_mtd.errors import exit_on_user_error  # noqa: E402
 from rl_mtd.export import CudaGraphed, inference_model, to_onnx  # noqa: E402
 from rl_mtd.metrics import (  # noqa: E402
     count_macs,
@@ -472,4 +473,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -28,7 +28,7 @@ from agents.inputs import latency_model
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
-from rl_mtd.errors import RlMtdError
+from rl_mtd.errors import RlMtdError, exit_on_user_error
 from rl_mtd.latency import measured_timer
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import apply_policy
@@ -91,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -45,6 +45,7 @@ from latency import _busy_note, _load, machine, variance_preserving  # noqa: E40
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable  # noqa: E402
+from rl_mtd.errors import exit_on_user_error  # noqa: E402
 from rl_mtd.io import write_json_atomic  # noqa: E402
 from rl_mtd.latency import LatencyModel, measured_timer  # noqa: E402
 from rl_mtd.metrics import count_macs, cpu_seconds, others_cpu_share  # noqa: E402
@@ -219,4 +220,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

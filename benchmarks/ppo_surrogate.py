@@ -28,6 +28,7 @@ from agents.ppo import PPOConfig, make_ppo
 from envs import EnvConfig, MixedDecompositionEnv
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import FactorCache, conv_layers
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, apply_policy
@@ -137,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

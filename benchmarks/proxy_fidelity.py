@@ -30,6 +30,7 @@ from _common import (
 )
 
 from rl_mtd.baselines import random_policies
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.io import write_json_atomic
 from rl_mtd.proxy import Proxy
 from rl_mtd.train import TrainConfig, evaluate, train
@@ -144,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

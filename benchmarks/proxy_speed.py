@@ -26,6 +26,7 @@ from rl_mtd.baselines import random_policies
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import conv_layers
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.models import build_vgg
 from rl_mtd.proxy import Proxy, resolve_device
 
@@ -143,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

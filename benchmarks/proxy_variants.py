@@ -45,6 +45,7 @@ from _common import (
     spearman,
 )
 
+from rl_mtd.errors import exit_on_user_error
 from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
@@ -239,4 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

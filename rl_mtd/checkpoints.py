@@ -82,6 +82,12 @@ def _guess_net(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _guess_width(state: dict[str, torch.Tensor]) -> float | None:
+    """The width whose first conv has as many outputs as a state_dict's first 4-D weight."""
+    first = next((v for k, v in state.items() if k.endswith("weight") and v.ndim == 4), None)
+    return None if first is None else first.shape[0] / 64
+
+
 def check_finite(model: nn.Module, source: str) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -127,8 +133,10 @@ def load_baseline(
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        guess = _guess_net(state)
+        guess, wide = _guess_net(state), _guess_width(state)
         hint = f" It looks like a {guess}: pass --net {guess}." if guess and guess != net else ""
+        if not hint and wide is not None and wide != width:
+            hint = f" It looks like width {wide:g}: pass --width {wide:g}."
         first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
         raise RlMtdError(
             f"checkpoint {path} does not fit {net} at width {width}:{first[0]}{hint}"

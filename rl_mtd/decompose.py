@@ -98,7 +98,23 @@ def normalize_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank:
         return pair
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise RlMtdError(f"cp rank must be a positive int, got {rank!r}")
+    if rank > max_cp_rank(conv):
+        dims = "x".join(str(d) for d in conv.weight.shape)
+        raise RlMtdError(
+            f"cp rank {rank} is more than a {dims} kernel can use: an exact CP decomposition "
+            f"never needs more than {max_cp_rank(conv)} terms (use a lower rank, or keep)"
+        )
     return int(rank)
+
+
+def max_cp_rank(conv: nn.Conv2d) -> int:
+    """The most terms a CP decomposition of ``conv``'s kernel can need: a tensor's rank is at
+    most the product of its dimensions but the largest."""
+    dims = (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+    total = 1
+    for d in dims:
+        total *= d
+    return total // max(dims)
 
 
 def layer_params(conv: nn.Conv2d) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +60,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise the ``OSError`` a write into ``directory`` would meet (read-only, not a directory,
+    no permission), before hours of work depend on it. Nothing is left behind: the probe file
+    goes, and a directory that does not exist yet is not created (its nearest existing parent
+    is probed instead)."""
+    path = Path(directory).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probe))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".rl_mtd-write-check.", dir=probe)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _new_file_mode() -> int:
     """The mode ``open(path, "w")`` would give a new file: 0666 less the process's umask."""
     try:  # Linux states the umask here; os.umask() can only read it by changing it
@@ -84,6 +105,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+FULL_DISK_BYTES = 16 << 20
+"""Free space below which a failed write is taken for a full disk."""
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically. torch reports a failed write (a full disk) as a
+    ``RuntimeError`` from its zip writer; that becomes the ``OSError`` every other write
+    raises (``ENOSPC`` when the disk is nearly full), so callers handle one kind of error."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            tmp.unlink(missing_ok=True)  # its bytes count against the free space
+            try:
+                full = shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES
+            except OSError:
+                full = False
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+            raise OSError(errno.EIO, f"torch.save failed ({exc})") from exc

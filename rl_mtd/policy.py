@@ -242,7 +242,9 @@ def _parse_layer(item: Any, i: int, name: str, conv: nn.Conv2d, source: str) -> 
         or not math.isclose(given, ratio, rel_tol=1e-6)
     ):
         raise _fail(
-            source, f"{where}.ratio {given!r} disagrees with its rank (expected {ratio:.6g})"
+            source,
+            f"{where}.ratio {given!r} disagrees with its rank (expected {ratio:.6g}); after "
+            "editing a rank, update its ratio or delete the ratio field",
         )
     return LayerChoice(str(item["name"]), method, rank, ratio, tuple(conv.weight.shape))
 

@@ -678,6 +678,60 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     fail(["--resume", str(tmp_path)], capsys, "no config.json there")
 
 
+def test_resume_of_a_missing_directory_says_so(tmp_path, capsys):
+    fail(["--resume", str(tmp_path / "nope")], capsys, "no such directory")
+
+
+def test_resume_refuses_a_config_edited_to_another_net(smoke_run, tmp_path, capsys):
+    """A hand-edited config.json naming another net would search on with the old agent and
+    mix episodes of two networks; refused before any work, the run left as it was."""
+    run = tmp_path / "edited"
+    shutil.copytree(smoke_run, run)
+    config = read_json(run / "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "net": "vgg13"}))
+    before = _digest(run)
+    fail(["--resume", str(run)], capsys, "config.json names vgg13", f"searched {NET}")
+    assert _digest(run) == before
+
+
+def test_a_replayed_policy_short_of_its_budget_is_reported(smoke_run, tmp_path, caplog):
+    """A policy edited to compress less than the budget it records: the run goes on with it,
+    warns, and report.json / report.md say the budget is not met."""
+    edited = read_json(smoke_run / "policy.json")
+    for layer in edited["layers"]:
+        layer["method"], layer["rank"] = "keep", None
+        layer.pop("ratio", None)
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps(edited))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert main([*COMMON, "--replay", str(path), "--out", str(out)]) == 0
+    assert "does not meet this run's budget" in caplog.text and "--target-ratio 8" in caplog.text
+    report = read_json(out / "report.json")
+    assert report["budget_met"] is False and report["compression_ratio"] < TARGET
+    assert "does not meet this budget" in (out / "report.md").read_text()
+    assert read_json(smoke_run / "report.json")["budget_met"] is True
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "phrase"),
+    [
+        ("--width", "1e6", "outside"),
+        ("--width", "0.001", "outside"),
+        ("--replay", "DIR", "is a directory"),
+        ("--checkpoint", "DIR", "is a directory"),
+        ("--out", "FILE", "is a file"),
+    ],
+)
+def test_clear_errors_for_odd_paths_and_widths(flag, value, phrase, tmp_path, capsys):
+    if value == "DIR":
+        value = str(tmp_path)
+    elif value == "FILE":
+        (tmp_path / "report.md").write_text("x")
+        value = str(tmp_path / "report.md")
+    fail([*COMMON, flag, value], capsys, flag, phrase)
+
+
 @pytest.mark.parametrize(
     ("state", "more", "finished"),
     [
@@ -848,6 +902,58 @@ def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
         states.append(model.state_dict())
     for k, v in states[0].items():
         assert torch.equal(v, states[1][k]), k
+
+
+def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, monkeypatch, caplog):
+    """Ctrl-C while the baseline trains keeps its progress beside the cache entry; the same
+    call goes on from there and ends with the weights an uninterrupted training gives."""
+    import agents.inputs
+    from agents.config import RunConfig
+    from agents.inputs import baseline_cache_path, get_baseline, load_data
+
+    cfg = RunConfig(
+        net=NET,
+        width=WIDTH,
+        data="synthetic:300,100",
+        proxy_size=100,
+        baseline_epochs=2,
+        batch_size=50,
+        progress=False,
+        seed=5,
+    )
+    splits, data = load_data(cfg)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "whole"))
+    whole, _ = get_baseline(cfg, splits, data.key, cpu)
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "stopped"))
+    real_bar = agents.inputs.train_bar
+
+    @contextlib.contextmanager
+    def stopping_bar(desc, enabled):
+        def on_progress(p):
+            if p.step == 5:  # past the first save (the end of epoch 1: step 4)
+                raise KeyboardInterrupt
+
+        with real_bar(desc, enabled):
+            yield on_progress
+
+    monkeypatch.setattr(agents.inputs, "train_bar", stopping_bar)
+    state = baseline_cache_path(cfg, data.key).with_name(
+        baseline_cache_path(cfg, data.key).stem + ".train-state.pt"
+    )
+    with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
+        get_baseline(cfg, splits, data.key, cpu)
+    assert state.exists() and "the same command goes on" in caplog.text
+    assert not baseline_cache_path(cfg, data.key).exists(), "no half-trained baseline cached"
+    monkeypatch.setattr(agents.inputs, "train_bar", real_bar)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resumed, _ = get_baseline(cfg, splits, data.key, cpu)
+    assert "going on from step 4" in caplog.text
+    assert not state.exists(), "removed once the baseline is cached"
+    for (name, a), b in zip(resumed.state_dict().items(), whole.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def _digest(directory: Path) -> dict[str, bytes]:

@@ -206,3 +206,92 @@ def test_full_disk_during_a_run_is_one_clear_line(tmp_path, monkeypatch, capsys)
 
 def _enospc_at(path: Path):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+@pytest.mark.parametrize(("free", "code"), [(1 << 20, errno.ENOSPC), (1 << 40, errno.EIO)])
+def test_torch_s_own_write_error_becomes_an_os_error(free, code, tmp_path, monkeypatch):
+    """torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."); it
+    reaches callers as the OSError every other write raises, naming the file, so the CLI's one
+    clear line and the fine-tune's warn-and-go-on handle it, and the earlier file is kept."""
+    import shutil
+    from types import SimpleNamespace
+
+    from rl_mtd.io import torch_save_atomic
+
+    target = tmp_path / "state.pt"
+    torch_save_atomic({"a": 1}, target)
+    before = target.read_bytes()
+
+    def broken(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 32")
+
+    monkeypatch.setattr(torch, "save", broken)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: SimpleNamespace(free=free))
+    with pytest.raises(OSError) as excinfo:
+        torch_save_atomic({"a": 2}, target)
+    assert excinfo.value.errno == code
+    assert excinfo.value.filename == str(target)
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_in_torch_save_during_a_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """The real failure a full disk gave (torch's RuntimeError in the fine-tune's state save,
+    then in compressed.pt): the fine-tune warns and goes on; the run ends with one line saying
+    to free space, no traceback."""
+    import shutil
+    from types import SimpleNamespace
+
+    from agents import pipeline
+
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if "finetune_state" in str(f) or "compressed.pt" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: SimpleNamespace(free=0))
+    out = tmp_path / "run"
+    rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "No space left on device" in err and "compressed.pt" in err and "free some space" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (out / "policy.json").exists(), "the search's result is kept"
+    assert pipeline.FINETUNE_STATE == "finetune_state.pt"
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unwritable_out_is_refused_before_any_work(where, tmp_path, capsys, monkeypatch):
+    """--out below a file (or somewhere nothing can be created) fails at once, before data and
+    the baseline, with advice that fits (not "free space")."""
+    monkeypatch.setattr(
+        "agents.pipeline.load_data", lambda *_: pytest.fail("loaded data before the check")
+    )
+    if where == "file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        out = blocker / "run"
+    else:
+        out = Path("/proc/rl_mtd_no_such_dir/run")
+    rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert str(out) in err or "a-file" in err
+    assert "pick another --out" in err and "free some space" not in err
+    assert "Traceback" not in err
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    from rl_mtd.io import check_writable
+
+    target = tmp_path / "new" / "deeper" / "run"
+    check_writable(target)
+    assert list(tmp_path.iterdir()) == [], "neither the directory nor a probe file is left"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError) as excinfo:
+        check_writable(tmp_path / "f" / "run")
+    assert excinfo.value.errno == errno.ENOTDIR

@@ -378,3 +378,16 @@ def test_foreign_but_loadable_cache_file_is_recomputed(tmp_path, payload) -> Non
     again = FactorCache(tmp_path / "factors")  # the bad file was overwritten with good factors
     decompose_conv(conv, "cp", 5, cache=again)
     assert again.disk_hits == 1 and again.misses == 0
+
+
+def test_a_cp_rank_beyond_what_the_kernel_can_use_is_refused():
+    """A hand-edited policy's CP rank of 1000 on an 8x3x3x3 kernel used to be accepted and then
+    spent minutes building a 1000-channel block; an exact CP never needs more than 27 terms."""
+    from rl_mtd.decompose import max_cp_rank, normalize_rank
+
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert max_cp_rank(conv) == 27
+    assert normalize_rank(conv, "cp", 27) == 27
+    with pytest.raises(RlMtdError, match="never needs more than 27"):
+        normalize_rank(conv, "cp", 28)
+    assert max_cp_rank(nn.Conv2d(64, 128, 3)) == 64 * 128 * 9 // 128
