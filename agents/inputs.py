@@ -36,7 +36,20 @@ def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
     splits = make_splits(
         data, proxy_size=cfg.proxy_size, seed=cfg.seed, train_size=train_size, test_size=test_size
     )
+    if len(splits.test) < FEW_TEST_IMAGES:
+        # One standard error of an accuracy near 80% measured on n images.
+        spread = 100 * (0.8 * 0.2 / len(splits.test)) ** 0.5
+        log.warning(
+            "the test split has %d images: a test accuracy on it moves by about +-%.1f points "
+            "from the choice of images alone (--test-size; 10000 is all of CIFAR-10's)",
+            len(splits.test),
+            spread,
+        )
     return splits, data
+
+
+FEW_TEST_IMAGES = 2000
+"""Below this many test images, the run says how uncertain its test accuracy is."""
 
 
 def _cap(what: str, size: int | None, available: int) -> int | None:

@@ -904,6 +904,20 @@ def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
         assert torch.equal(v, states[1][k]), k
 
 
+@pytest.mark.parametrize(("test_size", "warned"), [(200, True), (None, False)])
+def test_a_small_test_split_is_said_to_be_uncertain(test_size, warned, caplog):
+    from agents.config import RunConfig
+    from agents.inputs import load_data
+
+    cfg = RunConfig(data="synthetic:300,2500", proxy_size=100, test_size=test_size)
+    with caplog.at_level("WARNING"):
+        splits, _ = load_data(cfg)
+    assert len(splits.test) == (test_size or 2500)
+    assert (
+        "the test split has 200 images: a test accuracy on it moves by about +-2.8" in caplog.text
+    ) is warned
+
+
 def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, monkeypatch, caplog):
     """Ctrl-C while the baseline trains keeps its progress beside the cache entry; the same
     call goes on from there and ends with the weights an uninterrupted training gives."""
