@@ -81,6 +81,12 @@ def baseline_cache_path(cfg: RunConfig, data_key: str) -> Path:
     return cache_dir() / "baselines" / f"{cfg.net}-w{cfg.width:g}-{digest}.pt"
 
 
+def baseline_state_path(cached: Path) -> Path:
+    """Where the baseline to be cached at ``cached`` saves its training as it goes, so that
+    after Ctrl-C the same command goes on from there."""
+    return cached.with_name(cached.stem + ".train-state.pt")
+
+
 def get_baseline(
     cfg: RunConfig,
     splits: DataSplits,
@@ -118,8 +124,7 @@ def get_baseline(
         seed=cfg.seed,
         label_smoothing=0.1,
     )
-    # Saved as it trains, beside the cache entry: after Ctrl-C the same command goes on.
-    state_path = path.with_name(path.stem + ".train-state.pt")
+    state_path = baseline_state_path(path)
     try:
         with train_bar("baseline", cfg.progress) as bar:
             train(

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
-from agents.inputs import baseline_cache_path, get_baseline, latency_model, load_data
+from agents.inputs import (
+    baseline_cache_path,
+    baseline_state_path,
+    get_baseline,
+    latency_model,
+    load_data,
+)
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
 from agents.report import RunResult, build_report, write_export, write_outputs
@@ -324,6 +330,9 @@ def run(
         len(state.get("episodes", [])),
         saved_progress(run_dir / FINETUNE_STATE) if cfg.resume else None,
         search_done,
+        saved_progress(baseline_state_path(baseline_cache_path(cfg, data.key)))
+        if need_baseline
+        else None,
     )
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)

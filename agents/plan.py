@@ -143,6 +143,7 @@ def print_plan(
     episodes_done: int = 0,
     finetune_done: float | None = None,
     search_done: bool = False,
+    baseline_done: float | None = None,
 ) -> dict[str, float]:
     """Log the plan; its estimated seconds per stage. ``search_done``: a resumed search with
     nothing left, which is not run again (``agents.search.search_finished``)."""
@@ -164,7 +165,9 @@ def print_plan(
         else max(1, cfg.episodes - episodes_done)
     )
     est = {
-        "baseline": cfg.baseline_epochs * steps_per_epoch * t_step if need_baseline else 0.0,
+        "baseline": cfg.baseline_epochs * steps_per_epoch * t_step * (1 - (baseline_done or 0))
+        if need_baseline
+        else 0.0,
         "study": study_evals * timing.episode_seconds,
         "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
         "fine-tune": cfg.finetune_epochs
@@ -185,6 +188,7 @@ def print_plan(
     target = " and ".join(targets) if targets else "trade-off"
     baseline = (
         f"train {cfg.baseline_epochs:g} epochs"
+        + (f", going on from {baseline_done:.0%}" if baseline_done is not None else "")
         if need_baseline
         else f"{cfg.checkpoint}"
         if cfg.checkpoint

@@ -923,7 +923,7 @@ def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, mon
     call goes on from there and ends with the weights an uninterrupted training gives."""
     import agents.inputs
     from agents.config import RunConfig
-    from agents.inputs import baseline_cache_path, get_baseline, load_data
+    from agents.inputs import baseline_cache_path, baseline_state_path, get_baseline, load_data
 
     cfg = RunConfig(
         net=NET,
@@ -953,9 +953,7 @@ def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, mon
             yield on_progress
 
     monkeypatch.setattr(agents.inputs, "train_bar", stopping_bar)
-    state = baseline_cache_path(cfg, data.key).with_name(
-        baseline_cache_path(cfg, data.key).stem + ".train-state.pt"
-    )
+    state = baseline_state_path(baseline_cache_path(cfg, data.key))
     with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
         get_baseline(cfg, splits, data.key, cpu)
     assert state.exists() and "the same command goes on" in caplog.text

@@ -28,3 +28,24 @@ def test_repair_step_time_is_the_difference_of_two_repairs(monkeypatch):
     proxy = FakeProxy()
     assert plan._repair_step_seconds(proxy, nn.Linear(2, 2)) == pytest.approx(0.25)
     assert proxy.config is config
+
+
+def test_the_plan_counts_what_an_interrupted_baseline_training_did(caplog):
+    """A baseline saved half-way (Ctrl-C) is planned as the half left, and the plan says so."""
+    import torch
+
+    from agents.config import RunConfig
+
+    cfg = RunConfig(baseline_epochs=10, batch_size=100, episodes=1, warm_start="none")
+    splits = types.SimpleNamespace(train=range(1000), proxy=range(10), test=range(10))
+    timing = plan.Timing(step_seconds=0.5, episode_seconds=1.0, n_layers=8)
+    estimates = []
+    for done in (None, 0.5):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            est = plan.print_plan(
+                cfg, splits, torch.device("cpu"), timing, True, None, baseline_done=done
+            )
+        estimates.append(est["baseline"])
+    assert estimates == [pytest.approx(50.0), pytest.approx(25.0)]  # 10 epochs x 10 steps x 0.5 s
+    assert "1. baseline: train 10 epochs, going on from 50%" in caplog.text
