@@ -9,6 +9,7 @@ import argparse
 import difflib
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -450,6 +451,9 @@ def _check_resume_flags(
         )
 
 
+PATH_FLAGS = ("out", "checkpoint", "replay", "resume", "data")
+
+
 def os_error_message(exc: OSError) -> str:
     """What failed, where, and what to do: free space for a full disk, else another place."""
     where = f" ({exc.filename})" if exc.filename else ""
@@ -464,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in PATH_FLAGS:  # "--out=~/runs/a" reaches us unexpanded; the run uses one path
+        value = getattr(args, flag)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, flag, os.path.expanduser(value))
     if args.resume is not None:
         _check_resume_flags(parser, args, argv)
     logging.basicConfig(

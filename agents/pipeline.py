@@ -172,13 +172,13 @@ def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str
     }
 
 
-def _meets_budget(cfg: RunConfig, proxy: Proxy, policy: Policy) -> bool | None:
-    """Whether ``policy`` meets the run's budget; None in trade-off mode (no budget)."""
+def _budget_meter(cfg: RunConfig, proxy: Proxy) -> BudgetMeter | None:
+    """The run's budget as a meter of policies; None in trade-off mode (no budget)."""
     if not any(getattr(cfg, k) for k in BUDGET_KEYS):
         return None
     lm = latency_model(cfg, proxy.device)
     budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
-    return BudgetMeter(proxy.model, budget).meets(policy.choices())
+    return BudgetMeter(proxy.model, budget)
 
 
 def _budget_text(cfg: RunConfig) -> str:
@@ -398,14 +398,22 @@ def run(
         100 * proxy_result.accuracy,
     )
 
-    budget_met = _meets_budget(cfg, proxy, policy)  # type: ignore[arg-type]
-    if budget_met is False:
+    meter = _budget_meter(cfg, proxy)
+    budget_met = None if meter is None else meter.meets(policy.choices())  # type: ignore[union-attr]
+    if meter is not None and not budget_met:
+        why = ""
+        if replay is not None:
+            why = (
+                ": its file was edited, or its layers were timed on another device"
+                if _records_budget(replay)
+                else ": it was searched for another budget, or edited"
+            )
         log.warning(
             "the policy (%s) does not meet this run's budget (%s)%s; going on with it as "
             "it is, and the report says so",
-            BudgetMeter(proxy.model, None).describe(policy.choices()),  # type: ignore[union-attr]
+            meter.describe(policy.choices()),  # type: ignore[union-attr]
             _budget_text(cfg),
-            ": it was searched for another budget, or edited" if replay is not None else "",
+            why,
         )
     try:
         compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits, run_dir)  # type: ignore[arg-type]

@@ -285,7 +285,10 @@ def _latency_target(r: dict[str, Any]) -> str:
 
 def _budget_note(r: dict[str, Any]) -> str:
     if r.get("budget_met") is False:
-        return " **The policy does not meet this budget** (a replayed policy searched for another)."
+        return (
+            " **The policy does not meet this budget** (a replayed policy: edited, searched for "
+            "another budget, or timed on another device)."
+        )
     return ""
 
 

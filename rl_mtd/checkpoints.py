@@ -82,10 +82,19 @@ def _guess_net(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _guess_width(state: dict[str, torch.Tensor]) -> float | None:
-    """The width whose first conv has as many outputs as a state_dict's first 4-D weight."""
+def _guess_width(state: dict[str, torch.Tensor], net: str) -> float | None:
+    """The width of ``net`` whose weights have a state_dict's shapes, if one does: the first
+    conv's outputs over 64, checked against a net built at that width."""
     first = next((v for k, v in state.items() if k.endswith("weight") and v.ndim == 4), None)
-    return None if first is None else first.shape[0] / 64
+    if first is None:
+        return None
+    width = first.shape[0] / 64
+    try:
+        shapes = {k: v.shape for k, v in build_vgg(net, width=width).state_dict().items()}
+    except RlMtdError:
+        return None
+    fits = all(k in state and state[k].shape == shape for k, shape in shapes.items())
+    return width if fits else None
 
 
 def check_finite(model: nn.Module, source: str) -> None:
@@ -133,7 +142,7 @@ def load_baseline(
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        guess, wide = _guess_net(state), _guess_width(state)
+        guess, wide = _guess_net(state), _guess_width(state, net)
         hint = f" It looks like a {guess}: pass --net {guess}." if guess and guess != net else ""
         if not hint and wide is not None and wide != width:
             hint = f" It looks like width {wide:g}: pass --width {wide:g}."

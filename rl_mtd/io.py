@@ -65,7 +65,7 @@ def check_writable(directory: str | os.PathLike) -> None:
     no permission), before hours of work depend on it. Nothing is left behind: the probe file
     goes, and a directory that does not exist yet is not created (its nearest existing parent
     is probed instead)."""
-    path = Path(directory).expanduser().absolute()
+    path = Path(directory).absolute()
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
@@ -117,11 +117,11 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:
-            tmp.unlink(missing_ok=True)  # its bytes count against the free space
-            try:
+            try:  # before the partial file goes (its writer may hold its blocks a while yet)
                 full = shutil.disk_usage(tmp.parent).free < FULL_DISK_BYTES
             except OSError:
                 full = False
+            tmp.unlink(missing_ok=True)
             if full:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
             raise OSError(errno.EIO, f"torch.save failed ({exc})") from exc

@@ -713,6 +713,29 @@ def test_a_replayed_policy_short_of_its_budget_is_reported(smoke_run, tmp_path, 
     assert read_json(smoke_run / "report.json")["budget_met"] is True
 
 
+@pytest.mark.parametrize(("saved", "hint"), [(0.25, "pass --width 0.25"), (0.3, None)])
+def test_a_bare_state_dict_of_another_width_gets_a_hint_that_fits(saved, hint, tmp_path, capsys):
+    """The width hint is checked against a net built at that width: 0.3 gives first-conv
+    channels (19) that suggest 0.296875, whose later layers would not fit either."""
+    path = tmp_path / "bare.pt"
+    torch.save(build_vgg(NET, width=saved).state_dict(), path)
+    err = fail([*COMMON, "--checkpoint", str(path), "--out", str(tmp_path / "o")], capsys, "width")
+    assert (hint in err) if hint else ("pass --width" not in err)
+
+
+def test_a_tilde_in_out_is_the_home_directory(tmp_path, monkeypatch, capsys):
+    """ "--out=~/runs/a" reaches the program unexpanded (bash expands only a leading ~ word):
+    the run writes where the check looked, under $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    rc = main([*COMMON, "--out=~/runs/a", "--dry-run"])
+    assert rc == 0, capsys.readouterr().err
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "runs").write_text("a file where the run's parent should be")
+    fail([*COMMON, "--out=~/runs/a"], capsys, str(tmp_path / "home" / "runs"), code=1)
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "phrase"),
     [
