@@ -69,11 +69,14 @@ def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict],
         yield None
         return
     total = None if cfg.timesteps else cfg.episodes
-    bar = tqdm(desc="search", total=total, unit="episode", leave=False)
+    bars: list[tqdm] = []  # drawn at the first episode, below the plan and the baseline's lines
     first: list[float] = []  # (episode, time) of this invocation's first finished episode
 
     def update(entry: dict, best: dict) -> None:
         now = time.perf_counter()
+        if not bars:
+            bars.append(tqdm(desc="search", total=total, unit="episode", leave=False))
+        bar = bars[0]
         if not first:  # resumed episodes count as done, not as this invocation's speed
             first.extend([entry["episode"], now])
             bar.n = entry["episode"] - 1
@@ -92,4 +95,5 @@ def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict],
     try:
         yield update
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
