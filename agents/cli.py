@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import logging
 import os
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from agents.config import PRESETS, RunConfig
 from rl_mtd.decompose import METHODS
-from rl_mtd.errors import RlMtdError
+from rl_mtd.errors import RlMtdError, os_error_message
 from rl_mtd.models import NET_NAMES
 
 log = logging.getLogger("rl_mtd")
@@ -32,6 +31,9 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(bad.lower(), pool, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
+        elif message.endswith("expected one argument") and message.startswith("argument --"):
+            flag = message.split()[1].rstrip(":").split("/")[-1]
+            message += f" (if its value starts with '-', join the two with '=': {flag}=-VALUE)"
         super().error(message)
 
 
@@ -452,16 +454,6 @@ def _check_resume_flags(
 
 
 PATH_FLAGS = ("out", "checkpoint", "replay", "resume", "data")
-
-
-def os_error_message(exc: OSError) -> str:
-    """What failed, where, and what to do: free space for a full disk, else another place."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there, or point --out / RL_MTD_CACHE at a disk with room"
-    else:
-        fix = "check that the place is a writable directory, or pick another --out / RL_MTD_CACHE"
-    return f"{exc.strerror or exc}{where}; {fix}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -323,6 +323,16 @@ def test_unknown_net_suggests_a_name(capsys):
     assert "Traceback" not in captured.out + captured.err
 
 
+def test_a_value_that_starts_with_a_dash_gets_a_hint(capsys):
+    """argparse reads "-2,4" as a flag; the message says how to pass it."""
+    with pytest.raises(SystemExit) as excinfo:
+        main([*COMMON, "--levels", "-2,4"])
+    assert excinfo.value.code == 2
+    assert "--levels=-VALUE" in capsys.readouterr().err
+    assert main([*COMMON, "--levels=-2,4"]) == 2  # now read as a value, and refused as one
+    assert "levels must be" in capsys.readouterr().err
+
+
 def test_unknown_method_suggests_a_name(capsys):
     with pytest.raises(SystemExit) as excinfo:
         main([*COMMON, "--methods", "keep,tuker2"])

@@ -295,3 +295,24 @@ def test_check_writable_creates_nothing(tmp_path):
     with pytest.raises(OSError) as excinfo:
         check_writable(tmp_path / "f" / "run")
     assert excinfo.value.errno == errno.ENOTDIR
+
+
+def test_a_benchmark_script_ends_a_full_disk_with_one_line(capsys):
+    """Benchmark scripts run under ``exit_on_user_error``: a full disk is one line and status 1;
+    any other OS error (a missing file read, say) keeps its traceback."""
+    from rl_mtd.errors import exit_on_user_error
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/rows.json")
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_user_error(full)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "/x/rows.json" in err and "free some space" in err
+
+    def missing():
+        raise FileNotFoundError(errno.ENOENT, "No such file", "p.json")
+
+    with pytest.raises(FileNotFoundError):
+        exit_on_user_error(missing)
