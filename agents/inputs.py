@@ -19,6 +19,7 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
+from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
 
@@ -85,6 +86,28 @@ def baseline_state_path(cached: Path) -> Path:
     """Where the baseline to be cached at ``cached`` saves its training as it goes, so that
     after Ctrl-C the same command goes on from there."""
     return cached.with_name(cached.stem + ".train-state.pt")
+
+
+def note_other_baseline_states(cfg: RunConfig, data_key: str) -> list[Path]:
+    """Say where interrupted baseline trainings of this net and width under other settings lie
+    in the cache: this run does not go on from them, and nothing else removes them."""
+    mine = baseline_state_path(baseline_cache_path(cfg, data_key))
+    others = sorted(
+        p for p in mine.parent.glob(f"{cfg.net}-w{cfg.width:g}-*.train-state.pt") if p != mine
+    )
+    for path in others:
+        done = saved_progress(path)
+        log.info(
+            "note: %s is an interrupted baseline training of %s width %g under other settings "
+            "(%s done, %.0f MB); this run does not use it: rerun with the settings it was "
+            "started with to go on from it, or delete it",
+            path,
+            cfg.net,
+            cfg.width,
+            "?" if done is None else f"{done:.0%}",
+            path.stat().st_size / 2**20,
+        )
+    return others
 
 
 def get_baseline(

@@ -25,6 +25,7 @@ from agents.inputs import (
     get_baseline,
     latency_model,
     load_data,
+    note_other_baseline_states,
 )
 from agents.plan import measure, print_plan
 from agents.progress import train_bar
@@ -334,6 +335,8 @@ def run(
         if need_baseline
         else None,
     )
+    if need_baseline:
+        note_other_baseline_states(cfg, data.key)
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
         return {"dry_run": True, "estimated_seconds": estimate}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -991,6 +992,16 @@ def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, mon
         get_baseline(cfg, splits, data.key, cpu)
     assert state.exists() and "the same command goes on" in caplog.text
     assert not baseline_cache_path(cfg, data.key).exists(), "no half-trained baseline cached"
+    # A run under other settings is told the state is there and unused; this one is not.
+    from agents.inputs import note_other_baseline_states
+
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert note_other_baseline_states(
+            dataclasses.replace(cfg, baseline_epochs=3), data.key
+        ) == [state]
+        assert note_other_baseline_states(cfg, data.key) == []
+    assert caplog.text.count("interrupted baseline training") == 1 and "% done" in caplog.text
     monkeypatch.setattr(agents.inputs, "train_bar", real_bar)
     caplog.clear()
     with caplog.at_level("INFO"):
