@@ -19,7 +19,6 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
-from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
 
@@ -89,25 +88,36 @@ def baseline_state_path(cached: Path) -> Path:
 
 
 def note_other_baseline_states(cfg: RunConfig, data_key: str) -> list[Path]:
-    """Say where interrupted baseline trainings of this net and width under other settings lie
-    in the cache: this run does not go on from them, and nothing else removes them."""
+    """Say where baseline trainings of this net and width under other settings left their
+    state in the cache (interrupted, or still running elsewhere): this run does not go on from
+    them, and nothing else removes them. A note only: an unreadable file is passed over."""
     mine = baseline_state_path(baseline_cache_path(cfg, data_key))
-    others = sorted(
-        p for p in mine.parent.glob(f"{cfg.net}-w{cfg.width:g}-*.train-state.pt") if p != mine
-    )
-    for path in others:
-        done = saved_progress(path)
+    noted = []
+    for path in sorted(mine.parent.glob(f"{cfg.net}-w{cfg.width:g}-*.train-state.pt")):
+        if path == mine:
+            continue
+        try:
+            size = path.stat().st_size
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            done = min(1.0, state["step"] / state["total"])
+            settings = ", ".join(
+                f"{k} {state['config'][k]:g}" for k in ("epochs", "lr", "batch_size")
+            )
+        except Exception:  # gone meanwhile, unreadable, or of another format: nothing to say
+            continue
         log.info(
-            "note: %s is an interrupted baseline training of %s width %g under other settings "
-            "(%s done, %.0f MB); this run does not use it: rerun with the settings it was "
-            "started with to go on from it, or delete it",
+            "note: %s holds a baseline training of %s width %g under other settings (%s; %.0f%% "
+            "done, %.0f MB), interrupted or still running elsewhere; this run does not use it: "
+            "the command that started it goes on from it, or delete it",
             path,
             cfg.net,
             cfg.width,
-            "?" if done is None else f"{done:.0%}",
-            path.stat().st_size / 2**20,
+            settings,
+            100 * done,
+            size / 2**20,
         )
-    return others
+        noted.append(path)
+    return noted
 
 
 def get_baseline(

@@ -40,6 +40,7 @@ def exit_on_user_error(main: Callable[[], object]) -> None:
     except OSError as exc:
         if exc.errno not in FULL_DISK:
             raise
-        print(f"error: {os_error_message(exc, 'the output path / RL_MTD_CACHE')}", file=sys.stderr)
+        where = "the script's output option or RL_MTD_CACHE"
+        print(f"error: {os_error_message(exc, where)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(status if isinstance(status, int) else 0)

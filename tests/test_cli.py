@@ -330,6 +330,9 @@ def test_a_value_that_starts_with_a_dash_gets_a_hint(capsys):
         main([*COMMON, "--levels", "-2,4"])
     assert excinfo.value.code == 2
     assert "--levels=-VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*COMMON, "--levels"])  # a missing value is not a dash problem
+    assert "expected one argument" in (err := capsys.readouterr().err) and "=-VALUE" not in err
     assert main([*COMMON, "--levels=-2,4"]) == 2  # now read as a value, and refused as one
     assert "levels must be" in capsys.readouterr().err
 
@@ -1001,7 +1004,8 @@ def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, mon
             dataclasses.replace(cfg, baseline_epochs=3), data.key
         ) == [state]
         assert note_other_baseline_states(cfg, data.key) == []
-    assert caplog.text.count("interrupted baseline training") == 1 and "% done" in caplog.text
+    assert caplog.text.count("holds a baseline training") == 1
+    assert "epochs 2" in caplog.text and "% done" in caplog.text
     monkeypatch.setattr(agents.inputs, "train_bar", real_bar)
     caplog.clear()
     with caplog.at_level("INFO"):
