@@ -998,6 +998,10 @@ def test_an_interrupted_baseline_training_goes_on_where_it_stopped(tmp_path, mon
     # A run under other settings is told the state is there and unused; this one is not.
     from agents.inputs import note_other_baseline_states
 
+    other_width = state.with_name(state.name.replace(f"-w{WIDTH:g}-", f"-w{WIDTH:g}5-"))
+    other_width.write_bytes(state.read_bytes())  # another width's training: not this net's
+    junk = state.with_name(state.name.replace(".train-state", "-x.train-state"))
+    junk.write_text("not a state file")  # unreadable: passed over, not a crash
     caplog.clear()
     with caplog.at_level("INFO"):
         assert note_other_baseline_states(
