@@ -31,19 +31,19 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(bad.lower(), pool, n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
-        elif message.endswith("expected one argument") and self._dash_value(message):
+        elif message.endswith("expected one argument"):
             flag = message.split()[1].rstrip(":")
-            message += f" (a value that starts with '-' needs '=': {flag}=-VALUE)"
+            if self._dash_value(flag):
+                message += f" (a value that starts with '-' needs '=': {flag}=-VALUE)"
         super().error(message)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         self._argv = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
-    def _dash_value(self, message: str) -> bool:
-        """Whether "expected one argument" came from a value starting with '-' (``--levels
-        -2,4``), not from a missing value, for a flag that takes free values."""
-        flag = message.split()[1].rstrip(":")
+    def _dash_value(self, flag: str) -> bool:
+        """Whether "expected one argument" for ``flag`` came from a value starting with '-'
+        (``--levels -2,4``), not from a missing value, for a flag that takes free values."""
         action = self._option_string_actions.get(flag)
         argv = getattr(self, "_argv", [])
         if action is None or action.choices is not None or flag not in argv:
