@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -170,10 +171,23 @@ def prefill_factors(
     return time.perf_counter() - t0, n
 
 
-def finetuned_tests(policy_files: list[Path]) -> dict[Path, float]:
-    """The fine-tuned test accuracy compare.py recorded beside each ``<strategy>-<t>x-seed<s>``."""
+def finetuned_tests(
+    policy_files: list[Path], sweep_rows: list[Path] = (), recipe: str | None = None
+) -> dict[Path, float]:
+    """The fine-tuned test accuracy of each policy file: what compare.py recorded beside each
+    ``<strategy>-<t>x-seed<s>`` (its ``rows.json``), or, for a file named in finetune_sweep.py's
+    ``rows.json`` files ``sweep_rows`` (by its stem; only ``recipe``'s rows when given), the mean
+    over the seeds it was fine-tuned with there."""
     found = {}
+    swept: dict[str, list[float]] = {}
+    for rows_file in sweep_rows:
+        for r in json.loads(Path(rows_file).read_text()):
+            if recipe is None or r["recipe"] == recipe:
+                swept.setdefault(r["policy"], []).append(r["test_acc"])
     for f in policy_files:
+        if f.stem in swept:  # finetune_sweep.py names a --policy file's rows by its stem
+            found[f] = statistics.fmean(swept[f.stem])
+            continue
         rows = f.parent / "rows.json"
         if not rows.exists():
             continue

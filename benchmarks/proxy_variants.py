@@ -125,6 +125,15 @@ def main() -> None:
         help="a group name, then policy.json files compare.py wrote (repeatable)",
     )
     p.add_argument("--variants", nargs="+", default=["base:"], help="name:key=value,...")
+    p.add_argument(
+        "--finetuned",
+        nargs="+",
+        default=[],
+        metavar="ROWS",
+        help="finetune_sweep.py rows.json files: the fine-tuned test accuracy of policies it ran "
+        "(by file stem, mean over its seeds), for policies compare.py did not fine-tune",
+    )
+    p.add_argument("--recipe", default=None, help="with --finetuned: only this recipe's rows")
     p.add_argument("--margin", type=float, default=0.5, help="points; closer pairs are ties")
     p.add_argument(
         "--near",
@@ -160,11 +169,13 @@ def main() -> None:
     # each group's distinct policies, with the mean fine-tuned test accuracy of their copies
     found: dict[str, list[dict]] = {}
     for name, files in groups.items():
-        tests = finetuned_tests(files)
+        tests = finetuned_tests(files, [Path(r) for r in args.finetuned], args.recipe)
         by_key: dict[tuple, dict] = {}
         for f in files:
             if f not in tests:
-                print(f"skipping {f}: no fine-tuned accuracy in {f.parent / 'rows.json'}")
+                print(
+                    f"skipping {f}: no fine-tuned accuracy in {f.parent / 'rows.json'} or --finetuned"
+                )
                 continue
             policy = Policy.load(f)
             entry = by_key.setdefault(
