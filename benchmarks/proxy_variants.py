@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -50,6 +51,7 @@ from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
 
+NAN = float("nan")
 KEYS = {"steps": int, "lr": float, "kd": float, "fkd": float}
 
 
@@ -67,9 +69,20 @@ def parse_variant(text: str) -> tuple[str, dict[str, float]]:
     return name or text, values
 
 
+def attach_tests(results: list[dict], sweep_rows: list[Path], recipe: str | None) -> None:
+    """Set each scored policy's fine-tuned accuracy from finetune_sweep.py's ``rows.json`` files
+    (the mean over its files' results; unchanged where none has one)."""
+    for r in results:
+        for q in r["policies"]:
+            tests = finetuned_tests([Path(f) for f in q["files"]], sweep_rows, recipe)
+            if tests:
+                q["finetuned_test"] = statistics.fmean(tests.values())
+
+
 def agreement(scores: list[float], tests: list[float], margin: float) -> tuple[float, int]:
     """Share of the pairs apart by more than ``margin`` in ``tests`` that ``scores`` orders alike."""
     pairs = [(i, j) for i, j in combinations(range(len(tests)), 2)]
+    pairs = [(i, j) for i, j in pairs if not (math.isnan(tests[i]) or math.isnan(tests[j]))]
     pairs = [(i, j) for i, j in pairs if abs(tests[i] - tests[j]) > margin]
     if not pairs:
         return float("nan"), 0
@@ -100,6 +113,7 @@ def _table(results: list[dict], margin: float, near: list[str], machine_text: st
             [q for q in r["policies"] if any(strategy_of(f) in near for f in q["files"])],
         )
         for pols in subsets:
+            pols = [q for q in pols if not math.isnan(q["finetuned_test"])]  # --untested
             scores = [q["score"] for q in pols]
             tests = [q["finetuned_test"] for q in pols]
             agree, pairs = agreement(scores, tests, margin / 100)
@@ -134,6 +148,12 @@ def main() -> None:
         "(by file stem, mean over its seeds), for policies compare.py did not fine-tune",
     )
     p.add_argument("--recipe", default=None, help="with --finetuned: only this recipe's rows")
+    p.add_argument(
+        "--untested",
+        action="store_true",
+        help="also score policies with no fine-tuned accuracy yet (their rows stay empty until "
+        "--summarise with --finetuned attaches it), so scoring can run beside the fine-tunes",
+    )
     p.add_argument("--margin", type=float, default=0.5, help="points; closer pairs are ties")
     p.add_argument(
         "--near",
@@ -152,6 +172,8 @@ def main() -> None:
     near = [n.strip() for n in args.near.split(",") if n.strip()]
     if args.summarise:
         saved = json.loads(Path(args.summarise).read_text())
+        if args.finetuned:
+            attach_tests(saved["results"], [Path(r) for r in args.finetuned], args.recipe)
         print("\n".join(_table(saved["results"], args.margin, near, saved.get("machine", "?"))))
         return
     if not args.group:
@@ -182,7 +204,8 @@ def main() -> None:
                 Proxy.policy_key(policy), {"policy": policy, "files": [], "tests": []}
             )
             entry["files"].append(str(f))
-            entry["tests"].append(tests[f])
+            if f in tests:
+                entry["tests"].append(tests[f])
         found[name] = list(by_key.values())
         if len(found[name]) < 3:
             p.error(f"--group {name}: {len(found[name])} distinct policies with results; need 3")
@@ -213,8 +236,9 @@ def main() -> None:
             t0 = time.perf_counter()
             scores = [proxy.evaluate(e["policy"]).accuracy for e in entries]
             seconds = (time.perf_counter() - t0) / len(entries)
-            tests = [statistics.fmean(e["tests"]) for e in entries]
+            tests = [statistics.fmean(e["tests"]) if e["tests"] else NAN for e in entries]
             agree, pairs = agreement(scores, tests, args.margin / 100)  # printed as it goes
+            known = [(a, t) for a, t in zip(scores, tests) if not math.isnan(t)]
             results.append(
                 {
                     "variant": vname,
@@ -229,7 +253,7 @@ def main() -> None:
                         {"files": e["files"], "score": s, "finetuned_test": t}
                         for e, s, t in zip(entries, scores, tests)
                     ],
-                    "spearman": spearman(scores, tests),
+                    "spearman": spearman(*zip(*known)) if len(known) >= 2 else NAN,
                     "agreement": agree,
                     "pairs": pairs,
                     "seconds_per_eval": seconds,
