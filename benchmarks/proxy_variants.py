@@ -194,7 +194,7 @@ def main() -> None:
         tests = finetuned_tests(files, [Path(r) for r in args.finetuned], args.recipe)
         by_key: dict[tuple, dict] = {}
         for f in files:
-            if f not in tests:
+            if f not in tests and not args.untested:
                 print(
                     f"skipping {f}: no fine-tuned accuracy in {f.parent / 'rows.json'} or --finetuned"
                 )
@@ -208,7 +208,7 @@ def main() -> None:
                 entry["tests"].append(tests[f])
         found[name] = list(by_key.values())
         if len(found[name]) < 3:
-            p.error(f"--group {name}: {len(found[name])} distinct policies with results; need 3")
+            p.error(f"--group {name}: {len(found[name])} distinct policies to score; need 3")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     cfg, splits, baseline, device = setup(args)
