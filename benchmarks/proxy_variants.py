@@ -15,9 +15,9 @@ per group of policies at one budget:
 
 A policy found by several runs (the heuristic's, the same in every seed) counts once, with the
 mean of its fine-tuned accuracies. A variant is ``name:key=value,...`` with keys ``steps``
-(repair SGD steps), ``lr``, ``kd`` (logit distillation weight) and ``fkd`` (feature
+(repair SGD steps), ``lr``, ``kd`` (logit distillation weight), ``fkd`` (feature
 distillation weight, each decomposed block against the original layer, as ``--feature-kd`` in
-the fine-tune); unset keys take the command line's proxy settings.
+the fine-tune) and ``sched`` (the learning-rate schedule, ``rl_mtd.train.SCHEDULES``); unset keys take the command line's proxy settings.
 
     python benchmarks/proxy_variants.py --data ../shared/data/cifar10-jpeg.tar.gz \\
       --baseline-epochs 20 --variants base: fkd:fkd=1 long:steps=400 \\
@@ -50,9 +50,10 @@ from rl_mtd.errors import exit_on_user_error
 from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
+from rl_mtd.train import SCHEDULES
 
 NAN = float("nan")
-KEYS = {"steps": int, "lr": float, "kd": float, "fkd": float}
+KEYS = {"steps": int, "lr": float, "kd": float, "fkd": float, "sched": str}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, float]]:
@@ -66,6 +67,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, float]]:
             values[key] = KEYS[key](value)
         except ValueError:
             raise SystemExit(f"bad value {value!r} for {key} in {text!r}") from None
+    if values.get("sched", SCHEDULES[0]) not in SCHEDULES:
+        raise SystemExit(f"bad sched in {text!r}; choose one of {', '.join(SCHEDULES)}")
     return name or text, values
 
 
@@ -101,9 +104,9 @@ def _table(results: list[dict], margin: float, near: list[str], machine_text: st
         f"pairs apart by more than {margin:g} points after fine-tuning; near: policies found by "
         f"{', '.join(near)}; {machine_text}",
         "",
-        "| variant | steps | lr | kd | fkd | group | policies | Spearman | pairwise agreement "
+        "| variant | steps | lr | kd | fkd | schedule | group | policies | Spearman | pairwise agreement "
         "| near: policies | near: Spearman | near: agreement | s per evaluation |",
-        "|-|-:|-:|-:|-:|-|-:|-:|-:|-:|-:|-:|-:|",
+        "|-|-:|-:|-:|-:|-|-|-:|-:|-:|-:|-:|-:|-:|",
     ]
     for r in results:
         s = r["settings"]
@@ -121,6 +124,7 @@ def _table(results: list[dict], margin: float, near: list[str], machine_text: st
             cells += [str(len(pols)), f"{rho:.3f}", f"{agree:.2f} ({pairs} pairs)"]
         lines.append(
             f"| {r['variant']} | {s['steps']} | {s['lr']:g} | {s['kd']:g} | {s['fkd']:g} | "
+            f"{s.get('schedule', 'cosine')} | "
             f"{r['group']} | " + " | ".join(cells) + f" | {r['seconds_per_eval']:.1f} |"
         )
     return lines
@@ -221,6 +225,7 @@ def main() -> None:
             lr=values.get("lr", base.repair.lr),
             kd_alpha=values.get("kd", base.repair.kd_alpha),
             feature_kd=values.get("fkd", base.repair.feature_kd),
+            schedule=values.get("sched", base.repair.schedule),
         )
         config = replace(base, repair=repair, repair_steps=values.get("steps", base.repair_steps))
         proxy = Proxy(
@@ -247,6 +252,7 @@ def main() -> None:
                         "lr": repair.lr,
                         "kd": repair.kd_alpha,
                         "fkd": repair.feature_kd,
+                        "schedule": repair.schedule,
                     },
                     "group": gname,
                     "policies": [

@@ -34,7 +34,7 @@ from rl_mtd.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("onecycle", "cosine")
+SCHEDULES = ("onecycle", "cosine", "constant")
 
 
 @dataclass
@@ -51,7 +51,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
-    """``onecycle`` (linear warm-up over 15%, then cosine to zero) or ``cosine`` (short warm-up)."""
+    """``onecycle`` (linear warm-up over 15%, then cosine to zero), ``cosine`` (short warm-up) or
+    ``constant`` (the same short warm-up, then the peak rate to the end: what the first steps of
+    a long run see, for a proxy that should rank policies as a long fine-tune does)."""
     label_smoothing: float = 0.0
     kd_alpha: float = 0.0
     """Weight of the distillation loss from ``teacher`` (0 turns distillation off)."""
@@ -122,6 +124,8 @@ def _lr_factor(schedule: str, t: float) -> float:
     warm = 0.15 if schedule == "onecycle" else 0.03
     if t < warm:
         return 0.1 + 0.9 * t / warm
+    if schedule == "constant":
+        return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / (1 - warm))))
 
 

@@ -276,3 +276,16 @@ def test_a_failed_save_does_not_stop_training(splits, tmp_path, caplog):
         result = train(model, splits.train, config=cfg, state_path=blocked / "state.pt")
     assert result.steps == 4
     assert caplog.text.count("cannot save its state") == 1, "warned once, then no more tries"
+
+
+def test_schedules_warm_up_then_decay_or_hold():
+    from rl_mtd.train import _lr_factor
+
+    for schedule in ("cosine", "constant"):
+        assert _lr_factor(schedule, 0.0) == pytest.approx(0.1)
+        assert _lr_factor(schedule, 0.03) == pytest.approx(1.0)
+    # cosine anneals to zero; constant holds the peak to the end (a long run's first steps)
+    assert _lr_factor("cosine", 1.0) == pytest.approx(0.0)
+    assert _lr_factor("cosine", 0.5) < 0.6
+    assert [_lr_factor("constant", t) for t in (0.2, 0.5, 1.0)] == [1.0, 1.0, 1.0]
+    assert _lr_factor("onecycle", 0.1) < 1.0  # its warm-up is longer
