@@ -53,7 +53,7 @@ def main() -> None:
         agree, pairs = agreement(now, final, args.margin / 100)
         best = max(range(len(runs)), key=lambda k: now[k])
         print(
-            f"| {runs[0]['history'][i]['epoch']:g} | {spearman(now, final):.3f} | "
+            f"| {runs[0]['history'][i]['epoch']:.1f} | {spearman(now, final):.3f} | "
             f"{agree:.2f} ({pairs} pairs) | {runs[best]['policy']} seed {runs[best]['seed']} |"
         )
 
