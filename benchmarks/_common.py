@@ -20,6 +20,7 @@ from agents.inputs import get_baseline, load_data
 from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
+from rl_mtd.errors import RlMtdError
 from rl_mtd.models import NET_NAMES
 from rl_mtd.proxy import Proxy, ProxyConfig, default_repair, resolve_device
 
@@ -180,10 +181,24 @@ def finetuned_tests(
     over the seeds it was fine-tuned with there."""
     found = {}
     swept: dict[str, list[float]] = {}
+    recipes = set()
     for rows_file in sweep_rows:
         for r in json.loads(Path(rows_file).read_text()):
             if recipe is None or r["recipe"] == recipe:
                 swept.setdefault(r["policy"], []).append(r["test_acc"])
+                recipes.add(r["recipe"])
+    if len(recipes) > 1:
+        raise RlMtdError(
+            f"the fine-tune rows hold several recipes ({', '.join(sorted(recipes))}); "
+            "choose one with --recipe"
+        )
+    stems = [f.stem for f in policy_files]
+    clash = sorted({s for s in stems if stems.count(s) > 1 and s in swept})
+    if clash:
+        raise RlMtdError(
+            f"policy files in several folders share the name {clash[0]}.json, and the fine-tune "
+            "rows name policies by file name only; rescore them in separate runs"
+        )
     for f in policy_files:
         if f.stem in swept:  # finetune_sweep.py names a --policy file's rows by its stem
             found[f] = statistics.fmean(swept[f.stem])

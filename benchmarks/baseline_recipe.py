@@ -6,7 +6,7 @@ accuracy and seconds. A recipe is ``name:key=value,...`` with keys
 
     ep   epochs (default --baseline-epochs)       lr   peak learning rate (default --lr)
     bs   batch size (default --batch-size)        ls   label smoothing (default 0.1)
-    wd   weight decay (default 5e-4)              sched  onecycle | cosine (default onecycle)
+    wd   weight decay (default 5e-4)              sched  onecycle | cosine | constant (default onecycle)
 
 run_agent.py's baseline is ``ep=--baseline-epochs, lr=--lr, bs=--batch-size, ls=0.1``.
 

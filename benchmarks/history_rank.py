@@ -35,9 +35,16 @@ def main() -> None:
                 runs.append(r)
     if len(runs) < 3:
         p.error(f"{len(runs)} fine-tunes in these files; need 3 to rank")
-    points = min(len(r["history"]) for r in runs)
-    if points == 0:
-        p.error("these rows have no history (finetune_sweep.py records it since commit 7cff34e)")
+    if any(not r.get("history") for r in runs):
+        p.error("some rows have no history (finetune_sweep.py records it since commit 7cff34e)")
+    recipes = {r["recipe"] for r in runs}
+    if len(recipes) > 1:
+        p.error(f"rows of several recipes ({', '.join(sorted(recipes))}); choose one with --recipe")
+    if len({len(r["history"]) for r in runs}) > 1 or any(
+        r.get("settings", {}).get("stages", 1) != 1 for r in runs
+    ):
+        p.error("the fine-tunes' evaluations do not line up (other lengths or staged runs)")
+    points = len(runs[0]["history"])
     final = [r["test_acc"] for r in runs]
     print(
         f"{len(runs)} fine-tunes: "

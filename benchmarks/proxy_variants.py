@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/proxy_variants.json")
     args = p.parse_args()
     near = [n.strip() for n in args.near.split(",") if n.strip()]
+    if args.recipe and not args.finetuned:
+        p.error("--recipe chooses among --finetuned rows; give --finetuned ROWS too")
     if args.summarise:
         saved = json.loads(Path(args.summarise).read_text())
         if args.finetuned:
