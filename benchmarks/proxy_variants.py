@@ -17,7 +17,8 @@ A policy found by several runs (the heuristic's, the same in every seed) counts 
 mean of its fine-tuned accuracies. A variant is ``name:key=value,...`` with keys ``steps``
 (repair SGD steps), ``lr``, ``kd`` (logit distillation weight), ``fkd`` (feature
 distillation weight, each decomposed block against the original layer, as ``--feature-kd`` in
-the fine-tune) and ``sched`` (the learning-rate schedule, ``rl_mtd.train.SCHEDULES``); unset keys take the command line's proxy settings.
+the fine-tune) and ``sched`` (the learning-rate schedule, ``rl_mtd.train.SCHEDULES``); unset
+keys take the command line's proxy settings.
 
     python benchmarks/proxy_variants.py --data ../shared/data/cifar10-jpeg.tar.gz \\
       --baseline-epochs 20 --variants base: fkd:fkd=1 long:steps=400 \\
@@ -82,10 +83,19 @@ def attach_tests(results: list[dict], sweep_rows: list[Path], recipe: str | None
                 q["finetuned_test"] = statistics.fmean(tests.values())
 
 
+def rank_stats(scores: list[float], tests: list[float], margin: float) -> tuple[float, float, int]:
+    """Spearman, pairwise agreement and its pair count over the policies with a fine-tuned
+    accuracy (NaN marks one scored with ``--untested`` and not fine-tuned yet)."""
+    known = [(a, t) for a, t in zip(scores, tests) if not math.isnan(t)]
+    if len(known) < 2:
+        return NAN, NAN, 0
+    a, t = (list(x) for x in zip(*known))
+    return (spearman(a, t), *agreement(a, t, margin))
+
+
 def agreement(scores: list[float], tests: list[float], margin: float) -> tuple[float, int]:
     """Share of the pairs apart by more than ``margin`` in ``tests`` that ``scores`` orders alike."""
     pairs = [(i, j) for i, j in combinations(range(len(tests)), 2)]
-    pairs = [(i, j) for i, j in pairs if not (math.isnan(tests[i]) or math.isnan(tests[j]))]
     pairs = [(i, j) for i, j in pairs if abs(tests[i] - tests[j]) > margin]
     if not pairs:
         return float("nan"), 0
@@ -116,12 +126,10 @@ def _table(results: list[dict], margin: float, near: list[str], machine_text: st
             [q for q in r["policies"] if any(strategy_of(f) in near for f in q["files"])],
         )
         for pols in subsets:
-            pols = [q for q in pols if not math.isnan(q["finetuned_test"])]  # --untested
-            scores = [q["score"] for q in pols]
             tests = [q["finetuned_test"] for q in pols]
-            agree, pairs = agreement(scores, tests, margin / 100)
-            rho = spearman(scores, tests) if len(pols) >= 2 else float("nan")
-            cells += [str(len(pols)), f"{rho:.3f}", f"{agree:.2f} ({pairs} pairs)"]
+            rho, agree, pairs = rank_stats([q["score"] for q in pols], tests, margin / 100)
+            tested = sum(not math.isnan(t) for t in tests)
+            cells += [str(tested), f"{rho:.3f}", f"{agree:.2f} ({pairs} pairs)"]
         lines.append(
             f"| {r['variant']} | {s['steps']} | {s['lr']:g} | {s['kd']:g} | {s['fkd']:g} | "
             f"{s.get('schedule', 'cosine')} | "
@@ -244,8 +252,7 @@ def main() -> None:
             scores = [proxy.evaluate(e["policy"]).accuracy for e in entries]
             seconds = (time.perf_counter() - t0) / len(entries)
             tests = [statistics.fmean(e["tests"]) if e["tests"] else NAN for e in entries]
-            agree, pairs = agreement(scores, tests, args.margin / 100)  # printed as it goes
-            known = [(a, t) for a, t in zip(scores, tests) if not math.isnan(t)]
+            rho, agree, pairs = rank_stats(scores, tests, args.margin / 100)  # printed as it goes
             results.append(
                 {
                     "variant": vname,
@@ -261,7 +268,7 @@ def main() -> None:
                         {"files": e["files"], "score": s, "finetuned_test": t}
                         for e, s, t in zip(entries, scores, tests)
                     ],
-                    "spearman": spearman(*zip(*known)) if len(known) >= 2 else NAN,
+                    "spearman": rho,
                     "agreement": agree,
                     "pairs": pairs,
                     "seconds_per_eval": seconds,
