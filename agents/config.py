@@ -171,6 +171,12 @@ class RunConfig:
     stages: int = 1
     """Compress in this many stages (ranks shrinking geometrically to the policy's, the
     fine-tune epochs split between them, fine-tuned blocks re-factorised); 1 is one-shot."""
+    final_check: int = 0
+    """Choose the policy to fine-tune among the search's this many best distinct candidates by
+    short fine-tunes (``agents.final_check``; 0 or 1: the search's best as it is). Its time
+    counts as search time."""
+    final_check_epochs: float = 3.0
+    """Fine-tune epochs per candidate of the final check (annealed to zero over them)."""
     # replay / resume
     replay: str | None = None
     resume: str | None = None
@@ -281,9 +287,16 @@ class RunConfig:
             raise RlMtdError(f"--seed must be below 2**32, got {self.seed}")
         _at_least("--bn-batches", self.bn_batches, 0)
         _at_least("--repair-steps", self.repair_steps, 0)
+        _at_least("--final-check", self.final_check, 0)
+        if self.final_check > 1 and self.replay is not None:
+            raise RlMtdError(
+                "--final-check chooses among a search's best candidates, and --replay applies "
+                "one given policy or agent; drop one of them"
+            )
         for flag, value in (
             ("--baseline-epochs", self.baseline_epochs),
             ("--finetune-epochs", self.finetune_epochs),
+            ("--final-check-epochs", self.final_check_epochs),
             ("--lr", self.lr),
             ("--finetune-lr", self.finetune_lr),
         ):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
+from agents.final_check import FINAL_CHECK_FILE, CheckResult, episode_candidates, final_check
 from agents.inputs import (
     baseline_cache_path,
     baseline_state_path,
@@ -67,6 +68,7 @@ STALE_SEARCH_FILES = (
     "agent.zip",
     "reward_curve.png",
     FINETUNE_STATE,
+    FINAL_CHECK_FILE,
 )
 """What --overwrite clears before a new run: files a replay would not rewrite, and the
 fine-tune state, whose job is gone."""
@@ -155,6 +157,37 @@ def compress_and_finetune(
         history=[h for r in results for h in r.history],
     )
     return compressed, merged
+
+
+def run_final_check(
+    cfg: RunConfig,
+    proxy: Proxy,
+    best: Policy,
+    episodes: list[dict[str, Any]],
+    baseline: nn.Module,
+    splits: DataSplits,
+    run_dir: Path | None = None,
+) -> CheckResult:
+    """``--final-check``: the search's ``cfg.final_check`` best distinct policies, each compressed
+    and fine-tuned ``cfg.final_check_epochs`` epochs as the final fine-tune would be (same
+    recipe and seed, stages included), the best on the held-out split kept."""
+    candidates = episode_candidates(
+        best,
+        episodes,
+        proxy.model,
+        cfg.final_check,
+        net=cfg.net,
+        width=cfg.width,
+        num_classes=proxy.num_classes,
+    )
+    short = replace(cfg, finetune_epochs=cfg.final_check_epochs)
+
+    def held_out_accuracy(policy: Policy) -> float:
+        model, ft = compress_and_finetune(short, proxy, policy, baseline, splits)
+        return ft.best_acc if ft.best_acc is not None else evaluate(model, splits.proxy)
+
+    path = run_dir / FINAL_CHECK_FILE if run_dir is not None else None
+    return final_check(candidates, held_out_accuracy, epochs=cfg.final_check_epochs, path=path)
 
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
@@ -394,6 +427,31 @@ def run(
                 replay.path,
             )
         policy.save(run_dir / "policy.json")  # type: ignore[union-attr]
+    check = None
+    if replay is None and cfg.final_check > 1:
+        try:
+            check = run_final_check(cfg, proxy, policy, episodes, baseline, splits, run_dir)
+        except KeyboardInterrupt:
+            log.warning(
+                "final check interrupted; %s",
+                f"run_agent.py --resume {run_dir} goes on with it (the candidates done are "
+                f"kept in {run_dir / FINAL_CHECK_FILE})"
+                if not interrupted
+                else f"the search's best policy is kept in {run_dir / 'policy.json'}",
+            )
+            raise
+        policy = check.policy
+        search_seconds += check.seconds
+        write_json_atomic(
+            run_dir / "policy.json",
+            {
+                **policy.to_dict(),
+                "meta": {
+                    **policy.meta,
+                    "final_check": {"chosen": check.chosen + 1, "of": len(check.rows)},
+                },
+            },
+        )
     proxy_result = proxy.evaluate(policy)  # type: ignore[arg-type]
     log.info(
         "best policy: %.2fx parameters, proxy accuracy %.2f%%",
@@ -465,6 +523,7 @@ def run(
         invocations=invocations,
         predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]
         budget_met=budget_met,
+        final_check=check.to_dict() if check is not None else None,
     )
     report = build_report(result, cfg.latency_repeats)
     if cfg.export:

@@ -170,6 +170,10 @@ def print_plan(
         else 0.0,
         "study": study_evals * timing.episode_seconds,
         "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
+        # --final-check: a short fine-tune of each candidate (search time).
+        "final check": 0.0
+        if replay_path or cfg.final_check < 2
+        else cfg.final_check * cfg.final_check_epochs * steps_per_epoch * t_step * 1.3,
         "fine-tune": cfg.finetune_epochs
         * steps_per_epoch
         * t_step
@@ -222,6 +226,14 @@ def print_plan(
             else []
         ),
         f"  {2 + bool(study_evals)}. search: {search}",
+        *(
+            [
+                f"     then the final check: the {cfg.final_check} best policies fine-tuned "
+                f"{cfg.final_check_epochs:g} epochs each (~{_fmt(est['final check'])})"
+            ]
+            if est["final check"]
+            else []
+        ),
         f"  {3 + bool(study_evals)}. fine-tune {cfg.finetune_epochs:g} epochs "
         + (f"going on from {finetune_done:.0%} " if finetune_done is not None else "")
         + f"(~{_fmt(est['fine-tune'])}), then test",

@@ -59,6 +59,9 @@ class RunResult:
     predicted_latency: dict[str, Any] | None = None
     """With ``--target-latency``: the latency model's prediction for the policy (batch,
     original_ms measured, compressed_ms predicted, speedup)."""
+    final_check: dict[str, Any] | None = None
+    """With ``--final-check``: ``CheckResult.to_dict()`` (the candidates, their held-out
+    accuracy after the short fine-tune, the one chosen)."""
 
 
 def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
@@ -120,6 +123,7 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "episodes": len(r.episodes),
         "proxy_evaluations": r.proxy_evaluations,
         "invocations": r.invocations,
+        "final_check": r.final_check,
         "layers": [
             {
                 k: row[k]
@@ -292,6 +296,29 @@ def _budget_note(r: dict[str, Any]) -> str:
     return ""
 
 
+def _final_check_lines(r: dict[str, Any]) -> list[str]:
+    check = r.get("final_check")
+    if not check:
+        return []
+    lines = [
+        "",
+        f"Final check ({check['seconds']:.0f} s, part of the search's): the search's best "
+        f"{len(check['candidates'])} policies, each fine-tuned briefly; the one best on the "
+        "held-out (proxy) split was fine-tuned in full.",
+        "",
+        "| candidate | search score | held-out accuracy | chosen |",
+        "|-:|-:|-:|-|",
+    ]
+    for i, c in enumerate(check["candidates"]):
+        score = c["search_score"]
+        shown = "-" if score is None else f"{score:.4f}"
+        lines.append(
+            f"| {i + 1} | {shown} | {_pct(c['held_out_acc'])} | "
+            f"{'yes' if i == check['chosen'] else ''} |"
+        )
+    return lines
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
@@ -347,6 +374,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
         f"Search {r['search_seconds']:.0f} s ({r.get('episodes', 0)} episodes), "
         f"fine-tune {r['finetune_seconds']:.0f} s.",
+        *_final_check_lines(r),
         "",
         "Parameters count every trainable tensor (convs, BatchNorm, head); MACs count conv and "
         "linear layers. Accuracies are top-1 fractions shown as percentages. Latency ratios "

@@ -22,11 +22,14 @@ import copy
 import json
 import statistics
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
 from agents.config import RunConfig
+from agents.final_check import Candidate, episode_candidates, final_check, top_candidates
 from agents.inputs import latency_model
 from agents.pipeline import finetune
 from agents.search import search
@@ -36,6 +39,7 @@ from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError, exit_on_user_error
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
+from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
 from rl_mtd.train import evaluate
 
@@ -128,6 +132,15 @@ def main() -> None:
         help="feature distillation weight in every fine-tune (run_agent.py's default is 1; 0 "
         "here keeps the tables comparable with the earlier ones)",
     )
+    p.add_argument(
+        "--final-check",
+        type=int,
+        default=0,
+        metavar="K",
+        help="ppo, local and random choose among their K best distinct policies by fine-tuning "
+        "each --final-check-epochs epochs (run_agent.py --final-check); counted as search time",
+    )
+    p.add_argument("--final-check-epochs", type=float, default=3.0)
     p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()
@@ -137,6 +150,8 @@ def main() -> None:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
     if args.evaluations is not None and args.evaluations < 1:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
+    if args.final_check < 0 or not args.final_check_epochs > 0:
+        p.error("--final-check must be >= 0 and --final-check-epochs positive")
     if not args.finetune_epochs >= 0:
         p.error(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")
     targets = [float(t) for t in args.targets.split(",")]
@@ -193,6 +208,8 @@ def main() -> None:
             for name in strategies:
                 n_evals = args.evaluations or ppo_evals or args.episodes
                 proxy = new_proxy()
+                scored: list[Candidate] = []  # local and random: every evaluation
+                keep = partial(_keep, scored)
                 # What the layers' timing cost so far; any later timing falls inside the clock.
                 latency_s = latency.seconds if latency is not None else 0.0
                 t0 = time.perf_counter()
@@ -217,8 +234,18 @@ def main() -> None:
                         )
                         run_dir = out_dir / f"ppo-{target:g}x-seed{seed}"
                         run_dir.mkdir(parents=True, exist_ok=True)
-                        policy = search(rcfg, proxy, run_dir, baseline_path="").policy
-                        ppo_evals = proxy.evaluations
+                        found = search(rcfg, proxy, run_dir, baseline_path="")
+                        policy, ppo_evals = found.policy, proxy.evaluations
+                        if args.final_check > 1:
+                            scored = episode_candidates(
+                                policy,
+                                found.episodes,
+                                proxy.model,
+                                args.final_check,
+                                net=args.net,
+                                width=args.width,
+                                num_classes=proxy.num_classes,
+                            )
                         if ppo_uses_study:
                             t0 -= study_s  # its cached study is part of its cost
                     elif name in ("sensitivity", "local"):
@@ -230,9 +257,12 @@ def main() -> None:
                             study=study,
                             seed=seed,
                             n_random=n_evals,
+                            on_evaluation=keep,
                         )
                     else:
-                        policy = strategy_policy(name, proxy, budget, seed=seed, n_random=n_evals)
+                        policy = strategy_policy(
+                            name, proxy, budget, seed=seed, n_random=n_evals, on_evaluation=keep
+                        )
                 except RlMtdError as exc:  # a budget this strategy cannot meet: the rest run
                     print(f"| {name} | {target:g}x | {seed} | skipped: {exc} |", flush=True)
                     continue
@@ -240,7 +270,6 @@ def main() -> None:
                 if name in ("sensitivity", "local"):
                     search_s += study_s
                 search_s += latency_s  # timing the layers the budget uses, as for the study
-                res = proxy.evaluate(policy)
                 ft_cfg = RunConfig(
                     net=args.net,
                     width=args.width,
@@ -252,6 +281,16 @@ def main() -> None:
                     finetune_lr=args.finetune_lr,
                     progress=not args.no_progress,
                 )
+                check = None
+                if args.final_check > 1 and scored:
+                    if name != "ppo":  # PPO's come ready, its best first
+                        scored = top_candidates(scored, args.final_check)
+                    short = replace(ft_cfg, finetune_epochs=args.final_check_epochs)
+                    held_out = partial(_short_finetune, short, proxy, baseline, splits)
+                    check = final_check(scored, held_out, epochs=args.final_check_epochs)
+                    policy = check.policy
+                    search_s += check.seconds
+                res = proxy.evaluate(policy)
                 model = proxy.compress(policy)
                 recoveries = (
                     finetune(ft_cfg, model, baseline, splits).recoveries
@@ -275,6 +314,13 @@ def main() -> None:
                     "recoveries": recoveries,
                     "methods": policy.methods(),
                 }
+                if check is not None:
+                    row["final_check"] = {
+                        "chosen": check.chosen,
+                        "seconds": check.seconds,
+                        "held_out_acc": [c["held_out_acc"] for c in check.rows],
+                        "search_score": [c["search_score"] for c in check.rows],
+                    }
                 if latency is not None:
                     row["predicted_speedup"] = latency.speedup(policy.choices())
                     row["inference_speedup"] = inference_speedup(
@@ -292,6 +338,15 @@ def main() -> None:
     _plot(rows, out_dir / "accuracy_vs_ratio.png", base_test)
     write_json_atomic(out_dir / "rows.json", rows)
     print(json.dumps({"out_dir": str(out_dir)}))
+
+
+def _keep(out: list[Candidate], policy: Policy, result) -> None:
+    out.append(Candidate(policy, result.accuracy))
+
+
+def _short_finetune(cfg: RunConfig, proxy: Proxy, baseline, splits, policy: Policy) -> float:
+    """The final check's score: held-out accuracy after ``cfg.finetune_epochs`` of fine-tune."""
+    return finetune(cfg, proxy.compress(policy), baseline, splits).best_acc
 
 
 def _row(r: dict) -> str:

@@ -426,8 +426,12 @@ def test_random_policies_respect_methods_and_levels(model):
 
 
 def test_random_search_returns_the_best_by_accuracy(model, proxy):
-    best, results = random_search(proxy, 4, N_RANDOM, seed=5)
+    seen = []
+    best, results = random_search(
+        proxy, 4, N_RANDOM, seed=5, on_evaluation=lambda p, r: seen.append((p, r))
+    )
     policies = random_policies(proxy.model, 4, N_RANDOM, seed=5, net=proxy.net, width=proxy.width)
+    assert seen == list(zip(policies, results, strict=True)), "each evaluation, in order"
     assert len(results) == N_RANDOM
     top = max(r.accuracy for r in results)
     winners = [(r.compression_ratio, p) for r, p in zip(results, policies) if r.accuracy == top]
@@ -454,7 +458,12 @@ def test_baselines_import_neither_gymnasium_nor_sb3():
 def test_local_search_climbs_from_the_sensitivity_policy(proxy, study):
     from rl_mtd.baselines import local_search
 
-    best, results = local_search(proxy, 4, 6, seed=1, study=study)
+    seen = []
+    best, results = local_search(
+        proxy, 4, 6, seed=1, study=study, on_evaluation=lambda p, r: seen.append((p, r))
+    )
+    assert [r for _, r in seen] == results, "every evaluation is reported, in order"
+    assert any(p == best for p, _ in seen)
     start = sensitivity_policy(proxy, 4, study=study)
     assert len(results) == 6
     assert results[0].accuracy == proxy.evaluate(start).accuracy, "first: the heuristic itself"

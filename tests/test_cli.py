@@ -1348,3 +1348,42 @@ def test_an_unreachable_latency_target_stops_before_the_baseline_is_trained(
     args = ["--baseline-epochs", "3", "--target-latency", "1000", "--out", str(out)]
     err = fail([*COMMON, *args], capsys, "target speed-up 1000 is beyond what these levels")
     assert "--target-latency" in err and not out.exists()
+
+
+def test_final_check_fine_tunes_the_best_candidates_and_applies_the_winner(tmp_path, caplog):
+    out = tmp_path / "checked"
+    argv = [*COMMON, *SEARCH, "--final-check", "2", "--final-check-epochs", "0.2"]
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--out", str(out)]) == 0
+    assert "then the final check: the 2 best policies fine-tuned 0.2 epochs" in caplog.text
+    report = read_json(out / "report.json")
+    check = report["final_check"]
+    episodes = read_json(out / "search_state.json")["episodes"]
+    distinct = {json.dumps([e["methods"], e["ranks"]]) for e in episodes}
+    assert len(check["candidates"]) == min(2, len(distinct))
+    chosen = check["candidates"][check["chosen"]]
+    assert chosen["held_out_acc"] == max(c["held_out_acc"] for c in check["candidates"])
+    assert (
+        Policy.load(out / "policy.json").choices() == Policy.from_dict(chosen["policy"]).choices()
+    )
+    applied = [(layer["method"], layer["rank"]) for layer in report["layers"]]
+    assert applied == [(c["method"], c["rank"]) for c in chosen["policy"]["layers"]]
+    assert report["search_seconds"] >= check["seconds"] > 0, "the check is search time"
+    assert "Final check" in (out / "report.md").read_text()
+
+    # Resumed after the check was cut short: the candidates done are not fine-tuned again.
+    saved = read_json(out / "final_check.json")
+    (out / "report.json").unlink()
+    saved["candidates"] = saved["candidates"][:1]
+    (out / "final_check.json").write_text(json.dumps(saved))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
+    assert caplog.text.count("final check: candidate") == 2 * (len(check["candidates"]) - 1)
+    resumed = read_json(out / "report.json")["final_check"]
+    assert resumed["candidates"][0] == check["candidates"][0]
+
+
+def test_final_check_with_a_replay_is_refused(smoke_run, tmp_path, capsys):
+    argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), "--final-check", "3"]
+    fail([*argv, "--out", str(tmp_path / "r")], capsys, "--final-check", "--replay")

@@ -33,7 +33,7 @@ rank)``) per conv layer and carries ``meta={"strategy": name, "target_ratio": T,
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rl_mtd.baselines._common import MethodRank
 from rl_mtd.baselines.local import local_search
@@ -48,7 +48,7 @@ from rl_mtd.baselines.uniform import uniform_policy, vbmf_policy, vbmf_ranks
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
-from rl_mtd.proxy import Proxy
+from rl_mtd.proxy import Proxy, ProxyResult
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -84,6 +84,7 @@ def strategy_policy(
     methods: Sequence[str] | None = None,
     study: SensitivityStudy | None = None,
     progress: bool = False,
+    on_evaluation: Callable[[Policy, ProxyResult], None] | None = None,
 ) -> Policy:
     """The policy of strategy ``name`` (one of ``STRATEGIES``) for ``target`` on ``proxy``'s model.
 
@@ -92,8 +93,8 @@ def strategy_policy(
 
     ``levels``/``methods`` apply to ``sensitivity`` (default ``SENSITIVITY_LEVELS``, Tucker-2 and
     CP) and ``random``/``local`` (default ``DEFAULT_LEVELS``, keep/Tucker-2/CP); ``seed`` and
-    ``n_random`` (the proxy evaluations) to ``random`` and ``local``; ``study`` to
-    ``sensitivity`` and ``local``. ``tucker2``, ``cp`` and ``vbmf`` need no evaluations.
+    ``n_random`` (the proxy evaluations) and ``on_evaluation(policy, result)`` (called after
+    each) to ``random`` and ``local``; ``study`` to ``sensitivity`` and ``local``. ``tucker2``, ``cp`` and ``vbmf`` need no evaluations.
 
     Raises:
         RlMtdError: for an unknown ``name`` (with the closest strategy name, if any), or what the
@@ -117,6 +118,7 @@ def strategy_policy(
             methods=RANDOM_METHODS if methods is None else methods,
             levels=DEFAULT_LEVELS if levels is None else levels,
             progress=progress,
+            on_evaluation=on_evaluation,
         )
         return best
     if name == "local":
@@ -128,6 +130,7 @@ def strategy_policy(
             study=study,
             methods=RANDOM_METHODS if methods is None else methods,
             levels=DEFAULT_LEVELS if levels is None else levels,
+            on_evaluation=on_evaluation,
         )
         return best
     close = difflib.get_close_matches(str(name).lower(), STRATEGIES, n=1)

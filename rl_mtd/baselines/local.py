@@ -9,7 +9,7 @@ evaluations, the learning adds nothing over the heuristic plus trial and error.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -36,6 +36,7 @@ def local_search(
     study: SensitivityStudy | None = None,
     methods: Sequence[str] = RANDOM_METHODS,
     levels: Sequence[float] = DEFAULT_LEVELS,
+    on_evaluation: Callable[[Policy, ProxyResult], None] | None = None,
 ) -> tuple[Policy, list[ProxyResult]]:
     """The best of ``n`` proxy evaluations of a hill climb from the sensitivity policy.
 
@@ -47,7 +48,8 @@ def local_search(
     meets the budget, and is settled at it (``rl_mtd.budget.settle``: the last layers' ranks
     raised while the budget holds). A candidate replaces the best when its proxy accuracy is higher. Returns
     the best policy and every evaluated result in order. ``study`` reuses a sensitivity study
-    (its evaluations are not counted in ``n``).
+    (its evaluations are not counted in ``n``). ``on_evaluation(policy, result)`` is called
+    after each evaluation (what a final check chooses among).
     """
     budget = Budget.of(target)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -62,6 +64,8 @@ def local_search(
     meter = BudgetMeter(proxy.model, budget)
     best_policy = replace(start, meta={**start.meta, "strategy": "local", "seed": seed, "index": 0})
     results = [proxy.evaluate(best_policy)]
+    if on_evaluation is not None:
+        on_evaluation(best_policy, results[0])
     best_acc = results[0].accuracy
     for k in range(1, n):
         candidate = _perturb(table, best, rng)
@@ -69,6 +73,8 @@ def local_search(
         policy = _policy(table, proxy, walled, meter, seed, k)
         result = proxy.evaluate(policy)
         results.append(result)
+        if on_evaluation is not None:
+            on_evaluation(policy, result)
         if result.accuracy > best_acc:
             best, best_acc, best_policy = walled, result.accuracy, policy
     return best_policy, results

@@ -3,7 +3,7 @@ accuracy (the random agent of AMC's budget-constrained search)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from torch import nn
@@ -103,9 +103,10 @@ def random_search(
     methods: Sequence[str] = RANDOM_METHODS,
     levels: Sequence[float] = DEFAULT_LEVELS,
     progress: bool = False,
+    on_evaluation: Callable[[Policy, ProxyResult], None] | None = None,
 ) -> tuple[Policy, list[ProxyResult]]:
     """Score ``n`` :func:`random_policies` of ``proxy.model`` with the proxy; the best and every
-    result.
+    result. ``on_evaluation(policy, result)`` is called after each evaluation.
 
     The policies carry the proxy's net, width and classes. The best has the highest proxy
     accuracy; ties go to the higher compression ratio, then the earlier policy. Results are in
@@ -127,6 +128,10 @@ def random_search(
         from tqdm import tqdm
 
         items = tqdm(policies, desc="random search", unit="policy")
-    results = [proxy.evaluate(p) for p in items]
+    results = []
+    for p in items:
+        results.append(proxy.evaluate(p))
+        if on_evaluation is not None:
+            on_evaluation(p, results[-1])
     best = max(range(n), key=lambda k: (results[k].accuracy, results[k].compression_ratio, -k))
     return policies[best], results

@@ -1,0 +1,113 @@
+"""The final check (--final-check): candidates from a search, the choice, and its resume file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agents.final_check import (
+    Candidate,
+    episode_candidates,
+    final_check,
+    policy_key,
+    top_candidates,
+)
+from rl_mtd.errors import RlMtdError
+from rl_mtd.models import build_vgg
+from rl_mtd.policy import Policy
+
+NET, WIDTH = "vgg11", 0.125
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_vgg(NET, width=WIDTH)
+
+
+def _policy(model, first_rank: int, method: str = "cp") -> Policy:
+    """A policy that differs from the others by the rank of its first layer."""
+    choices = [(method, first_rank)] + [("tucker2", (4, 4))] * 7
+    return Policy.from_choices(model, choices, net=NET, width=WIDTH)
+
+
+def _episode(policy: Policy, reward: float, n: int) -> dict:
+    return {
+        "episode": n,
+        "reward": reward,
+        "methods": [c.method for c in policy.layers],
+        "ranks": [list(c.rank) if isinstance(c.rank, tuple) else c.rank for c in policy.layers],
+    }
+
+
+def test_top_candidates_are_distinct_and_best_first(model):
+    a, b, c = (_policy(model, r) for r in (2, 3, 4))
+    scored = [Candidate(a, 0.1), Candidate(b, 0.5), Candidate(a, 0.7), Candidate(c, 0.3)]
+    top = top_candidates(scored, 2)
+    assert [policy_key(t.policy) for t in top] == [policy_key(a), policy_key(b)]
+    assert [t.score for t in top] == [0.7, 0.5], "a repeated policy counts with its best score"
+    assert len(top_candidates(scored, 10)) == 3
+    with pytest.raises(RlMtdError, match="at least 1"):
+        top_candidates(scored, 0)
+
+
+def test_episode_candidates_put_the_search_s_best_first(model):
+    """The search's best comes first even when an episode scored higher (a warm start's
+    policy is not an episode), and the rest follow by reward, rebuilt from their choices."""
+    best, a, b = (_policy(model, r) for r in (2, 3, 4))
+    episodes = [_episode(a, 0.2, 1), _episode(b, 0.9, 2), _episode(a, 0.4, 3)]
+    cands = episode_candidates(best, episodes, model, 3, net=NET, width=WIDTH, num_classes=10)
+    assert [policy_key(c.policy) for c in cands] == [policy_key(p) for p in (best, b, a)]
+    assert cands[0].score is None and cands[2].score == 0.4
+    assert cands[1].policy.predicted_params(model) == b.predicted_params(model)
+    again = [_episode(best, 0.3, 4), *episodes]
+    cands = episode_candidates(best, again, model, 2, net=NET, width=WIDTH, num_classes=10)
+    assert cands[0].score == 0.3 and len(cands) == 2
+
+
+def test_final_check_keeps_the_best_held_out_and_resumes(model, tmp_path):
+    pols = [_policy(model, r) for r in (2, 3, 4)]
+    acc = {policy_key(p): v for p, v in zip(pols, (0.40, 0.55, 0.55), strict=True)}
+    calls = []
+
+    def score(policy):
+        calls.append(policy_key(policy))
+        return acc[policy_key(policy)]
+
+    path = tmp_path / "final_check.json"
+    cands = [Candidate(p, s) for p, s in zip(pols, (None, 0.3, 0.2), strict=True)]
+    result = final_check(cands, score, epochs=3.0, path=path)
+    assert result.chosen == 1, "the best held-out; of a tie the one the search ranked higher"
+    assert policy_key(result.policy) == policy_key(pols[1])
+    saved = json.loads(path.read_text())
+    assert saved["epochs"] == 3.0 and len(saved["candidates"]) == 3
+    assert len(calls) == 3
+
+    # Resumed: the saved candidates are not fine-tuned again; another length starts over.
+    calls.clear()
+    again = final_check(cands, score, epochs=3.0, path=path)
+    assert calls == [] and again.chosen == 1
+    assert again.seconds == pytest.approx(result.seconds)
+    final_check(cands, score, epochs=2.0, path=path)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{", '{"epochs": 3.0, "candidates": [{"key": "x"}]}', "[]", '{"epochs": 3.0}'],
+)
+def test_a_damaged_check_file_is_redone_not_trusted(content, model, tmp_path, caplog):
+    path = tmp_path / "final_check.json"
+    path.write_text(content)
+    pols = [_policy(model, r) for r in (2, 3)]
+    calls = []
+
+    def score(policy):
+        calls.append(1)
+        return 0.5
+
+    with caplog.at_level("WARNING"):
+        result = final_check([Candidate(p, 0.1) for p in pols], score, epochs=3.0, path=path)
+    assert "damaged" in caplog.text
+    assert len(calls) == 2 and result.chosen == 0
+    assert json.loads(path.read_text())["candidates"][0]["held_out_acc"] == 0.5
