@@ -320,6 +320,7 @@ def main() -> None:
                         "seconds": check.seconds,
                         "held_out_acc": [c["held_out_acc"] for c in check.rows],
                         "search_score": [c["search_score"] for c in check.rows],
+                        "policies": [c["policy"] for c in check.rows],
                     }
                 if latency is not None:
                     row["predicted_speedup"] = latency.speedup(policy.choices())
