@@ -60,6 +60,13 @@ if [[ -n "${MACS:-}" ]]; then
   ARGS+=(--target-macs "$MACS")
 fi
 
+# CHECK=K: ppo and local choose among their K best distinct policies by short fine-tunes
+# (run_agent.py --final-check; CHECK_EPOCHS each, default 3): about K x 3 x 3.5 s per row on an
+# H200, so CHECK=4 adds some 3 minutes to the four searched rows (not yet run on a GPU).
+if [[ -n "${CHECK:-}" ]]; then
+  ARGS+=(--final-check "$CHECK" --final-check-epochs "${CHECK_EPOCHS:-3}")
+fi
+
 set -o pipefail
 "${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" --strategies ppo,sensitivity,local,tucker2 \
   --warm-start sensitivity --observe study --imitate-best \
