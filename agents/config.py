@@ -288,6 +288,12 @@ class RunConfig:
         _at_least("--bn-batches", self.bn_batches, 0)
         _at_least("--repair-steps", self.repair_steps, 0)
         _at_least("--final-check", self.final_check, 0)
+        if self.final_check > 1 and not self.has_budget:
+            raise RlMtdError(
+                "--final-check compares candidates of one budget by accuracy; in --tradeoff "
+                "mode they differ in size, and accuracy alone would keep the largest. Give a "
+                "--target-ratio, --target-macs or --target-latency"
+            )
         if self.final_check > 1 and self.replay is not None:
             raise RlMtdError(
                 "--final-check chooses among a search's best candidates, and --replay applies "

@@ -35,6 +35,9 @@ from rl_mtd.policy import Policy
 log = logging.getLogger("rl_mtd")
 
 FINAL_CHECK_FILE = "final_check.json"
+BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency", "latency_batch")
+"""What an episode's policy metadata keeps from the search's best (the budget it was searched
+under)."""
 
 
 @dataclass
@@ -74,10 +77,12 @@ def episode_candidates(
     net: str,
     width: float,
     num_classes: int,
+    best_score: float | None = None,
 ) -> list[Candidate]:
     """The search's best policy, then its best-rewarded other episodes: ``k`` distinct in all.
 
-    The best policy comes first whatever its episode's reward (a warm start's has none).
+    The best policy comes first whatever its score (``best_score``, else its best episode's
+    reward; a warm start's policy may have no episode).
     """
     scored = []
     for e in episodes:
@@ -91,12 +96,17 @@ def episode_candidates(
             net=net,
             width=width,
             num_classes=num_classes,
-            meta={**best.meta, "episode": e.get("episode"), "reward": e["reward"]},
+            meta={
+                **{k: v for k, v in best.meta.items() if k in BUDGET_KEYS},
+                "strategy": "ppo",
+                "episode": e.get("episode"),
+                "reward": e["reward"],
+            },
         )
         scored.append(Candidate(policy, float(e["reward"])))
     key = policy_key(best)
     own = [c.score for c in scored if policy_key(c.policy) == key]
-    first = Candidate(best, max(own) if own else None)
+    first = Candidate(best, best_score if best_score is not None else max(own, default=None))
     others = [c for c in scored if policy_key(c.policy) != key]
     return [first, *(top_candidates(others, k - 1) if k > 1 and others else [])]
 
@@ -104,10 +114,11 @@ def episode_candidates(
 @dataclass
 class CheckResult:
     chosen: int
-    """Index into ``rows`` of the candidate kept."""
+    """Index into ``rows`` of the candidate kept (0: the search's own best)."""
     rows: list[dict[str, Any]]
     seconds: float
-    """Fine-tuning seconds of every candidate, those of an interrupted earlier run included."""
+    """Fine-tuning seconds of every candidate ever checked for this run, those of an
+    interrupted earlier invocation (and of candidates no longer among the best) included."""
 
     @property
     def policy(self) -> Policy:
@@ -126,16 +137,18 @@ def final_check(
 ) -> CheckResult:
     """Score each candidate by ``held_out_accuracy(policy)`` (a short fine-tune) and keep the best.
 
-    With ``path``, each finished candidate is saved there at once and candidates already saved
-    there for the same ``epochs`` are not fine-tuned again (``--resume`` after an interrupt).
-    Ties go to the candidate the search ranked higher.
+    With ``path``, each finished candidate is saved there at once, and candidates saved there
+    before for the same ``epochs`` are not fine-tuned again (``--resume`` after an interrupt);
+    saved candidates that are no longer among ``candidates`` stay in the file (``earlier``) and
+    their seconds still count. Ties go to the candidate the search ranked higher.
     """
     if not candidates:
         raise RlMtdError("the final check got no candidates")
     done = _saved_rows(path, epochs)
+    keys = [policy_key(c.policy) for c in candidates]
+    earlier = [r for k, r in done.items() if k not in keys]
     rows: list[dict[str, Any]] = []
-    for i, c in enumerate(candidates):
-        key = policy_key(c.policy)
+    for i, (c, key) in enumerate(zip(candidates, keys, strict=True)):
         row = done.get(key)
         if row is None:
             log.info(
@@ -147,19 +160,19 @@ def final_check(
             )
             t0 = time.perf_counter()
             acc = held_out_accuracy(c.policy)
-            row = {
-                "key": key,
-                "policy": c.policy.to_dict(),
-                "search_score": c.score,
-                "held_out_acc": acc,
-                "seconds": time.perf_counter() - t0,
-            }
+            row = {"key": key, "held_out_acc": acc, "seconds": time.perf_counter() - t0}
             log.info("final check: candidate %d held-out accuracy %.2f%%", i + 1, 100 * acc)
+        # This search's view of the policy (its score, its metadata), the saved measurement.
+        row = {**row, "policy": c.policy.to_dict(), "search_score": c.score}
         rows.append(row)
         if path is not None:
-            write_json_atomic(path, {"epochs": epochs, "candidates": rows})
+            pending = [done[k] for k in keys[i + 1 :] if k in done]
+            write_json_atomic(
+                path, {"epochs": epochs, "candidates": rows, "earlier": earlier + pending}
+            )
     chosen = max(range(len(rows)), key=lambda j: (rows[j]["held_out_acc"], -j))
-    result = CheckResult(chosen, rows, sum(r["seconds"] for r in rows))
+    seconds = sum(r["seconds"] for r in rows) + sum(r["seconds"] for r in earlier)
+    result = CheckResult(chosen, rows, seconds)
     log.info(
         "final check: kept candidate %d of %d (held-out %.2f%%; the search's best %.2f%%)",
         chosen + 1,
@@ -171,6 +184,7 @@ def final_check(
 
 
 def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:
+    """The candidates ``path`` holds for ``epochs`` by policy key (current and earlier ones)."""
     if path is None or not path.exists():
         return {}
     try:
@@ -178,8 +192,10 @@ def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:
         if saved.get("epochs") != epochs:
             return {}
         rows = {}
-        for r in saved["candidates"]:
-            Policy.from_dict(r["policy"], source=str(path))
+        for r in [*saved["candidates"], *saved.get("earlier", [])]:
+            policy = Policy.from_dict(r["policy"], source=str(path))
+            if r["key"] != policy_key(policy):
+                raise ValueError("a candidate's key does not match its policy")
             if not all(isinstance(r[k], float) for k in ("held_out_acc", "seconds")):
                 raise TypeError("a number is not a number")
             rows[r["key"]] = r

@@ -167,10 +167,12 @@ def run_final_check(
     baseline: nn.Module,
     splits: DataSplits,
     run_dir: Path | None = None,
-) -> CheckResult:
+    best_reward: float | None = None,
+) -> CheckResult | None:
     """``--final-check``: the search's ``cfg.final_check`` best distinct policies, each compressed
     and fine-tuned ``cfg.final_check_epochs`` epochs as the final fine-tune would be (same
-    recipe and seed, stages included), the best on the held-out split kept."""
+    recipe and seed, stages included), the best on the held-out split kept. None when the
+    search scored only one distinct policy (nothing to choose between)."""
     candidates = episode_candidates(
         best,
         episodes,
@@ -179,7 +181,11 @@ def run_final_check(
         net=cfg.net,
         width=cfg.width,
         num_classes=proxy.num_classes,
+        best_score=best_reward,
     )
+    if len(candidates) < 2:
+        log.info("final check: the search scored one distinct policy only; nothing to choose")
+        return None
     short = replace(cfg, finetune_epochs=cfg.final_check_epochs)
 
     def held_out_accuracy(policy: Policy) -> float:
@@ -417,6 +423,7 @@ def run(
         if found.interrupted and not go_on_after_interrupt(run_dir):
             return None
         policy, episodes, invocations = found.policy, found.episodes, found.invocations
+        best_reward = found.best_reward
         search_seconds, interrupted = found.seconds, found.interrupted
     else:
         policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
@@ -430,7 +437,9 @@ def run(
     check = None
     if replay is None and cfg.final_check > 1:
         try:
-            check = run_final_check(cfg, proxy, policy, episodes, baseline, splits, run_dir)
+            check = run_final_check(
+                cfg, proxy, policy, episodes, baseline, splits, run_dir, best_reward
+            )
         except KeyboardInterrupt:
             log.warning(
                 "final check interrupted; %s",
@@ -440,15 +449,21 @@ def run(
                 else f"the search's best policy is kept in {run_dir / 'policy.json'}",
             )
             raise
-        policy = check.policy
+    if check is not None:
         search_seconds += check.seconds
+        if check.chosen:  # another policy than the search's best: policy.json becomes it
+            policy = check.policy
+        # What the search wrote for its best (reward, proxy, warm start) stays when it is kept.
+        saved = run_dir / "policy.json"
+        kept = json.loads(saved.read_text()) if not check.chosen and saved.exists() else {}
         write_json_atomic(
             run_dir / "policy.json",
             {
                 **policy.to_dict(),
                 "meta": {
+                    **kept.get("meta", {}),
                     **policy.meta,
-                    "final_check": {"chosen": check.chosen + 1, "of": len(check.rows)},
+                    "final_check": {"chosen": check.chosen, "of": len(check.rows)},
                 },
             },
         )

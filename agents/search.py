@@ -56,6 +56,8 @@ class SearchResult:
     """Search time of every invocation together."""
     interrupted: bool = False
     invocations: list[dict[str, Any]] = field(default_factory=list)
+    best_reward: float | None = None
+    """The best policy's reward (a warm start's policy has one without an episode)."""
 
 
 def env_config(cfg: RunConfig) -> EnvConfig:
@@ -189,6 +191,7 @@ def finished_search(cfg: RunConfig, state: dict[str, Any]) -> SearchResult | Non
         state["episodes"],
         float(state.get("seconds", 0.0)),
         invocations=[*state.get("invocations", []), this],
+        best_reward=state["best"].get("reward"),
     )
 
 
@@ -368,6 +371,7 @@ def search(
         seconds_before + time.perf_counter() - t0,
         interrupted,
         invocations,
+        best_reward=callback.best.get("reward"),
     )
 
 

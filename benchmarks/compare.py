@@ -29,7 +29,13 @@ from pathlib import Path
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
 from agents.config import RunConfig
-from agents.final_check import Candidate, episode_candidates, final_check, top_candidates
+from agents.final_check import (
+    Candidate,
+    episode_candidates,
+    final_check,
+    policy_key,
+    top_candidates,
+)
 from agents.inputs import latency_model
 from agents.pipeline import finetune
 from agents.search import search
@@ -245,6 +251,7 @@ def main() -> None:
                                 net=args.net,
                                 width=args.width,
                                 num_classes=proxy.num_classes,
+                                best_score=found.best_reward,
                             )
                         if ppo_uses_study:
                             t0 -= study_s  # its cached study is part of its cost
@@ -282,7 +289,7 @@ def main() -> None:
                     progress=not args.no_progress,
                 )
                 check = None
-                if args.final_check > 1 and scored:
+                if args.final_check > 1 and len({policy_key(c.policy) for c in scored}) > 1:
                     if name != "ppo":  # PPO's come ready, its best first
                         scored = top_candidates(scored, args.final_check)
                     short = replace(ft_cfg, finetune_epochs=args.final_check_epochs)

@@ -177,14 +177,43 @@ def reestimate_bn(
         seed=seed,
         channels_last=device.type == "cuda",
     )
-    with _autocast(device):
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            model(x)
-    for bn, m in zip(bns, saved):
-        bn.momentum = m
-    model.train(was_training)
+    try:
+        with _autocast(device):
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for bn, m in zip(bns, saved, strict=True):
+            bn.momentum = m
+        model.train(was_training)
+
+
+def fresh_bn_accuracy(
+    model: nn.Module,
+    train_split: Split,
+    split: Split,
+    *,
+    batches: int = BN_CHECK_BATCHES,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> float:
+    """Accuracy on ``split`` with BatchNorm statistics re-estimated from ``batches`` batches of
+    ``train_split`` (:func:`reestimate_bn`); the model's own statistics are put back afterwards.
+
+    What the weights are worth apart from stale running statistics: at a high fine-tuning rate
+    a CP-heavy 50x model scored 0.369 with its running statistics and 0.481 re-estimated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in bn.buffers()] for bn in bns]
+    try:
+        reestimate_bn(model, train_split, batches=batches, batch_size=batch_size, seed=seed)
+        return evaluate(model, split)
+    finally:
+        with torch.no_grad():
+            for bn, bufs in zip(bns, saved, strict=True):
+                for b, v in zip(bn.buffers(), bufs, strict=True):
+                    b.copy_(v)
 
 
 def _loss(
@@ -234,8 +263,9 @@ class _Run:
         teacher,
         desc: str,
         steps_per_epoch: int,
+        *,
+        train_split: Split,
         fresh: bool = True,
-        train_split: Split | None = None,
     ):
         self.model, self.cfg, self.val, self.teacher, self.desc = (
             model,
@@ -349,26 +379,18 @@ class _Run:
         return entry
 
     def fresh_bn_accuracy(self) -> float:
-        """Held-out accuracy with BatchNorm statistics re-estimated from ``BN_CHECK_BATCHES``
-        training batches; the running statistics are put back afterwards (and no random state
-        is drawn), so training goes on exactly as it would have."""
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [[b.clone() for b in bn.buffers()] for bn in bns]
-        try:
-            reestimate_bn(
-                self.model,
-                self.train_split,
-                batches=BN_CHECK_BATCHES,
-                batch_size=self.cfg.batch_size,
-                seed=self.cfg.seed + self.step,
-            )
-            return evaluate(self.model, self.val)
-        finally:
-            with torch.no_grad():
-                for bn, bufs in zip(bns, saved, strict=True):
-                    for b, v in zip(bn.buffers(), bufs, strict=True):
-                        b.copy_(v)
-            self.model.train()
+        """Held-out accuracy with BatchNorm statistics re-estimated (:func:`fresh_bn_accuracy`);
+        the running statistics are put back and no random state is drawn, so training goes on
+        exactly as it would have."""
+        acc = fresh_bn_accuracy(
+            self.model,
+            self.train_split,
+            self.val,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed + self.step,
+        )
+        self.model.train()
+        return acc
 
     def recover(self, reason: str) -> None:
         """Back to the best state with a lower rate, tighter clipping and fresh momentum."""

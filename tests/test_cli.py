@@ -1360,7 +1360,8 @@ def test_final_check_fine_tunes_the_best_candidates_and_applies_the_winner(tmp_p
     check = report["final_check"]
     episodes = read_json(out / "search_state.json")["episodes"]
     distinct = {json.dumps([e["methods"], e["ranks"]]) for e in episodes}
-    assert len(check["candidates"]) == min(2, len(distinct))
+    assert len(distinct) >= 2, "the test needs a search with two policies to choose between"
+    assert len(check["candidates"]) == 2
     chosen = check["candidates"][check["chosen"]]
     assert chosen["held_out_acc"] == max(c["held_out_acc"] for c in check["candidates"])
     assert (
@@ -1384,6 +1385,8 @@ def test_final_check_fine_tunes_the_best_candidates_and_applies_the_winner(tmp_p
     assert resumed["candidates"][0] == check["candidates"][0]
 
 
-def test_final_check_with_a_replay_is_refused(smoke_run, tmp_path, capsys):
+def test_final_check_with_a_replay_or_without_a_budget_is_refused(smoke_run, tmp_path, capsys):
     argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), "--final-check", "3"]
     fail([*argv, "--out", str(tmp_path / "r")], capsys, "--final-check", "--replay")
+    argv = [*COMMON, "--episodes", "3", "--tradeoff", "--final-check", "3"]
+    fail([*argv, "--out", str(tmp_path / "t")], capsys, "--final-check", "--tradeoff")

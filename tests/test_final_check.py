@@ -111,3 +111,44 @@ def test_a_damaged_check_file_is_redone_not_trusted(content, model, tmp_path, ca
     assert "damaged" in caplog.text
     assert len(calls) == 2 and result.chosen == 0
     assert json.loads(path.read_text())["candidates"][0]["held_out_acc"] == 0.5
+
+
+def test_a_resumed_check_keeps_what_it_measured_when_the_candidates_change(model, tmp_path):
+    """A search continued after a check may rank other policies first: candidates measured
+    before are reused (with this search's score), those no longer among the best stay in the
+    file and their seconds still count."""
+    a, b, c, d = (_policy(model, r) for r in (2, 3, 4, 5))
+    acc = {policy_key(p): v for p, v in zip((a, b, c, d), (0.4, 0.5, 0.6, 0.7), strict=True)}
+    calls = []
+
+    def score(policy):
+        calls.append(policy_key(policy))
+        return acc[policy_key(policy)]
+
+    path = tmp_path / "final_check.json"
+    first = final_check([Candidate(a, 0.3), Candidate(b, 0.2)], score, epochs=3.0, path=path)
+    calls.clear()
+    again = final_check(
+        [Candidate(c, 0.5), Candidate(a, 0.4), Candidate(d, 0.1)], score, epochs=3.0, path=path
+    )
+    assert calls == [policy_key(c), policy_key(d)], "a is measured once"
+    assert again.rows[1]["search_score"] == 0.4, "the score is this search's"
+    assert again.chosen == 2
+    saved = json.loads(path.read_text())
+    assert [r["key"] for r in saved["earlier"]] == [policy_key(b)], "b is kept, not dropped"
+    assert again.seconds == pytest.approx(
+        sum(r["seconds"] for r in again.rows) + first.rows[1]["seconds"]
+    )
+
+
+def test_a_saved_candidate_whose_key_and_policy_disagree_is_not_trusted(model, tmp_path, caplog):
+    a, b = _policy(model, 2), _policy(model, 3)
+    path = tmp_path / "final_check.json"
+    final_check([Candidate(a, 0.3)], lambda p: 0.5, epochs=3.0, path=path)
+    saved = json.loads(path.read_text())
+    saved["candidates"][0]["policy"] = b.to_dict()  # hand-edited: b's policy under a's key
+    path.write_text(json.dumps(saved))
+    calls = []
+    with caplog.at_level("WARNING"):
+        final_check([Candidate(a, 0.3)], lambda p: calls.append(1) or 0.5, epochs=3.0, path=path)
+    assert calls == [1] and "damaged" in caplog.text

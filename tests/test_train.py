@@ -119,11 +119,15 @@ def test_the_re_estimate_check_leaves_the_model_and_its_statistics_as_they_were(
     run = train_mod._Run(
         model, cfg, splits.proxy, None, "test", 10, fresh=False, train_split=splits.train
     )
+    rng = torch.get_rng_state()
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     fresh = run.fresh_bn_accuracy()
     assert fresh > stale + 0.1 and fresh >= good - 0.05
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training
+    assert torch.equal(torch.get_rng_state(), rng), "no random state drawn"
+    assert momenta == [m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
 def _kl_to(teacher: nn.Module, student: nn.Module, x: torch.Tensor, temperature: float) -> float:
