@@ -36,8 +36,8 @@ from agents.final_check import (
     policy_key,
     top_candidates,
 )
+from agents.finetune import finetune
 from agents.inputs import latency_model
-from agents.pipeline import finetune
 from agents.search import search
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy

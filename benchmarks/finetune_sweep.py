@@ -29,7 +29,7 @@ from pathlib import Path
 from _common import add_common_args, add_proxy_args, machine, make_proxy, setup
 
 from agents.config import RunConfig
-from agents.pipeline import compress_and_finetune
+from agents.finetune import compress_and_finetune
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget

@@ -862,11 +862,11 @@ def test_ctrl_c_in_the_fine_tune_keeps_the_policy_and_says_how_to_go_on(
 def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypatch):
     """Ctrl-C in the fine-tune, then --resume: no new search, the fine-tune goes on from its
     last save and ends where an uninterrupted fine-tune of the same policy ends."""
-    import agents.pipeline
+    import agents.finetune
 
     argv = [*COMMON, *SEARCH, "--finetune-epochs", "2"]
     out = tmp_path / "run"
-    real_bar = agents.pipeline.train_bar
+    real_bar = agents.finetune.train_bar
 
     @contextlib.contextmanager
     def stopping_bar(desc, enabled):
@@ -877,12 +877,12 @@ def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypa
         with real_bar(desc, enabled):
             yield on_progress if desc == "fine-tune" else None
 
-    monkeypatch.setattr(agents.pipeline, "train_bar", stopping_bar)
+    monkeypatch.setattr(agents.finetune, "train_bar", stopping_bar)
     with caplog.at_level("INFO"):
         assert main([*argv, "--out", str(out)]) == 130
     assert (out / "finetune_state.pt").exists() and f"--resume {out}" in caplog.text
     assert not (out / "report.json").exists()
-    monkeypatch.setattr(agents.pipeline, "train_bar", real_bar)
+    monkeypatch.setattr(agents.finetune, "train_bar", real_bar)
     caplog.clear()
     with caplog.at_level("INFO"):
         assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
@@ -1144,7 +1144,7 @@ def test_parameter_and_macs_budgets_both_reached(tmp_path):
 def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog, monkeypatch):
     """--stages 2 --feature-kd 1: two compression stages, each fine-tuned, ending at the
     policy's own ranks; the saved model is the policy's."""
-    import agents.pipeline
+    import agents.finetune
 
     out = tmp_path / "staged"
     policy = smoke_run / "policy.json"
@@ -1154,7 +1154,7 @@ def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog, mo
         configs.append(config)
         return train(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(agents.pipeline, "train", recording_train)
+    monkeypatch.setattr(agents.finetune, "train", recording_train)
     with caplog.at_level("INFO", logger="rl_mtd"):
         assert (
             main(
