@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +144,15 @@ def run_final_check(
         log.info("final check: the search scored one distinct policy only; nothing to choose")
         return None
     short = replace(cfg, finetune_epochs=cfg.final_check_epochs)
-
-    def held_out_accuracy(policy: Policy) -> float:
-        model, ft = compress_and_finetune(short, proxy, policy, baseline, splits)
-        return ft.best_acc if ft.best_acc is not None else evaluate(model, splits.proxy)
-
+    score = partial(held_out_after_finetune, short, proxy, baseline, splits)
     path = run_dir / FINAL_CHECK_FILE if run_dir is not None else None
-    return final_check(candidates, held_out_accuracy, epochs=cfg.final_check_epochs, path=path)
+    return final_check(candidates, score, epochs=cfg.final_check_epochs, path=path)
+
+
+def held_out_after_finetune(
+    cfg: RunConfig, proxy: Proxy, baseline: nn.Module, splits: DataSplits, policy: Policy
+) -> float:
+    """The final check's score of ``policy``: held-out accuracy after ``cfg.finetune_epochs``
+    of ``cfg``'s fine-tune (the best state's, the one the fine-tune keeps)."""
+    model, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)
+    return ft.best_acc if ft.best_acc is not None else evaluate(model, splits.proxy)

@@ -36,7 +36,7 @@ from agents.final_check import (
     policy_key,
     top_candidates,
 )
-from agents.finetune import finetune
+from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
 from agents.search import search
 from agents.warmstart import cached_study
@@ -293,7 +293,7 @@ def main() -> None:
                     if name != "ppo":  # PPO's come ready, its best first
                         scored = top_candidates(scored, args.final_check)
                     short = replace(ft_cfg, finetune_epochs=args.final_check_epochs)
-                    held_out = partial(_short_finetune, short, proxy, baseline, splits)
+                    held_out = partial(held_out_after_finetune, short, proxy, baseline, splits)
                     check = final_check(scored, held_out, epochs=args.final_check_epochs)
                     policy = check.policy
                     search_s += check.seconds
@@ -350,11 +350,6 @@ def main() -> None:
 
 def _keep(out: list[Candidate], policy: Policy, result) -> None:
     out.append(Candidate(policy, result.accuracy))
-
-
-def _short_finetune(cfg: RunConfig, proxy: Proxy, baseline, splits, policy: Policy) -> float:
-    """The final check's score: held-out accuracy after ``cfg.finetune_epochs`` of fine-tune."""
-    return finetune(cfg, proxy.compress(policy), baseline, splits).best_acc
 
 
 def _row(r: dict) -> str:
