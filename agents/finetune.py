@@ -20,11 +20,12 @@ from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE, CheckResult, episode_candidates, final_check
 from agents.progress import train_bar
 from rl_mtd.data import DataSplits
+from rl_mtd.evaluation import evaluate, reestimate_bn
 from rl_mtd.metrics import count_params
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
 from rl_mtd.staged import compress_in_stages
-from rl_mtd.train import TrainConfig, TrainResult, evaluate, reestimate_bn, train
+from rl_mtd.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger("rl_mtd")
 

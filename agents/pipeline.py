@@ -29,7 +29,7 @@ from agents.inputs import (
     note_other_baseline_states,
 )
 from agents.plan import measure, print_plan
-from agents.report import RunResult, build_report, write_export, write_outputs
+from agents.report import RunResult, build_report, write_outputs
 from agents.search import (
     Replay,
     env_config,
@@ -42,14 +42,16 @@ from agents.search import (
     search,
     search_finished,
 )
-from rl_mtd.budget import Budget, BudgetMeter, BudgetTable
+from agents.speed import write_export
+from rl_mtd.budget import Budget, BudgetMeter
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
 from rl_mtd.errors import RlMtdError
+from rl_mtd.evaluation import evaluate
 from rl_mtd.io import check_writable, write_json_atomic
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, resolve_device
-from rl_mtd.train import evaluate
 from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")

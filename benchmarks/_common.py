@@ -17,7 +17,8 @@ import torch
 
 from agents.config import REPAIR_STEPS, RunConfig
 from agents.inputs import get_baseline, load_data
-from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable
+from rl_mtd.budget import DEFAULT_LEVELS
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.data import DataSplits
 from rl_mtd.decompose import METHODS, conv_layers, default_cache, get_factors
 from rl_mtd.errors import RlMtdError

@@ -26,10 +26,11 @@ from agents.config import RunConfig
 from agents.inputs import load_data
 from rl_mtd.data import DeviceLoader
 from rl_mtd.errors import exit_on_user_error
+from rl_mtd.evaluation import evaluate
 from rl_mtd.io import write_json_atomic
 from rl_mtd.models import build_vgg, model_device
 from rl_mtd.proxy import resolve_device
-from rl_mtd.train import TrainConfig, evaluate, train
+from rl_mtd.train import TrainConfig, train
 
 KEYS = {
     "ep": ("epochs", float),

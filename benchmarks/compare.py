@@ -43,11 +43,11 @@ from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError, exit_on_user_error
+from rl_mtd.evaluation import evaluate
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params, measure_latency
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
-from rl_mtd.train import evaluate
 
 ALL = ("ppo", "random", "tucker2", "cp", "vbmf", "sensitivity", "local")
 

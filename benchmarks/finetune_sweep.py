@@ -34,10 +34,10 @@ from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
 from rl_mtd.errors import exit_on_user_error
+from rl_mtd.evaluation import evaluate, fresh_bn_accuracy
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy
-from rl_mtd.train import evaluate, fresh_bn_accuracy
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from _common import spearman  # noqa: E402
 from latency import _busy_note, _load, machine, variance_preserving  # noqa: E402
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
-from rl_mtd.budget import DEFAULT_LEVELS, BudgetTable  # noqa: E402
+from rl_mtd.budget import DEFAULT_LEVELS  # noqa: E402
+from rl_mtd.budget_table import BudgetTable  # noqa: E402
 from rl_mtd.errors import exit_on_user_error  # noqa: E402
 from rl_mtd.io import write_json_atomic  # noqa: E402
 from rl_mtd.latency import LatencyModel, measured_timer  # noqa: E402

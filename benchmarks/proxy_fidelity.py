@@ -31,9 +31,10 @@ from _common import (
 
 from rl_mtd.baselines import random_policies
 from rl_mtd.errors import exit_on_user_error
+from rl_mtd.evaluation import evaluate
 from rl_mtd.io import write_json_atomic
 from rl_mtd.proxy import Proxy
-from rl_mtd.train import TrainConfig, evaluate, train
+from rl_mtd.train import TrainConfig, train
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from rl_mtd.budget import (
     DEFAULT_LEVELS,
     Budget,
     BudgetMeter,
-    BudgetTable,
     check_levels,
     check_methods,
     check_target,
     settle,
 )
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.decompose import METHODS, conv_layers, layer_params
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer

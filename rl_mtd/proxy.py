@@ -30,10 +30,11 @@ from rl_mtd.data import Split
 from rl_mtd.datafit import shrink_to_identity
 from rl_mtd.decompose import FactorCache, collect_input_moments, conv_layers, weight_key
 from rl_mtd.errors import RlMtdError
+from rl_mtd.evaluation import evaluate, reestimate_bn
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.models import ModelSpec, model_spec
 from rl_mtd.policy import Policy, apply_policy
-from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
+from rl_mtd.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 

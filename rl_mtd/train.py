@@ -1,4 +1,5 @@
-"""Training, fine-tuning with collapse recovery, evaluation and BatchNorm re-estimation.
+"""Training and fine-tuning with collapse recovery (evaluation and BatchNorm re-estimation:
+``rl_mtd.evaluation``).
 
 One code path for CPU and CUDA: on CUDA it adds bf16 autocast and channels_last.
 
@@ -16,7 +17,6 @@ the model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -31,15 +31,13 @@ from torch import nn
 from rl_mtd.data import DeviceLoader, Split
 from rl_mtd.distill import FeatureMatch
 from rl_mtd.errors import RlMtdError
+from rl_mtd.evaluation import autocast, evaluate, fresh_bn_accuracy
 from rl_mtd.models import model_device
 from rl_mtd.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("onecycle", "cosine", "constant")
-BN_CHECK_BATCHES = 20
-"""Training batches that re-estimate BatchNorm statistics before a held-out fall counts as a
-collapse."""
 
 
 @dataclass
@@ -118,12 +116,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _lr_factor(schedule: str, t: float) -> float:
     """Learning-rate multiplier at training progress ``t`` in [0, 1]."""
     warm = 0.15 if schedule == "onecycle" else 0.03
@@ -132,88 +124,6 @@ def _lr_factor(schedule: str, t: float) -> float:
     if schedule == "constant":
         return 1.0
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / (1 - warm))))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (0..1) of ``model`` on ``split`` (moved to the model's device if needed)."""
-    if len(split) == 0:
-        raise ValueError("cannot evaluate on an empty split")
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    loader = DeviceLoader(split.to(device), batch_size, channels_last=device.type == "cuda")
-    with _autocast(device):
-        for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
-    model.train(was_training)
-    return correct / len(split)
-
-
-@torch.no_grad()
-def reestimate_bn(
-    model: nn.Module, split: Split, *, batches: int = 20, batch_size: int = 128, seed: int = 0
-) -> None:
-    """Recompute BatchNorm running statistics from ``batches`` training batches, no gradients.
-
-    The adaptive-BN evaluation of EagleEye (ECCV 2020): a decomposed net's old statistics no
-    longer match its activations, so its accuracy straight after decomposition misleads.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    device = model_device(model)
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches seen
-    was_training = model.training
-    model.train()
-    loader = DeviceLoader(
-        split.to(device),
-        batch_size,
-        shuffle=True,
-        seed=seed,
-        channels_last=device.type == "cuda",
-    )
-    try:
-        with _autocast(device):
-            for i, (x, _) in enumerate(loader):
-                if i >= batches:
-                    break
-                model(x)
-    finally:
-        for bn, m in zip(bns, saved, strict=True):
-            bn.momentum = m
-        model.train(was_training)
-
-
-def fresh_bn_accuracy(
-    model: nn.Module,
-    train_split: Split,
-    split: Split,
-    *,
-    batches: int = BN_CHECK_BATCHES,
-    batch_size: int = 128,
-    seed: int = 0,
-) -> float:
-    """Accuracy on ``split`` with BatchNorm statistics re-estimated from ``batches`` batches of
-    ``train_split`` (:func:`reestimate_bn`); the model's own statistics are put back afterwards.
-
-    What the weights are worth apart from stale running statistics: at a high fine-tuning rate
-    a CP-heavy 50x model scored 0.369 with its running statistics and 0.481 re-estimated.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[b.clone() for b in bn.buffers()] for bn in bns]
-    try:
-        reestimate_bn(model, train_split, batches=batches, batch_size=batch_size, seed=seed)
-        return evaluate(model, split)
-    finally:
-        with torch.no_grad():
-            for bn, bufs in zip(bns, saved, strict=True):
-                for b, v in zip(bn.buffers(), bufs, strict=True):
-                    b.copy_(v)
 
 
 def _loss(
@@ -301,7 +211,7 @@ class _Run:
         use_teacher = self.teacher is not None and self.cfg.uses_teacher
         if self.features is not None:
             self.features.capturing = True
-        with _autocast(self.device):
+        with autocast(self.device):
             logits = self.model(x)
             with torch.no_grad():
                 t_logits = self.teacher(x) if use_teacher else None

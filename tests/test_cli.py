@@ -17,11 +17,12 @@ from agents.config import PRESETS
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
+from rl_mtd.evaluation import evaluate
 from rl_mtd.io import CACHE_ENV, DATA_ENV
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, load_compressed
-from rl_mtd.train import evaluate, train
+from rl_mtd.train import train
 
 NET, WIDTH = "vgg11", 0.125
 TARGET = 8.0

@@ -300,7 +300,7 @@ def test_budget_wall_holds_a_predicted_latency(structural_proxy, target, speedup
 
 def test_option_macs_match_the_built_blocks(structural_proxy):
     """The budget table's MACs of every option are what count_macs measures on the block."""
-    from rl_mtd.budget import BudgetTable
+    from rl_mtd.budget_table import BudgetTable
     from rl_mtd.decompose import conv_layers
     from rl_mtd.metrics import count_macs
 

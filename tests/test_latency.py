@@ -13,7 +13,8 @@ from conftest import FakeTimer
 from torch import nn
 
 from rl_mtd.baselines import random_policies
-from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, settle
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, settle
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.decompose import METHODS, conv_layers, rank_for_ratio
 from rl_mtd.errors import RlMtdError
 from rl_mtd.latency import LatencyModel, layer_block

@@ -10,9 +10,10 @@ from torch import nn
 
 from rl_mtd.data import Split, normalize
 from rl_mtd.decompose import DecomposedConv, conv_layers, rank_for_ratio
+from rl_mtd.evaluation import evaluate, reestimate_bn
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy, apply_policy
-from rl_mtd.train import TrainConfig, evaluate, reestimate_bn, train
+from rl_mtd.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

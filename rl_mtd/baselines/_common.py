@@ -10,7 +10,8 @@ from rl_mtd.errors import RlMtdError
 MethodRank = tuple[str, Rank]
 """One conv layer's ``(method, rank)``, as ``Policy.from_choices`` and ``params_after`` take it.
 
-Not ``rl_mtd.budget.OptionIndex``, which is a (method index, level index) into a ``BudgetTable``.
+Not ``rl_mtd.budget_table.OptionIndex``, which is a (method index, level index) into a
+``BudgetTable``.
 """
 
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from rl_mtd.baselines.random import RANDOM_METHODS
 from rl_mtd.baselines.sensitivity import SensitivityStudy, sensitivity_policy
-from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, BudgetTable, OptionIndex, settle
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, settle
+from rl_mtd.budget_table import BudgetTable, OptionIndex
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyResult

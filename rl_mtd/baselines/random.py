@@ -8,14 +8,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from torch import nn
 
-from rl_mtd.budget import (
-    DEFAULT_LEVELS,
-    Budget,
-    BudgetTable,
-    OptionIndex,
-    check_levels,
-    check_methods,
-)
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, check_levels, check_methods
+from rl_mtd.budget_table import BudgetTable, OptionIndex
 from rl_mtd.decompose import METHODS
 from rl_mtd.errors import RlMtdError
 from rl_mtd.models import model_spec

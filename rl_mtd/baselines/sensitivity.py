@@ -13,15 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from rl_mtd.baselines._common import MethodRank, settle, unreachable
-from rl_mtd.budget import (
-    Budget,
-    BudgetMeter,
-    BudgetTable,
-    LayerOptions,
-    OptionIndex,
-    check_levels,
-    check_methods,
-)
+from rl_mtd.budget import Budget, BudgetMeter, check_levels, check_methods
+from rl_mtd.budget_table import BudgetTable, LayerOptions, OptionIndex
 from rl_mtd.decompose import DECOMPOSED, Rank
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy

@@ -1,0 +1,109 @@
+"""Evaluation and BatchNorm re-estimation: top-1 accuracy, recomputed running statistics, and
+the accuracy a model would have with them (what the collapse guard of ``rl_mtd.train`` checks a
+fall against).
+
+One code path for CPU and CUDA: on CUDA it adds bf16 autocast and channels_last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from rl_mtd.data import DeviceLoader, Split
+from rl_mtd.models import model_device
+
+BN_CHECK_BATCHES = 20
+"""Training batches that re-estimate BatchNorm statistics before a held-out fall counts as a
+collapse."""
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (0..1) of ``model`` on ``split`` (moved to the model's device if needed)."""
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    loader = DeviceLoader(split.to(device), batch_size, channels_last=device.type == "cuda")
+    with autocast(device):
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(split)
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module, split: Split, *, batches: int = 20, batch_size: int = 128, seed: int = 0
+) -> None:
+    """Recompute BatchNorm running statistics from ``batches`` training batches, no gradients.
+
+    The adaptive-BN evaluation of EagleEye (ECCV 2020): a decomposed net's old statistics no
+    longer match its activations, so its accuracy straight after decomposition misleads.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    device = model_device(model)
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches seen
+    was_training = model.training
+    model.train()
+    loader = DeviceLoader(
+        split.to(device),
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        channels_last=device.type == "cuda",
+    )
+    try:
+        with autocast(device):
+            for i, (x, _) in enumerate(loader):
+                if i >= batches:
+                    break
+                model(x)
+    finally:
+        for bn, m in zip(bns, saved, strict=True):
+            bn.momentum = m
+        model.train(was_training)
+
+
+def fresh_bn_accuracy(
+    model: nn.Module,
+    train_split: Split,
+    split: Split,
+    *,
+    batches: int = BN_CHECK_BATCHES,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> float:
+    """Accuracy on ``split`` with BatchNorm statistics re-estimated from ``batches`` batches of
+    ``train_split`` (:func:`reestimate_bn`); the model's own statistics are put back afterwards.
+
+    What the weights are worth apart from stale running statistics: at a high fine-tuning rate
+    a CP-heavy 50x model scored 0.369 with its running statistics and 0.481 re-estimated.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in bn.buffers()] for bn in bns]
+    try:
+        reestimate_bn(model, train_split, batches=batches, batch_size=batch_size, seed=seed)
+        return evaluate(model, split)
+    finally:
+        with torch.no_grad():
+            for bn, bufs in zip(bns, saved, strict=True):
+                for b, v in zip(bn.buffers(), bufs, strict=True):
+                    b.copy_(v)
