@@ -242,6 +242,11 @@ def main() -> None:
                         run_dir.mkdir(parents=True, exist_ok=True)
                         found = search(rcfg, proxy, run_dir, baseline_path="")
                         policy, ppo_evals = found.policy, proxy.evaluations
+                        # printed now: a local/random rerun alone takes it as --evaluations
+                        print(
+                            f"ppo {target:g}x seed {seed}: {ppo_evals} proxy evaluations",
+                            flush=True,
+                        )
                         if args.final_check > 1:
                             scored = episode_candidates(
                                 policy,
@@ -321,6 +326,8 @@ def main() -> None:
                     "recoveries": recoveries,
                     "methods": policy.methods(),
                 }
+                if name in ("ppo", "local", "random"):
+                    row["evaluations"] = ppo_evals if name == "ppo" else n_evals
                 if check is not None:
                     row["final_check"] = {
                         "chosen": check.chosen,
