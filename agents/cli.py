@@ -1,6 +1,7 @@
 """Command line of ``run_agent.py`` and the ``rl-mtd`` console script.
 
 The only place that prompts the user, draws the search's progress bar, or picks an exit code.
+The flags themselves and their help: ``agents.cli_args``.
 """
 
 from __future__ import annotations

@@ -96,7 +96,10 @@ def main() -> None:
         type=int,
         default=None,
         help="proxy evaluations for random and local (default: as many as PPO made in this "
-        "run, else --episodes); set it to rerun them alone against an earlier PPO run",
+        "run, else --episodes); set it to rerun them alone against an earlier PPO run (PPO's "
+        "count is printed when its search ends and kept as rows.json's 'evaluations': real "
+        "evaluations, repeats answered from the proxy's memo not counted; for random and local "
+        "that field is the count asked for)",
     )
     p.add_argument(
         "--warm-start",

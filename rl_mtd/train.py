@@ -289,9 +289,9 @@ class _Run:
         return entry
 
     def fresh_bn_accuracy(self) -> float:
-        """Held-out accuracy with BatchNorm statistics re-estimated (:func:`fresh_bn_accuracy`);
-        the running statistics are put back and no random state is drawn, so training goes on
-        exactly as it would have."""
+        """Held-out accuracy with BatchNorm statistics re-estimated
+        (:func:`rl_mtd.evaluation.fresh_bn_accuracy`); the running statistics are put back and
+        no random state is drawn, so training goes on exactly as it would have."""
         acc = fresh_bn_accuracy(
             self.model,
             self.train_split,

@@ -423,7 +423,8 @@ def test_a_cuda_device_that_is_not_there_is_refused(gpus, tmp_path, capsys, monk
 def test_presets_choose_how_to_search_and_flags_override(argv, expected):
     """The cpu and paper presets search from the heuristic (measured best); smoke stays plain;
     trade-off mode drops the preset's warm start (the heuristic needs a budget)."""
-    from agents.cli import build_parser, config_from_args
+    from agents.cli import config_from_args
+    from agents.cli_args import build_parser
 
     cfg = config_from_args(build_parser().parse_args(argv), argv).validate()
     assert (cfg.warm_start, cfg.observe, cfg.imitate_best) == expected
