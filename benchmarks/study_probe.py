@@ -1,0 +1,140 @@
+"""Does a cheaper sensitivity study choose the same policies? (issue 11: the study's cost)
+
+The sensitivity study scores every layer alone at every option with the repaired proxy (200
+SGD steps per entry by default), and costs about half of each searched row of the comparison
+on a CPU. This script measures the same study with fewer repair steps per entry (each variant
+cached like the full one) and compares it with the full study: seconds, Spearman rank
+correlation over the entries, the heuristic's policy at each budget (how many layers differ),
+and each variant's policy scored by the full proxy (one evaluation each):
+
+    python benchmarks/study_probe.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+        --baseline-epochs 20 --probe-steps 0,25,50 --budgets 8,16,50,8m6
+
+A budget is a parameter ratio, optionally with ``mM`` for a MACs reduction it also needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import add_common_args, add_proxy_args, machine, proxy_config, setup, spearman
+
+from agents.warmstart import cached_study
+from rl_mtd.baselines import strategy_policy
+from rl_mtd.baselines.sensitivity import SensitivityStudy
+from rl_mtd.budget import Budget
+from rl_mtd.errors import RlMtdError, exit_on_user_error
+from rl_mtd.io import write_json_atomic
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+
+
+def parse_budget(text: str) -> Budget:
+    params, _, macs = text.strip().partition("m")
+    try:
+        return Budget(float(params), float(macs) if macs else None)
+    except ValueError:
+        raise RlMtdError(f"bad budget {text!r}; write a ratio such as 16, or 8m6 (8x, 6x MACs)")
+
+
+def short(policy: Policy) -> str:
+    """Layers as ``k`` (kept), ``cN`` (CP rank N) or ``tA,B`` (Tucker-2 ranks)."""
+    out = []
+    for method, rank in policy.choices():
+        if method == "keep":
+            out.append("k")
+        elif method == "cp":
+            out.append(f"c{rank}")
+        else:
+            out.append("t" + ",".join(str(r) for r in rank))
+    return " ".join(out)
+
+
+def study_vector(study: SensitivityStudy) -> tuple[list, list[float]]:
+    keys = sorted(study.results)
+    return keys, [study.results[k] for k in keys]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    add_proxy_args(p)
+    p.add_argument(
+        "--probe-steps", default="0,25,50", help="repair steps per entry of each cheaper study"
+    )
+    p.add_argument("--budgets", default="8,16,50,8m6", help="comma-separated, e.g. 16 or 8m6")
+    p.add_argument("--out", default="benchmarks/results/study_probe.json")
+    args = p.parse_args()
+    probe_steps = [int(s) for s in args.probe_steps.split(",") if s.strip()]
+    budgets = [(b.strip(), parse_budget(b)) for b in args.budgets.split(",") if b.strip()]
+
+    _, splits, baseline, device = setup(args)
+
+    def proxy_with(steps: int) -> Proxy:
+        return Proxy(
+            baseline,
+            train_split=splits.train,
+            proxy_split=splits.proxy,
+            device=device,
+            config=proxy_config(args, repair_steps=steps),
+            net=args.net,
+            width=args.width,
+        )
+
+    full_proxy = proxy_with(args.repair_steps)
+    studies = {}
+    for steps in [args.repair_steps, *probe_steps]:
+        proxy = full_proxy if steps == args.repair_steps else proxy_with(steps)
+        t0 = time.perf_counter()
+        studies[steps] = cached_study(proxy)
+        print(
+            f"study with {steps} repair steps: {studies[steps].seconds:.0f} s "
+            f"({time.perf_counter() - t0:.0f} s in this run)",
+            flush=True,
+        )
+    full = studies[args.repair_steps]
+    keys, full_values = study_vector(full)
+
+    rows = []
+    for steps, study in studies.items():
+        k2, values = study_vector(study)
+        if k2 != keys:
+            raise RlMtdError("the studies measured different entries; rerun with the same levels")
+        row = {
+            "repair_steps": steps,
+            "seconds": study.seconds,
+            "spearman": spearman(full_values, values),
+            "proxy_baseline": float(study.proxy.baseline_acc),
+            "policies": {},
+        }
+        for name, budget in budgets:
+            pol = strategy_policy("sensitivity", study.proxy, budget, study=study, seed=0)
+            ref = strategy_policy("sensitivity", full_proxy, budget, study=full, seed=0)
+            differ = sum(a != b for a, b in zip(pol.choices(), ref.choices()))
+            row["policies"][name] = {
+                "policy": short(pol),
+                "layers_differing": differ,
+                "full_proxy_acc": float(full_proxy.evaluate(pol).accuracy),
+            }
+        rows.append(row)
+        write_json_atomic(args.out, rows)
+
+    print(f"\n{args.net} width {args.width:g}, {len(keys)} study entries; {machine()}\n")
+    head = " | ".join(f"{n}: layers differing, full-proxy acc" for n, _ in budgets)
+    print(f"| repair steps | study s | Spearman with the full study | {head} |")
+    print("|-:|-:|-:|" + "-|" * len(budgets))
+    for r in rows:
+        cells = " | ".join(
+            f"{v['layers_differing']}, {100 * v['full_proxy_acc']:.2f}%"
+            for v in r["policies"].values()
+        )
+        print(f"| {r['repair_steps']} | {r['seconds']:.0f} | {r['spearman']:.3f} | {cells} |")
+    print("\nPolicies (layers in order; k kept, cN CP rank N, tA,B Tucker-2 ranks):\n")
+    for r in rows:
+        for name, v in r["policies"].items():
+            print(f"- {r['repair_steps']} steps, {name}: {v['policy']}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
