@@ -39,6 +39,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "proxy_size": args.proxy_size,
         "bn_batches": args.bn_batches,
         "repair_steps": args.repair_steps,
+        "study_repair_steps": args.study_repair_steps,
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,
         "kd": args.kd,

@@ -229,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SGD steps on each policy "
         "before the proxy scores it (0: BN re-estimate only; preset sets it)",
     )
+    g.add_argument(
+        "--study-repair-steps",
+        type=int,
+        default=None,
+        help="repair steps of each sensitivity-study entry (--warm-start sensitivity, "
+        "--observe study), a cheaper probe than the search's own (default: --repair-steps)",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
     t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")

@@ -111,6 +111,10 @@ class RunConfig:
     bn_batches: int = 20
     repair_steps: int = REPAIR_STEPS
     """SGD steps (cross-entropy, seeded) on each policy before the proxy scores it."""
+    study_repair_steps: int | None = None
+    """Repair steps of each entry of the sensitivity study (``--warm-start sensitivity``,
+    ``--observe study``); None: ``repair_steps``. Fewer make the study, which is charged to
+    the search, cheaper (``benchmarks/study_probe.py`` measures what that changes)."""
     finetune_epochs: float = 60
     latency_repeats: int = 20
     # search
@@ -287,6 +291,8 @@ class RunConfig:
             raise RlMtdError(f"--seed must be below 2**32, got {self.seed}")
         _at_least("--bn-batches", self.bn_batches, 0)
         _at_least("--repair-steps", self.repair_steps, 0)
+        if self.study_repair_steps is not None:
+            _at_least("--study-repair-steps", self.study_repair_steps, 0)
         _at_least("--final-check", self.final_check, 0)
         if self.final_check > 1 and not self.has_budget:
             raise RlMtdError(
@@ -349,6 +355,11 @@ class RunConfig:
                     "to write a new run into it (clearing the old run's search and report)"
                 )
         return self
+
+    @property
+    def study_steps(self) -> int:
+        """Repair steps of each sensitivity-study entry."""
+        return self.repair_steps if self.study_repair_steps is None else self.study_repair_steps
 
     @property
     def has_budget(self) -> bool:

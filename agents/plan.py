@@ -34,6 +34,8 @@ class Timing:
     episode_seconds: float
     """One proxy evaluation of a new policy whose factors are cached."""
     n_layers: int
+    repair_step_seconds: float = 0.0
+    """One repair step of a compressed model (what a study with fewer steps saves per step)."""
 
 
 def measure(
@@ -47,8 +49,10 @@ def measure(
     torch.manual_seed(cfg.seed)
     probe = build_vgg(cfg.net, width=cfg.width).to(device)
     t_step = _time_train_step(probe, splits.train, cfg.batch_size)
-    t_episode = _time_episode(probe, splits, device, proxy_config, t_step) if search else 0.0
-    return Timing(t_step, t_episode, len(conv_layers(probe)))
+    t_episode, t_repair = (
+        _time_episode(probe, splits, device, proxy_config, t_step) if search else (0.0, 0.0)
+    )
+    return Timing(t_step, t_episode, len(conv_layers(probe)), t_repair)
 
 
 def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
@@ -70,8 +74,9 @@ def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
 
 def _time_episode(
     model: nn.Module, splits: DataSplits, device: torch.device, config: ProxyConfig, t_step: float
-) -> float:
-    """One ``Proxy.evaluate`` of a uniform Tucker-2 policy, factors cached beforehand.
+) -> tuple[float, float]:
+    """One ``Proxy.evaluate`` of a uniform Tucker-2 policy, factors cached beforehand, and one
+    of its repair steps.
 
     The probe runs at most ``PROBE_REPAIR_STEPS`` repair steps; the others cost what a repair
     step of the compressed probe costs, timed as the difference between a longer and a shorter
@@ -96,7 +101,8 @@ def _time_episode(
     proxy.evaluate(policy)
     measured = time.perf_counter() - t0
     left = config.repair_steps - probe_steps
-    return measured + left * (_repair_step_seconds(proxy, compressed) if left else t_step)
+    t_repair = _repair_step_seconds(proxy, compressed) if left else t_step
+    return measured + left * t_repair, t_repair
 
 
 def _repair_step_seconds(proxy: Proxy, compressed: nn.Module) -> float:
@@ -131,6 +137,12 @@ def _probe_policy(model: nn.Module, proxy: Proxy) -> Policy:
     return Policy.from_choices(
         model, choices, net=proxy.net, width=proxy.width, num_classes=proxy.num_classes
     )
+
+
+def _study_eval_seconds(cfg: RunConfig, timing: Timing) -> float:
+    """One study entry: a proxy evaluation with the study's repair steps, not the search's."""
+    saved = cfg.repair_steps - cfg.study_steps
+    return max(timing.episode_seconds - saved * timing.repair_step_seconds, 0.0)
 
 
 def print_plan(
@@ -168,7 +180,7 @@ def print_plan(
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step * (1 - (baseline_done or 0))
         if need_baseline
         else 0.0,
-        "study": study_evals * timing.episode_seconds,
+        "study": study_evals * _study_eval_seconds(cfg, timing),
         "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
         # --final-check: a short fine-tune of each candidate (search time).
         "final check": 0.0
@@ -219,8 +231,9 @@ def print_plan(
         f"  1. baseline: {baseline} (~{_fmt(est['baseline'])})",
         *(
             [
-                f"  2. sensitivity study: up to {study_evals} proxy evaluations "
-                f"(~{_fmt(est['study'])}; none if cached for this baseline)"
+                f"  2. sensitivity study: up to {study_evals} proxy evaluations with "
+                f"{cfg.study_steps} repair steps each (~{_fmt(est['study'])}; none if cached "
+                "for this baseline)"
             ]
             if study_evals
             else []

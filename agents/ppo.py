@@ -113,6 +113,12 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"agent file {path}: its metadata names an unknown observation {meta['observe']!r} "
             "(layer or study); it was edited or written by another version, so re-run the search"
         )
+    steps = meta.get("study_repair_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise RlMtdError(
+            f"agent file {path}: its metadata's study_repair_steps {steps!r} is not a count of "
+            "steps; it was edited or written by another version, so re-run the search"
+        )
     return meta
 
 

@@ -119,13 +119,31 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
         )
 
 
-def layer_scores(observe: str, proxy: Proxy) -> np.ndarray | None:
-    """The per-layer features ``--observe`` adds to the observation (None for ``layer``)."""
+def study_proxy(proxy: Proxy, steps: int | None) -> Proxy:
+    """What the sensitivity study scores with: ``proxy`` itself, or (``steps`` repair steps
+    other than its own) a sibling over the same baseline, data and factor cache."""
+    if steps is None or steps == proxy.config.repair_steps:
+        return proxy
+    return Proxy(
+        proxy.model,
+        train_split=proxy.train_split,
+        proxy_split=proxy.proxy_split,
+        device=proxy.device,
+        config=replace(proxy.config, repair_steps=steps),
+        cache=proxy.cache,
+        net=proxy.net,
+        width=proxy.width,
+    )
+
+
+def layer_scores(observe: str, proxy: Proxy, study_steps: int | None = None) -> np.ndarray | None:
+    """The per-layer features ``--observe`` adds to the observation (None for ``layer``), from
+    the study with ``study_steps`` repair steps per entry (None: the proxy's own)."""
     if observe != "study":
         return None
     from agents.warmstart import cached_study
 
-    return cached_study(proxy).scores(proxy.baseline_acc)
+    return cached_study(study_proxy(proxy, study_steps)).scores(proxy.baseline_acc)
 
 
 def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None, latency=None):
@@ -147,7 +165,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)
-    scores = layer_scores(cfg.observe, proxy)
+    scores = layer_scores(cfg.observe, proxy, cfg.study_repair_steps)
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
 
@@ -224,7 +242,8 @@ def search(
         from agents.warmstart import cached_study
 
         with count_bar("sensitivity study", "eval", cfg.progress) as bar:
-            study = cached_study(proxy, bar)  # the workers below find it cached
+            # the workers below find it cached
+            study = cached_study(study_proxy(proxy, cfg.study_repair_steps), bar)
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)
@@ -265,6 +284,7 @@ def search(
         "latency_batch": cfg.latency_batch,
         "num_classes": proxy.num_classes,
         "observe": cfg.observe,
+        "study_repair_steps": study.proxy.config.repair_steps if study is not None else None,
     }
     # Timing the layers for a latency budget is charged like the study: everything the model
     # holds, also when read from the cache (what it times later falls inside the clock).
@@ -400,7 +420,9 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_macs=meta.get("target_macs"),
             target_latency=target_latency,
         ),
-        layer_scores=layer_scores(meta.get("observe", "layer"), proxy),
+        layer_scores=layer_scores(
+            meta.get("observe", "layer"), proxy, meta.get("study_repair_steps")
+        ),
         latency_model=latency,
     )
     agent = load_agent(replay.path)

@@ -38,7 +38,7 @@ from agents.final_check import (
 )
 from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
-from agents.search import search
+from agents.search import search, study_proxy
 from agents.warmstart import cached_study
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
@@ -124,6 +124,13 @@ def main() -> None:
         choices=["layer", "study"],
         help="PPO also observes the sensitivity study (run_agent.py --observe)",
     )
+    p.add_argument(
+        "--study-repair-steps",
+        type=int,
+        default=None,
+        help="repair steps of each sensitivity-study entry (run_agent.py --study-repair-steps; "
+        "default --repair-steps); the searches still score with --repair-steps",
+    )
     add_proxy_args(p)
     p.add_argument(
         "--finetune-epochs",
@@ -159,6 +166,8 @@ def main() -> None:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
     if args.evaluations is not None and args.evaluations < 1:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
+    if args.study_repair_steps is not None and args.study_repair_steps < 0:
+        p.error(f"--study-repair-steps must be >= 0, got {args.study_repair_steps}")
     if args.final_check < 0 or not args.final_check_epochs > 0:
         p.error("--final-check must be >= 0 and --final-check-epochs positive")
     if not args.finetune_epochs >= 0:
@@ -196,7 +205,7 @@ def main() -> None:
     study, study_s = None, 0.0
     ppo_uses_study = args.warm_start == "sensitivity" or args.observe == "study"
     if {"sensitivity", "local"} & set(strategies) or ("ppo" in strategies and ppo_uses_study):
-        study = cached_study(new_proxy())
+        study = cached_study(study_proxy(new_proxy(), args.study_repair_steps))
         study_s = study.seconds
     latency = None
     if args.target_latency is not None:
@@ -236,6 +245,7 @@ def main() -> None:
                             observe=args.observe,
                             warm_start_prob=args.warm_start_prob,
                             imitate_best=args.imitate_best,
+                            study_repair_steps=args.study_repair_steps,
                             fit=args.fit,
                             seed=seed,
                             progress=False,
@@ -264,7 +274,8 @@ def main() -> None:
                         if ppo_uses_study:
                             t0 -= study_s  # its cached study is part of its cost
                     elif name in ("sensitivity", "local"):
-                        proxy = study.proxy
+                        if study.proxy.config == proxy_cfg:
+                            proxy = study.proxy  # shares the study's memo
                         policy = strategy_policy(
                             name,
                             proxy,

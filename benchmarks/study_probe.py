@@ -35,7 +35,9 @@ def parse_budget(text: str) -> Budget:
     try:
         return Budget(float(params), float(macs) if macs else None)
     except ValueError:
-        raise RlMtdError(f"bad budget {text!r}; write a ratio such as 16, or 8m6 (8x, 6x MACs)")
+        raise RlMtdError(
+            f"bad budget {text!r}; write a ratio such as 16, or 8m6 (8x, 6x MACs)"
+        ) from None
 
 
 def short(policy: Policy) -> str:

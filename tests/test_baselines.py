@@ -354,6 +354,36 @@ def test_sensitivity_study_rejects_another_setup(proxy, study):
         SensitivityStudy(proxy, methods=("keep",))
 
 
+def test_a_cheaper_study_serves_the_heuristic_of_the_full_proxy(model, proxy):
+    """--study-repair-steps: the study scores with a sibling proxy (other repair steps, same
+    baseline, data and factor cache); the heuristic of the full proxy uses its results without
+    a single evaluation of its own, and a study of another baseline is refused."""
+    from agents.search import study_proxy
+
+    assert study_proxy(proxy, None) is proxy
+    assert study_proxy(proxy, proxy.config.repair_steps) is proxy
+    cheap = study_proxy(proxy, proxy.config.repair_steps + 1)
+    assert cheap is not proxy and cheap.config.repair_steps == proxy.config.repair_steps + 1
+    assert (cheap.model, cheap.cache, cheap.wkeys) == (proxy.model, proxy.cache, proxy.wkeys)
+    study = SensitivityStudy(cheap, levels=(64,))
+    study.run()
+    before = proxy.evaluations
+    policy = sensitivity_policy(proxy, 4, study=study)
+    assert proxy.evaluations == before and cheap.evaluations == study.evaluations > 0
+    assert policy.predicted_params(model) * 4 <= count_params(model)
+
+    other_model = build_vgg(NET, width=WIDTH)  # untrained: another baseline
+    other = Proxy(
+        other_model,
+        train_split=proxy.train_split,
+        proxy_split=proxy.proxy_split,
+        device="cpu",
+        cache=FactorCache(),
+    )
+    with pytest.raises(RlMtdError, match="another baseline"):
+        sensitivity_policy(other, 4, study=study)
+
+
 def _fabricated_study(proxy: Proxy, sensitive: int) -> SensitivityStudy:
     """A study whose results are set by hand: only layer ``sensitive`` loses accuracy."""
     fake = SensitivityStudy(proxy, levels=STUDY_LEVELS)

@@ -353,6 +353,7 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--width", "0"], "--width must be a positive number"),
         (["--n-envs", "0"], "--n-envs must be a whole number >= 1"),
         (["--repair-steps", "-1"], "--repair-steps must be a whole number >= 0"),
+        (["--study-repair-steps", "-2"], "--study-repair-steps must be a whole number >= 0"),
         (["--levels", "0.5,2"], "levels must be"),
         (["--levels", "8,2"], "increasing order"),
         (["--methods", "keep"], "'keep' alone"),
@@ -1203,6 +1204,11 @@ def test_observe_study_shows_the_study_and_replays(tmp_path):
     assert read_agent_meta(out / "agent.zip")["observe"] == "study"
     assert load_agent(out / "agent.zip").observation_space.shape == (14 + 2 * 6,)
     assert read_json(out / "config.json")["observe"] == "study"
+    # The agent says which study it saw, so a replay rebuilds the same observation.
+    assert (
+        read_agent_meta(out / "agent.zip")["study_repair_steps"]
+        == (read_json(out / "config.json")["repair_steps"])
+    )
     state = read_json(out / "search_state.json")
     assert state["invocations"][0]["study_seconds"] > 0, "the study's cost is charged"
     assert state["seconds"] >= state["invocations"][0]["study_seconds"]
@@ -1211,6 +1217,24 @@ def test_observe_study_shows_the_study_and_replays(tmp_path):
     args = ["--replay", str(out / "agent.zip"), "--checkpoint", baseline, "--out", str(replay)]
     assert main([*COMMON, *args]) == 0
     assert read_json(replay / "report.json")["compression_ratio"] >= TARGET
+
+
+@pytest.mark.parametrize("steps", [-3, "200", 2.5])
+def test_an_agent_naming_a_bad_study_is_refused_clearly(steps, tmp_path):
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo, read_agent_meta, save_agent
+    from rl_mtd.errors import RlMtdError
+
+    agent = make_ppo(DummyVecEnv([lambda: gym.make("CartPole-v1")]), 8)
+    path = tmp_path / "agent.zip"
+    meta = {"net": NET, "width": WIDTH, "methods": [], "levels": [], "observe": "study"}
+    save_agent(agent, path, {**meta, "study_repair_steps": 40})
+    assert read_agent_meta(path)["study_repair_steps"] == 40
+    save_agent(agent, path, {**meta, "study_repair_steps": steps})
+    with pytest.raises(RlMtdError, match="study_repair_steps .* is not a count of steps"):
+        read_agent_meta(path)
 
 
 def test_behaviour_cloning_raises_the_heuristic_actions_probability():

@@ -49,3 +49,29 @@ def test_the_plan_counts_what_an_interrupted_baseline_training_did(caplog):
         estimates.append(est["baseline"])
     assert estimates == [pytest.approx(50.0), pytest.approx(25.0)]  # 10 epochs x 10 steps x 0.5 s
     assert "1. baseline: train 10 epochs, going on from 50%" in caplog.text
+
+
+def test_a_study_with_fewer_repair_steps_is_planned_cheaper():
+    """--study-repair-steps: each study entry costs the search's evaluation less the repair
+    steps it skips."""
+    import torch
+
+    from agents.config import RunConfig
+
+    splits = types.SimpleNamespace(train=range(1000), proxy=range(10), test=range(10))
+    timing = plan.Timing(
+        step_seconds=0.5, episode_seconds=3.0, n_layers=8, repair_step_seconds=0.01
+    )
+    studies = []
+    for steps in (None, 100, 0):
+        cfg = RunConfig(
+            episodes=1, warm_start="sensitivity", repair_steps=200, study_repair_steps=steps
+        )
+        est = plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
+        studies.append(est["study"])
+    entries = 8 * 2 * 6  # layers x decomposed methods x the study's levels
+    assert studies == [
+        pytest.approx(entries * 3.0),
+        pytest.approx(entries * 2.0),
+        pytest.approx(entries * 1.0),
+    ]

@@ -151,7 +151,8 @@ def sensitivity_policy(
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
-    given, must match them).
+    given, must match them); its proxy may score otherwise than ``proxy`` (a cheaper probe,
+    fewer repair steps) but must be over the same baseline.
 
     Raises:
         RlMtdError: when even the strongest option of every layer misses the target.
@@ -166,8 +167,8 @@ def sensitivity_policy(
             levels=SENSITIVITY_LEVELS if levels is None else levels,
         )
     else:
-        if study.proxy is not proxy:
-            raise RlMtdError("the sensitivity study was made with another proxy")
+        if study.proxy is not proxy and study.proxy.wkeys != proxy.wkeys:
+            raise RlMtdError("the sensitivity study was made on another baseline")
         if methods is not None and tuple(methods) != study.methods:
             raise RlMtdError(f"methods {tuple(methods)} differ from the study's {study.methods}")
         if levels is not None and tuple(levels) != study.levels:
