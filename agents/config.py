@@ -293,6 +293,16 @@ class RunConfig:
         _at_least("--repair-steps", self.repair_steps, 0)
         if self.study_repair_steps is not None:
             _at_least("--study-repair-steps", self.study_repair_steps, 0)
+            if self.replay is not None:
+                raise RlMtdError(
+                    "--study-repair-steps sets the study a search measures; a replay measures "
+                    "the one its agent was trained with: drop --study-repair-steps"
+                )
+            if self.warm_start != "sensitivity" and self.observe != "study":
+                raise RlMtdError(
+                    "--study-repair-steps applies to the sensitivity study, which this run does "
+                    "not measure; add --warm-start sensitivity or --observe study, or drop it"
+                )
         _at_least("--final-check", self.final_check, 0)
         if self.final_check > 1 and not self.has_budget:
             raise RlMtdError(

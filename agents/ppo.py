@@ -119,6 +119,11 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"agent file {path}: its metadata's study_repair_steps {steps!r} is not a count of "
             "steps; it was edited or written by another version, so re-run the search"
         )
+    if not isinstance(meta.get("study_settings", ""), str):
+        raise RlMtdError(
+            f"agent file {path}: its metadata's study_settings is not text; it was edited or "
+            "written by another version, so re-run the search"
+        )
     return meta
 
 

@@ -119,31 +119,27 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
         )
 
 
-def study_proxy(proxy: Proxy, steps: int | None) -> Proxy:
-    """What the sensitivity study scores with: ``proxy`` itself, or (``steps`` repair steps
-    other than its own) a sibling over the same baseline, data and factor cache."""
-    if steps is None or steps == proxy.config.repair_steps:
-        return proxy
-    return Proxy(
-        proxy.model,
-        train_split=proxy.train_split,
-        proxy_split=proxy.proxy_split,
-        device=proxy.device,
-        config=replace(proxy.config, repair_steps=steps),
-        cache=proxy.cache,
-        net=proxy.net,
-        width=proxy.width,
-    )
-
-
-def layer_scores(observe: str, proxy: Proxy, study_steps: int | None = None) -> np.ndarray | None:
+def layer_scores(
+    observe: str, proxy: Proxy, study_steps: int | None = None, trained_on: Any = None
+) -> np.ndarray | None:
     """The per-layer features ``--observe`` adds to the observation (None for ``layer``), from
-    the study with ``study_steps`` repair steps per entry (None: the proxy's own)."""
+    the study with ``study_steps`` repair steps per entry (None: the proxy's own).
+    ``trained_on``: the ``study_settings`` an agent was trained with (a replay warns when this
+    study is measured otherwise, so its observations differ)."""
     if observe != "study":
         return None
-    from agents.warmstart import cached_study
+    from agents.warmstart import cached_study, study_proxy, study_settings
 
-    return cached_study(study_proxy(proxy, study_steps)).scores(proxy.baseline_acc)
+    sibling = study_proxy(proxy, study_steps)
+    if trained_on is not None and trained_on != study_settings(sibling):
+        log.warning(
+            "the agent was trained on a sensitivity study measured with %s; this run measures "
+            "it with %s, so the agent sees other observations than it learned from (replay "
+            "with the same --seed, --preset and proxy flags for the same study)",
+            trained_on,
+            study_settings(sibling),
+        )
+    return cached_study(sibling).scores(proxy.baseline_acc)
 
 
 def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None, latency=None):
@@ -239,7 +235,7 @@ def search(
     study, study_seconds, scores = None, 0.0, None
     if cfg.observe == "study" or cfg.warm_start == "sensitivity":
         from agents.progress import count_bar
-        from agents.warmstart import cached_study
+        from agents.warmstart import cached_study, study_proxy, study_settings
 
         with count_bar("sensitivity study", "eval", cfg.progress) as bar:
             # the workers below find it cached
@@ -284,14 +280,18 @@ def search(
         "latency_batch": cfg.latency_batch,
         "num_classes": proxy.num_classes,
         "observe": cfg.observe,
-        "study_repair_steps": study.proxy.config.repair_steps if study is not None else None,
     }
+    if study is not None:  # a replay of this agent measures (and checks) the same study
+        meta["study_repair_steps"] = study.proxy.config.repair_steps
+        meta["study_settings"] = study_settings(study.proxy)
     # Timing the layers for a latency budget is charged like the study: everything the model
     # holds, also when read from the cache (what it times later falls inside the clock).
     latency_seconds = latency.seconds if latency is not None else 0.0
     if episodes_before:
         study_seconds = latency_seconds = 0.0  # charged by the invocation that started it
     invocation["study_seconds"] = study_seconds
+    # measured by the study's own proxy: not among the search's proxy_evaluations
+    invocation["study_evaluations"] = study.evaluations if study is not None else 0
     invocation["latency_model_seconds"] = latency_seconds
     t0 = time.perf_counter() - study_seconds - latency_seconds
     interrupted = finished = False  # finished: learn() ran to its end (saved for --resume)
@@ -421,7 +421,10 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_latency=target_latency,
         ),
         layer_scores=layer_scores(
-            meta.get("observe", "layer"), proxy, meta.get("study_repair_steps")
+            meta.get("observe", "layer"),
+            proxy,
+            meta.get("study_repair_steps"),
+            trained_on=meta.get("study_settings"),
         ),
         latency_model=latency,
     )

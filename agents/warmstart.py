@@ -10,12 +10,13 @@ at or above the heuristic by the proxy's measure.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,28 @@ def _settings(config: Any) -> str:
             continue
         out[f.name] = value
     return repr(sorted(out.items()))
+
+
+def study_proxy(proxy: Proxy, steps: int | None = None) -> Proxy:
+    """What the sensitivity study scores with: a sibling of ``proxy`` (the same baseline, data,
+    factor cache, fitted input moments and baseline accuracy) with ``steps`` repair steps per
+    entry (None: ``proxy``'s own), its memo and evaluation count its own, so the study's
+    evaluations are never counted as the search's."""
+    sibling = copy.copy(proxy)
+    if steps is not None:
+        sibling.config = replace(proxy.config, repair_steps=steps)
+    sibling._memo = {}
+    sibling.evaluations = 0
+    return sibling
+
+
+def study_settings(proxy: Proxy) -> str:
+    """What, besides the baseline, decides a study's numbers: the proxy's settings that differ
+    from the defaults, and its split sizes (recorded in agent.zip for replays)."""
+    return (
+        f"{_settings(proxy.config)}, {len(proxy.train_split)} train and "
+        f"{len(proxy.proxy_split)} proxy images"
+    )
 
 
 def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:

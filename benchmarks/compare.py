@@ -38,8 +38,8 @@ from agents.final_check import (
 )
 from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
-from agents.search import search, study_proxy
-from agents.warmstart import cached_study
+from agents.search import search
+from agents.warmstart import cached_study, study_proxy
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError, exit_on_user_error
@@ -392,6 +392,8 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         f"feature kd {args.feature_kd:g}) "
         f"for every strategy; PPO {args.episodes} episodes (warm start {args.warm_start}, "
         f"observe {args.observe}{', imitating its best' if args.imitate_best else ''}); "
+        f"proxy repair {args.repair_steps} steps"
+        f"{'' if args.study_repair_steps is None else f', study {args.study_repair_steps}'}; "
         f"{machine()}",
         "",
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "

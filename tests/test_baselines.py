@@ -354,34 +354,64 @@ def test_sensitivity_study_rejects_another_setup(proxy, study):
         SensitivityStudy(proxy, methods=("keep",))
 
 
-def test_a_cheaper_study_serves_the_heuristic_of_the_full_proxy(model, proxy):
+def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):
     """--study-repair-steps: the study scores with a sibling proxy (other repair steps, same
-    baseline, data and factor cache); the heuristic of the full proxy uses its results without
-    a single evaluation of its own, and a study of another baseline is refused."""
-    from agents.search import study_proxy
+    baseline, data, factor cache and baseline accuracy, its own count of evaluations); the
+    heuristic of the search's proxy uses its results without a single evaluation of its own,
+    and a study of another baseline or other proxy settings is refused."""
+    from dataclasses import replace
 
-    assert study_proxy(proxy, None) is proxy
-    assert study_proxy(proxy, proxy.config.repair_steps) is proxy
-    cheap = study_proxy(proxy, proxy.config.repair_steps + 1)
-    assert cheap is not proxy and cheap.config.repair_steps == proxy.config.repair_steps + 1
-    assert (cheap.model, cheap.cache, cheap.wkeys) == (proxy.model, proxy.cache, proxy.wkeys)
-    study = SensitivityStudy(cheap, levels=(64,))
-    study.run()
+    from agents.warmstart import study_proxy
+
+    same = study_proxy(proxy)
+    assert same is not proxy and same.config == proxy.config
+    other_steps = proxy.config.repair_steps + 1
+    sibling = study_proxy(proxy, other_steps)
+    assert sibling.config == replace(proxy.config, repair_steps=other_steps)
+    assert (sibling.model, sibling.cache, sibling.wkeys, sibling.baseline_acc) == (
+        proxy.model,
+        proxy.cache,
+        proxy.wkeys,
+        proxy.baseline_acc,
+    )
+    study = SensitivityStudy(sibling, levels=(64,))
     before = proxy.evaluations
+    study.run()
     policy = sensitivity_policy(proxy, 4, study=study)
-    assert proxy.evaluations == before and cheap.evaluations == study.evaluations > 0
+    assert proxy.evaluations == before, "the study's evaluations are not the search's"
+    assert sibling.evaluations == study.evaluations > 0
     assert policy.predicted_params(model) * 4 <= count_params(model)
 
-    other_model = build_vgg(NET, width=WIDTH)  # untrained: another baseline
+    other_bn = study_proxy(proxy)
+    other_bn.config = replace(proxy.config, bn_batches=proxy.config.bn_batches + 1)
     other = Proxy(
-        other_model,
+        build_vgg(NET, width=WIDTH),  # untrained: another baseline
         train_split=proxy.train_split,
         proxy_split=proxy.proxy_split,
         device="cpu",
         cache=FactorCache(),
     )
-    with pytest.raises(RlMtdError, match="another baseline"):
-        sensitivity_policy(other, 4, study=study)
+    for scorer in (other, other_bn):
+        with pytest.raises(RlMtdError, match="another baseline or with other proxy settings"):
+            sensitivity_policy(scorer, 4, study=study)
+
+
+def test_a_replay_warns_when_its_study_is_not_the_agent_s(proxy, monkeypatch, caplog):
+    import agents.warmstart as warmstart
+    from agents.search import layer_scores
+
+    class Measured:
+        def scores(self, baseline_acc):
+            return np.zeros((8, 12), np.float32)
+
+    monkeypatch.setattr(warmstart, "cached_study", lambda p, *a, **k: Measured())
+    same = warmstart.study_settings(warmstart.study_proxy(proxy, 0))
+    with caplog.at_level("WARNING", logger="rl_mtd"):
+        assert layer_scores("study", proxy, 0, trained_on=same).shape == (8, 12)
+        assert "other observations" not in caplog.text
+        layer_scores("study", proxy, 0, trained_on=same.replace("train", "training"))
+    assert "other observations than it learned from" in caplog.text
+    assert layer_scores("layer", proxy, 0, trained_on="anything") is None
 
 
 def _fabricated_study(proxy: Proxy, sensitive: int) -> SensitivityStudy:

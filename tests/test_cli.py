@@ -354,6 +354,11 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--n-envs", "0"], "--n-envs must be a whole number >= 1"),
         (["--repair-steps", "-1"], "--repair-steps must be a whole number >= 0"),
         (["--study-repair-steps", "-2"], "--study-repair-steps must be a whole number >= 0"),
+        (["--study-repair-steps", "2"], "add --warm-start sensitivity or --observe study"),
+        (
+            ["--study-repair-steps", "2", "--observe", "study", "--replay", "p.json"],
+            "a replay measures the one its agent was trained with",
+        ),
         (["--levels", "0.5,2"], "levels must be"),
         (["--levels", "8,2"], "increasing order"),
         (["--methods", "keep"], "'keep' alone"),
@@ -1194,28 +1199,42 @@ def test_staged_replay_with_feature_distillation(smoke_run, tmp_path, caplog, mo
 
 
 @pytest.mark.slow
-def test_observe_study_shows_the_study_and_replays(tmp_path):
+def test_observe_study_shows_the_study_and_replays(tmp_path, monkeypatch):
     """--observe study: the agent's observation carries the study's 12 scores per layer, the
-    agent.zip says so, and replaying it on the checkpoint builds the same environment."""
+    agent.zip says so, and replaying it on the checkpoint builds the same environment. With
+    --study-repair-steps 0 the study (not the search) scores without repair, the agent.zip
+    records that, and the replay measures the same study."""
+    import agents.warmstart as warmstart
     from agents.ppo import load_agent, read_agent_meta
 
+    studied = []  # the repair steps of every study asked for
+    cached_study = warmstart.cached_study
+
+    def recording(proxy, *args, **kwargs):
+        studied.append(proxy.config.repair_steps)
+        return cached_study(proxy, *args, **kwargs)
+
+    monkeypatch.setattr(warmstart, "cached_study", recording)
     out = tmp_path / "run"
-    assert main([*COMMON, *SEARCH, "--observe", "study", "--out", str(out)]) == 0
-    assert read_agent_meta(out / "agent.zip")["observe"] == "study"
+    argv = [*COMMON, *SEARCH, "--observe", "study", "--study-repair-steps", "0"]
+    assert main([*argv, "--out", str(out)]) == 0
+    meta = read_agent_meta(out / "agent.zip")
+    assert meta["observe"] == "study" and meta["study_repair_steps"] == 0
     assert load_agent(out / "agent.zip").observation_space.shape == (14 + 2 * 6,)
-    assert read_json(out / "config.json")["observe"] == "study"
-    # The agent says which study it saw, so a replay rebuilds the same observation.
-    assert (
-        read_agent_meta(out / "agent.zip")["study_repair_steps"]
-        == (read_json(out / "config.json")["repair_steps"])
-    )
+    config = read_json(out / "config.json")
+    assert config["observe"] == "study" and config["study_repair_steps"] == 0
+    assert config["repair_steps"] > 0, "the search itself still repairs"
+    assert studied == [0]
     state = read_json(out / "search_state.json")
-    assert state["invocations"][0]["study_seconds"] > 0, "the study's cost is charged"
-    assert state["seconds"] >= state["invocations"][0]["study_seconds"]
-    baseline = read_json(out / "config.json")["baseline_path"]
+    invocation = state["invocations"][0]
+    assert invocation["study_seconds"] > 0, "the study's cost is charged"
+    assert invocation["study_evaluations"] > 0
+    assert state["seconds"] >= invocation["study_seconds"]
+    baseline = config["baseline_path"]
     replay = tmp_path / "replay"
     args = ["--replay", str(out / "agent.zip"), "--checkpoint", baseline, "--out", str(replay)]
     assert main([*COMMON, *args]) == 0
+    assert studied == [0, 0], "the replay observes the study the agent was trained on"
     assert read_json(replay / "report.json")["compression_ratio"] >= TARGET
 
 

@@ -9,6 +9,7 @@ parameter removed (:func:`sensitivity_policy`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -167,8 +168,11 @@ def sensitivity_policy(
             levels=SENSITIVITY_LEVELS if levels is None else levels,
         )
     else:
-        if study.proxy is not proxy and study.proxy.wkeys != proxy.wkeys:
-            raise RlMtdError("the sensitivity study was made on another baseline")
+        if study.proxy is not proxy and not _same_setup(study.proxy, proxy):
+            raise RlMtdError(
+                "the sensitivity study was made on another baseline or with other proxy "
+                "settings (only its repair steps may differ from the proxy's)"
+            )
         if methods is not None and tuple(methods) != study.methods:
             raise RlMtdError(f"methods {tuple(methods)} differ from the study's {study.methods}")
         if levels is not None and tuple(levels) != study.levels:
@@ -191,7 +195,7 @@ def sensitivity_policy(
     totals = [total for _, total, _, _, _ in limits]
     # Relative floor: latency limits are in milliseconds, where 1 would dwarf the excess.
     excess0 = [max(total - allowed, 1e-9 * total) for _, total, allowed, _, _ in limits]
-    cur_acc = [float(proxy.baseline_acc)] * n
+    cur_acc = [float(study.proxy.baseline_acc)] * n
     moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
@@ -240,6 +244,16 @@ def sensitivity_policy(
         width=proxy.width,
         num_classes=proxy.num_classes,
         meta=meta,
+    )
+
+
+def _same_setup(a: Proxy, b: Proxy) -> bool:
+    """Whether two proxies score the same baseline on the same data alike but for their repair
+    steps (a study may be measured with fewer: ``--study-repair-steps``)."""
+    return (
+        a.wkeys == b.wkeys
+        and replace(a.config, repair_steps=0) == replace(b.config, repair_steps=0)
+        and (len(a.train_split), len(a.proxy_split)) == (len(b.train_split), len(b.proxy_split))
     )
 
 
