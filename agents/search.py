@@ -119,29 +119,6 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
         )
 
 
-def layer_scores(
-    observe: str, proxy: Proxy, study_steps: int | None = None, trained_on: Any = None
-) -> np.ndarray | None:
-    """The per-layer features ``--observe`` adds to the observation (None for ``layer``), from
-    the study with ``study_steps`` repair steps per entry (None: the proxy's own).
-    ``trained_on``: the ``study_settings`` an agent was trained with (a replay warns when this
-    study is measured otherwise, so its observations differ)."""
-    if observe != "study":
-        return None
-    from agents.warmstart import cached_study, study_proxy, study_settings
-
-    sibling = study_proxy(proxy, study_steps)
-    if trained_on is not None and trained_on != study_settings(sibling):
-        log.warning(
-            "the agent was trained on a sensitivity study measured with %s; this run measures "
-            "it with %s, so the agent sees other observations than it learned from (replay "
-            "with the same --seed, --preset and proxy flags for the same study)",
-            trained_on,
-            study_settings(sibling),
-        )
-    return cached_study(sibling).scores(proxy.baseline_acc)
-
-
 def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None, latency=None):
     from stable_baselines3.common.monitor import Monitor
 
@@ -161,6 +138,8 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)
+    from agents.warmstart import layer_scores
+
     scores = layer_scores(cfg.observe, proxy, cfg.study_repair_steps)
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
@@ -402,6 +381,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     its search found (that one is the run's policy.json).
     """
     from agents.ppo import load_agent
+    from agents.warmstart import layer_scores
 
     meta = replay.meta or {}
     target_latency = meta.get("target_latency")

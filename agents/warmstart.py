@@ -258,6 +258,27 @@ def study_settings(proxy: Proxy) -> str:
     )
 
 
+def layer_scores(
+    observe: str, proxy: Proxy, study_steps: int | None = None, trained_on: Any = None
+) -> np.ndarray | None:
+    """The per-layer features ``--observe`` adds to the observation (None for ``layer``), from
+    the study with ``study_steps`` repair steps per entry (None: the proxy's own).
+    ``trained_on``: the ``study_settings`` an agent was trained with (a replay warns when this
+    study is measured otherwise, so its observations differ)."""
+    if observe != "study":
+        return None
+    sibling = study_proxy(proxy, study_steps)
+    if trained_on is not None and trained_on != study_settings(sibling):
+        log.warning(
+            "the agent was trained on a sensitivity study measured with %s; this run measures "
+            "it with %s, so the agent sees other observations than it learned from (replay "
+            "with the same --seed, --preset and proxy flags for the same study)",
+            trained_on,
+            study_settings(sibling),
+        )
+    return cached_study(sibling).scores(proxy.baseline_acc)
+
+
 def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
     """Where ``cached_study`` keeps the study: keyed by the baseline's kernels, the proxy's
     settings and split sizes, and the study's methods and levels."""

@@ -398,7 +398,7 @@ def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):
 
 def test_a_replay_warns_when_its_study_is_not_the_agent_s(proxy, monkeypatch, caplog):
     import agents.warmstart as warmstart
-    from agents.search import layer_scores
+    from agents.warmstart import layer_scores
 
     class Measured:
         def scores(self, baseline_acc):
