@@ -16,6 +16,7 @@ A budget is a parameter ratio, optionally with ``mM`` for a MACs reduction it al
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from _common import add_common_args, add_proxy_args, machine, proxy_config, setup, spearman
@@ -67,6 +68,12 @@ def main() -> None:
     )
     p.add_argument("--budgets", default="8,16,50,8m6", help="comma-separated, e.g. 16 or 8m6")
     p.add_argument("--out", default="benchmarks/results/study_probe.json")
+    p.add_argument(
+        "--policy-dir",
+        default=None,
+        help="also save each policy as DIR/s<steps>-<budget>.policy.json (to fine-tune them "
+        "with benchmarks/finetune_sweep.py --policy)",
+    )
     args = p.parse_args()
     probe_steps = [int(s) for s in args.probe_steps.split(",") if s.strip()]
     budgets = [(b.strip(), parse_budget(b)) for b in args.budgets.split(",") if b.strip()]
@@ -119,6 +126,9 @@ def main() -> None:
                 print(f"budget {name}: skipped ({exc})", flush=True)
                 continue
             differ = sum(a != b for a, b in zip(pol.choices(), ref.choices()))
+            if args.policy_dir:
+                os.makedirs(args.policy_dir, exist_ok=True)
+                pol.save(os.path.join(args.policy_dir, f"s{steps}-{name}.policy.json"))
             row["policies"][name] = {
                 "policy": short(pol),
                 "layers_differing": differ,
