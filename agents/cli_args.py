@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="repair steps of each sensitivity-study entry (--warm-start sensitivity, "
-        "--observe study), a cheaper probe than the search's own (default: --repair-steps)",
+        "--observe study), a cheaper probe than the search's own (default: 50 or "
+        "--repair-steps, whichever is fewer)",
     )
     t = p.add_argument_group("training")
     t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")

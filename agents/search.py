@@ -140,7 +140,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     proxy = make_proxy(cfg, model, splits, device)
     from agents.warmstart import layer_scores
 
-    scores = layer_scores(cfg.observe, proxy, cfg.study_repair_steps)
+    scores = layer_scores(cfg.observe, proxy, cfg.study_steps)
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
 
@@ -218,7 +218,7 @@ def search(
 
         with count_bar("sensitivity study", "eval", cfg.progress) as bar:
             # the workers below find it cached
-            study = cached_study(study_proxy(proxy, cfg.study_repair_steps), bar)
+            study = cached_study(study_proxy(proxy, cfg.study_steps), bar)
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)

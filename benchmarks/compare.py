@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
-from agents.config import RunConfig
+from agents.config import STUDY_REPAIR_STEPS, RunConfig
 from agents.final_check import (
     Candidate,
     episode_candidates,
@@ -129,7 +129,8 @@ def main() -> None:
         type=int,
         default=None,
         help="repair steps of each sensitivity-study entry (run_agent.py --study-repair-steps; "
-        "default --repair-steps); the searches still score with --repair-steps",
+        f"default {STUDY_REPAIR_STEPS} or --repair-steps, whichever is fewer); the searches still "
+        "score with --repair-steps",
     )
     add_proxy_args(p)
     p.add_argument(
@@ -168,6 +169,8 @@ def main() -> None:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
     if args.study_repair_steps is not None and args.study_repair_steps < 0:
         p.error(f"--study-repair-steps must be >= 0, got {args.study_repair_steps}")
+    if args.study_repair_steps is None:  # run_agent.py's default (RunConfig.study_steps)
+        args.study_repair_steps = min(args.repair_steps, STUDY_REPAIR_STEPS)
     if args.final_check < 0 or not args.final_check_epochs > 0:
         p.error("--final-check must be >= 0 and --final-check-epochs positive")
     if not args.finetune_epochs >= 0:
@@ -393,7 +396,7 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         f"for every strategy; PPO {args.episodes} episodes (warm start {args.warm_start}, "
         f"observe {args.observe}{', imitating its best' if args.imitate_best else ''}); "
         f"proxy repair {args.repair_steps} steps"
-        f"{'' if args.study_repair_steps is None else f', study {args.study_repair_steps}'}; "
+        f", study {args.study_repair_steps}; "
         f"{machine()}",
         "",
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "

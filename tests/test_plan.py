@@ -63,10 +63,12 @@ def test_a_study_with_fewer_repair_steps_is_planned_cheaper():
         step_seconds=0.5, episode_seconds=3.0, n_layers=8, repair_step_seconds=0.01
     )
     studies = []
-    for steps in (None, 100, 0):
+    # unset: STUDY_REPAIR_STEPS (50), or the search's own steps where those are fewer
+    for steps, repair in ((200, 200), (100, 200), (0, 200), (None, 200), (None, 40)):
         cfg = RunConfig(
-            episodes=1, warm_start="sensitivity", repair_steps=200, study_repair_steps=steps
+            episodes=1, warm_start="sensitivity", repair_steps=repair, study_repair_steps=steps
         )
+        assert cfg.study_steps == (steps if steps is not None else min(repair, 50))
         est = plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
         studies.append(est["study"])
     entries = 8 * 2 * 6  # layers x decomposed methods x the study's levels
@@ -74,4 +76,6 @@ def test_a_study_with_fewer_repair_steps_is_planned_cheaper():
         pytest.approx(entries * 3.0),
         pytest.approx(entries * 2.0),
         pytest.approx(entries * 1.0),
+        pytest.approx(entries * 1.5),
+        pytest.approx(entries * 3.0),
     ]
