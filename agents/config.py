@@ -450,4 +450,19 @@ def resume_config(
     if timesteps is not None:
         cfg.timesteps = timesteps
     cfg.progress, cfg.on_interrupt, cfg.dry_run = progress, on_interrupt, dry_run
+    if cfg.study_repair_steps is None and (run_dir / "agent.zip").exists():
+        cfg.study_repair_steps = _recorded_study_steps(run_dir / "agent.zip", cfg)
     return cfg
+
+
+def _recorded_study_steps(agent_path: Path, cfg: RunConfig) -> int | None:
+    """The repair steps of the study a saved agent learned from, so that a run started before
+    ``STUDY_REPAIR_STEPS`` became the default resumes with its own study, not a new one."""
+    from agents.ppo import read_agent_meta  # stable-baselines3: only when resuming an agent
+
+    meta = read_agent_meta(agent_path)
+    if "study_repair_steps" in meta:
+        return meta["study_repair_steps"]
+    if meta.get("observe") == "study" or cfg.warm_start == "sensitivity":
+        return cfg.repair_steps  # written before agents recorded it: the search's own steps
+    return None

@@ -1435,3 +1435,36 @@ def test_final_check_with_a_replay_or_without_a_budget_is_refused(smoke_run, tmp
     fail([*argv, "--out", str(tmp_path / "r")], capsys, "--final-check", "--replay")
     argv = [*COMMON, "--episodes", "3", "--tradeoff", "--final-check", "3"]
     fail([*argv, "--out", str(tmp_path / "t")], capsys, "--final-check", "--tradeoff")
+
+
+@pytest.mark.parametrize(
+    "meta, warm_start, expected",
+    [
+        ({"study_repair_steps": 0}, "sensitivity", 0),  # recorded: the agent's own study
+        ({"observe": "study"}, "none", 200),  # written before agents recorded it
+        ({}, "sensitivity", 200),
+        ({}, "none", None),  # no study at all: nothing to pin
+    ],
+)
+def test_resume_keeps_the_study_its_agent_learned_from(tmp_path, meta, warm_start, expected):
+    """A run whose config left the study's repair steps to the default resumes with the study
+    its saved agent learned from, not with a default that changed since (STUDY_REPAIR_STEPS)."""
+    import zipfile
+
+    from agents.config import RunConfig, resume_config
+    from agents.ppo import AGENT_META
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(net="vgg11", repair_steps=200, warm_start=warm_start)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert resume_config(run, argv=[]).study_steps == 50, "no agent yet: today's default"
+    with zipfile.ZipFile(run / "agent.zip", "w") as zf:
+        zf.writestr("data", "{}")
+        zf.writestr(
+            AGENT_META,
+            json.dumps({"net": "vgg11", "width": 1.0, "methods": [], "levels": [], **meta}),
+        )
+    resumed = resume_config(run, argv=[])
+    assert resumed.study_repair_steps == expected
+    assert resumed.study_steps == (50 if expected is None else expected)
