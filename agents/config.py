@@ -305,7 +305,7 @@ class RunConfig:
                     "--study-repair-steps sets the study a search measures; a replay measures "
                     "the one its agent was trained with: drop --study-repair-steps"
                 )
-            if self.warm_start != "sensitivity" and self.observe != "study":
+            if not self.measures_study:
                 raise RlMtdError(
                     "--study-repair-steps applies to the sensitivity study, which this run does "
                     "not measure; add --warm-start sensitivity or --observe study, or drop it"
@@ -372,6 +372,11 @@ class RunConfig:
                     "to write a new run into it (clearing the old run's search and report)"
                 )
         return self
+
+    @property
+    def measures_study(self) -> bool:
+        """Whether the search measures the sensitivity study (a replay reads its agent's)."""
+        return self.replay is None and (self.warm_start == "sensitivity" or self.observe == "study")
 
     @property
     def study_steps(self) -> int:
@@ -450,19 +455,20 @@ def resume_config(
     if timesteps is not None:
         cfg.timesteps = timesteps
     cfg.progress, cfg.on_interrupt, cfg.dry_run = progress, on_interrupt, dry_run
-    if cfg.study_repair_steps is None and (run_dir / "agent.zip").exists():
+    if cfg.study_repair_steps is None and cfg.measures_study:
+        # A run started before STUDY_REPAIR_STEPS became the default (today's runs record the
+        # resolved steps in config.json) goes on with the study it began with.
         cfg.study_repair_steps = _recorded_study_steps(run_dir / "agent.zip", cfg)
     return cfg
 
 
-def _recorded_study_steps(agent_path: Path, cfg: RunConfig) -> int | None:
-    """The repair steps of the study a saved agent learned from, so that a run started before
-    ``STUDY_REPAIR_STEPS`` became the default resumes with its own study, not a new one."""
-    from agents.ppo import read_agent_meta  # stable-baselines3: only when resuming an agent
+def _recorded_study_steps(agent_path: Path, cfg: RunConfig) -> int:
+    """The repair steps of the study a saved agent learned from: those its agent.zip records,
+    else (older agents, or none saved yet) the search's own, the default of those runs."""
+    if agent_path.exists():
+        from agents.ppo import read_agent_meta  # stable-baselines3: only when resuming an agent
 
-    meta = read_agent_meta(agent_path)
-    if "study_repair_steps" in meta:
-        return meta["study_repair_steps"]
-    if meta.get("observe") == "study" or cfg.warm_start == "sensitivity":
-        return cfg.repair_steps  # written before agents recorded it: the search's own steps
-    return None
+        steps = read_agent_meta(agent_path).get("study_repair_steps")
+        if steps is not None:
+            return steps
+    return cfg.repair_steps

@@ -267,6 +267,8 @@ def run(
             run_dir / "config.json",
             {
                 **cfg.to_dict(),
+                # resolved, so that --resume measures this study whatever the default becomes
+                "study_repair_steps": cfg.study_steps if cfg.measures_study else None,
                 "out": str(run_dir),
                 "resolved_device": str(device),
                 "baseline_path": baseline_path,

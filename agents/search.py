@@ -212,7 +212,7 @@ def search(
     # The sensitivity study (for --observe study and --warm-start sensitivity) is measured or
     # read from the cache before the clock starts; its full cost is charged to the search.
     study, study_seconds, scores = None, 0.0, None
-    if cfg.observe == "study" or cfg.warm_start == "sensitivity":
+    if cfg.measures_study:
         from agents.progress import count_bar
         from agents.warmstart import cached_study, study_proxy, study_settings
 

@@ -210,6 +210,8 @@ def main() -> None:
     if {"sensitivity", "local"} & set(strategies) or ("ppo" in strategies and ppo_uses_study):
         study = cached_study(study_proxy(new_proxy(), args.study_repair_steps))
         study_s = study.seconds
+    else:
+        args.study_repair_steps = None  # no study: the header names none
     latency = None
     if args.target_latency is not None:
         latency = latency_model(
@@ -248,7 +250,7 @@ def main() -> None:
                             observe=args.observe,
                             warm_start_prob=args.warm_start_prob,
                             imitate_best=args.imitate_best,
-                            study_repair_steps=args.study_repair_steps,
+                            study_repair_steps=args.study_repair_steps if ppo_uses_study else None,
                             fit=args.fit,
                             seed=seed,
                             progress=False,
@@ -396,7 +398,7 @@ def _table(rows: list[dict], cfg, base_test: float, args) -> str:
         f"for every strategy; PPO {args.episodes} episodes (warm start {args.warm_start}, "
         f"observe {args.observe}{', imitating its best' if args.imitate_best else ''}); "
         f"proxy repair {args.repair_steps} steps"
-        f", study {args.study_repair_steps}; "
+        f"{'' if args.study_repair_steps is None else f', study {args.study_repair_steps}'}; "
         f"{machine()}",
         "",
         "| strategy | target | seed | reached ratio (params) | MACs reduction | proxy acc | "

@@ -98,6 +98,8 @@ def main() -> None:
     policies = [(Path(f).stem, Policy.load(f)) for f in args.policy]
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
     if targets:
+        # the study with the proxy's own repair steps (200), as in the BENCHMARKS.md sections
+        # that used --targets; run_agent.py's default study has STUDY_REPAIR_STEPS (50)
         study = cached_study(proxy)
         for t in targets:
             pol = strategy_policy("sensitivity", study.proxy, Budget(t), study=study, seed=0)

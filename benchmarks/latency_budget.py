@@ -49,7 +49,7 @@ def main() -> None:
 
     cfg, splits, baseline, device = setup(args)
     proxy = make_proxy(args, baseline, splits, device)
-    study = cached_study(proxy)
+    study = cached_study(proxy)  # the proxy's own repair steps, as when it was recorded
     torch.set_num_threads(args.threads)
     latency = latency_model(  # the run's own model: timed here, cached per machine context
         RunConfig(net=args.net, width=args.width, target_latency=2.0, latency_batch=args.batch),

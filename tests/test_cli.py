@@ -1115,6 +1115,8 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
         assert main([*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]) == 0
         runs.append(read_json(out / "search_state.json"))
     first, second = runs
+    # config.json records the study's steps as resolved (smoke: its 2 repair steps, under 50)
+    assert read_json(tmp_path / "first" / "config.json")["study_repair_steps"] == 2
     assert first["invocations"][0]["warm_start"]["study_evaluations"] > 0
     assert second["invocations"][0]["warm_start"]["study_evaluations"] == 0, "study cached"
     # The heuristic's policy is the first best: the search ends at or above it.
@@ -1438,17 +1440,21 @@ def test_final_check_with_a_replay_or_without_a_budget_is_refused(smoke_run, tmp
 
 
 @pytest.mark.parametrize(
-    "meta, warm_start, expected",
+    "meta, settings, expected",
     [
-        ({"study_repair_steps": 0}, "sensitivity", 0),  # recorded: the agent's own study
-        ({"observe": "study"}, "none", 200),  # written before agents recorded it
-        ({}, "sensitivity", 200),
-        ({}, "none", None),  # no study at all: nothing to pin
+        ({"study_repair_steps": 0}, {"warm_start": "sensitivity"}, 0),  # the agent's own study
+        ({}, {"observe": "study"}, 200),  # written before agents recorded it: the search's steps
+        ({}, {"warm_start": "sensitivity"}, 200),
+        (None, {"warm_start": "sensitivity"}, 200),  # interrupted before the agent was saved
+        ({}, {}, None),  # no study at all: nothing to pin
     ],
 )
-def test_resume_keeps_the_study_its_agent_learned_from(tmp_path, meta, warm_start, expected):
-    """A run whose config left the study's repair steps to the default resumes with the study
-    its saved agent learned from, not with a default that changed since (STUDY_REPAIR_STEPS)."""
+def test_resume_keeps_the_study_of_a_run_started_before_the_default(
+    tmp_path, meta, settings, expected
+):
+    """A run whose config.json left the study's repair steps to the default (written before
+    STUDY_REPAIR_STEPS; today's runs record the resolved steps) resumes with the study it
+    began with: its agent's recorded steps, else the search's own, then the default."""
     import zipfile
 
     from agents.config import RunConfig, resume_config
@@ -1456,15 +1462,14 @@ def test_resume_keeps_the_study_its_agent_learned_from(tmp_path, meta, warm_star
 
     run = tmp_path / "run"
     run.mkdir()
-    cfg = RunConfig(net="vgg11", repair_steps=200, warm_start=warm_start)
+    cfg = RunConfig(net="vgg11", repair_steps=200, **settings)
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    assert resume_config(run, argv=[]).study_steps == 50, "no agent yet: today's default"
-    with zipfile.ZipFile(run / "agent.zip", "w") as zf:
-        zf.writestr("data", "{}")
-        zf.writestr(
-            AGENT_META,
-            json.dumps({"net": "vgg11", "width": 1.0, "methods": [], "levels": [], **meta}),
-        )
+    if meta is not None:
+        with zipfile.ZipFile(run / "agent.zip", "w") as zf:
+            zf.writestr("data", "{}")
+            base = {"net": "vgg11", "width": 1.0, "methods": [], "levels": []}
+            zf.writestr(AGENT_META, json.dumps({**base, **meta}))
     resumed = resume_config(run, argv=[])
     assert resumed.study_repair_steps == expected
     assert resumed.study_steps == (50 if expected is None else expected)
+    resumed.validate()
