@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
-from agents.config import STUDY_REPAIR_STEPS, RunConfig
+from agents.config import STUDY_REPAIR_STEPS, RunConfig, study_steps
 from agents.final_check import (
     Candidate,
     episode_candidates,
@@ -169,8 +169,7 @@ def main() -> None:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
     if args.study_repair_steps is not None and args.study_repair_steps < 0:
         p.error(f"--study-repair-steps must be >= 0, got {args.study_repair_steps}")
-    if args.study_repair_steps is None:  # run_agent.py's default (RunConfig.study_steps)
-        args.study_repair_steps = min(args.repair_steps, STUDY_REPAIR_STEPS)
+    args.study_repair_steps = study_steps(args.repair_steps, args.study_repair_steps)
     if args.final_check < 0 or not args.final_check_epochs > 0:
         p.error("--final-check must be >= 0 and --final-check-epochs positive")
     if not args.finetune_epochs >= 0:
