@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="K",
         help="fine-tune the search's K best distinct policies briefly (--final-check-epochs) "
-        "and keep the one best on held-out images; worth it at high ratios, where the proxy "
+        "and keep the one best on held-out images (with --warm-start sensitivity the "
+        "heuristic's policy is always one of the K); worth it at high ratios, where the proxy "
         "ranks policies poorly (default 0: the search's best as it is)",
     )
     t.add_argument(

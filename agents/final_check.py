@@ -12,6 +12,13 @@ epochs, same seed for every candidate), and keeps the one with the best held-out
 proxy split: the test split stays unseen). The full fine-tune then starts again from that policy's
 freshly compressed model. Its seconds are part of the search's.
 
+A search that starts from the sensitivity heuristic's policy (PPO's ``--warm-start
+sensitivity``, local search) keeps that policy among the candidates (``with_anchor``): its
+proxy score can trail a searched policy's by a fraction of a point that fine-tuning reverses
+(BENCHMARKS.md, "PPO and local search warm-started from the 50-step study": 1.89 points below
+the heuristic at 16x), so the check decides by the short fine-tune whether the search improved
+on its start rather than trusting the proxy.
+
 Each finished candidate is written to ``final_check.json`` at once, so an interrupted check goes
 on with ``--resume`` where it stopped.
 """
@@ -68,6 +75,18 @@ def top_candidates(scored: Iterable[Candidate], k: int) -> list[Candidate]:
     return list(best.values())[:k]
 
 
+def with_anchor(candidates: list[Candidate], anchor: Candidate | None, k: int) -> list[Candidate]:
+    """``candidates`` (best first) with ``anchor`` among the first ``k``: second, after the
+    search's best, unless it is already there (the last of the ``k`` gives way)."""
+    if anchor is None:
+        return candidates[:k]
+    key = policy_key(anchor.policy)
+    if any(policy_key(c.policy) == key for c in candidates[:k]):
+        return candidates[:k]
+    rest = [c for c in candidates[1:] if policy_key(c.policy) != key]
+    return [*candidates[:1], anchor, *rest][:k]
+
+
 def episode_candidates(
     best: Policy,
     episodes: Sequence[dict[str, Any]],
@@ -78,11 +97,13 @@ def episode_candidates(
     width: float,
     num_classes: int,
     best_score: float | None = None,
+    anchor: Candidate | None = None,
 ) -> list[Candidate]:
     """The search's best policy, then its best-rewarded other episodes: ``k`` distinct in all.
 
     The best policy comes first whatever its score (``best_score``, else its best episode's
-    reward; a warm start's policy may have no episode).
+    reward; a warm start's policy may have no episode); ``anchor`` (the warm start's policy)
+    is kept among the ``k`` (``with_anchor``).
     """
     scored = []
     for e in episodes:
@@ -108,7 +129,7 @@ def episode_candidates(
     own = [c.score for c in scored if policy_key(c.policy) == key]
     first = Candidate(best, best_score if best_score is not None else max(own, default=None))
     others = [c for c in scored if policy_key(c.policy) != key]
-    return [first, *(top_candidates(others, k - 1) if k > 1 and others else [])]
+    return with_anchor([first, *(top_candidates(others, k) if k > 1 and others else [])], anchor, k)
 
 
 @dataclass

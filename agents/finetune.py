@@ -17,7 +17,13 @@ from typing import Any
 from torch import nn
 
 from agents.config import RunConfig
-from agents.final_check import FINAL_CHECK_FILE, CheckResult, episode_candidates, final_check
+from agents.final_check import (
+    FINAL_CHECK_FILE,
+    Candidate,
+    CheckResult,
+    episode_candidates,
+    final_check,
+)
 from agents.progress import train_bar
 from rl_mtd.data import DataSplits
 from rl_mtd.evaluation import evaluate, reestimate_bn
@@ -126,11 +132,13 @@ def run_final_check(
     splits: DataSplits,
     run_dir: Path | None = None,
     best_reward: float | None = None,
+    warm_start: tuple[Policy, float | None] | None = None,
 ) -> CheckResult | None:
     """``--final-check``: the search's ``cfg.final_check`` best distinct policies, each compressed
     and fine-tuned ``cfg.final_check_epochs`` epochs as the final fine-tune would be (same
     recipe and seed, stages included), the best on the held-out split kept. None when the
-    search scored only one distinct policy (nothing to choose between)."""
+    search scored only one distinct policy (nothing to choose between). ``warm_start``: the
+    policy the search started from and its reward, kept among the candidates."""
     candidates = episode_candidates(
         best,
         episodes,
@@ -140,6 +148,7 @@ def run_final_check(
         width=cfg.width,
         num_classes=proxy.num_classes,
         best_score=best_reward,
+        anchor=Candidate(*warm_start) if warm_start is not None else None,
     )
     if len(candidates) < 2:
         log.info("final check: the search scored one distinct policy only; nothing to choose")

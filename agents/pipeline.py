@@ -300,7 +300,7 @@ def run(
         if found.interrupted and not go_on_after_interrupt(run_dir):
             return None
         policy, episodes, invocations = found.policy, found.episodes, found.invocations
-        best_reward = found.best_reward
+        best_reward, warm = found.best_reward, found.warm_start
         search_seconds, interrupted = found.seconds, found.interrupted
     else:
         policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
@@ -315,7 +315,7 @@ def run(
     if replay is None and cfg.final_check > 1:
         try:
             check = run_final_check(
-                cfg, proxy, policy, episodes, baseline, splits, run_dir, best_reward
+                cfg, proxy, policy, episodes, baseline, splits, run_dir, best_reward, warm
             )
         except KeyboardInterrupt:
             log.warning(

@@ -59,6 +59,16 @@ class SearchResult:
     best_reward: float | None = None
     """The best policy's reward (a warm start's policy has one without an episode)."""
 
+    @property
+    def warm_start(self) -> tuple[Policy, float | None] | None:
+        """The policy the search started from and its reward (``--warm-start sensitivity``;
+        kept in the invocation that ran it), or None."""
+        for invocation in self.invocations:
+            start = invocation.get("warm_start") or {}
+            if isinstance(start.get("policy"), dict):
+                return Policy.from_dict(start["policy"]), start.get("reward")
+        return None
+
 
 def env_config(cfg: RunConfig) -> EnvConfig:
     return EnvConfig(
@@ -318,7 +328,8 @@ def search(
             latency_model=latency,
         )
         invocation["warm_start"] = {
-            k: first[k] for k in ("strategy", "study_evaluations", "study_seconds")
+            k: first[k]
+            for k in ("strategy", "study_evaluations", "study_seconds", "reward", "policy")
         }
         callback.best = first
         write_json_atomic(

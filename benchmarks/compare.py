@@ -35,6 +35,7 @@ from agents.final_check import (
     final_check,
     policy_key,
     top_candidates,
+    with_anchor,
 )
 from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
@@ -155,7 +156,9 @@ def main() -> None:
         default=0,
         metavar="K",
         help="ppo, local and random choose among their K best distinct policies by fine-tuning "
-        "each --final-check-epochs epochs (run_agent.py --final-check); counted as search time",
+        "each --final-check-epochs epochs (run_agent.py --final-check); counted as search time; "
+        "the heuristic's policy is one of the K where the search started from it (local, ppo "
+        "--warm-start sensitivity)",
     )
     p.add_argument("--final-check-epochs", type=float, default=3.0)
     p.add_argument("--latency-repeats", type=int, default=10)
@@ -274,6 +277,7 @@ def main() -> None:
                                 width=args.width,
                                 num_classes=proxy.num_classes,
                                 best_score=found.best_reward,
+                                anchor=Candidate(*found.warm_start) if found.warm_start else None,
                             )
                         if ppo_uses_study:
                             t0 -= study_s  # its cached study is part of its cost
@@ -314,7 +318,11 @@ def main() -> None:
                 check = None
                 if args.final_check > 1 and len({policy_key(c.policy) for c in scored}) > 1:
                     if name != "ppo":  # PPO's come ready, its best first
-                        scored = top_candidates(scored, args.final_check)
+                        # local search's first evaluation is its start, the heuristic's policy
+                        start = scored[0] if name == "local" else None
+                        scored = with_anchor(
+                            top_candidates(scored, args.final_check), start, args.final_check
+                        )
                     short = replace(ft_cfg, finetune_epochs=args.final_check_epochs)
                     held_out = partial(held_out_after_finetune, short, proxy, baseline, splits)
                     check = final_check(scored, held_out, epochs=args.final_check_epochs)

@@ -1110,9 +1110,12 @@ def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_pat
 @pytest.mark.slow
 def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     runs = []
+    # the second run also checks its best against the heuristic's by short fine-tunes
+    extra = {"first": [], "second": ["--final-check", "2", "--final-check-epochs", "0.1"]}
     for name in ("first", "second"):
         out = tmp_path / name
-        assert main([*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]) == 0
+        argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", *extra[name]]
+        assert main([*argv, "--out", str(out)]) == 0
         runs.append(read_json(out / "search_state.json"))
     first, second = runs
     # config.json records the study's steps as resolved (smoke: its 2 repair steps, under 50)
@@ -1124,6 +1127,12 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     assert heuristic.net == NET
     assert first["best"]["reward"] >= min(e["reward"] for e in first["episodes"])
     assert all(e["ratio"] >= TARGET for e in first["episodes"])
+    # The search's start is kept (its reward with it) and is a candidate of the final check.
+    start = Policy.from_dict(second["invocations"][0]["warm_start"]["policy"])
+    assert second["invocations"][0]["warm_start"]["reward"] <= second["best"]["reward"]
+    check = read_json(tmp_path / "second" / "report.json")["final_check"]
+    checked = [Policy.from_dict(c["policy"]).choices() for c in check["candidates"]]
+    assert start.choices() in checked and len(checked) <= 2
 
 
 @pytest.mark.slow

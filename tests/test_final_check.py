@@ -12,6 +12,7 @@ from agents.final_check import (
     final_check,
     policy_key,
     top_candidates,
+    with_anchor,
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.models import build_vgg
@@ -63,6 +64,27 @@ def test_episode_candidates_put_the_search_s_best_first(model):
     again = [_episode(best, 0.3, 4), *episodes]
     cands = episode_candidates(best, again, model, 2, net=NET, width=WIDTH, num_classes=10)
     assert cands[0].score == 0.3 and len(cands) == 2
+
+
+def test_the_warm_start_stays_among_the_candidates(model):
+    """The policy a search started from is checked too: second, after the search's best, in
+    place of the last other candidate; not twice where it is already there."""
+    best, a, b, start = (_policy(model, r) for r in (2, 3, 4, 5))
+    keys = [policy_key(p) for p in (best, a, b, start)]
+    cands = [Candidate(best, 0.9), Candidate(a, 0.8), Candidate(b, 0.7)]
+    anchored = with_anchor(cands, Candidate(start, 0.1), 3)
+    assert [policy_key(c.policy) for c in anchored] == [keys[0], keys[3], keys[1]]
+    assert [policy_key(c.policy) for c in with_anchor(cands, Candidate(b, 0.1), 3)] == keys[:3]
+    assert [policy_key(c.policy) for c in with_anchor(cands, Candidate(a, 0.1), 2)] == keys[:2]
+    assert with_anchor(cands, None, 2) == cands[:2]
+    # Through episode_candidates: the warm start is no episode and scores below every one.
+    episodes = [_episode(a, 0.2, 1), _episode(b, 0.9, 2)]
+    got = episode_candidates(
+        best, episodes, model, 2, net=NET, width=WIDTH, num_classes=10, anchor=Candidate(start, 0.0)
+    )
+    assert [policy_key(c.policy) for c in got] == [keys[0], keys[3]]
+    got = episode_candidates(best, episodes, model, 2, net=NET, width=WIDTH, num_classes=10)
+    assert [policy_key(c.policy) for c in got] == [keys[0], keys[2]], "no anchor: by reward"
 
 
 def test_final_check_keeps_the_best_held_out_and_resumes(model, tmp_path):
