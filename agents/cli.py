@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     import torch  # heavy imports after argument errors are reported
 
-    from agents.config import resume_config
     from agents.pipeline import run
     from agents.progress import search_bar
+    from agents.resume import resume_config
 
     try:
         if args.resume is not None:

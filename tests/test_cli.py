@@ -1466,8 +1466,9 @@ def test_resume_keeps_the_study_of_a_run_started_before_the_default(
     began with: its agent's recorded steps, else the search's own, then the default."""
     import zipfile
 
-    from agents.config import RunConfig, resume_config
+    from agents.config import RunConfig
     from agents.ppo import AGENT_META
+    from agents.resume import resume_config
 
     run = tmp_path / "run"
     run.mkdir()

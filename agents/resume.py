@@ -1,0 +1,56 @@
+"""Resuming a run: its saved settings (``config.json``) with what ``--resume`` may change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agents.config import RunConfig
+from rl_mtd.errors import RlMtdError
+
+
+def resume_config(
+    run_dir: str | Path,
+    *,
+    argv: list[str],
+    episodes: int | None = None,
+    timesteps: int | None = None,
+    progress: bool = True,
+    on_interrupt: str = "ask",
+    dry_run: bool = False,
+) -> RunConfig:
+    """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise RlMtdError(f"--resume {run_dir}: no such directory (give a run directory, --out)")
+    if not saved.exists():
+        raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
+    try:
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
+    cfg.search_more = episodes is not None or timesteps is not None
+    if episodes is not None:
+        cfg.episodes, cfg.timesteps = episodes, None
+    if timesteps is not None:
+        cfg.timesteps = timesteps
+    cfg.progress, cfg.on_interrupt, cfg.dry_run = progress, on_interrupt, dry_run
+    if cfg.study_repair_steps is None and cfg.measures_study:
+        # A run started before STUDY_REPAIR_STEPS became the default (today's runs record the
+        # resolved steps in config.json) goes on with the study it began with.
+        cfg.study_repair_steps = _recorded_study_steps(run_dir / "agent.zip", cfg)
+    return cfg
+
+
+def _recorded_study_steps(agent_path: Path, cfg: RunConfig) -> int:
+    """The repair steps of the study a saved agent learned from: those its agent.zip records,
+    else (older agents, or none saved yet) the search's own, the default of those runs."""
+    if agent_path.exists():
+        from agents.ppo import read_agent_meta  # stable-baselines3: only when resuming an agent
+
+        steps = read_agent_meta(agent_path).get("study_repair_steps")
+        if steps is not None:
+            return steps
+    return cfg.repair_steps
