@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,20 @@ from agents.inputs import (
     note_other_baseline_states,
 )
 from agents.plan import measure, print_plan
+from agents.replay import (
+    BUDGET_KEYS,
+    load_replay,
+    records_budget,
+    replay_agent,
+    with_replayed_budget,
+)
 from agents.report import RunResult, build_report, write_outputs
 from agents.search import (
-    Replay,
     env_config,
     finished_search,
-    load_replay,
     make_proxy,
     proxy_config,
     read_search_state,
-    replay_agent,
     search,
     search_finished,
 )
@@ -114,41 +117,6 @@ def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
     )
 
 
-BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
-
-
-def _replay_meta(replay: Replay) -> dict[str, Any]:
-    return (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
-
-
-def _records_budget(replay: Replay) -> bool:
-    return any(k in _replay_meta(replay) for k in BUDGET_KEYS)
-
-
-def _with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
-    """A replayed agent or policy is judged by the budget it was searched under, as its meta
-    records it: the agent's environment holds it, and the report states it and, for a latency
-    budget, predicts the speed-up on this device. A file that records none keeps the run's."""
-    if replay is None:
-        return cfg
-    if not _records_budget(replay):
-        return cfg
-    meta = _replay_meta(replay)
-    budget = {k: meta.get(k) for k in BUDGET_KEYS}
-    batch = meta.get("latency_batch", cfg.latency_batch)
-    try:
-        out = replace(cfg, **budget, latency_batch=batch, n_envs=1).validate()
-    except RlMtdError as exc:
-        raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
-    if budget != {k: getattr(cfg, k) for k in BUDGET_KEYS}:
-        log.info(
-            "replaying %s under the budget it was searched for (%s), not this run's",
-            replay.path,
-            ", ".join(f"{k} {v:g}" for k, v in budget.items() if v is not None) or "trade-off",
-        )
-    return out
-
-
 def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:
     """``--resume`` of a run with nothing left to do is refused rather than redone: its search
     (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
@@ -215,12 +183,12 @@ def run(
         if cfg.checkpoint is None
         else load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)[0]
     )
-    cfg = _with_replayed_budget(cfg, replay)
+    cfg = with_replayed_budget(cfg, replay)
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         try:
             _check_reachable(cfg, device)
         except RlMtdError as exc:
-            if replay is None or not _records_budget(replay):
+            if replay is None or not records_budget(replay):
                 raise
             # The file's budget, hand-edited or from another net.
             raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
@@ -358,7 +326,7 @@ def run(
         if replay is not None:
             why = (
                 ": its file was edited, or its layers were timed on another device"
-                if _records_budget(replay)
+                if records_budget(replay)
                 else ": it was searched for another budget, or edited"
             )
         log.warning(

@@ -1,4 +1,4 @@
-"""The search stage: environments, the PPO search with resume, and replaying saved results.
+"""The search stage: environments and the PPO search with resume.
 
 Nothing here prompts or exits: an interrupted search returns ``interrupted=True`` and the caller
 (the CLI) decides what happens next.
@@ -34,16 +34,6 @@ log = logging.getLogger("rl_mtd")
 SAVE_EVERY = 5
 """Episodes between saves of the agent and the search state (and at every new best), so a
 search killed hard loses at most this many episodes."""
-
-
-@dataclass
-class Replay:
-    """A saved result to apply instead of searching: a policy file or an agent."""
-
-    kind: str  # "policy" or "agent"
-    path: Path
-    policy: Policy | None = None
-    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -103,30 +93,6 @@ def make_proxy(cfg: RunConfig, model: nn.Module, splits: DataSplits, device: tor
         net=cfg.net,
         width=cfg.width,
     )
-
-
-def load_replay(cfg: RunConfig) -> Replay | None:
-    """Read ``--replay`` (a policy.json or an agent.zip) and check it was made for this net."""
-    if cfg.replay is None:
-        return None
-    path = Path(cfg.replay)
-    if path.suffix == ".zip":
-        from agents.ppo import read_agent_meta
-
-        meta = read_agent_meta(path)
-        _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
-        return Replay("agent", path, meta=meta)
-    policy = Policy.load(path)
-    _check_same_net(cfg, policy.net, policy.width, f"policy {path}")
-    return Replay("policy", path, policy=policy)
-
-
-def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
-    if net != cfg.net or float(width) != float(cfg.width):
-        raise RlMtdError(
-            f"{what} was made for {net} at width {width}, but this run is {cfg.net} at width "
-            f"{cfg.width}; pass --net {net} --width {width} with a matching --checkpoint"
-        )
 
 
 def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None, latency=None):
@@ -383,48 +349,3 @@ def search(
         invocations,
         best_reward=callback.best.get("reward"),
     )
-
-
-def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
-    """Run a saved agent deterministically through an env on this checkpoint.
-
-    This is the agent's greedy choice at every layer, which can differ from the best policy
-    its search found (that one is the run's policy.json).
-    """
-    from agents.ppo import load_agent
-    from agents.warmstart import layer_scores
-
-    meta = replay.meta or {}
-    target_latency = meta.get("target_latency")
-    latency = None
-    if target_latency is not None:  # the budget holds on this device, timed afresh here
-        latency = latency_model(
-            replace(cfg, target_latency=target_latency, latency_batch=meta.get("latency_batch", 1)),
-            proxy.device,
-        )
-    env = MixedDecompositionEnv(
-        proxy,
-        EnvConfig(
-            methods=tuple(meta["methods"]),
-            levels=tuple(meta["levels"]),
-            target_ratio=meta.get("target_ratio"),
-            target_macs=meta.get("target_macs"),
-            target_latency=target_latency,
-        ),
-        layer_scores=layer_scores(
-            meta.get("observe", "layer"),
-            proxy,
-            meta.get("study_repair_steps"),
-            trained_on=meta.get("study_settings"),
-        ),
-        latency_model=latency,
-    )
-    agent = load_agent(replay.path)
-    if agent.action_space != env.action_space or agent.observation_space != env.observation_space:
-        raise RlMtdError(f"agent {replay.path} does not fit this environment (spaces differ)")
-    obs, _ = env.reset(seed=cfg.seed)
-    done = False
-    while not done:
-        action, _ = agent.predict(obs, deterministic=True)
-        obs, _, done, _, _ = env.step(int(action))
-    return env.current_policy()

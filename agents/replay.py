@@ -1,0 +1,132 @@
+"""Replaying a saved result instead of searching: a policy file, or an agent run greedily on
+this checkpoint, judged by the budget it was searched under."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from agents.config import RunConfig
+from agents.inputs import latency_model
+from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
+from rl_mtd.errors import RlMtdError
+from rl_mtd.policy import Policy
+from rl_mtd.proxy import Proxy
+
+log = logging.getLogger("rl_mtd")
+
+
+@dataclass
+class Replay:
+    """A saved result to apply instead of searching: a policy file or an agent."""
+
+    kind: str  # "policy" or "agent"
+    path: Path
+    policy: Policy | None = None
+    meta: dict[str, Any] | None = None
+
+
+def load_replay(cfg: RunConfig) -> Replay | None:
+    """Read ``--replay`` (a policy.json or an agent.zip) and check it was made for this net."""
+    if cfg.replay is None:
+        return None
+    path = Path(cfg.replay)
+    if path.suffix == ".zip":
+        from agents.ppo import read_agent_meta
+
+        meta = read_agent_meta(path)
+        _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
+        return Replay("agent", path, meta=meta)
+    policy = Policy.load(path)
+    _check_same_net(cfg, policy.net, policy.width, f"policy {path}")
+    return Replay("policy", path, policy=policy)
+
+
+def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
+    if net != cfg.net or float(width) != float(cfg.width):
+        raise RlMtdError(
+            f"{what} was made for {net} at width {width}, but this run is {cfg.net} at width "
+            f"{cfg.width}; pass --net {net} --width {width} with a matching --checkpoint"
+        )
+
+
+BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
+
+
+def _replay_meta(replay: Replay) -> dict[str, Any]:
+    return (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
+
+
+def records_budget(replay: Replay) -> bool:
+    return any(k in _replay_meta(replay) for k in BUDGET_KEYS)
+
+
+def with_replayed_budget(cfg: RunConfig, replay: Replay | None) -> RunConfig:
+    """A replayed agent or policy is judged by the budget it was searched under, as its meta
+    records it: the agent's environment holds it, and the report states it and, for a latency
+    budget, predicts the speed-up on this device. A file that records none keeps the run's."""
+    if replay is None:
+        return cfg
+    if not records_budget(replay):
+        return cfg
+    meta = _replay_meta(replay)
+    budget = {k: meta.get(k) for k in BUDGET_KEYS}
+    batch = meta.get("latency_batch", cfg.latency_batch)
+    try:
+        out = replace(cfg, **budget, latency_batch=batch, n_envs=1).validate()
+    except RlMtdError as exc:
+        raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
+    if budget != {k: getattr(cfg, k) for k in BUDGET_KEYS}:
+        log.info(
+            "replaying %s under the budget it was searched for (%s), not this run's",
+            replay.path,
+            ", ".join(f"{k} {v:g}" for k, v in budget.items() if v is not None) or "trade-off",
+        )
+    return out
+
+
+def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
+    """Run a saved agent deterministically through an env on this checkpoint.
+
+    This is the agent's greedy choice at every layer, which can differ from the best policy
+    its search found (that one is the run's policy.json).
+    """
+    from agents.ppo import load_agent
+    from agents.warmstart import layer_scores
+
+    meta = replay.meta or {}
+    target_latency = meta.get("target_latency")
+    latency = None
+    if target_latency is not None:  # the budget holds on this device, timed afresh here
+        latency = latency_model(
+            replace(cfg, target_latency=target_latency, latency_batch=meta.get("latency_batch", 1)),
+            proxy.device,
+        )
+    env = MixedDecompositionEnv(
+        proxy,
+        EnvConfig(
+            methods=tuple(meta["methods"]),
+            levels=tuple(meta["levels"]),
+            target_ratio=meta.get("target_ratio"),
+            target_macs=meta.get("target_macs"),
+            target_latency=target_latency,
+        ),
+        layer_scores=layer_scores(
+            meta.get("observe", "layer"),
+            proxy,
+            meta.get("study_repair_steps"),
+            trained_on=meta.get("study_settings"),
+        ),
+        latency_model=latency,
+    )
+    agent = load_agent(replay.path)
+    if agent.action_space != env.action_space or agent.observation_space != env.observation_space:
+        raise RlMtdError(f"agent {replay.path} does not fit this environment (spaces differ)")
+    obs, _ = env.reset(seed=cfg.seed)
+    done = False
+    while not done:
+        action, _ = agent.predict(obs, deterministic=True)
+        obs, _, done, _, _ = env.step(int(action))
+    return env.current_policy()
