@@ -76,8 +76,9 @@ def top_candidates(scored: Iterable[Candidate], k: int) -> list[Candidate]:
 
 
 def with_anchor(candidates: list[Candidate], anchor: Candidate | None, k: int) -> list[Candidate]:
-    """``candidates`` (best first) with ``anchor`` among the first ``k``: second, after the
-    search's best, unless it is already there (the last of the ``k`` gives way)."""
+    """The first ``k`` of ``candidates`` (best first) with ``anchor`` among them for ``k`` >= 2:
+    second, after the search's best, unless it is already there (the last of the ``k`` gives
+    way). Placed second it wins an exact held-out tie against the candidates after it."""
     if anchor is None:
         return candidates[:k]
     key = policy_key(anchor.policy)

@@ -136,9 +136,10 @@ def run_final_check(
 ) -> CheckResult | None:
     """``--final-check``: the search's ``cfg.final_check`` best distinct policies, each compressed
     and fine-tuned ``cfg.final_check_epochs`` epochs as the final fine-tune would be (same
-    recipe and seed, stages included), the best on the held-out split kept. None when the
-    search scored only one distinct policy (nothing to choose between). ``warm_start``: the
-    policy the search started from and its reward, kept among the candidates."""
+    recipe and seed, stages included), the best on the held-out split kept. ``warm_start``: the
+    policy the search started from and its reward, kept among the candidates (a search state
+    written before it was recorded has none). None when fewer than two distinct candidates
+    (the warm start's included) leave nothing to choose between."""
     candidates = episode_candidates(
         best,
         episodes,
@@ -151,7 +152,10 @@ def run_final_check(
         anchor=Candidate(*warm_start) if warm_start is not None else None,
     )
     if len(candidates) < 2:
-        log.info("final check: the search scored one distinct policy only; nothing to choose")
+        log.info(
+            "final check: one distinct candidate only (the search's best is its start); nothing "
+            "to choose"
+        )
         return None
     short = replace(cfg, finetune_epochs=cfg.final_check_epochs)
     score = partial(held_out_after_finetune, short, proxy, baseline, splits)

@@ -77,6 +77,8 @@ def test_the_warm_start_stays_among_the_candidates(model):
     assert [policy_key(c.policy) for c in with_anchor(cands, Candidate(b, 0.1), 3)] == keys[:3]
     assert [policy_key(c.policy) for c in with_anchor(cands, Candidate(a, 0.1), 2)] == keys[:2]
     assert with_anchor(cands, None, 2) == cands[:2]
+    longer = [*cands, Candidate(start, 0.1)]  # the anchor beyond the k: moved up, not repeated
+    assert [policy_key(c.policy) for c in with_anchor(longer, longer[3], 2)] == [keys[0], keys[3]]
     # Through episode_candidates: the warm start is no episode and scores below every one.
     episodes = [_episode(a, 0.2, 1), _episode(b, 0.9, 2)]
     got = episode_candidates(
