@@ -132,12 +132,12 @@ def run_final_check(
     splits: DataSplits,
     run_dir: Path | None = None,
     best_reward: float | None = None,
-    warm_start: tuple[Policy, float | None] | None = None,
+    warm_start: Candidate | None = None,
 ) -> CheckResult | None:
     """``--final-check``: the search's ``cfg.final_check`` best distinct policies, each compressed
     and fine-tuned ``cfg.final_check_epochs`` epochs as the final fine-tune would be (same
     recipe and seed, stages included), the best on the held-out split kept. ``warm_start``: the
-    policy the search started from and its reward, kept among the candidates (a search state
+    policy the search started from (scored by its reward), kept among the candidates (a search state
     written before it was recorded has none). None when fewer than two distinct candidates
     (the warm start's included) leave nothing to choose between."""
     candidates = episode_candidates(
@@ -149,7 +149,7 @@ def run_final_check(
         width=cfg.width,
         num_classes=proxy.num_classes,
         best_score=best_reward,
-        anchor=Candidate(*warm_start) if warm_start is not None else None,
+        anchor=warm_start,
     )
     if len(candidates) < 2:
         log.info(

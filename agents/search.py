@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
+from agents.final_check import Candidate
 from agents.inputs import latency_model
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.checkpoints import load_baseline
@@ -50,13 +51,13 @@ class SearchResult:
     """The best policy's reward (a warm start's policy has one without an episode)."""
 
     @property
-    def warm_start(self) -> tuple[Policy, float | None] | None:
-        """The policy the search started from and its reward (``--warm-start sensitivity``;
-        kept in the invocation that ran it), or None."""
+    def warm_start(self) -> Candidate | None:
+        """The policy the search started from, scored by its reward (``--warm-start
+        sensitivity``; kept in the invocation that ran it), or None."""
         for invocation in self.invocations:
             start = invocation.get("warm_start") or {}
             if isinstance(start.get("policy"), dict):
-                return Policy.from_dict(start["policy"]), start.get("reward")
+                return Candidate(Policy.from_dict(start["policy"]), start.get("reward"))
         return None
 
 

@@ -277,7 +277,7 @@ def main() -> None:
                                 width=args.width,
                                 num_classes=proxy.num_classes,
                                 best_score=found.best_reward,
-                                anchor=Candidate(*found.warm_start) if found.warm_start else None,
+                                anchor=found.warm_start,
                             )
                         if ppo_uses_study:
                             t0 -= study_s  # its cached study is part of its cost
