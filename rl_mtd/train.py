@@ -249,44 +249,50 @@ class _Run:
             if acc > self.best_acc:
                 self.best_acc, self.best_state = acc, _snapshot(self.model)
             elif acc < self.best_acc - self.cfg.collapse_drop:
-                before = self.history[-1]["loss"] if self.history else None
-                if before is not None and entry["loss"] < before:
-                    # Still learning: a noisy evaluation at a high rate, not a divergence (a
-                    # recovery here would cut the rate for the rest of the run).
-                    entry["dip"] = 1.0
-                    log.info(
-                        "%s: held-out accuracy dipped to %.3f (best %.3f) while the training "
-                        "loss fell (%.3f -> %.3f); going on",
-                        self.desc,
-                        acc,
-                        self.best_acc,
-                        before,
-                        entry["loss"],
-                    )
-                else:
-                    # Stale running BatchNorm statistics alone can cost 10-15 points (a 50x CP
-                    # fine-tune: 0.514 -> 0.369, but 0.499 -> 0.485 with them re-estimated), so
-                    # a fall counts only when it survives a re-estimate.
-                    fresh = entry["val_acc_bn"] = self.fresh_bn_accuracy()
-                    if fresh >= self.best_acc - self.cfg.collapse_drop:
-                        entry["dip"] = 1.0
-                        log.info(
-                            "%s: held-out accuracy fell to %.3f (best %.3f) with the running "
-                            "BatchNorm statistics but is %.3f with them re-estimated: stale "
-                            "statistics, not a collapse; going on",
-                            self.desc,
-                            acc,
-                            self.best_acc,
-                            fresh,
-                        )
-                    else:
-                        entry["recovered"] = 1.0
-                        self.recover(
-                            f"held-out accuracy fell to {acc:.3f} (best {self.best_acc:.3f}; "
-                            f"{fresh:.3f} with BatchNorm statistics re-estimated)"
-                        )
+                self._judge_fall(entry, acc)
         self.history.append(entry)
         return entry
+
+    def _judge_fall(self, entry: dict[str, float], acc: float) -> None:
+        """A held-out fall past ``collapse_drop``: recover only from a real collapse.
+
+        A fall while the training loss still fell is a noisy evaluation at a high rate, not a
+        divergence (a recovery would cut the rate for the rest of the run). Stale running
+        BatchNorm statistics alone can cost 10-15 points (a 50x CP fine-tune: 0.514 -> 0.369,
+        but 0.499 -> 0.485 with them re-estimated), so a fall counts only when it survives a
+        re-estimate. Both false alarms are logged and marked ``dip`` in ``entry``.
+        """
+        before = self.history[-1]["loss"] if self.history else None
+        if before is not None and entry["loss"] < before:
+            entry["dip"] = 1.0
+            log.info(
+                "%s: held-out accuracy dipped to %.3f (best %.3f) while the training loss fell "
+                "(%.3f -> %.3f); going on",
+                self.desc,
+                acc,
+                self.best_acc,
+                before,
+                entry["loss"],
+            )
+            return
+        fresh = entry["val_acc_bn"] = self.fresh_bn_accuracy()
+        if fresh >= self.best_acc - self.cfg.collapse_drop:
+            entry["dip"] = 1.0
+            log.info(
+                "%s: held-out accuracy fell to %.3f (best %.3f) with the running BatchNorm "
+                "statistics but is %.3f with them re-estimated: stale statistics, not a "
+                "collapse; going on",
+                self.desc,
+                acc,
+                self.best_acc,
+                fresh,
+            )
+            return
+        entry["recovered"] = 1.0
+        self.recover(
+            f"held-out accuracy fell to {acc:.3f} (best {self.best_acc:.3f}; "
+            f"{fresh:.3f} with BatchNorm statistics re-estimated)"
+        )
 
     def fresh_bn_accuracy(self) -> float:
         """Held-out accuracy with BatchNorm statistics re-estimated
