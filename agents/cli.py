@@ -159,6 +159,35 @@ def _check_resume_flags(
         )
 
 
+REPLAY_IGNORES = (
+    "episodes",
+    "timesteps",
+    "n_envs",
+    "methods",
+    "levels",
+    "warm_start",
+    "observe",
+    "warm_start_prob",
+    "imitate_best",
+    "tradeoff",
+    "final_check_epochs",
+)
+"""Search settings a --replay never uses (the policy or the agent's own metadata decides);
+--final-check and --study-repair-steps are refused by ``RunConfig.validate`` with reasons."""
+
+
+def _check_replay_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A search flag typed beside --replay is an error, not a silent no-op."""
+    typed = _typed_dests(parser, argv)
+    ignored = [typed[dest] for dest in REPLAY_IGNORES if dest in typed]
+    if ignored:
+        raise RlMtdError(
+            f"--replay applies a saved policy or agent and searches nothing, so "
+            f"{', '.join(ignored)} would be ignored; drop {'them' if len(ignored) > 1 else 'it'}, "
+            "or search anew without --replay"
+        )
+
+
 PATH_FLAGS = ("out", "checkpoint", "replay", "resume", "data")
 
 
@@ -195,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                 dry_run=args.dry_run,
             )
         else:
+            if args.replay:  # an empty --replay is refused as such by RunConfig.validate
+                _check_replay_flags(parser, argv)
             cfg = config_from_args(args, argv)
         with (
             search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode,

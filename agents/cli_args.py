@@ -12,6 +12,19 @@ from rl_mtd.decompose import METHODS
 from rl_mtd.models import NET_NAMES
 
 
+def _preset_values(key: str) -> str:
+    """What each preset sets ``key`` to, for a flag's help: "paper 600, cpu 120, smoke 16"."""
+
+    def show(v):
+        return "all" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    return "default by preset: " + ", ".join(
+        f"{name} {show(PRESETS[name][key])}"
+        for name in reversed(list(PRESETS))
+        if key in PRESETS[name]
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a "did you mean" for mistyped choices."""
 
@@ -171,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--episodes",
         type=int,
         default=None,
-        help="search episodes (preset sets "
-        "it); with --resume, the total including the episodes already run",
+        help=f"search episodes ({_preset_values('episodes')}); with --resume, the total "
+        "including the episodes already run",
     )
     g.add_argument(
         "--timesteps",
@@ -214,20 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
         "smoke",
     )
     g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
-    g.add_argument("--proxy-size", type=int, default=None, help="proxy split size (images)")
+    g.add_argument(
+        "--proxy-size",
+        type=int,
+        default=None,
+        help=f"proxy split size in images ({_preset_values('proxy_size')})",
+    )
     g.add_argument(
         "--bn-batches",
         type=int,
         default=None,
         help="training batches for the BatchNorm re-estimate of each compressed model (0: keep "
-        "the original statistics, an ablation: decomposed layers then score near chance)",
+        "the original statistics, an ablation: decomposed layers then score near chance; "
+        f"{_preset_values('bn_batches')})",
     )
     g.add_argument(
         "--repair-steps",
         type=int,
         default=None,
         help="SGD steps on each policy "
-        "before the proxy scores it (0: BN re-estimate only; preset sets it)",
+        f"before the proxy scores it (0: BN re-estimate only; {_preset_values('repair_steps')})",
     )
     g.add_argument(
         "--study-repair-steps",
@@ -238,8 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair-steps, whichever is fewer)",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--baseline-epochs", type=float, default=None, help="epochs for a new baseline")
-    t.add_argument("--finetune-epochs", type=float, default=None, help="fine-tuning epochs")
+    t.add_argument(
+        "--baseline-epochs",
+        type=float,
+        default=None,
+        help=f"epochs for a new baseline ({_preset_values('baseline_epochs')})",
+    )
+    t.add_argument(
+        "--finetune-epochs",
+        type=float,
+        default=None,
+        help=f"fine-tuning epochs ({_preset_values('finetune_epochs')})",
+    )
     t.add_argument(
         "--export",
         default=None,
@@ -316,12 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency-repeats",
         type=int,
         default=None,
-        help="timed forward passes per latency measurement (preset sets it)",
+        help=f"timed forward passes per latency measurement ({_preset_values('latency_repeats')})",
     )
     t.add_argument(
-        "--train-size", type=int, default=None, help="use only this many training images"
+        "--train-size",
+        type=int,
+        default=None,
+        help=f"use only this many training images ({_preset_values('train_size')})",
     )
-    t.add_argument("--test-size", type=int, default=None, help="use only this many test images")
+    t.add_argument(
+        "--test-size",
+        type=int,
+        default=None,
+        help=f"use only this many test images ({_preset_values('test_size')})",
+    )
     r = p.add_argument_group("replay and resume")
     r.add_argument(
         "--replay",

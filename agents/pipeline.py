@@ -70,8 +70,17 @@ STALE_SEARCH_FILES = (
 )
 """What --overwrite clears before a new run: files a replay would not rewrite, and the
 fine-tune state, whose job is gone."""
-STALE_OUTPUTS = ("report.json", "report.md", "compressed.pt", "model.onnx", "model.torchscript.pt")
-"""Also cleared by --overwrite, so no earlier run's report stands beside an unfinished one."""
+STALE_OUTPUTS = (
+    "policy.json",
+    "report.json",
+    "report.md",
+    "layers.png",
+    "compressed.pt",
+    "model.onnx",
+    "model.torchscript.pt",
+)
+"""Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one (a
+replayed policy.json of that directory is kept: the replay rewrites it at once)."""
 
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
@@ -121,6 +130,13 @@ def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> No
     """``--resume`` of a run with nothing left to do is refused rather than redone: its search
     (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
     search. So is one whose config.json no longer names the network its search was of."""
+    done = len(state.get("episodes", []))
+    if cfg.search_more and cfg.timesteps is None and cfg.episodes < done:
+        raise RlMtdError(
+            f"--resume {run_dir} --episodes {cfg.episodes}: --episodes is the search's total, "
+            f"and this run has done {done} already; pass --episodes above {done} to search "
+            "longer, or leave it out to go on with what was interrupted"
+        )
     best = (state.get("best") or {}).get("policy") or {}
     if best and (best.get("net"), best.get("width")) != (cfg.net, cfg.width):
         raise RlMtdError(
@@ -131,7 +147,6 @@ def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> No
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return
-    done = len(state.get("episodes", []))
     if cfg.replay is None:
         if not search_finished(cfg, state):
             return
@@ -201,6 +216,13 @@ def run(
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     if need_baseline:  # where the trained baseline will be kept
         check_writable(baseline_cache_path(cfg, data.key).parent)
+    if device.type == "cpu" and cfg.preset == "paper":
+        log.warning(
+            "a paper-scale run without a GPU takes days; consider --preset cpu (and --width "
+            "0.25). Timing this CPU for the plan first (a minute or two at this scale)"
+        )
+    else:
+        log.info("timing this device for the plan")
     timing = measure(cfg, splits, device, proxy_config(cfg), search=replay is None)
     search_done = replay is None and cfg.resume is not None and search_finished(cfg, state)
     estimate = print_plan(
@@ -229,6 +251,8 @@ def run(
         if run_dir.exists() and cfg.overwrite:
             for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
                 target = run_dir / stale
+                if replay is not None and target.resolve() == replay.path.resolve():
+                    continue
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(

@@ -26,6 +26,10 @@ log = logging.getLogger("rl_mtd")
 PROBE_REPAIR_STEPS = 4
 """Repair steps the episode probe really runs; the rest are extrapolated from the step time."""
 
+SLOW_STEP_SECONDS = 0.5
+"""A warm-up step slower than this (a full-width VGG16 on a CPU: about 5 s) is timed in one
+short round instead of two longer ones, so a dry run takes a minute or two, not ten."""
+
 
 @dataclass
 class Timing:
@@ -62,10 +66,12 @@ def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
     n = min(len(split), batch_size * 4)
     sub = Split(split.x[:n], split.y[:n])
     bs = min(batch_size, n)
-    steps = max(2, n // bs)
+    t0 = time.perf_counter()
     train(probe, sub, config=TrainConfig(steps=2, batch_size=bs))
+    slow = (time.perf_counter() - t0) / 2 > SLOW_STEP_SECONDS
+    steps = 2 if slow else max(2, n // bs)
     rounds = []
-    for _ in range(2):
+    for _ in range(1 if slow else 2):
         t0 = time.perf_counter()
         train(probe, sub, config=TrainConfig(steps=steps, batch_size=bs))
         rounds.append((time.perf_counter() - t0) / steps)
@@ -101,14 +107,16 @@ def _time_episode(
     proxy.evaluate(policy)
     measured = time.perf_counter() - t0
     left = config.repair_steps - probe_steps
-    t_repair = _repair_step_seconds(proxy, compressed) if left else t_step
+    slow = t_step > SLOW_STEP_SECONDS
+    t_repair = _repair_step_seconds(proxy, compressed, slow) if left else t_step
     return measured + left * t_repair, t_repair
 
 
-def _repair_step_seconds(proxy: Proxy, compressed: nn.Module) -> float:
+def _repair_step_seconds(proxy: Proxy, compressed: nn.Module, slow: bool = False) -> float:
     """Seconds per repair step of ``compressed``: the faster of two rounds of (a repair of
     3 x ``PROBE_REPAIR_STEPS`` steps less one of ``PROBE_REPAIR_STEPS``) / the difference, after
-    a warm-up; what every repair costs beyond its steps cancels out."""
+    a warm-up; what every repair costs beyond its steps cancels out. ``slow``: one round of
+    2 x less 1 x, no warm-up (the probe's evaluation just ran this shape)."""
     config = proxy.config
 
     def seconds(steps: int) -> float:
@@ -118,12 +126,14 @@ def _repair_step_seconds(proxy: Proxy, compressed: nn.Module) -> float:
         proxy.repair(model)
         return time.perf_counter() - t0
 
+    long, n_rounds = (2, 1) if slow else (3, 2)
     try:
-        seconds(PROBE_REPAIR_STEPS)  # warm-up
+        if not slow:
+            seconds(PROBE_REPAIR_STEPS)  # warm-up
         rounds = [
-            (seconds(3 * PROBE_REPAIR_STEPS) - seconds(PROBE_REPAIR_STEPS))
-            / (2 * PROBE_REPAIR_STEPS)
-            for _ in range(2)
+            (seconds(long * PROBE_REPAIR_STEPS) - seconds(PROBE_REPAIR_STEPS))
+            / ((long - 1) * PROBE_REPAIR_STEPS)
+            for _ in range(n_rounds)
         ]
     finally:
         proxy.config = config
@@ -255,8 +265,6 @@ def print_plan(
     ]
     for line in lines:
         log.info(line)
-    if device.type == "cpu" and cfg.preset == "paper":
-        log.warning("a paper-scale run without a GPU takes days; consider --preset cpu")
     return est
 
 

@@ -39,9 +39,22 @@ def load_replay(cfg: RunConfig) -> Replay | None:
         meta = read_agent_meta(path)
         _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
         return Replay("agent", path, meta=meta)
+    _check_not_weights(path)
     policy = Policy.load(path)
     _check_same_net(cfg, policy.net, policy.width, f"policy {path}")
     return Replay("policy", path, policy=policy)
+
+
+def _check_not_weights(path: Path) -> None:
+    """A PyTorch file (a zip archive or a legacy pickle) given where a policy.json belongs."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"PK" or head[:1] == b"\x80":
+        raise RlMtdError(
+            f"--replay {path} is a PyTorch file, not a policy; --replay takes a run's policy.json "
+            "or agent.zip (a compressed.pt is already a result: rl_mtd.policy.load_compressed "
+            "rebuilds it; a baseline goes to --checkpoint)"
+        )
 
 
 def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:

@@ -121,6 +121,18 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
 
+def _what_is_left(run_dir: Path) -> str:
+    """The way on from a run whose search state cannot be read."""
+    policy = run_dir / "policy.json"
+    kept = (
+        f"its best policy so far is kept in {policy} (--replay it with --out NEW_DIR to "
+        "fine-tune it), or "
+        if policy.is_file()
+        else ""
+    )
+    return f"{kept}start the search again with --out NEW_DIR"
+
+
 def read_search_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "search_state.json"
     if not path.exists():
@@ -128,9 +140,13 @@ def read_search_state(run_dir: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RlMtdError(f"{path} is damaged ({exc}); the search cannot be resumed") from None
+        raise RlMtdError(
+            f"{path} is damaged ({exc}), so the search cannot be resumed; {_what_is_left(run_dir)}"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("episodes", []), list):
-        raise RlMtdError(f"{path} is not a search state written by run_agent.py")
+        raise RlMtdError(
+            f"{path} is not a search state written by run_agent.py; {_what_is_left(run_dir)}"
+        )
     return state
 
 

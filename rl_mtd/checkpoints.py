@@ -40,9 +40,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "torch.save(model)?), which rl_mtd does not unpickle; save the weights instead: "
                 "torch.save(model.state_dict(), path)"
             ) from None
+        if path.suffix == ".json" or path.name in ("agent.zip",):
+            raise RlMtdError(
+                f"checkpoint {path} is not a PyTorch weights file (a policy or an agent? those "
+                "go to --replay); pass the baseline's .pt file as --checkpoint"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise RlMtdError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {text[:200]}); it may be "
-            "truncated or not a PyTorch file - re-save it or train a new baseline"
+            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch file "
+            f"(torch.load: {first[:160]}); re-save it, or drop --checkpoint to train a baseline"
         ) from None
     if not isinstance(data, dict):
         raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
@@ -97,6 +103,33 @@ def _guess_width(state: dict[str, torch.Tensor], net: str) -> float | None:
     return width if fits else None
 
 
+def _misfit(
+    path: str | os.PathLike,
+    state: dict[str, torch.Tensor],
+    net: str,
+    width: float,
+    num_classes: int,
+    exc: RuntimeError,
+) -> str:
+    """Why a state_dict does not load into ``net``: another net, width or class count when its
+    shapes say so (the likely fix first), else the first line of torch's own complaint."""
+    head = f"checkpoint {path} does not fit {net} at width {width:g}"
+    guess = _guess_net(state)
+    if guess and guess != net:
+        return f"{head}: it looks like a {guess} (its conv count); pass --net {guess}"
+    wide = _guess_width(state, net)
+    if wide is not None and wide != width:
+        return f"{head}: it looks like width {wide:g}; pass --width {wide:g}"
+    linear = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if linear and linear[-1].shape[0] != num_classes:
+        return (
+            f"{head}: its last layer has {linear[-1].shape[0]} outputs, but the data has "
+            f"{num_classes} classes; pass a checkpoint trained on this dataset's classes"
+        )
+    first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
+    return f"{head}:{first[0]}"
+
+
 def check_finite(model: nn.Module, source: str) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -142,14 +175,7 @@ def load_baseline(
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        guess, wide = _guess_net(state), _guess_width(state, net)
-        hint = f" It looks like a {guess}: pass --net {guess}." if guess and guess != net else ""
-        if not hint and wide is not None and wide != width:
-            hint = f" It looks like width {wide:g}: pass --width {wide:g}."
-        first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
-        raise RlMtdError(
-            f"checkpoint {path} does not fit {net} at width {width}:{first[0]}{hint}"
-        ) from None
+        raise RlMtdError(_misfit(path, state, net, width, num_classes, exc)) from None
     check_finite(model, str(path))
     info = {"net": net, "width": width, "num_classes": num_classes, "meta": data.get("meta", {})}
     return model, info

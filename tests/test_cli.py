@@ -356,7 +356,7 @@ def test_unknown_method_suggests_a_name(capsys):
         (["--study-repair-steps", "-2"], "--study-repair-steps must be a whole number >= 0"),
         (["--study-repair-steps", "2"], "add --warm-start sensitivity or --observe study"),
         (
-            ["--study-repair-steps", "2", "--observe", "study", "--replay", "p.json"],
+            ["--study-repair-steps", "2", "--replay", "p.json"],
             "a replay measures the one its agent was trained with",
         ),
         (["--levels", "0.5,2"], "levels must be"),
@@ -904,7 +904,8 @@ def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypa
     assert report["proxy_evaluations"] >= searched > 0, "the search's evaluations still count"
     assert [i["argv"][0] for i in report["invocations"]] == ["--net", "--resume"]
     ref = tmp_path / "uninterrupted"
-    assert main([*argv, "--replay", str(out / "policy.json"), "--out", str(ref)]) == 0
+    replay = [*COMMON, "--finetune-epochs", "2", "--replay", str(out / "policy.json")]
+    assert main([*replay, "--out", str(ref)]) == 0
     assert read_json(ref / "report.json")["finetuned_acc"] == report["finetuned_acc"]
     resumed, whole = load_compressed(out / "compressed.pt"), load_compressed(ref / "compressed.pt")
     for (name, a), b in zip(
@@ -1060,7 +1061,8 @@ def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, cap
         ["--replay", str(run / "agent.zip")],  # a file that --overwrite would clear
     ]
     for extra in battery:
-        argv = [*COMMON, *SEARCH, *extra, "--out", str(run), "--overwrite"]
+        search = [] if extra[0] == "--replay" else SEARCH  # a replay takes no search flags
+        argv = [*COMMON, *search, *extra, "--out", str(run), "--overwrite"]
         with pytest.raises(SystemExit) if extra[1] == "vgg17" else contextlib.nullcontext():
             assert main(argv) != 0, extra
         capsys.readouterr()
@@ -1487,3 +1489,95 @@ def test_resume_keeps_the_study_of_a_run_started_before_the_default(
     assert resumed.study_repair_steps == expected
     assert resumed.study_steps == (50 if expected is None else expected)
     resumed.validate()
+
+
+# ----------------------------------------------------------------------------- bad input, round 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--episodes", "3"], ["--levels", "16,32"], ["--warm-start", "sensitivity"], ["--tradeoff"]],
+)
+def test_replay_refuses_search_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), *extra, "--out", str(out)]
+    err = fail(argv, capsys, "--replay", "searches nothing", f"{extra[0]} would be ignored")
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["another net", "100 classes", "policy file"])
+def test_a_foreign_file_as_checkpoint_leads_with_the_fix(kind, tmp_path, capsys):
+    """A bare state_dict of another VGG or of another class count, or a policy.json given as
+    --checkpoint: one line naming the fix, no list of missing keys, no torch advice to unpickle."""
+    if kind == "another net":
+        ckpt = tmp_path / "vgg13.pt"
+        torch.save(build_vgg("vgg13", width=WIDTH).state_dict(), ckpt)
+        phrase = "pass --net vgg13"
+    elif kind == "100 classes":
+        ckpt = tmp_path / "c100.pt"
+        torch.save(build_vgg(NET, width=WIDTH, num_classes=100).state_dict(), ckpt)
+        phrase = "has 100 outputs, but the data has 10 classes"
+    else:
+        ckpt = tmp_path / "policy.json"
+        Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH).save(ckpt)
+        phrase = "go to --replay"
+    out = tmp_path / "out"
+    err = fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, phrase)
+    assert len(err.strip().splitlines()) == 1
+    assert "Missing key" not in err and "weights_only" not in err
+    assert not out.exists()
+
+
+def test_a_compressed_checkpoint_as_replay_is_named(smoke_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [*COMMON, "--replay", str(smoke_run / "compressed.pt"), "--out", str(out)]
+    fail(argv, capsys, "is a PyTorch file, not a policy", "load_compressed")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--data", "--out", "--checkpoint", "--replay"])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(flag, tmp_path, capsys):
+    argv = [*COMMON, *SEARCH, "--out", str(tmp_path / "out"), flag, ""]
+    fail(argv, capsys, f"{flag} is empty")
+
+
+def test_final_check_beyond_the_episodes_is_refused(tmp_path, capsys):
+    argv = [*COMMON, *SEARCH, "--final-check", "4", "--out", str(tmp_path / "out")]
+    fail(argv, capsys, "--final-check 4", "search of 3 episodes", "--final-check 3 or less")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_fewer_episodes_than_done_is_refused(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = _digest(run)
+    fail(["--resume", str(run), "--episodes", "2"], capsys, "has done 3 already", "above 3")
+    assert _digest(run) == before
+
+
+def test_a_damaged_search_state_says_what_is_left(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "search_state.json").write_text('{"episodes": [')
+    fail(["--resume", str(run), "--episodes", "5"], capsys, "damaged", "--replay it", "NEW_DIR")
+
+
+def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monkeypatch):
+    """--overwrite, then the new run stops in its search: none of the earlier run's results
+    (its policy, report, plots, model, agent) stand beside the new run's config.json."""
+    import agents.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "notes.txt").write_text("mine\n")
+    monkeypatch.setattr(agents.pipeline, "search", interrupted)
+    assert main([*COMMON, *SEARCH, "--out", str(run), "--overwrite"]) == 130
+    stale = (*agents.pipeline.STALE_SEARCH_FILES, *agents.pipeline.STALE_OUTPUTS)
+    assert {"policy.json", "layers.png", "report.json"} <= set(stale)
+    assert [name for name in stale if (run / name).exists()] == []
+    assert read_json(run / "config.json")["overwrite"] is True
+    assert (run / "notes.txt").read_text() == "mine\n", "files of the user's stay"

@@ -30,6 +30,52 @@ def test_repair_step_time_is_the_difference_of_two_repairs(monkeypatch):
     assert proxy.config is config
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_slow_device_is_timed_in_fewer_repairs_with_the_same_answer(slow, monkeypatch):
+    """On a slow device (a full-width VGG16 on a CPU) the repair step is timed from one round of
+    2 x less 1 x the probe's steps, no warm-up: fewer repairs, the same 0.25 s on a fake clock."""
+    clock = types.SimpleNamespace(now=0.0)
+    repairs = []
+
+    class FakeProxy:
+        config = ProxyConfig(repair_steps=200)
+
+        def repair(self, model: nn.Module) -> None:
+            repairs.append(self.config.repair_steps)
+            clock.now += 1.0 + 0.25 * self.config.repair_steps
+
+    monkeypatch.setattr(plan.time, "perf_counter", lambda: clock.now)
+    t = plan._repair_step_seconds(FakeProxy(), nn.Linear(2, 2), slow)
+    assert t == pytest.approx(0.25)
+    steps = plan.PROBE_REPAIR_STEPS
+    assert sum(repairs) == (3 * steps if slow else 9 * steps)
+
+
+def test_a_slow_training_step_is_timed_in_one_short_round(monkeypatch):
+    """A warm-up step slower than SLOW_STEP_SECONDS: one round of 2 steps after the warm-up,
+    not two of 4 batches each."""
+    import torch
+
+    from rl_mtd.data import Split
+
+    calls = []
+    clock = types.SimpleNamespace(now=0.0)
+
+    def fake_train(model, split, *, config):
+        calls.append(config.steps)
+        clock.now += 2.0 * config.steps  # 2 s a step: slow
+
+    monkeypatch.setattr(plan, "train", fake_train)
+    monkeypatch.setattr(plan.time, "perf_counter", lambda: clock.now)
+    split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
+    assert plan._time_train_step(nn.Linear(2, 2), split, 8) == pytest.approx(2.0)
+    assert calls == [2, 2]
+    monkeypatch.setattr(plan, "SLOW_STEP_SECONDS", 10.0)  # the same device counted fast
+    calls.clear()
+    assert plan._time_train_step(nn.Linear(2, 2), split, 8) == pytest.approx(2.0)
+    assert calls == [2, 4, 4]
+
+
 def test_the_plan_counts_what_an_interrupted_baseline_training_did(caplog):
     """A baseline saved half-way (Ctrl-C) is planned as the half left, and the plan says so."""
     import torch
