@@ -122,21 +122,22 @@ RESUME_FLAGS = (
 
 
 def _typed_dests(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
-    """The flags on the command line as typed (abbreviations resolved), by destination."""
+    """The flags on the command line by destination, each named in full (``--epi`` and
+    ``--episodes=3`` as ``--episodes``; ``--no-imitate-best`` as typed)."""
     out = {}
     for token in argv:
         if not token.startswith("--"):
             continue
         name = token.split("=", 1)[0]
         matches = {
-            action.dest
+            action.dest: action.option_strings[0]
             for action in parser._actions
             for option in action.option_strings
             if option == name or (parser.allow_abbrev and option.startswith(name))
         }
-        exact = [a.dest for a in parser._actions if name in a.option_strings]
-        for dest in exact or (matches if len(matches) == 1 else []):
-            out.setdefault(dest, name)
+        exact = {a.dest: name for a in parser._actions if name in a.option_strings}
+        for dest, full in (exact or (matches if len(matches) == 1 else {})).items():
+            out.setdefault(dest, full)
     return out
 
 
@@ -163,17 +164,15 @@ REPLAY_IGNORES = (
     "episodes",
     "timesteps",
     "n_envs",
-    "methods",
-    "levels",
     "warm_start",
     "observe",
     "warm_start_prob",
     "imitate_best",
-    "tradeoff",
     "final_check_epochs",
 )
-"""Search settings a --replay never uses (the policy or the agent's own metadata decides);
---final-check and --study-repair-steps are refused by ``RunConfig.validate`` with reasons."""
+"""Search settings a --replay never uses. --final-check and --study-repair-steps are refused
+by ``RunConfig.validate`` with their reasons; --methods, --levels and the budget flags stay
+(a replayed policy that records no budget is judged by the run's)."""
 
 
 def _check_replay_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
@@ -181,7 +180,7 @@ def _check_replay_flags(parser: argparse.ArgumentParser, argv: list[str]) -> Non
     typed = _typed_dests(parser, argv)
     ignored = [typed[dest] for dest in REPLAY_IGNORES if dest in typed]
     if ignored:
-        raise RlMtdError(
+        parser.error(
             f"--replay applies a saved policy or agent and searches nothing, so "
             f"{', '.join(ignored)} would be ignored; drop {'them' if len(ignored) > 1 else 'it'}, "
             "or search anew without --replay"
@@ -197,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for flag in PATH_FLAGS:  # "--out=~/runs/a" reaches us unexpanded; the run uses one path
         value = getattr(args, flag)
+        if isinstance(value, str) and not value.strip():  # not "." by accident
+            parser.error(f"--{flag} is empty; pass a path, or leave --{flag} out")
         if isinstance(value, str) and value.startswith("~"):
             setattr(args, flag, os.path.expanduser(value))
     if args.resume is not None:
         _check_resume_flags(parser, args, argv)
+    elif args.replay is not None:
+        _check_replay_flags(parser, argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet and not args.dry_run else logging.INFO,
         format="%(message)s",
@@ -224,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
                 dry_run=args.dry_run,
             )
         else:
-            if args.replay:  # an empty --replay is refused as such by RunConfig.validate
-                _check_replay_flags(parser, argv)
             cfg = config_from_args(args, argv)
         with (
             search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode,

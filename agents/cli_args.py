@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into an existing --out, first clearing "
-        "the old run's search (agent, episodes, search state, tb/) and report",
+        help="write into an existing --out, first clearing every file of the old run listed "
+        "in README's 'What a run writes' but config.json (other files stay)",
     )
     p.add_argument(
         "--dry-run",

@@ -326,16 +326,22 @@ class RunConfig:
                 "mode they differ in size, and accuracy alone would keep the largest. Give a "
                 "--target-ratio, --target-macs or --target-latency"
             )
-        if self.final_check > 1 and self.timesteps is None and self.final_check > self.episodes:
-            raise RlMtdError(
-                f"--final-check {self.final_check} asks for more candidates than a search of "
-                f"{self.episodes} episodes gives; pass --final-check {self.episodes} or less, or "
-                "more --episodes"
-            )
         if self.final_check > 1 and self.replay is not None:
             raise RlMtdError(
                 "--final-check chooses among a search's best candidates, and --replay applies "
                 "one given policy or agent; drop one of them"
+            )
+        # Each episode gives at most one candidate, and a warm start its policy besides.
+        most = self.episodes + (self.warm_start == "sensitivity")
+        if self.final_check > most and self.timesteps is None:
+            fix = (
+                f"--episodes {self.final_check - most + self.episodes} or more"
+                if self.resume is not None
+                else f"--final-check {most} or less, or more --episodes"
+            )
+            raise RlMtdError(
+                f"--final-check {self.final_check} asks for more candidates than a search of "
+                f"{self.episodes} episodes gives (at most {most}); pass {fix}"
             )
         for flag, value in (
             ("--baseline-epochs", self.baseline_epochs),
@@ -375,14 +381,6 @@ class RunConfig:
             raise RlMtdError(f"--fit {self.fit!r}: choose one of {', '.join(FITS)}")
         if not (isinstance(self.kd, int | float) and 0 <= self.kd <= 1):
             raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
-        for flag, value in (
-            ("--data", self.data),
-            ("--out", self.out),
-            ("--checkpoint", self.checkpoint),
-            ("--replay", self.replay),
-        ):
-            if value is not None and not str(value).strip():
-                raise RlMtdError(f"{flag} is empty; pass a path, or leave {flag} out")
         _check_file("--checkpoint", self.checkpoint, "a baseline checkpoint (.pt)")
         _check_file("--replay", self.replay, "its policy.json or agent.zip")
         if self.resume is None and self.out is not None and Path(self.out).exists():

@@ -79,8 +79,7 @@ STALE_OUTPUTS = (
     "model.onnx",
     "model.torchscript.pt",
 )
-"""Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one (a
-replayed policy.json of that directory is kept: the replay rewrites it at once)."""
+"""Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one."""
 
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
@@ -165,7 +164,8 @@ def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> No
 
 def _check_not_cleared(path: Path, run_dir: Path) -> None:
     """--overwrite clears the old search's files first; the replayed file must not be one."""
-    if path.resolve() in {(run_dir / name).resolve() for name in STALE_SEARCH_FILES}:
+    cleared = (*STALE_SEARCH_FILES, *STALE_OUTPUTS)
+    if path.resolve() in {(run_dir / name).resolve() for name in cleared}:
         raise RlMtdError(
             f"--replay {path} is a file of --out {run_dir}, which --overwrite clears before the "
             "replay reads it; copy it elsewhere first or pass another --out"
@@ -218,8 +218,9 @@ def run(
         check_writable(baseline_cache_path(cfg, data.key).parent)
     if device.type == "cpu" and cfg.preset == "paper":
         log.warning(
-            "a paper-scale run without a GPU takes days; consider --preset cpu (and --width "
-            "0.25). Timing this CPU for the plan first (a minute or two at this scale)"
+            "a paper-scale run without a GPU takes days; consider --preset cpu%s. Timing this "
+            "CPU for the plan first",
+            " and --width 0.25" if cfg.width > 0.25 else "",
         )
     else:
         log.info("timing this device for the plan")
@@ -251,8 +252,6 @@ def run(
         if run_dir.exists() and cfg.overwrite:
             for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
                 target = run_dir / stale
-                if replay is not None and target.resolve() == replay.path.resolve():
-                    continue
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(

@@ -27,8 +27,9 @@ PROBE_REPAIR_STEPS = 4
 """Repair steps the episode probe really runs; the rest are extrapolated from the step time."""
 
 SLOW_STEP_SECONDS = 0.5
-"""A warm-up step slower than this (a full-width VGG16 on a CPU: about 5 s) is timed in one
-short round instead of two longer ones, so a dry run takes a minute or two, not ten."""
+"""A training step slower than this after the warm-up (a full-width VGG16 on a CPU: seconds) is
+timed once, and a repair step in one short round, so that a dry run there takes a minute or two
+rather than ten."""
 
 
 @dataclass
@@ -60,22 +61,25 @@ def measure(
 
 
 def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
-    """Seconds per training step: the faster of two timed rounds on a throwaway copy, after a
-    warm-up (the first steps of a new shape are several times slower)."""
+    """Seconds per training step on a throwaway copy, after a warm-up (the first steps of a new
+    shape are several times slower): one timed step, and where that is not slow (under
+    ``SLOW_STEP_SECONDS``) the faster of two timed rounds of a few steps."""
     probe = copy.deepcopy(model)
     n = min(len(split), batch_size * 4)
     sub = Split(split.x[:n], split.y[:n])
     bs = min(batch_size, n)
-    t0 = time.perf_counter()
     train(probe, sub, config=TrainConfig(steps=2, batch_size=bs))
-    slow = (time.perf_counter() - t0) / 2 > SLOW_STEP_SECONDS
-    steps = 2 if slow else max(2, n // bs)
-    rounds = []
-    for _ in range(1 if slow else 2):
+
+    def per_step(steps: int) -> float:
         t0 = time.perf_counter()
         train(probe, sub, config=TrainConfig(steps=steps, batch_size=bs))
-        rounds.append((time.perf_counter() - t0) / steps)
-    return min(rounds)
+        return (time.perf_counter() - t0) / steps
+
+    one = per_step(1)
+    if one > SLOW_STEP_SECONDS:
+        return one
+    steps = max(2, n // bs)
+    return min(per_step(steps) for _ in range(2))
 
 
 def _time_episode(

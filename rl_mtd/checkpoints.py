@@ -40,15 +40,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "torch.save(model)?), which rl_mtd does not unpickle; save the weights instead: "
                 "torch.save(model.state_dict(), path)"
             ) from None
-        if path.suffix == ".json" or path.name in ("agent.zip",):
+        if isinstance(exc, OSError):
+            raise RlMtdError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+        if path.suffix in (".json", ".zip"):  # torch.load failed: not a torch.save file
             raise RlMtdError(
-                f"checkpoint {path} is not a PyTorch weights file (a policy or an agent? those "
-                "go to --replay); pass the baseline's .pt file as --checkpoint"
+                f"{path} is not a PyTorch checkpoint but a {path.suffix} file (a policy.json or "
+                "an agent.zip? those are replayed, not loaded as weights)"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise RlMtdError(
             f"checkpoint {path} cannot be read: it is truncated or not a PyTorch file "
-            f"(torch.load: {first[:160]}); re-save it, or drop --checkpoint to train a baseline"
+            f"(torch.load: {first[:160]}); re-save it"
         ) from None
     if not isinstance(data, dict):
         raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from agents.cli import main
-from agents.config import PRESETS
+from agents.config import PRESETS, RunConfig
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
+from rl_mtd.errors import RlMtdError
 from rl_mtd.evaluation import evaluate
 from rl_mtd.io import CACHE_ENV, DATA_ENV
 from rl_mtd.metrics import count_params
@@ -1058,7 +1059,8 @@ def test_bad_input_leaves_an_earlier_run_byte_identical(smoke_run, tmp_path, cap
         ["--replay", str(report)],
         ["--data", str(tmp_path / "no-such-data")],
         ["--seed", "-1"],
-        ["--replay", str(run / "agent.zip")],  # a file that --overwrite would clear
+        ["--replay", str(run / "agent.zip")],  # files that --overwrite would clear
+        ["--replay", str(run / "policy.json")],
     ]
     for extra in battery:
         search = [] if extra[0] == "--replay" else SEARCH  # a replay takes no search flags
@@ -1495,15 +1497,37 @@ def test_resume_keeps_the_study_of_a_run_started_before_the_default(
 
 
 @pytest.mark.parametrize(
-    "extra",
-    [["--episodes", "3"], ["--levels", "16,32"], ["--warm-start", "sensitivity"], ["--tradeoff"]],
+    "extra, named",
+    [
+        (["--episodes", "3"], "--episodes"),
+        (["--episodes=3"], "--episodes"),
+        (["--epi", "3"], "--episodes"),  # an abbreviation argparse accepts, named in full
+        (["--warm-start", "sensitivity"], "--warm-start"),
+        (["--no-imitate-best"], "--no-imitate-best"),
+    ],
 )
-def test_replay_refuses_search_flags_it_would_ignore(extra, smoke_run, tmp_path, capsys):
+def test_replay_refuses_search_flags_it_would_ignore(extra, named, smoke_run, tmp_path, capsys):
     out = tmp_path / "r"
     argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), *extra, "--out", str(out)]
-    err = fail(argv, capsys, "--replay", "searches nothing", f"{extra[0]} would be ignored")
-    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below argparse's usage text
+    assert "searches nothing" in err and f"so {named} would be ignored" in err
     assert not out.exists()
+
+
+def test_replay_keeps_the_flags_a_policy_is_judged_by(smoke_run, tmp_path, capsys, caplog):
+    """--levels and --methods stay open to a replay: a policy that records no budget is judged
+    by the run's, whose reach they decide."""
+    policy = Policy.load(smoke_run / "policy.json")
+    bare = tmp_path / "bare.json"
+    dataclasses.replace(policy, meta={}).save(bare)
+    argv = [*COMMON, "--replay", str(bare), "--target-ratio", "32", "--dry-run"]
+    fail([*argv, "--levels", "2,4,8", "--out", str(tmp_path / "r")], capsys, "stronger --levels")
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--levels", "16,32,64", "--out", str(tmp_path / "r")]) == 0
+    assert "dry run: stopped" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["another net", "100 classes", "policy file"])
@@ -1521,7 +1545,7 @@ def test_a_foreign_file_as_checkpoint_leads_with_the_fix(kind, tmp_path, capsys)
     else:
         ckpt = tmp_path / "policy.json"
         Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH).save(ckpt)
-        phrase = "go to --replay"
+        phrase = "those are replayed, not loaded as weights"
     out = tmp_path / "out"
     err = fail([*COMMON, "--checkpoint", str(ckpt), "--out", str(out)], capsys, phrase)
     assert len(err.strip().splitlines()) == 1
@@ -1536,21 +1560,31 @@ def test_a_compressed_checkpoint_as_replay_is_named(smoke_run, tmp_path, capsys)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", ["--data", "--out", "--checkpoint", "--replay"])
+@pytest.mark.parametrize("flag", ["--data", "--out", "--checkpoint", "--replay", "--resume"])
 def test_an_empty_path_is_refused_not_read_as_the_current_directory(flag, tmp_path, capsys):
-    argv = [*COMMON, *SEARCH, "--out", str(tmp_path / "out"), flag, ""]
-    fail(argv, capsys, f"{flag} is empty")
+    with pytest.raises(SystemExit) as exit_:
+        main([*COMMON, "--out", str(tmp_path / "out"), flag, ""])
+    assert exit_.value.code == 2
+    assert f"{flag} is empty" in capsys.readouterr().err
 
 
 def test_final_check_beyond_the_episodes_is_refused(tmp_path, capsys):
     argv = [*COMMON, *SEARCH, "--final-check", "4", "--out", str(tmp_path / "out")]
-    fail(argv, capsys, "--final-check 4", "search of 3 episodes", "--final-check 3 or less")
+    fail(argv, capsys, "--final-check 4", "search of 3 episodes gives (at most 3)", "3 or less")
     assert not (tmp_path / "out").exists()
+    # A warm start's policy is one candidate more.
+    warm = dict(episodes=3, target_ratio=8.0, warm_start="sensitivity")
+    RunConfig.with_preset("smoke", **warm, final_check=4).validate()
+    with pytest.raises(RlMtdError, match="at most 4"):
+        RunConfig.with_preset("smoke", **warm, final_check=5).validate()
 
 
 def test_resume_with_fewer_episodes_than_done_is_refused(smoke_run, tmp_path, capsys):
+    """An unfinished run (no report yet) with 3 episodes done: --episodes 2 cannot be honoured,
+    and is refused rather than read as "search no more"."""
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
+    (run / "report.json").unlink()
     before = _digest(run)
     fail(["--resume", str(run), "--episodes", "2"], capsys, "has done 3 already", "above 3")
     assert _digest(run) == before

@@ -51,9 +51,10 @@ def test_a_slow_device_is_timed_in_fewer_repairs_with_the_same_answer(slow, monk
     assert sum(repairs) == (3 * steps if slow else 9 * steps)
 
 
-def test_a_slow_training_step_is_timed_in_one_short_round(monkeypatch):
-    """A warm-up step slower than SLOW_STEP_SECONDS: one round of 2 steps after the warm-up,
-    not two of 4 batches each."""
+def test_a_slow_training_step_is_timed_once(monkeypatch):
+    """After the warm-up, one timed step: slower than SLOW_STEP_SECONDS, that is the answer;
+    otherwise the faster of two rounds of 4 batches. A fake clock: the warm-up's two steps take
+    5 s each (the first steps of a new shape are slow), later steps 2 s."""
     import torch
 
     from rl_mtd.data import Split
@@ -63,17 +64,17 @@ def test_a_slow_training_step_is_timed_in_one_short_round(monkeypatch):
 
     def fake_train(model, split, *, config):
         calls.append(config.steps)
-        clock.now += 2.0 * config.steps  # 2 s a step: slow
+        clock.now += (5.0 if len(calls) == 1 else 2.0) * config.steps
 
     monkeypatch.setattr(plan, "train", fake_train)
     monkeypatch.setattr(plan.time, "perf_counter", lambda: clock.now)
     split = Split(torch.zeros(64, 3, 32, 32, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
     assert plan._time_train_step(nn.Linear(2, 2), split, 8) == pytest.approx(2.0)
-    assert calls == [2, 2]
+    assert calls == [2, 1]
     monkeypatch.setattr(plan, "SLOW_STEP_SECONDS", 10.0)  # the same device counted fast
     calls.clear()
     assert plan._time_train_step(nn.Linear(2, 2), split, 8) == pytest.approx(2.0)
-    assert calls == [2, 4, 4]
+    assert calls == [2, 1, 4, 4]
 
 
 def test_the_plan_counts_what_an_interrupted_baseline_training_did(caplog):
