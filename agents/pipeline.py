@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from agents.replay import (
     with_replayed_budget,
 )
 from agents.report import RunResult, build_report, write_outputs
+from agents.run_dir import check_not_cleared, check_resumable, clear_earlier_run
 from agents.search import (
     env_config,
     finished_search,
@@ -58,28 +58,6 @@ from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
-
-STALE_SEARCH_FILES = (
-    "tb",
-    "episodes.jsonl",
-    "search_state.json",
-    "agent.zip",
-    "reward_curve.png",
-    FINETUNE_STATE,
-    FINAL_CHECK_FILE,
-)
-"""What --overwrite clears before a new run: files a replay would not rewrite, and the
-fine-tune state, whose job is gone."""
-STALE_OUTPUTS = (
-    "policy.json",
-    "report.json",
-    "report.md",
-    "layers.png",
-    "compressed.pt",
-    "model.onnx",
-    "model.torchscript.pt",
-)
-"""Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one."""
 
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
@@ -125,53 +103,6 @@ def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
     )
 
 
-def _check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:
-    """``--resume`` of a run with nothing left to do is refused rather than redone: its search
-    (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
-    search. So is one whose config.json no longer names the network its search was of."""
-    done = len(state.get("episodes", []))
-    if cfg.search_more and cfg.timesteps is None and cfg.episodes < done:
-        raise RlMtdError(
-            f"--resume {run_dir} --episodes {cfg.episodes}: --episodes is the search's total, "
-            f"and this run has done {done} already; pass --episodes above {done} to search "
-            "longer, or leave it out to go on with what was interrupted"
-        )
-    best = (state.get("best") or {}).get("policy") or {}
-    if best and (best.get("net"), best.get("width")) != (cfg.net, cfg.width):
-        raise RlMtdError(
-            f"--resume {run_dir}: config.json names {cfg.net} width {cfg.width:g}, but the "
-            f"run searched {best.get('net')} width {best.get('width')}; config.json was edited: "
-            "put it back, or start a new run with --out NEW_DIR"
-        )
-    report_path = run_dir / "report.json"
-    if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
-        return
-    if cfg.replay is None:
-        if not search_finished(cfg, state):
-            return
-        try:
-            reported = json.loads(report_path.read_text()).get("episodes")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            return  # a damaged report: the resumed run writes a new one
-        if reported != done:
-            return  # the report is of an earlier, shorter search
-    more = f"pass --episodes above {done} to search longer, or " if cfg.replay is None else ""
-    raise RlMtdError(
-        f"--resume {run_dir}: that run is complete (report.json is written and nothing was "
-        f"interrupted); {more}replay its policy.json with --out NEW_DIR to fine-tune it again"
-    )
-
-
-def _check_not_cleared(path: Path, run_dir: Path) -> None:
-    """--overwrite clears the old search's files first; the replayed file must not be one."""
-    cleared = (*STALE_SEARCH_FILES, *STALE_OUTPUTS)
-    if path.resolve() in {(run_dir / name).resolve() for name in cleared}:
-        raise RlMtdError(
-            f"--replay {path} is a file of --out {run_dir}, which --overwrite clears before the "
-            "replay reads it; copy it elsewhere first or pass another --out"
-        )
-
-
 def run(
     cfg: RunConfig,
     *,
@@ -188,9 +119,9 @@ def run(
     # A resumed run's search as saved (read once: the checks, the plan and the search use it).
     state = read_search_state(Path(cfg.resume)) if cfg.resume is not None else {}
     if cfg.resume is not None:
-        _check_resumable(cfg, Path(cfg.resume), state)
+        check_resumable(cfg, Path(cfg.resume), state)
     if replay is not None and cfg.overwrite and cfg.out:
-        _check_not_cleared(replay.path, Path(cfg.out))
+        check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
     # A checkpoint of another net, a whole pickled model or NaN weights: before any work.
     given = (
@@ -250,9 +181,7 @@ def run(
 
     if cfg.resume is None:
         if run_dir.exists() and cfg.overwrite:
-            for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
-                target = run_dir / stale
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            clear_earlier_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             run_dir / "config.json",

@@ -1601,6 +1601,7 @@ def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monk
     """--overwrite, then the new run stops in its search: none of the earlier run's results
     (its policy, report, plots, model, agent) stand beside the new run's config.json."""
     import agents.pipeline
+    import agents.run_dir
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1610,7 +1611,7 @@ def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monk
     (run / "notes.txt").write_text("mine\n")
     monkeypatch.setattr(agents.pipeline, "search", interrupted)
     assert main([*COMMON, *SEARCH, "--out", str(run), "--overwrite"]) == 130
-    stale = (*agents.pipeline.STALE_SEARCH_FILES, *agents.pipeline.STALE_OUTPUTS)
+    stale = (*agents.run_dir.STALE_SEARCH_FILES, *agents.run_dir.STALE_OUTPUTS)
     assert {"policy.json", "layers.png", "report.json"} <= set(stale)
     assert [name for name in stale if (run / name).exists()] == []
     assert read_json(run / "config.json")["overwrite"] is True

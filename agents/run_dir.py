@@ -1,0 +1,93 @@
+"""What a run directory holds: the files --overwrite clears, and the checks that come before a
+run writes into an existing directory (--resume of a finished run, a replayed file about to be
+cleared)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agents.config import RunConfig
+from agents.final_check import FINAL_CHECK_FILE
+from agents.finetune import FINETUNE_STATE
+from agents.search import search_finished
+from rl_mtd.errors import RlMtdError
+
+STALE_SEARCH_FILES = (
+    "tb",
+    "episodes.jsonl",
+    "search_state.json",
+    "agent.zip",
+    "reward_curve.png",
+    FINETUNE_STATE,
+    FINAL_CHECK_FILE,
+)
+"""What --overwrite clears before a new run: files a replay would not rewrite, and the
+fine-tune state, whose job is gone."""
+STALE_OUTPUTS = (
+    "policy.json",
+    "report.json",
+    "report.md",
+    "layers.png",
+    "compressed.pt",
+    "model.onnx",
+    "model.torchscript.pt",
+)
+"""Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one."""
+
+
+def clear_earlier_run(run_dir: Path) -> None:
+    """--overwrite: remove every file an earlier run wrote there (config.json is rewritten);
+    files of the user's stay."""
+    for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
+        target = run_dir / stale
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:
+    """``--resume`` of a run with nothing left to do is refused rather than redone: its search
+    (if any, saved as ``state``) finished, no fine-tune waits, and its report.json is of that
+    search. So is one whose config.json no longer names the network its search was of."""
+    done = len(state.get("episodes", []))
+    if cfg.search_more and cfg.timesteps is None and cfg.episodes < done:
+        raise RlMtdError(
+            f"--resume {run_dir} --episodes {cfg.episodes}: --episodes is the search's total, "
+            f"and this run has done {done} already; pass --episodes above {done} to search "
+            "longer, or leave it out to go on with what was interrupted"
+        )
+    best = (state.get("best") or {}).get("policy") or {}
+    if best and (best.get("net"), best.get("width")) != (cfg.net, cfg.width):
+        raise RlMtdError(
+            f"--resume {run_dir}: config.json names {cfg.net} width {cfg.width:g}, but the "
+            f"run searched {best.get('net')} width {best.get('width')}; config.json was edited: "
+            "put it back, or start a new run with --out NEW_DIR"
+        )
+    report_path = run_dir / "report.json"
+    if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
+        return
+    if cfg.replay is None:
+        if not search_finished(cfg, state):
+            return
+        try:
+            reported = json.loads(report_path.read_text()).get("episodes")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return  # a damaged report: the resumed run writes a new one
+        if reported != done:
+            return  # the report is of an earlier, shorter search
+    more = f"pass --episodes above {done} to search longer, or " if cfg.replay is None else ""
+    raise RlMtdError(
+        f"--resume {run_dir}: that run is complete (report.json is written and nothing was "
+        f"interrupted); {more}replay its policy.json with --out NEW_DIR to fine-tune it again"
+    )
+
+
+def check_not_cleared(path: Path, run_dir: Path) -> None:
+    """--overwrite clears the old search's files first; the replayed file must not be one."""
+    cleared = (*STALE_SEARCH_FILES, *STALE_OUTPUTS)
+    if path.resolve() in {(run_dir / name).resolve() for name in cleared}:
+        raise RlMtdError(
+            f"--replay {path} is a file of --out {run_dir}, which --overwrite clears before the "
+            "replay reads it; copy it elsewhere first or pass another --out"
+        )
