@@ -60,6 +60,16 @@ def policy_key(policy: Policy) -> str:
     return json.dumps([[c.method, c.rank] for c in policy.layers])
 
 
+def describe(meta: dict[str, Any]) -> str:
+    """Where a candidate came from, from its policy's metadata: "the heuristic's policy" for a
+    warm start's, "episode 12" for one of PPO's, else its strategy's name."""
+    if meta.get("strategy") == "sensitivity":
+        return "the heuristic's policy"
+    if meta.get("episode") is not None:
+        return f"episode {meta['episode']}"
+    return str(meta.get("strategy", "the search's best"))
+
+
 def top_candidates(scored: Iterable[Candidate], k: int) -> list[Candidate]:
     """The ``k`` best-scored distinct policies, best first (unscored ones last); of equal
     policies the best-scored counts, and ties keep the order they came in."""
@@ -174,9 +184,10 @@ def final_check(
         row = done.get(key)
         if row is None:
             log.info(
-                "final check: candidate %d of %d (search score %s), %g epochs",
+                "final check: candidate %d of %d, %s (search score %s), %g epochs",
                 i + 1,
                 len(candidates),
+                describe(c.policy.meta),
                 "-" if c.score is None else f"{c.score:.4g}",
                 epochs,
             )
@@ -196,9 +207,10 @@ def final_check(
     seconds = sum(r["seconds"] for r in rows) + sum(r["seconds"] for r in earlier)
     result = CheckResult(chosen, rows, seconds)
     log.info(
-        "final check: kept candidate %d of %d (held-out %.2f%%; the search's best %.2f%%)",
+        "final check: kept candidate %d of %d, %s (held-out %.2f%%; the search's best %.2f%%)",
         chosen + 1,
         len(rows),
+        describe(candidates[chosen].policy.meta),
         100 * rows[chosen]["held_out_acc"],
         100 * rows[0]["held_out_acc"],
     )

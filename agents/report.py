@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
+from agents.final_check import describe
 from agents.speed import LATENCY_BATCHES, latency
 from rl_mtd.decompose import conv_layers, layer_params
 from rl_mtd.io import atomic_path, write_json_atomic, write_text_atomic
@@ -203,15 +204,15 @@ def _final_check_lines(r: dict[str, Any]) -> list[str]:
         f"{len(check['candidates'])} policies, each fine-tuned briefly; the one best on the "
         "held-out (proxy) split was fine-tuned in full.",
         "",
-        "| candidate | search score | held-out accuracy | chosen |",
-        "|-:|-:|-:|-|",
+        "| candidate | from | search score | held-out accuracy | chosen |",
+        "|-:|-|-:|-:|-|",
     ]
     for i, c in enumerate(check["candidates"]):
         score = c["search_score"]
         shown = "-" if score is None else f"{score:.4f}"
         lines.append(
-            f"| {i + 1} | {shown} | {_pct(c['held_out_acc'])} | "
-            f"{'yes' if i == check['chosen'] else ''} |"
+            f"| {i + 1} | {describe(c['policy'].get('meta', {}))} | {shown} | "
+            f"{_pct(c['held_out_acc'])} | {'yes' if i == check['chosen'] else ''} |"
         )
     return lines
 

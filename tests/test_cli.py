@@ -1178,6 +1178,12 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     assert check is not None, "the search and its start give two candidates to check"
     checked = [Policy.from_dict(c["policy"]).choices() for c in check["candidates"]]
     assert start.choices() in checked and len(checked) == 2
+    row = next(
+        line
+        for line in (tmp_path / "second" / "report.md").read_text().splitlines()
+        if "the heuristic's policy" in line
+    )
+    assert row.startswith(f"| {checked.index(start.choices()) + 1} |"), "its row is named"
     best = Policy.from_dict(second["best"]["policy"])
     if best.choices() != start.choices():  # the search moved away: its start is put second
         assert checked == [best.choices(), start.choices()]

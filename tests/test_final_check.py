@@ -8,6 +8,7 @@ import pytest
 
 from agents.final_check import (
     Candidate,
+    describe,
     episode_candidates,
     final_check,
     policy_key,
@@ -87,6 +88,13 @@ def test_the_warm_start_stays_among_the_candidates(model):
     assert [policy_key(c.policy) for c in got] == [keys[0], keys[3]]
     got = episode_candidates(best, episodes, model, 2, net=NET, width=WIDTH, num_classes=10)
     assert [policy_key(c.policy) for c in got] == [keys[0], keys[2]], "no anchor: by reward"
+
+
+def test_candidates_are_named_by_where_they_came_from():
+    assert describe({"strategy": "sensitivity", "target_ratio": 8.0}) == "the heuristic's policy"
+    assert describe({"strategy": "ppo", "episode": 12, "reward": -0.1}) == "episode 12"
+    assert describe({"strategy": "local"}) == "local"
+    assert describe({}) == "the search's best"
 
 
 def test_final_check_keeps_the_best_held_out_and_resumes(model, tmp_path):
