@@ -281,7 +281,11 @@ def layer_scores(
 
 def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
     """Where ``cached_study`` keeps the study: keyed by the baseline's kernels, the proxy's
-    settings and split sizes, and the study's methods and levels."""
+    settings, the proxy split's images and labels (so one checkpoint scored on another dataset,
+    or another draw of the split, gets its own study), the split sizes, and the study's methods
+    and levels."""
+    images = hashlib.sha256(proxy.proxy_split.x.cpu().contiguous().numpy().tobytes())
+    images.update(proxy.proxy_split.y.cpu().contiguous().numpy().tobytes())
     key = hashlib.sha256(
         json.dumps(
             [
@@ -290,6 +294,7 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
                 _settings(proxy.config),
                 len(proxy.train_split),
                 len(proxy.proxy_split),
+                images.hexdigest()[:16],
                 study.methods,
                 study.levels,
             ]

@@ -29,7 +29,7 @@ from rl_mtd.baselines import (
 from rl_mtd.baselines.uniform import _vbmf_choices
 from rl_mtd.budget import DEFAULT_LEVELS as BUDGET_LEVELS
 from rl_mtd.budget import Budget
-from rl_mtd.data import DataSplits
+from rl_mtd.data import DataSplits, Split
 from rl_mtd.decompose import (
     FactorCache,
     conv_layers,
@@ -108,6 +108,27 @@ def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
     # A progress bar follows it: done counts up from what was cached, out of the whole study.
     done, totals = [d for d, _ in progress], {t for _, t in progress}
     assert done == sorted(done) and done[0] > saved and len(totals) == 1 and totals.pop() > done[-1]
+
+
+def test_a_study_is_kept_per_dataset_not_only_per_checkpoint(model, proxy, tiny_splits):
+    """The same baseline scored on other images (another --data of the same sizes, or another
+    draw of the proxy split) must not reuse a study measured on the first."""
+    import agents.warmstart as warmstart
+
+    study = SensitivityStudy(proxy)
+    flipped = Split(tiny_splits.proxy.x.flip(-1), tiny_splits.proxy.y)
+    other = Proxy(
+        model, train_split=tiny_splits.train, proxy_split=flipped, device="cpu", cache=proxy.cache
+    )
+    same = Proxy(
+        model,
+        train_split=tiny_splits.train,
+        proxy_split=tiny_splits.proxy,
+        device="cpu",
+        cache=proxy.cache,
+    )
+    assert warmstart.study_path(same, study) == warmstart.study_path(proxy, study)
+    assert warmstart.study_path(other, study) != warmstart.study_path(proxy, study)
 
 
 def _ratio(model: nn.Module, policy: Policy) -> float:
