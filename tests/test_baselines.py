@@ -479,6 +479,7 @@ def test_random_policies_are_seeded_and_reach_target(model):
     for p in a + c:
         assert len(p.layers) == len(conv_layers(model))
         assert _ratio(model, p) >= 8
+        _assert_settled(model, p, 8)  # at the target like every strategy, not past it
         assert p.meta["strategy"] == "random" and p.meta["target_ratio"] == 8
     assert all((p.net, p.width, p.num_classes) == (NET, WIDTH, 10) for p in a)
     # net and width come from the model's spec or the keywords.
@@ -495,12 +496,15 @@ def test_random_policies_need_net_and_width_for_a_model_without_spec(model):
 
 
 def test_random_policies_respect_methods_and_levels(model):
+    """Draws come from the methods and levels given; settling then only raises ranks (it does
+    not change a method), so no rank is below its layer's smallest level."""
     policies = random_policies(model, 4, 6, methods=("keep", "cp"), levels=(8, 32), seed=3)
     convs = conv_layers(model)
-    allowed = {None} | {rank_for_ratio(conv, "cp", lv) for _, conv in convs for lv in (8, 32)}
     for p in policies:
         assert {c.method for c in p.layers} <= {"keep", "cp"}
-        assert {c.rank for c in p.layers} <= allowed
+        for (_, conv), c in zip(convs, p.layers, strict=True):
+            assert c.method == "keep" or c.rank >= rank_for_ratio(conv, "cp", 32)
+        _assert_settled(model, p, 4)
     with pytest.raises(RlMtdError, match="'keep' alone"):
         random_policies(model, 4, 2, methods=("keep",))
     assert DEFAULT_LEVELS is BUDGET_LEVELS  # one definition, re-exported

@@ -12,7 +12,6 @@ import torch
 from conftest import FakeTimer
 from torch import nn
 
-from rl_mtd.baselines import random_policies
 from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, settle
 from rl_mtd.budget_table import BudgetTable
 from rl_mtd.decompose import METHODS, conv_layers, rank_for_ratio
@@ -41,6 +40,22 @@ def test_layer_block_is_the_conv_with_its_batchnorm_and_relu(model):
     assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
 
 
+def _grid_policies(model, n: int, seed: int) -> list[Policy]:
+    """Random mixed policies whose every layer is at a grid level (timed, not interpolated):
+    keep, or Tucker-2 or CP at 2x, 4x or 8x."""
+    rng = np.random.default_rng(seed)
+    options = [("keep", None)] + [(m, t) for m in METHODS[1:] for t in (2.0, 4.0, 8.0)]
+    out = []
+    for _ in range(n):
+        picks = [options[int(rng.integers(len(options)))] for _ in conv_layers(model)]
+        choices = [
+            (m, None if m == "keep" else rank_for_ratio(c, m, t))
+            for (m, t), (_, c) in zip(picks, conv_layers(model), strict=True)
+        ]
+        out.append(Policy.from_choices(model, choices, net=NET, width=WIDTH))
+    return out
+
+
 def test_prediction_is_exact_for_an_additive_timer(model, latency):
     """With a timer whose cost adds up over layers the sum of the layers is the whole model."""
     timer = FakeTimer()
@@ -48,7 +63,7 @@ def test_prediction_is_exact_for_an_additive_timer(model, latency):
         latency.original_ms
     )
     assert latency.keep_scale == pytest.approx(1.0)
-    for policy in random_policies(model, 4.0, 4, seed=3, net=NET, width=WIDTH):
+    for policy in _grid_policies(model, 4, seed=3):
         built = apply_policy(model, policy, factorize=False)
         measured = timer(built, (4, 3, 32, 32))
         assert latency.predict(policy.choices()) == pytest.approx(measured, rel=1e-9)
@@ -98,7 +113,7 @@ def test_weights_beyond_the_cache_are_charged_to_every_layer_that_has_them(model
         for m in METHODS[1:]
         for t in (2.0, 4.0)
     ]
-    policies += random_policies(model, 2.0, 4, seed=5, net=NET, width=WIDTH)
+    policies += _grid_policies(model, 4, seed=5)
     for policy in policies:
         measured = timer(apply_policy(model, policy, factorize=False), (1, 3, 32, 32))
         assert aware.predict(policy.choices()) == pytest.approx(measured, rel=1e-9)

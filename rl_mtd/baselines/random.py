@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from torch import nn
 
-from rl_mtd.budget import DEFAULT_LEVELS, Budget, check_levels, check_methods
+from rl_mtd.budget import DEFAULT_LEVELS, Budget, BudgetMeter, check_levels, check_methods, settle
 from rl_mtd.budget_table import BudgetTable, OptionIndex
 from rl_mtd.decompose import METHODS
 from rl_mtd.errors import RlMtdError
@@ -37,8 +37,10 @@ def random_policies(
 
     Per layer, a (method, level) drawn uniformly from ``methods`` x ``levels`` (seeded numpy
     generator) goes through ``BudgetTable.wall``, which raises it just enough that the layers
-    still to come can meet the budget (parameters and/or MACs), so every policy meets it (the random agent of AMC's
-    budget-constrained search). ``net``, ``width`` and ``num_classes`` default to the model's
+    still to come can meet the budget (parameters and/or MACs), so every policy meets it (the
+    random agent of AMC's budget-constrained search); then, like every other strategy, it is
+    settled at the budget (``settle``: ranks raised, last layer first, while the budget holds),
+    so it is not compared at a harder budget than the others. ``net``, ``width`` and ``num_classes`` default to the model's
     ``model_spec`` (a model built by ``build_vgg``); ``num_classes`` otherwise to the head's
     outputs. The same seed gives the same policies.
 
@@ -63,6 +65,7 @@ def random_policies(
     methods = check_methods(methods, METHODS)
     table = BudgetTable(model, methods, check_levels(levels))
     table.check_target(budget)
+    meter = BudgetMeter(model, budget)
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n):
@@ -70,6 +73,7 @@ def random_policies(
         for _ in table.layers:
             draw = (int(rng.integers(len(table.methods))), int(rng.integers(len(table.levels))))
             choices.append(table.wall(choices, draw, budget))
+        settled = settle(meter, table.to_choices(choices), reversed(range(len(choices))))
         meta = {
             "strategy": "random",
             **budget.meta(),
@@ -78,7 +82,7 @@ def random_policies(
         }
         policy = Policy.from_choices(
             model,
-            table.to_choices(choices),
+            settled,
             net=net,
             width=width,
             num_classes=num_classes,
