@@ -44,6 +44,7 @@ from agents.search import (
     read_search_state,
     search,
     search_finished,
+    worker_evaluations,
 )
 from agents.speed import write_export
 from rl_mtd.budget import Budget, BudgetMeter
@@ -331,6 +332,12 @@ def run(
         search_seconds=search_seconds,
         episodes=episodes,
         proxy_evaluations=proxy.evaluations
+        + worker_evaluations(
+            cfg,
+            episodes[invocations[-1].get("episodes_before", len(episodes)) :]
+            if invocations
+            else [],
+        )
         + sum(i.get("proxy_evaluations", 0) for i in invocations[:-1]),
         invocations=invocations,
         predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]

@@ -121,6 +121,15 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
 
 
+def worker_evaluations(cfg: RunConfig, episodes: list[dict[str, Any]]) -> int:
+    """Proxy evaluations made in ``--n-envs`` worker processes for ``episodes``: each worker
+    scores with its own proxy, which the main process's count never sees (with one env the
+    episodes are scored by the main proxy and counted there)."""
+    if cfg.n_envs <= 1:
+        return 0
+    return sum(1 for e in episodes if not e.get("cached", False))
+
+
 def _what_is_left(run_dir: Path) -> str:
     """The way on from a run whose search state cannot be read."""
     policy = run_dir / "policy.json"
@@ -270,7 +279,9 @@ def search(
 
     def save() -> None:
         invocation["episodes"] = len(callback.episodes) - episodes_before
-        invocation["proxy_evaluations"] = proxy.evaluations
+        invocation["proxy_evaluations"] = proxy.evaluations + worker_evaluations(
+            cfg, callback.episodes[episodes_before:]
+        )
         if imitate is not None:
             invocation["imitations"] = imitate.clones
             invocation["recentres"] = imitate.recentres

@@ -962,6 +962,10 @@ def test_two_envs_in_subprocesses(tmp_path):
     report = read_json(out / "report.json")
     assert report["episodes"] >= 3
     assert report["compression_ratio"] >= TARGET
+    # Each worker scores with its own proxy: its fresh evaluations are counted all the same.
+    episodes = read_json(out / "search_state.json")["episodes"]
+    fresh = sum(1 for e in episodes if not e["cached"])
+    assert fresh >= 1 and report["proxy_evaluations"] >= fresh
 
 
 def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
