@@ -343,6 +343,11 @@ def run(
         predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]
         budget_met=budget_met,
         final_check=check.to_dict() if check is not None else None,
+        split_sizes={
+            "train": len(splits.train),
+            "proxy": len(splits.proxy),
+            "test": len(splits.test),
+        },
     )
     report = build_report(result, cfg.latency_repeats)
     if cfg.export:

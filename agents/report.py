@@ -56,6 +56,8 @@ class RunResult:
     final_check: dict[str, Any] | None = None
     """With ``--final-check``: ``CheckResult.to_dict()`` (the candidates, their held-out
     accuracy after the short fine-tune, the one chosen)."""
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    """Images in the ``train``, ``proxy`` and ``test`` splits the accuracies were measured on."""
 
 
 def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
@@ -101,7 +103,10 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "proxy_acc": r.proxy_acc,
         "finetuned_acc": r.finetuned_acc,
         "accuracy_drop": r.baseline_acc - r.finetuned_acc,
-        "accuracy_units": "fraction of the test split (0..1)",
+        "accuracy_units": "fractions (0..1): baseline_acc, finetuned_acc and accuracy_drop on "
+        "the test split (test_images), baseline_proxy_acc and proxy_acc on the proxy split "
+        "(proxy_images), which the search and the fine-tune's checkpoint choice also used",
+        **{f"{k}_images": n for k, n in r.split_sizes.items()},
         "params_original": params_o,
         "params_compressed": params_c,
         "compression_ratio": params_o / params_c,
@@ -221,6 +226,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _points(x: float | None) -> str:
+    """A difference of two accuracies, in percentage points."""
+    return "-" if x is None else f"{100 * x:.2f} points"
+
+
+def _images(r: dict[str, Any], split: str) -> str:
+    n = r.get(f"{split}_images")
+    return "" if n is None else f" ({n:,} images)"
+
+
 def write_markdown(path: Path, report: dict[str, Any]) -> None:
     r = report
     lines = [
@@ -264,11 +279,11 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
         "| accuracy | top-1 |",
         "|-|-:|",
-        f"| baseline, test split | {_pct(r['baseline_acc'])} |",
-        f"| baseline, proxy split | {_pct(r.get('baseline_proxy_acc'))} |",
+        f"| baseline, test split{_images(r, 'test')} | {_pct(r['baseline_acc'])} |",
+        f"| baseline, proxy split{_images(r, 'proxy')} | {_pct(r.get('baseline_proxy_acc'))} |",
         f"| compressed, proxy split after BN re-estimate{_repair_label(r)} | {_pct(r['proxy_acc'])} |",
         f"| compressed, test split after fine-tuning | {_pct(r['finetuned_acc'])} |",
-        f"| drop (baseline - fine-tuned, test) | {_pct(r['accuracy_drop'])} |",
+        f"| drop (baseline - fine-tuned, test) | {_points(r['accuracy_drop'])} |",
         "",
         f"Search {r['search_seconds']:.0f} s ({r.get('episodes', 0)} episodes), "
         f"fine-tune {r['finetune_seconds']:.0f} s.",

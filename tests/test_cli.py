@@ -195,6 +195,13 @@ def test_smoke_run_writes_every_file(smoke_run):
     report = read_json(smoke_run / "report.json")
     assert len(rewards) == report["episodes"] == 3
     assert all(math.isfinite(r) for r in rewards)
+    # The report says on how many images each accuracy was measured (synthetic:600,200).
+    assert (report["train_images"], report["proxy_images"], report["test_images"]) == (
+        400,
+        200,
+        200,
+    )
+    assert "| baseline, test split (200 images) |" in (smoke_run / "report.md").read_text()
 
 
 @pytest.mark.slow
