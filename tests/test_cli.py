@@ -202,6 +202,12 @@ def test_smoke_run_writes_every_file(smoke_run):
         200,
     )
     assert "| baseline, test split (200 images) |" in (smoke_run / "report.md").read_text()
+    # Two speed-ups of the inference form: against the eager original and against its own.
+    lat = report["latency_b1"]
+    assert lat["inference_speedup"] == lat["original_ms"] / lat["compressed_inference_ms"]
+    assert lat["inference_form_speedup"] == (
+        lat["original_inference_ms"] / lat["compressed_inference_ms"]
+    )
 
 
 @pytest.mark.slow
