@@ -139,6 +139,8 @@ def main() -> None:
                     "ratio": params0 / count_params(model),
                     "macs_reduction": macs0 / count_macs(model),
                     "test_acc": evaluate(model, splits.test),
+                    # on the proxy split, which chose the checkpoint: compare recipes on this
+                    "heldout_acc": ft.best_acc,
                     # the same weights with BatchNorm statistics re-estimated: what stale running
                     # statistics cost at the end of the fine-tune
                     "test_acc_bn": fresh_bn_accuracy(
@@ -168,8 +170,9 @@ def _summary(rows: list[dict], base_test: float, args) -> str:
         f"{args.net} width {args.width:g}, baseline test accuracy {100 * base_test:.2f}%; "
         f"{machine()}",
         "",
-        "| policy | recipe | settings | seeds | test acc: mean (min-max) | drop | recoveries | s |",
-        "|-|-|-|-:|-:|-:|-:|-:|",
+        "| policy | recipe | settings | seeds | held-out acc: mean | test acc: mean (min-max) "
+        "| drop | recoveries | s |",
+        "|-|-|-|-:|-:|-:|-:|-:|-:|",
     ]
     for key in dict.fromkeys((r["policy"], r["recipe"]) for r in rows):
         g = [r for r in rows if (r["policy"], r["recipe"]) == key]
@@ -177,8 +180,10 @@ def _summary(rows: list[dict], base_test: float, args) -> str:
         s = g[0]["settings"]
         settings = ", ".join(f"{k} {v:g}" for k, v in s.items() if k != "name")
         mean = statistics.mean(acc)
+        held = [100 * r["heldout_acc"] for r in g if r.get("heldout_acc") is not None]
+        shown = f"{statistics.mean(held):.2f}%" if held else "-"
         lines.append(
-            f"| {key[0]} | {key[1]} | {settings} | {len(g)} | {mean:.2f}% "
+            f"| {key[0]} | {key[1]} | {settings} | {len(g)} | {shown} | {mean:.2f}% "
             f"({min(acc):.2f}-{max(acc):.2f}) | {100 * base_test - mean:.2f} | "
             f"{sum(r['recoveries'] for r in g)} | {statistics.mean(r['seconds'] for r in g):.0f} |"
         )
