@@ -61,6 +61,36 @@ from rl_mtd.train_state import saved_progress
 log = logging.getLogger("rl_mtd")
 
 
+MEMORISED_GAP = 0.05
+"""A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
+
+
+def _warn_about_baseline(baseline_acc: float, proxy: Proxy) -> None:
+    """Warn about a baseline whose numbers would mislead: one at chance, or one that scores
+    far better on the proxy split (cut from CIFAR-10's training images) than on test, as a
+    checkpoint trained on all 50,000 training images does."""
+    chance = 1.0 / proxy.num_classes
+    if baseline_acc < 1.5 * chance:
+        log.warning(
+            "the baseline is at about chance (%.2f%%; guessing gives %.0f%%): its training "
+            "diverged (lower --lr) or was far too short (--baseline-epochs), or --checkpoint is "
+            "not a trained model; compressing it measures nothing",
+            100 * baseline_acc,
+            100 * chance,
+        )
+    elif proxy.baseline_acc - baseline_acc > MEMORISED_GAP:
+        log.warning(
+            "the baseline scores %.2f%% on the proxy split but %.2f%% on test: it was probably "
+            "trained on the proxy's %d images (they are cut from CIFAR-10's training set by "
+            "--seed), so the search ranks policies on images the network memorised; use a "
+            "checkpoint trained without them (rl_mtd.data.make_splits gives the same split) "
+            "or let run_agent.py train one",
+            100 * proxy.baseline_acc,
+            100 * baseline_acc,
+            len(proxy.proxy_split),
+        )
+
+
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
     """The latency model's prediction for ``policy`` (None without ``--target-latency``)."""
     lm = latency_model(cfg, proxy.device)
@@ -202,15 +232,7 @@ def run(
         100 * baseline_acc,
         100 * proxy.baseline_acc,
     )
-    chance = 1.0 / proxy.num_classes
-    if baseline_acc < 1.5 * chance:
-        log.warning(
-            "the baseline is at about chance (%.2f%%; guessing gives %.0f%%): its training "
-            "diverged (lower --lr) or was far too short (--baseline-epochs), or --checkpoint is "
-            "not a trained model; compressing it measures nothing",
-            100 * baseline_acc,
-            100 * chance,
-        )
+    _warn_about_baseline(baseline_acc, proxy)
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
     search_seconds, interrupted = 0.0, False

@@ -1679,3 +1679,27 @@ def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monk
     assert [name for name in stale if (run / name).exists()] == []
     assert read_json(run / "config.json")["overwrite"] is True
     assert (run / "notes.txt").read_text() == "mine\n", "files of the user's stay"
+
+
+@pytest.mark.parametrize(
+    "test_acc, proxy_acc, phrase",
+    [
+        (0.11, 0.12, "at about chance"),
+        (0.80, 0.99, "probably trained on the proxy's 2000 images"),
+        (0.80, 0.83, None),  # sampling noise of a 2,000-image split: no warning
+    ],
+)
+def test_a_misleading_baseline_is_named(test_acc, proxy_acc, phrase, caplog):
+    """A checkpoint trained on all 50,000 training images has seen the proxy split: the search
+    would rank policies on memorised images, so the run says so."""
+    from types import SimpleNamespace
+
+    from agents.pipeline import _warn_about_baseline
+
+    proxy = SimpleNamespace(num_classes=10, baseline_acc=proxy_acc, proxy_split=[None] * 2000)
+    with caplog.at_level("WARNING"):
+        _warn_about_baseline(test_acc, proxy)
+    if phrase is None:
+        assert not caplog.records
+    else:
+        assert phrase in caplog.text
