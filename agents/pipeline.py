@@ -226,7 +226,7 @@ def run(
             },
         )
 
-    baseline_acc = evaluate(baseline, splits.test)
+    baseline_acc = evaluate(baseline, splits.test, full_precision=True)
     log.info(
         "baseline: test accuracy %.2f%%, proxy accuracy %.2f%%",
         100 * baseline_acc,
@@ -331,7 +331,7 @@ def run(
                 run_dir / "policy.json",
             )
         raise
-    finetuned_acc = evaluate(compressed, splits.test)
+    finetuned_acc = evaluate(compressed, splits.test, full_precision=True)
     save_compressed(
         run_dir / "compressed.pt",
         compressed,

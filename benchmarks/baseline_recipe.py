@@ -115,7 +115,7 @@ def main() -> None:
         row = {
             "recipe": name,
             "config": {k: getattr(tcfg, k) for k, _ in KEYS.values()},
-            "test_acc": evaluate(model, splits.test),
+            "test_acc": evaluate(model, splits.test, full_precision=True),
             "test_acc_flip": flip_accuracy(model, splits.test),
             "heldout_acc": result.best_acc,
             "recoveries": result.recoveries,

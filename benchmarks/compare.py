@@ -200,7 +200,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cfg, splits, baseline, device = setup(args)
-    base_test = evaluate(baseline, splits.test)
+    base_test = evaluate(baseline, splits.test, full_precision=True)
     params0, macs0 = count_params(baseline), count_macs(baseline)
     # The agent's and random's levels (DEFAULT_LEVELS) and the sensitivity study's.
     prefill_s, _ = prefill_factors(baseline, sorted(set(DEFAULT_LEVELS) | set(SENSITIVITY_LEVELS)))
@@ -349,7 +349,7 @@ def main() -> None:
                 model = proxy.compress(policy)
                 ft = finetune(ft_cfg, model, baseline, splits) if args.finetune_epochs > 0 else None
                 recoveries = ft.recoveries if ft is not None else 0
-                test = evaluate(model, splits.test)
+                test = evaluate(model, splits.test, full_precision=True)
                 b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
                 row = {
                     "strategy": name,

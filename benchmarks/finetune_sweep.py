@@ -93,7 +93,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     cfg, splits, baseline, device = setup(args)
-    base_test = evaluate(baseline, splits.test)
+    base_test = evaluate(baseline, splits.test, full_precision=True)
     proxy = make_proxy(args, baseline, splits, device)
     policies = [(Path(f).stem, Policy.load(f)) for f in args.policy]
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
@@ -138,7 +138,7 @@ def main() -> None:
                     "seed": seed,
                     "ratio": params0 / count_params(model),
                     "macs_reduction": macs0 / count_macs(model),
-                    "test_acc": evaluate(model, splits.test),
+                    "test_acc": evaluate(model, splits.test, full_precision=True),
                     # on the proxy split, which chose the checkpoint: compare recipes on this
                     "heldout_acc": ft.best_acc,
                     # the same weights with BatchNorm statistics re-estimated: what stale running

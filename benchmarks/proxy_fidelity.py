@@ -73,7 +73,7 @@ def main() -> None:
     policies = random_policies(
         baseline, args.target, args.policies, seed=args.seed, net=args.net, width=args.width
     )
-    base_test = evaluate(baseline, splits.test)
+    base_test = evaluate(baseline, splits.test, full_precision=True)
     rows = []
     for i, policy in enumerate(policies):
         t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def main() -> None:
                 epochs=args.finetune_epochs, lr=args.finetune_lr, schedule="cosine", seed=ft_seed
             ),
         )
-        test = evaluate(model, splits.test)
+        test = evaluate(model, splits.test, full_precision=True)
         rows.append(
             {
                 "policy": i + 1,

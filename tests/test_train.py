@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -333,3 +334,22 @@ def test_schedules_warm_up_then_decay_or_hold():
     assert _lr_factor("cosine", 0.5) < 0.6
     assert [_lr_factor("constant", t) for t in (0.2, 0.5, 1.0)] == [1.0, 1.0, 1.0]
     assert _lr_factor("onecycle", 0.1) < 1.0  # its warm-up is longer
+
+
+def test_a_reported_accuracy_is_measured_in_float32(splits, trained, monkeypatch):
+    """The proxy evaluates under bf16 autocast on CUDA; a report's test accuracy is measured in
+    float32, as the saved and exported model runs (the autocast is not entered at all)."""
+    import rl_mtd.evaluation as evaluation
+
+    entered = []
+
+    def spy(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    model, _ = trained
+    monkeypatch.setattr(evaluation, "autocast", spy)
+    fast = evaluate(model, splits.proxy)
+    assert len(entered) == 1
+    exact = evaluate(model, splits.proxy, full_precision=True)
+    assert len(entered) == 1 and exact == fast  # the same arithmetic on the CPU
