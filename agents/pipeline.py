@@ -65,10 +65,11 @@ MEMORISED_GAP = 0.05
 """A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
 
 
-def _warn_about_baseline(baseline_acc: float, proxy: Proxy) -> None:
+def _warn_about_baseline(baseline_acc: float, proxy: Proxy, checkpoint: bool = True) -> None:
     """Warn about a baseline whose numbers would mislead: one at chance, or one that scores
     far better on the proxy split (cut from CIFAR-10's training images) than on test, as a
-    checkpoint trained on all 50,000 training images does."""
+    checkpoint trained on all 50,000 training images does (``checkpoint``: the baseline was
+    given, not trained by this run)."""
     chance = 1.0 / proxy.num_classes
     if baseline_acc < 1.5 * chance:
         log.warning(
@@ -79,12 +80,18 @@ def _warn_about_baseline(baseline_acc: float, proxy: Proxy) -> None:
             100 * chance,
         )
     elif proxy.baseline_acc - baseline_acc > MEMORISED_GAP:
+        why = (
+            "it was probably trained on the proxy's %d images (they are cut from CIFAR-10's "
+            "training set by --seed), so the search ranks policies on images the network "
+            "memorised; use a checkpoint trained without them (rl_mtd.data.make_splits gives "
+            "the same split) or let run_agent.py train one"
+            if checkpoint
+            else "the proxy's %d images were held out from its training, so the test split "
+            "differs from the training images (another --data for test?) or --proxy-size is "
+            "too small to measure; the search's ranking may not carry over to test"
+        )
         log.warning(
-            "the baseline scores %.2f%% on the proxy split but %.2f%% on test: it was probably "
-            "trained on the proxy's %d images (they are cut from CIFAR-10's training set by "
-            "--seed), so the search ranks policies on images the network memorised; use a "
-            "checkpoint trained without them (rl_mtd.data.make_splits gives the same split) "
-            "or let run_agent.py train one",
+            "the baseline scores %.2f%% on the proxy split but %.2f%% on test: " + why,
             100 * proxy.baseline_acc,
             100 * baseline_acc,
             len(proxy.proxy_split),
@@ -232,7 +239,7 @@ def run(
         100 * baseline_acc,
         100 * proxy.baseline_acc,
     )
-    _warn_about_baseline(baseline_acc, proxy)
+    _warn_about_baseline(baseline_acc, proxy, checkpoint=given is not None)
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
     search_seconds, interrupted = 0.0, False

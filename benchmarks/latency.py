@@ -193,7 +193,7 @@ def _load() -> str:
 
 
 def default_policies(model: nn.Module, net: str, width: float, target: float) -> list[Policy]:
-    mixed = random_policies(model, target, 1, seed=0, net=net, width=width)[0]
+    mixed = random_policies(model, target, 1, seed=0, net=net, width=width, settled=False)[0]
     return [
         uniform_policy(model, "tucker2", target, net=net, width=width),
         uniform_policy(model, "cp", target, net=net, width=width),

@@ -82,7 +82,7 @@ def policies(original: nn.Module, args: argparse.Namespace) -> list[tuple[str, P
     for t in (float(v) for v in args.targets.split(",")):
         out.append((f"tucker2 {t:g}x", uniform_policy(original, "tucker2", t, **kw)))
         out.append((f"cp {t:g}x", uniform_policy(original, "cp", t, **kw)))
-        mixed = random_policies(original, t, args.random, seed=args.seed, **kw)
+        mixed = random_policies(original, t, args.random, seed=args.seed, settled=False, **kw)
         out += [(f"random {t:g}x #{k}", p) for k, p in enumerate(mixed)]
     return out
 

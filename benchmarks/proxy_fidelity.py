@@ -71,7 +71,13 @@ def main() -> None:
         "repair": make(proxy_config(args)),
     }
     policies = random_policies(
-        baseline, args.target, args.policies, seed=args.seed, net=args.net, width=args.width
+        baseline,
+        args.target,
+        args.policies,
+        seed=args.seed,
+        net=args.net,
+        width=args.width,
+        settled=False,
     )
     base_test = evaluate(baseline, splits.test, full_precision=True)
     rows = []

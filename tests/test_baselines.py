@@ -505,6 +505,12 @@ def test_random_policies_respect_methods_and_levels(model):
         for (_, conv), c in zip(convs, p.layers, strict=True):
             assert c.method == "keep" or c.rank >= rank_for_ratio(conv, "cp", 32)
         _assert_settled(model, p, 4)
+    # Unsettled (for benchmarks that time or prefill grid options): every rank on the grid.
+    allowed = {None} | {rank_for_ratio(conv, "cp", lv) for _, conv in convs for lv in (8, 32)}
+    for p in random_policies(
+        model, 4, 6, methods=("keep", "cp"), levels=(8, 32), seed=3, settled=False
+    ):
+        assert {c.rank for c in p.layers} <= allowed and _ratio(model, p) >= 4
     with pytest.raises(RlMtdError, match="'keep' alone"):
         random_policies(model, 4, 2, methods=("keep",))
     assert DEFAULT_LEVELS is BUDGET_LEVELS  # one definition, re-exported

@@ -201,7 +201,11 @@ def test_smoke_run_writes_every_file(smoke_run):
         200,
         200,
     )
-    assert "| baseline, test split (200 images) |" in (smoke_run / "report.md").read_text()
+    md = (smoke_run / "report.md").read_text()
+    assert "| baseline, test split (200 images) |" in md
+    assert "| baseline, proxy split (200 images) |" in md
+    drop = f"| drop (baseline - fine-tuned, test) | {100 * report['accuracy_drop']:.2f} points |"
+    assert drop in md
     # Two speed-ups of the inference form: against the eager original and against its own.
     lat = report["latency_b1"]
     assert lat["inference_speedup"] == lat["original_ms"] / lat["compressed_inference_ms"]
@@ -978,7 +982,7 @@ def test_two_envs_in_subprocesses(tmp_path):
     # Each worker scores with its own proxy: its fresh evaluations are counted all the same.
     episodes = read_json(out / "search_state.json")["episodes"]
     fresh = sum(1 for e in episodes if not e["cached"])
-    assert fresh >= 1 and report["proxy_evaluations"] >= fresh
+    assert fresh >= 2 and report["proxy_evaluations"] >= fresh  # the main process alone: 1
 
 
 def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
@@ -1703,3 +1707,7 @@ def test_a_misleading_baseline_is_named(test_acc, proxy_acc, phrase, caplog):
         assert not caplog.records
     else:
         assert phrase in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _warn_about_baseline(test_acc, proxy, checkpoint=False)  # a baseline this run trained
+    assert "probably trained on the proxy" not in caplog.text

@@ -18,7 +18,7 @@ Strategies (``STRATEGIES``), one module each:
   on VGG-type Networks" (IPDPSW 2021): measure every layer's accuracy under each method and level
   alone, then compress greedily where it costs least accuracy per parameter removed.
 - ``random`` (:func:`random_search`, in ``random``): random per-layer choices pushed through the
-  budget wall, the best by proxy accuracy.
+  budget wall and settled at the budget, the best by proxy accuracy.
 - ``local`` (:func:`local_search`, in ``local``): a hill climb from the sensitivity policy by
   random perturbations through the budget wall, the best by proxy accuracy.
 

@@ -32,6 +32,7 @@ def random_policies(
     net: str | None = None,
     width: float | None = None,
     num_classes: int | None = None,
+    settled: bool = True,
 ) -> list[Policy]:
     """``n`` random policies for ``model`` that each reach ``target``.
 
@@ -40,7 +41,8 @@ def random_policies(
     still to come can meet the budget (parameters and/or MACs), so every policy meets it (the
     random agent of AMC's budget-constrained search); then, like every other strategy, it is
     settled at the budget (``settle``: ranks raised, last layer first, while the budget holds),
-    so it is not compared at a harder budget than the others. ``net``, ``width`` and ``num_classes`` default to the model's
+    so it is not compared at a harder budget than the others; ``settled=False`` keeps every
+    layer on the levels' grid (benchmarks that time or prefill grid options). ``net``, ``width`` and ``num_classes`` default to the model's
     ``model_spec`` (a model built by ``build_vgg``); ``num_classes`` otherwise to the head's
     outputs. The same seed gives the same policies.
 
@@ -73,7 +75,9 @@ def random_policies(
         for _ in table.layers:
             draw = (int(rng.integers(len(table.methods))), int(rng.integers(len(table.levels))))
             choices.append(table.wall(choices, draw, budget))
-        settled = settle(meter, table.to_choices(choices), reversed(range(len(choices))))
+        picked = table.to_choices(choices)
+        if settled:
+            picked = settle(meter, picked, reversed(range(len(picked))))
         meta = {
             "strategy": "random",
             **budget.meta(),
@@ -82,7 +86,7 @@ def random_policies(
         }
         policy = Policy.from_choices(
             model,
-            settled,
+            picked,
             net=net,
             width=width,
             num_classes=num_classes,
