@@ -268,8 +268,10 @@ def search(
     # Timing the layers for a latency budget is charged like the study: everything the model
     # holds, also when read from the cache (what it times later falls inside the clock).
     latency_seconds = latency.seconds if latency is not None else 0.0
-    if episodes_before:
-        study_seconds = latency_seconds = 0.0  # charged by the invocation that started it
+    if episodes_before:  # charged by the invocation that started it
+        latency_seconds = 0.0
+        if study is None or study.evaluations == 0:  # unless measured anew (cache cleared)
+            study_seconds = 0.0
     invocation["study_seconds"] = study_seconds
     # measured by the study's own proxy: not among the search's proxy_evaluations
     invocation["study_evaluations"] = study.evaluations if study is not None else 0
