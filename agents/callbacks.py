@@ -91,19 +91,19 @@ class SearchCallback(BaseCallback):
         self.episodes.append(entry)
         new_best = self.best is None or reward > self.best["reward"]
         if new_best:
-            self.best = {**entry, "policy": info["policy"], "proxy": proxy}
-            write_json_atomic(
-                self.run_dir / "policy.json",
-                {
-                    **info["policy"],
-                    "meta": {
-                        **info["policy"].get("meta", {}),
-                        "reward": reward,
-                        "proxy": proxy,
-                        "episode": entry["episode"],
-                    },
+            # Where it came from travels with it (the final check names its candidates by it).
+            policy = {
+                **info["policy"],
+                "meta": {
+                    "strategy": "ppo",
+                    **info["policy"].get("meta", {}),
+                    "reward": reward,
+                    "proxy": proxy,
+                    "episode": entry["episode"],
                 },
-            )
+            }
+            self.best = {**entry, "policy": policy, "proxy": proxy}
+            write_json_atomic(self.run_dir / "policy.json", policy)
         minutes = max(1e-9, (time.perf_counter() - self._t0) / 60)
         rec = self.logger.record
         rec("search/reward", reward)

@@ -1502,6 +1502,9 @@ def test_final_check_fine_tunes_the_best_candidates_and_applies_the_winner(tmp_p
     assert applied == [(c["method"], c["rank"]) for c in chosen["policy"]["layers"]]
     assert report["search_seconds"] >= check["seconds"] > 0, "the check is search time"
     assert "Final check" in (out / "report.md").read_text()
+    # Each candidate is named by where it came from: the search's best by its episode too.
+    best_episode = read_json(out / "search_state.json")["best"]["episode"]
+    assert f"| 1 | episode {best_episode} |" in (out / "report.md").read_text()
 
     # Resumed after the check was cut short: the candidates done are not fine-tuned again.
     saved = read_json(out / "final_check.json")
