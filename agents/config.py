@@ -41,17 +41,11 @@ WARM_STARTS = ("none", "sensitivity")
 OBSERVES = ("layer", "study")
 
 SEARCH_FROM_HEURISTIC: dict[str, Any] = dict(
-    warm_start="sensitivity", observe="study", imitate_best=True, final_check=3
+    warm_start="sensitivity", observe="study", imitate_best=True
 )
 """How the cpu and paper presets search: from the MTD sensitivity heuristic, seeing its study,
 re-centring on the best policy found (BENCHMARKS.md, 16x, 3 seeds: 74.07% against 72.85% for
-local search and 72.30% for the heuristic alone), then choosing among the 3 best candidates,
-the heuristic's own policy always one of them, by short fine-tunes: over the 14 checks in
-BENCHMARKS.md (6 at 50x, 8 anchored at 16x and 8x + 6x MACs) the choice fine-tuned 0.07-9.3
-points above the search's own best in 7, was that best in 6 and 0.42 below it once, and no
-anchored search ended below the heuristic. The preset's check
-yields where it cannot apply (a replay, no budget, fewer episodes). The smoke preset keeps the
-plain agent."""
+local search and 72.30% for the heuristic alone). The smoke preset keeps the plain agent."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: a pipeline check, not a result.
