@@ -7,7 +7,7 @@ import argparse
 import difflib
 import sys
 
-from agents.config import PRESETS
+from agents.presets import PRESETS
 from rl_mtd.decompose import METHODS
 from rl_mtd.models import NET_NAMES
 

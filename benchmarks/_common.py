@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agents.config import REPAIR_STEPS, RunConfig
+from agents.config import RunConfig
 from agents.inputs import get_baseline, load_data
+from agents.presets import REPAIR_STEPS
 from rl_mtd.budget import DEFAULT_LEVELS
 from rl_mtd.budget_table import BudgetTable
 from rl_mtd.data import DataSplits

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from _common import add_common_args, add_proxy_args, machine, prefill_factors, proxy_config, setup
 
-from agents.config import STUDY_REPAIR_STEPS, RunConfig, study_steps
+from agents.config import RunConfig
 from agents.final_check import (
     Candidate,
     episode_candidates,
@@ -39,6 +39,7 @@ from agents.final_check import (
 )
 from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
+from agents.presets import STUDY_REPAIR_STEPS, study_steps
 from agents.search import search
 from agents.warmstart import cached_study, study_proxy
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy

@@ -21,7 +21,7 @@ import time
 
 from _common import add_proxy_args, machine, prefill_factors, proxy_config
 
-from agents.config import REPAIR_STEPS
+from agents.presets import REPAIR_STEPS
 from rl_mtd.baselines import random_policies
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import load_cifar10, make_splits

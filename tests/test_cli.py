@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from agents.cli import main
-from agents.config import PRESETS, RunConfig
+from agents.config import RunConfig
+from agents.presets import PRESETS
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
