@@ -47,6 +47,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         "stages": args.stages,
         "final_check": args.final_check,
         "final_check_epochs": args.final_check_epochs,
+        "final_check_margin": args.final_check_margin,
         "fit": args.fit,
         "warm_start": args.warm_start,
         "observe": args.observe,
@@ -169,6 +170,7 @@ REPLAY_IGNORES = (
     "warm_start_prob",
     "imitate_best",
     "final_check_epochs",
+    "final_check_margin",
 )
 """Search settings a --replay never uses. --final-check and --study-repair-steps are refused
 by ``RunConfig.validate`` with their reasons; --methods, --levels and the budget flags stay

@@ -319,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fine-tune epochs per candidate of --final-check (default 3)",
     )
+    t.add_argument(
+        "--final-check-margin",
+        type=float,
+        default=None,
+        metavar="Z",
+        help="--final-check leaves the policy the search started from (--warm-start "
+        "sensitivity) only for a candidate that beats it on the held-out images by more than Z "
+        "paired standard errors, not for a lead within the check's own noise (default 2; 0: "
+        "any lead)",
+    )
     t.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
     t.add_argument(
         "--lr", type=float, default=None, help="peak learning rate of a new baseline (default 0.05)"

@@ -126,6 +126,10 @@ class RunConfig:
     counts as search time."""
     final_check_epochs: float = 3.0
     """Fine-tune epochs per candidate of the final check (annealed to zero over them)."""
+    final_check_margin: float = 2.0
+    """The final check leaves the policy the search started from (``--warm-start sensitivity``)
+    only for a candidate that beats it on the held-out images by more than this many paired
+    standard errors (0: for any lead)."""
     # replay / resume
     replay: str | None = None
     resume: str | None = None
@@ -271,6 +275,11 @@ class RunConfig:
             raise RlMtdError(
                 f"--final-check {self.final_check} asks for more candidates than a search of "
                 f"{self.episodes} episodes gives (at most {most}); pass {fix}"
+            )
+        if not (math.isfinite(self.final_check_margin) and self.final_check_margin >= 0):
+            raise RlMtdError(
+                f"--final-check-margin must be a number of standard errors >= 0 (0: any lead "
+                f"moves the check off the search's start), got {self.final_check_margin}"
             )
         for flag, value in (
             ("--baseline-epochs", self.baseline_epochs),

@@ -19,20 +19,31 @@ proxy score can trail a searched policy's by a fraction of a point that fine-tun
 the heuristic at 16x), so the check decides by the short fine-tune whether the search improved
 on its start rather than trusting the proxy.
 
+Near the heuristic that anchor is hard to beat by more than the check can see: 3 annealed
+epochs measured on 2,000 held-out images separate policies that end within a point of each
+other no better than a coin (BENCHMARKS.md, "The same at 8x parameters": the check left the
+heuristic's policy for one 0.35 points better held out and 0.65 worse on test). So the anchor
+stays unless a candidate beats it by more than ``--final-check-margin`` paired standard errors
+of the difference of their held-out accuracies, measured image by image on the same images
+(``paired_gap``): a lead within the check's own noise does not move the search off its start.
+
 Each finished candidate is written to ``final_check.json`` at once, so an interrupted check goes
 on with ``--resume`` where it stopped.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from rl_mtd.errors import RlMtdError
@@ -45,6 +56,43 @@ FINAL_CHECK_FILE = "final_check.json"
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency", "latency_batch")
 """What an episode's policy metadata keeps from the search's best (the budget it was searched
 under)."""
+
+
+@dataclass
+class HeldOut:
+    """A candidate's held-out measurement."""
+
+    accuracy: float
+    correct: np.ndarray | None = None
+    """Image by image, whether the candidate's model was right (bool, the held-out split's
+    order): what the paired comparison with the anchor needs; None where not recorded."""
+
+
+def paired_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """How far ``a``'s accuracy leads ``b``'s on the same images (0..1), and the standard error
+    of that lead: the spread of the image-by-image differences over the square root of their
+    number. Two models right and wrong on the same images differ by less noise than two
+    independent samples would: only the images where they disagree count."""
+    if a.shape != b.shape or a.ndim != 1:
+        raise RlMtdError(
+            f"a paired comparison needs the same images for both: got {a.shape} and {b.shape}"
+        )
+    d = a.astype(np.float64) - b.astype(np.float64)
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    return float(d.mean()), se
+
+
+def pack_correct(correct: np.ndarray) -> dict[str, Any]:
+    bits = np.packbits(np.asarray(correct, dtype=bool))
+    return {"n": int(len(correct)), "bits": base64.b64encode(bits.tobytes()).decode("ascii")}
+
+
+def unpack_correct(saved: dict[str, Any]) -> np.ndarray:
+    raw = np.frombuffer(base64.b64decode(saved["bits"], validate=True), dtype=np.uint8)
+    n = saved["n"]
+    if not isinstance(n, int) or not 0 < n <= 8 * len(raw) < n + 8:
+        raise ValueError("a candidate's image-by-image record has the wrong length")
+    return np.unpackbits(raw)[:n].astype(bool)
 
 
 @dataclass
@@ -151,23 +199,41 @@ class CheckResult:
     seconds: float
     """Fine-tuning seconds of every candidate ever checked for this run, those of an
     interrupted earlier invocation (and of candidates no longer among the best) included."""
+    anchor: int | None = None
+    """Index into ``rows`` of the policy the search started from, if it was a candidate."""
+    margin: float = 0.0
+    """Paired standard errors by which a candidate had to beat the anchor."""
 
     @property
     def policy(self) -> Policy:
         return Policy.from_dict(self.rows[self.chosen]["policy"], source=FINAL_CHECK_FILE)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen, "seconds": self.seconds, "candidates": self.rows}
+        """What report.json keeps: the choice and each candidate, without its image-by-image
+        record (``final_check.json`` has it)."""
+        return {
+            "chosen": self.chosen,
+            "anchor": self.anchor,
+            "margin": self.margin,
+            "seconds": self.seconds,
+            "candidates": [{k: v for k, v in r.items() if k != "correct"} for r in self.rows],
+        }
 
 
 def final_check(
     candidates: Sequence[Candidate],
-    held_out_accuracy: Callable[[Policy], float],
+    held_out_accuracy: Callable[[Policy], float | HeldOut],
     *,
     epochs: float,
     path: Path | None = None,
+    anchor: Policy | None = None,
+    margin: float = 0.0,
 ) -> CheckResult:
     """Score each candidate by ``held_out_accuracy(policy)`` (a short fine-tune) and keep the best.
+
+    ``anchor``, when it is among the candidates (the policy the search started from), is kept
+    unless the best beats it by more than ``margin`` paired standard errors (``paired_gap``;
+    it needs both candidates' image-by-image records, else the best is kept as it is).
 
     With ``path``, each finished candidate is saved there at once, and candidates saved there
     before for the same ``epochs`` are not fine-tuned again (``--resume`` after an interrupt);
@@ -192,8 +258,13 @@ def final_check(
                 epochs,
             )
             t0 = time.perf_counter()
-            acc = held_out_accuracy(c.policy)
+            measured = held_out_accuracy(c.policy)
+            if not isinstance(measured, HeldOut):
+                measured = HeldOut(float(measured))
+            acc = measured.accuracy
             row = {"key": key, "held_out_acc": acc, "seconds": time.perf_counter() - t0}
+            if measured.correct is not None:
+                row["correct"] = pack_correct(measured.correct)
             log.info("final check: candidate %d held-out accuracy %.2f%%", i + 1, 100 * acc)
         # This search's view of the policy (its score, its metadata), the saved measurement.
         row = {**row, "policy": c.policy.to_dict(), "search_score": c.score}
@@ -203,9 +274,12 @@ def final_check(
             write_json_atomic(
                 path, {"epochs": epochs, "candidates": rows, "earlier": earlier + pending}
             )
-    chosen = max(range(len(rows)), key=lambda j: (rows[j]["held_out_acc"], -j))
+    best = max(range(len(rows)), key=lambda j: (rows[j]["held_out_acc"], -j))
+    start = policy_key(anchor) if anchor is not None else None
+    anchor_at = keys.index(start) if start in keys else None
+    chosen = _against_anchor(rows, best, anchor_at, margin)
     seconds = sum(r["seconds"] for r in rows) + sum(r["seconds"] for r in earlier)
-    result = CheckResult(chosen, rows, seconds)
+    result = CheckResult(chosen, rows, seconds, anchor=anchor_at, margin=margin)
     log.info(
         "final check: kept candidate %d of %d, %s (held-out %.2f%%; the search's best %.2f%%)",
         chosen + 1,
@@ -215,6 +289,49 @@ def final_check(
         100 * rows[0]["held_out_acc"],
     )
     return result
+
+
+def _against_anchor(
+    rows: list[dict[str, Any]], best: int, anchor: int | None, margin: float
+) -> int:
+    """``best``, unless ``anchor`` is a candidate that ``best`` does not beat by more than
+    ``margin`` paired standard errors; each other candidate's lead over the anchor is recorded
+    in its row (``vs_anchor``, in accuracy units)."""
+    if anchor is None:
+        return best
+    if "correct" not in rows[anchor]:
+        if best != anchor and margin > 0:
+            log.warning(
+                "final check: the search's start has no image-by-image record (a check file "
+                "from an older version); the best held-out is kept without the margin"
+            )
+        return best
+    start = unpack_correct(rows[anchor]["correct"])
+    for j, r in enumerate(rows):
+        if j != anchor and "correct" in r:
+            gap, se = paired_gap(unpack_correct(r["correct"]), start)
+            r["vs_anchor"] = {"gap": gap, "se": se}
+    if best == anchor or margin <= 0:
+        return best
+    lead = rows[best].get("vs_anchor")
+    if lead is None:
+        log.warning(
+            "final check: candidate %d has no image-by-image record; it is kept without the margin",
+            best + 1,
+        )
+        return best
+    if lead["gap"] > margin * lead["se"]:
+        return best
+    log.info(
+        "final check: candidate %d leads the search's start by %.2f points held out, within "
+        "%g paired standard errors (%g x %.2f points): the start is kept",
+        best + 1,
+        100 * lead["gap"],
+        margin,
+        margin,
+        100 * lead["se"],
+    )
+    return anchor
 
 
 def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:
@@ -232,6 +349,8 @@ def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:
                 raise ValueError("a candidate's key does not match its policy")
             if not all(isinstance(r[k], float) for k in ("held_out_acc", "seconds")):
                 raise TypeError("a number is not a number")
+            if "correct" in r:
+                unpack_correct(r["correct"])
             rows[r["key"]] = r
         return rows
     except (ValueError, KeyError, TypeError, AttributeError, RlMtdError):

@@ -21,12 +21,13 @@ from agents.final_check import (
     FINAL_CHECK_FILE,
     Candidate,
     CheckResult,
+    HeldOut,
     episode_candidates,
     final_check,
 )
 from agents.progress import train_bar
 from rl_mtd.data import DataSplits
-from rl_mtd.evaluation import evaluate, reestimate_bn
+from rl_mtd.evaluation import correct_per_image, reestimate_bn
 from rl_mtd.metrics import count_params
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
@@ -160,13 +161,23 @@ def run_final_check(
     short = replace(cfg, finetune_epochs=cfg.final_check_epochs)
     score = partial(held_out_after_finetune, short, proxy, baseline, splits)
     path = run_dir / FINAL_CHECK_FILE if run_dir is not None else None
-    return final_check(candidates, score, epochs=cfg.final_check_epochs, path=path)
+    return final_check(
+        candidates,
+        score,
+        epochs=cfg.final_check_epochs,
+        path=path,
+        anchor=warm_start.policy if warm_start is not None else None,
+        margin=cfg.final_check_margin,
+    )
 
 
 def held_out_after_finetune(
     cfg: RunConfig, proxy: Proxy, baseline: nn.Module, splits: DataSplits, policy: Policy
-) -> float:
+) -> HeldOut:
     """The final check's score of ``policy``: held-out accuracy after ``cfg.finetune_epochs``
-    of ``cfg``'s fine-tune (the best state's, the one the fine-tune keeps)."""
+    of ``cfg``'s fine-tune (the best state's, the one the fine-tune keeps), and image by image
+    whether that state was right (for the paired comparison with the search's start)."""
     model, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits)
-    return ft.best_acc if ft.best_acc is not None else evaluate(model, splits.proxy)
+    correct = correct_per_image(model, splits.proxy).numpy()
+    acc = ft.best_acc if ft.best_acc is not None else float(correct.mean())
+    return HeldOut(acc, correct)

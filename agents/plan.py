@@ -257,6 +257,12 @@ def print_plan(
             [
                 f"     then the final check: the {cfg.final_check} best policies fine-tuned "
                 f"{cfg.final_check_epochs:g} epochs each (~{_fmt(est['final check'])})"
+                + (
+                    f"; the heuristic's policy kept unless beaten by more than "
+                    f"{cfg.final_check_margin:g} paired standard errors"
+                    if cfg.warm_start == "sensitivity" and cfg.final_check_margin > 0
+                    else ""
+                )
             ]
             if est["final check"]
             else []

@@ -203,21 +203,31 @@ def _final_check_lines(r: dict[str, Any]) -> list[str]:
     check = r.get("final_check")
     if not check:
         return []
+    anchor = check.get("anchor")
+    rule = (
+        "the one best on the held-out (proxy) split was fine-tuned in full"
+        if anchor is None
+        else f"the one best on the held-out (proxy) split was fine-tuned in full, unless its lead "
+        f"over the search's start (candidate {anchor + 1}) was within "
+        f"{check.get('margin', 0):g} paired standard errors: then the start was"
+    )
     lines = [
         "",
         f"Final check ({check['seconds']:.0f} s, part of the search's): the search's best "
-        f"{len(check['candidates'])} policies, each fine-tuned briefly; the one best on the "
-        "held-out (proxy) split was fine-tuned in full.",
+        f"{len(check['candidates'])} policies, each fine-tuned briefly; {rule}.",
         "",
-        "| candidate | from | search score | held-out accuracy | chosen |",
-        "|-:|-|-:|-:|-|",
+        "| candidate | from | search score | held-out accuracy | lead over the start "
+        "(paired s.e.) | chosen |",
+        "|-:|-|-:|-:|-:|-|",
     ]
     for i, c in enumerate(check["candidates"]):
         score = c["search_score"]
         shown = "-" if score is None else f"{score:.4f}"
+        lead = c.get("vs_anchor")
+        gap = "-" if lead is None else f"{100 * lead['gap']:+.2f} ({100 * lead['se']:.2f}) points"
         lines.append(
             f"| {i + 1} | {describe(c['policy'].get('meta', {}))} | {shown} | "
-            f"{_pct(c['held_out_acc'])} | {'yes' if i == check['chosen'] else ''} |"
+            f"{_pct(c['held_out_acc'])} | {gap} | {'yes' if i == check['chosen'] else ''} |"
         )
     return lines
 

@@ -179,6 +179,15 @@ def main() -> None:
         "--warm-start sensitivity); default 0",
     )
     p.add_argument("--final-check-epochs", type=float, default=3.0)
+    p.add_argument(
+        "--final-check-margin",
+        type=float,
+        default=2.0,
+        metavar="Z",
+        help="the check leaves the heuristic's policy, where the search started from it, only "
+        "for a lead of more than Z paired standard errors on the held-out images (run_agent.py "
+        "--final-check-margin; 0: any lead); default 2",
+    )
     p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()
@@ -193,6 +202,8 @@ def main() -> None:
     args.study_repair_steps = study_steps(args.repair_steps, args.study_repair_steps)
     if args.final_check < 0 or not args.final_check_epochs > 0:
         p.error("--final-check must be >= 0 and --final-check-epochs positive")
+    if not args.final_check_margin >= 0:
+        p.error(f"--final-check-margin must be >= 0, got {args.final_check_margin}")
     if not args.finetune_epochs >= 0:
         p.error(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")
     targets = [float(t) for t in args.targets.split(",")]
@@ -335,7 +346,9 @@ def main() -> None:
                 )
                 check = None
                 if args.final_check > 1 and len({policy_key(c.policy) for c in scored}) > 1:
-                    if name != "ppo":  # PPO's come ready, its best first
+                    if name == "ppo":  # PPO's come ready, its best first
+                        start = found.warm_start
+                    else:
                         # local search's first evaluation is its start, the heuristic's policy
                         start = scored[0] if name == "local" else None
                         scored = with_anchor(
@@ -343,7 +356,13 @@ def main() -> None:
                         )
                     short = replace(ft_cfg, finetune_epochs=args.final_check_epochs)
                     held_out = partial(held_out_after_finetune, short, proxy, baseline, splits)
-                    check = final_check(scored, held_out, epochs=args.final_check_epochs)
+                    check = final_check(
+                        scored,
+                        held_out,
+                        epochs=args.final_check_epochs,
+                        anchor=start.policy if start is not None else None,
+                        margin=args.final_check_margin,
+                    )
                     policy = check.policy
                     search_s += check.seconds
                 res = proxy.evaluate(policy)
@@ -377,6 +396,9 @@ def main() -> None:
                         "chosen": check.chosen,
                         "seconds": check.seconds,
                         "held_out_acc": [c["held_out_acc"] for c in check.rows],
+                        "anchor": check.anchor,
+                        "margin": check.margin,
+                        "vs_anchor": [c.get("vs_anchor") for c in check.rows],
                         "search_score": [c["search_score"] for c in check.rows],
                         "policies": [c["policy"] for c in check.rows],
                     }

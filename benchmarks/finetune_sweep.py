@@ -13,6 +13,12 @@ and seconds. A recipe is ``name:key=value,...`` with keys
     wd      weight decay (default 5e-4)
     ls      label smoothing (default 0)
 
+Each row keeps, image by image, whether its fine-tuned model was right on the held-out split
+(``heldout_correct``), and with two or more policies a second table gives each policy's held-out
+lead over the first one's, same recipe and seed, with its paired standard error: how the final
+check (``--final-check``, same recipe as ``ft3:fkd=1,ep=3,lr=0.02``) sees two policies, and whether
+``--final-check-margin`` would let it leave the first (the search's start).
+
     python benchmarks/finetune_sweep.py --data ../shared/data/cifar10-jpeg.tar.gz \\
         --baseline-epochs 20 --targets 16 --seeds 0,1 \\
         --recipes "base:lr=0.01" "kd:kd=0.5" "feat:fkd=1" "staged:stages=3"
@@ -29,12 +35,13 @@ from pathlib import Path
 from _common import add_common_args, add_proxy_args, machine, make_proxy, setup
 
 from agents.config import RunConfig
+from agents.final_check import pack_correct, paired_gap, unpack_correct
 from agents.finetune import compress_and_finetune
 from agents.warmstart import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
 from rl_mtd.errors import exit_on_user_error
-from rl_mtd.evaluation import evaluate, fresh_bn_accuracy
+from rl_mtd.evaluation import correct_per_image, evaluate, fresh_bn_accuracy
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.metrics import count_macs, count_params
 from rl_mtd.policy import Policy
@@ -141,6 +148,7 @@ def main() -> None:
                     "test_acc": evaluate(model, splits.test, full_precision=True),
                     # on the proxy split, which chose the checkpoint: compare recipes on this
                     "heldout_acc": ft.best_acc,
+                    "heldout_correct": pack_correct(correct_per_image(model, splits.proxy).numpy()),
                     # the same weights with BatchNorm statistics re-estimated: what stale running
                     # statistics cost at the end of the fine-tune
                     "test_acc_bn": fresh_bn_accuracy(
@@ -160,7 +168,7 @@ def main() -> None:
                 )
                 write_json_atomic(out_dir / "rows.json", rows)
 
-    table = _summary(rows, base_test, args)
+    table = _summary(rows, base_test, args) + _paired(rows)
     print(table)
     write_text_atomic(out_dir / "table.md", table + "\n")
 
@@ -189,6 +197,46 @@ def _summary(rows: list[dict], base_test: float, args) -> str:
             f"{sum(r['recoveries'] for r in g)} | {statistics.mean(r['seconds'] for r in g):.0f} |"
         )
     return "\n".join(lines)
+
+
+def _paired(rows: list[dict]) -> str:
+    """Each policy's held-out lead over the first policy's, recipe by recipe and seed by seed,
+    with its paired standard error (empty with one policy)."""
+    first = rows[0]["policy"] if rows else None
+    pairs = []
+    for r in rows:
+        if r["policy"] == first:
+            continue
+        ref = next(
+            (
+                q
+                for q in rows
+                if q["policy"] == first and (q["recipe"], q["seed"]) == (r["recipe"], r["seed"])
+            ),
+            None,
+        )
+        if ref is None or "heldout_correct" not in ref or "heldout_correct" not in r:
+            continue
+        gap, se = paired_gap(
+            unpack_correct(r["heldout_correct"]), unpack_correct(ref["heldout_correct"])
+        )
+        test = 100 * (r["test_acc"] - ref["test_acc"])
+        pairs.append(
+            f"| {r['policy']} | {r['recipe']} | {r['seed']} | {100 * gap:+.2f} | "
+            f"{100 * se:.2f} | {gap / se if se > 0 else float('inf'):+.2f} | {test:+.2f} |"
+        )
+    if not pairs:
+        return ""
+    head = [
+        "",
+        "",
+        f"Against {first}, same recipe and seed, on the same held-out images:",
+        "",
+        "| policy | recipe | seed | held-out lead (points) | paired s.e. (points) | "
+        "lead / s.e. | test lead (points) |",
+        "|-|-|-:|-:|-:|-:|-:|",
+    ]
+    return "\n".join(head + pairs)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ def _full_precision():
         torch.backends.cudnn.allow_tf32 = saved
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module, split: Split, *, batch_size: int = 1000, full_precision: bool = False
 ) -> float:
@@ -47,18 +46,29 @@ def evaluate(
     On CUDA under bf16 autocast, fast enough for the proxy's many evaluations; with
     ``full_precision`` in float32 without TF32 convolutions, as the saved and exported model
     runs by default: what a report states."""
+    correct = correct_per_image(model, split, batch_size=batch_size, full_precision=full_precision)
+    return int(correct.sum()) / len(correct)
+
+
+@torch.no_grad()
+def correct_per_image(
+    model: nn.Module, split: Split, *, batch_size: int = 1000, full_precision: bool = False
+) -> torch.Tensor:
+    """Whether ``model``'s top-1 class is right, image by image in ``split``'s order (a bool
+    tensor on the CPU): what a paired comparison of two models on the same images needs
+    (``agents.final_check``). Evaluated as :func:`evaluate` does."""
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
     device = model_device(model)
     was_training = model.training
     model.eval()
-    correct = 0
+    hits = []
     loader = DeviceLoader(split.to(device), batch_size, channels_last=device.type == "cuda")
     with _full_precision() if full_precision else autocast(device):
         for x, y in loader:
-            correct += int((model(x).argmax(1) == y).sum())
+            hits.append((model(x).argmax(1) == y).cpu())
     model.train(was_training)
-    return correct / len(split)
+    return torch.cat(hits)
 
 
 @torch.no_grad()

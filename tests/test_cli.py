@@ -1166,6 +1166,16 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
         if "the heuristic's policy" in line
     )
     assert row.startswith(f"| {checked.index(start.choices()) + 1} |"), "its row is named"
+    # The start is the check's anchor, and the other candidate's lead over it is measured on
+    # the same images (the margin decides by it).
+    assert check["anchor"] == checked.index(start.choices()) and check["margin"] == 2.0
+    other = check["candidates"][1 - check["anchor"]]
+    assert other["vs_anchor"]["se"] >= 0
+    assert other["vs_anchor"]["gap"] == pytest.approx(
+        other["held_out_acc"] - check["candidates"][check["anchor"]]["held_out_acc"], abs=1e-9
+    )
+    if check["chosen"] != check["anchor"]:
+        assert other["vs_anchor"]["gap"] > 2.0 * other["vs_anchor"]["se"]
     best = Policy.from_dict(second["best"]["policy"])
     if best.choices() != start.choices():  # the search moved away: its start is put second
         assert checked == [best.choices(), start.choices()]
@@ -1608,6 +1618,10 @@ def test_final_check_beyond_the_episodes_is_refused(tmp_path, capsys):
     RunConfig.with_preset("smoke", **warm, final_check=4).validate()
     with pytest.raises(RlMtdError, match="at most 4"):
         RunConfig.with_preset("smoke", **warm, final_check=5).validate()
+    for bad in ("-1", "nan"):
+        argv = [*COMMON, *SEARCH, "--final-check", "2", "--final-check-margin", bad]
+        fail([*argv, "--out", str(tmp_path / "m")], capsys, "--final-check-margin", ">= 0")
+    assert not (tmp_path / "m").exists()
 
 
 def test_resume_with_fewer_episodes_than_done_is_refused(smoke_run, tmp_path, capsys):

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from agents.final_check import (
     Candidate,
+    HeldOut,
     describe,
     episode_candidates,
     final_check,
+    pack_correct,
+    paired_gap,
     policy_key,
     top_candidates,
+    unpack_correct,
     with_anchor,
 )
 from rl_mtd.errors import RlMtdError
@@ -183,4 +188,110 @@ def test_a_saved_candidate_whose_key_and_policy_disagree_is_not_trusted(model, t
     calls = []
     with caplog.at_level("WARNING"):
         final_check([Candidate(a, 0.3)], lambda p: calls.append(1) or 0.5, epochs=3.0, path=path)
+    assert calls == [1] and "damaged" in caplog.text
+
+
+def test_paired_gap_counts_only_the_images_where_two_models_disagree():
+    a = np.array([1, 1, 0, 0, 1, 1], dtype=bool)
+    b = np.array([1, 0, 0, 1, 1, 0], dtype=bool)
+    gap, se = paired_gap(a, b)
+    d = np.array([0, 1, 0, -1, 0, 1], dtype=float)
+    assert gap == pytest.approx(1 / 6)
+    assert se == pytest.approx(d.std(ddof=1) / np.sqrt(6))
+    assert paired_gap(a, a) == (0.0, 0.0), "the same answers: no lead and no noise"
+    with pytest.raises(RlMtdError, match="same images"):
+        paired_gap(a, b[:5])
+
+
+def test_image_records_survive_the_check_file():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 9, 2000):
+        bits = rng.random(n) < 0.8
+        assert np.array_equal(unpack_correct(pack_correct(bits)), bits)
+    with pytest.raises(ValueError, match="wrong length"):
+        unpack_correct({**pack_correct(np.ones(9, dtype=bool)), "n": 20})
+
+
+def _answers(n_right: int, n: int = 2000, *, shift: int = 0) -> np.ndarray:
+    """``n_right`` of ``n`` images right, starting at image ``shift`` (wrapping): two such
+    records agree on most images, as two fine-tunes of nearby policies do."""
+    right = np.zeros(n, dtype=bool)
+    right[(np.arange(n_right) + shift) % n] = True
+    return right
+
+
+@pytest.mark.parametrize(
+    ("lead", "margin", "leaves_the_start"),
+    [(7, 2.0, False), (7, 0.0, True), (40, 2.0, True), (-3, 2.0, False)],
+)
+def test_the_check_leaves_its_start_only_for_a_lead_beyond_the_margin(
+    model, tmp_path, caplog, lead, margin, leaves_the_start
+):
+    """A candidate 7 images (0.35 points) ahead of the start on 2,000, disagreeing on about
+    40 images, is within 2 paired standard errors: the start stays. 40 images ahead is not."""
+    start, other, third = (_policy(model, r) for r in (2, 3, 4))
+    answers = {
+        policy_key(start): _answers(1600),
+        policy_key(other): _answers(1600 + lead, shift=17),
+        policy_key(third): _answers(1500),
+    }
+
+    def score(policy):
+        right = answers[policy_key(policy)]
+        return HeldOut(float(right.mean()), right)
+
+    cands = [Candidate(other, 0.5), Candidate(start, None), Candidate(third, 0.4)]
+    path = tmp_path / "final_check.json"
+    with caplog.at_level("INFO"):
+        result = final_check(cands, score, epochs=3.0, path=path, anchor=start, margin=margin)
+    assert result.anchor == 1 and result.margin == margin
+    assert result.chosen == (0 if leaves_the_start else 1)
+    gap, se = result.rows[0]["vs_anchor"]["gap"], result.rows[0]["vs_anchor"]["se"]
+    assert gap == pytest.approx(lead / 2000)
+    assert (gap > margin * se) == leaves_the_start or margin == 0
+    assert "vs_anchor" not in result.rows[1], "the start is not compared with itself"
+    if lead > 0 and not leaves_the_start:
+        assert "within 2 paired standard errors" in caplog.text
+    # report.json gets the leads, not the image records; the check file keeps them, so a
+    # resumed check decides the same without fine-tuning anything again.
+    assert all("correct" not in c for c in result.to_dict()["candidates"])
+    again = final_check(
+        cands, lambda p: pytest.fail("refined"), epochs=3.0, path=path, anchor=start, margin=margin
+    )
+    assert again.chosen == result.chosen
+
+
+def test_without_image_records_the_best_held_out_is_kept(model, caplog):
+    """Plain accuracies (a check file from before the records) give no paired error: the best
+    is kept and the log says the margin was not applied."""
+    start, other = _policy(model, 2), _policy(model, 3)
+    acc = {policy_key(start): 0.80, policy_key(other): 0.8035}
+    with caplog.at_level("WARNING"):
+        result = final_check(
+            [Candidate(start, None), Candidate(other, 0.5)],
+            lambda p: acc[policy_key(p)],
+            epochs=3.0,
+            anchor=start,
+            margin=2.0,
+        )
+    assert result.chosen == 1 and result.anchor == 0
+    assert "without the margin" in caplog.text
+
+
+def test_a_damaged_image_record_is_redone(model, tmp_path, caplog):
+    a = _policy(model, 2)
+    path = tmp_path / "final_check.json"
+    right = _answers(50, 64)
+    final_check([Candidate(a, 0.3)], lambda p: HeldOut(0.78, right), epochs=3.0, path=path)
+    saved = json.loads(path.read_text())
+    saved["candidates"][0]["correct"]["bits"] = "not base64!"
+    path.write_text(json.dumps(saved))
+    calls = []
+    with caplog.at_level("WARNING"):
+        final_check(
+            [Candidate(a, 0.3)],
+            lambda p: calls.append(1) or HeldOut(0.78, right),
+            epochs=3.0,
+            path=path,
+        )
     assert calls == [1] and "damaged" in caplog.text
