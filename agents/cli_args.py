@@ -325,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="Z",
         help="--final-check leaves the policy the search started from (--warm-start "
-        "sensitivity) only for a candidate that beats it on the held-out images by more than Z "
-        "paired standard errors, not for a lead within the check's own noise (default 2; 0: "
-        "any lead)",
+        "sensitivity) only where the best candidate beats it on the same held-out images by more "
+        "than Z paired standard errors, not for a lead within their sampling noise (default 2; "
+        "0: any lead)",
     )
     t.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
     t.add_argument(

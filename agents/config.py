@@ -128,8 +128,8 @@ class RunConfig:
     """Fine-tune epochs per candidate of the final check (annealed to zero over them)."""
     final_check_margin: float = 2.0
     """The final check leaves the policy the search started from (``--warm-start sensitivity``)
-    only for a candidate that beats it on the held-out images by more than this many paired
-    standard errors (0: for any lead)."""
+    only where the best candidate beats it on the same held-out images by more than this many
+    paired standard errors (0: for any lead)."""
     # replay / resume
     replay: str | None = None
     resume: str | None = None

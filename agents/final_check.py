@@ -23,9 +23,12 @@ Near the heuristic that anchor is hard to beat by more than the check can see: 3
 epochs measured on 2,000 held-out images separate policies that end within a point of each
 other no better than a coin (BENCHMARKS.md, "The same at 8x parameters": the check left the
 heuristic's policy for one 0.35 points better held out and 0.65 worse on test). So the anchor
-stays unless a candidate beats it by more than ``--final-check-margin`` paired standard errors
-of the difference of their held-out accuracies, measured image by image on the same images
-(``paired_gap``): a lead within the check's own noise does not move the search off its start.
+stays unless the best held-out candidate beats it by more than ``--final-check-margin`` paired
+standard errors of the difference of their held-out accuracies, measured image by image on the
+same images (``paired_gap``). That error counts only which images were drawn, not how another
+seed of the short fine-tune or of the search would have gone, nor that the best of several
+challengers is the one compared: a lower bound on the check's noise, so a lead within it
+certainly does not move the search off its start.
 
 Each finished candidate is written to ``final_check.json`` at once, so an interrupted check goes
 on with ``--resume`` where it stopped.
@@ -90,7 +93,7 @@ def pack_correct(correct: np.ndarray) -> dict[str, Any]:
 def unpack_correct(saved: dict[str, Any]) -> np.ndarray:
     raw = np.frombuffer(base64.b64decode(saved["bits"], validate=True), dtype=np.uint8)
     n = saved["n"]
-    if not isinstance(n, int) or not 0 < n <= 8 * len(raw) < n + 8:
+    if type(n) is not int or not 0 < n <= 8 * len(raw) < n + 8:
         raise ValueError("a candidate's image-by-image record has the wrong length")
     return np.unpackbits(raw)[:n].astype(bool)
 
@@ -202,7 +205,10 @@ class CheckResult:
     anchor: int | None = None
     """Index into ``rows`` of the policy the search started from, if it was a candidate."""
     margin: float = 0.0
-    """Paired standard errors by which a candidate had to beat the anchor."""
+    """Paired standard errors by which the best candidate had to beat the anchor."""
+    margin_applied: bool = True
+    """False where the margin could not be applied (a candidate without an image-by-image
+    record, from an older check file): then the best held-out was kept as it was."""
 
     @property
     def policy(self) -> Policy:
@@ -215,6 +221,7 @@ class CheckResult:
             "chosen": self.chosen,
             "anchor": self.anchor,
             "margin": self.margin,
+            "margin_applied": self.margin_applied,
             "seconds": self.seconds,
             "candidates": [{k: v for k, v in r.items() if k != "correct"} for r in self.rows],
         }
@@ -277,9 +284,11 @@ def final_check(
     best = max(range(len(rows)), key=lambda j: (rows[j]["held_out_acc"], -j))
     start = policy_key(anchor) if anchor is not None else None
     anchor_at = keys.index(start) if start in keys else None
-    chosen = _against_anchor(rows, best, anchor_at, margin)
+    chosen, applied = _against_anchor(rows, best, anchor_at, margin)
     seconds = sum(r["seconds"] for r in rows) + sum(r["seconds"] for r in earlier)
-    result = CheckResult(chosen, rows, seconds, anchor=anchor_at, margin=margin)
+    result = CheckResult(
+        chosen, rows, seconds, anchor=anchor_at, margin=margin, margin_applied=applied
+    )
     log.info(
         "final check: kept candidate %d of %d, %s (held-out %.2f%%; the search's best %.2f%%)",
         chosen + 1,
@@ -293,35 +302,35 @@ def final_check(
 
 def _against_anchor(
     rows: list[dict[str, Any]], best: int, anchor: int | None, margin: float
-) -> int:
+) -> tuple[int, bool]:
     """``best``, unless ``anchor`` is a candidate that ``best`` does not beat by more than
-    ``margin`` paired standard errors; each other candidate's lead over the anchor is recorded
-    in its row (``vs_anchor``, in accuracy units)."""
+    ``margin`` paired standard errors; and whether the margin could be applied. Each other
+    candidate's lead over the anchor is recorded in its row (``vs_anchor``, accuracy units)."""
     if anchor is None:
-        return best
-    if "correct" not in rows[anchor]:
-        if best != anchor and margin > 0:
-            log.warning(
-                "final check: the search's start has no image-by-image record (a check file "
-                "from an older version); the best held-out is kept without the margin"
-            )
-        return best
-    start = unpack_correct(rows[anchor]["correct"])
-    for j, r in enumerate(rows):
-        if j != anchor and "correct" in r:
-            gap, se = paired_gap(unpack_correct(r["correct"]), start)
-            r["vs_anchor"] = {"gap": gap, "se": se}
+        return best, True
+    start = rows[anchor].get("correct")
+    try:
+        for j, r in enumerate(rows):
+            if j != anchor and start is not None and "correct" in r:
+                gap, se = paired_gap(unpack_correct(r["correct"]), unpack_correct(start))
+                r["vs_anchor"] = {"gap": gap, "se": se}
+    except RlMtdError as exc:  # records of other lengths: a hand-edited or foreign file
+        log.warning("final check: %s; the best held-out is kept without the margin", exc)
+        for r in rows:
+            r.pop("vs_anchor", None)
+        return best, False
     if best == anchor or margin <= 0:
-        return best
+        return best, True
     lead = rows[best].get("vs_anchor")
     if lead is None:
         log.warning(
-            "final check: candidate %d has no image-by-image record; it is kept without the margin",
+            "final check: no image-by-image record of candidate %d or of the search's start (a "
+            "check file from an older version); the best held-out is kept without the margin",
             best + 1,
         )
-        return best
+        return best, False
     if lead["gap"] > margin * lead["se"]:
-        return best
+        return best, True
     log.info(
         "final check: candidate %d leads the search's start by %.2f points held out, within "
         "%g paired standard errors (%g x %.2f points): the start is kept",
@@ -331,7 +340,7 @@ def _against_anchor(
         margin,
         100 * lead["se"],
     )
-    return anchor
+    return anchor, True
 
 
 def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:

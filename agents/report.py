@@ -203,22 +203,25 @@ def _final_check_lines(r: dict[str, Any]) -> list[str]:
     check = r.get("final_check")
     if not check:
         return []
-    anchor = check.get("anchor")
-    rule = (
-        "the one best on the held-out (proxy) split was fine-tuned in full"
-        if anchor is None
-        else f"the one best on the held-out (proxy) split was fine-tuned in full, unless its lead "
-        f"over the search's start (candidate {anchor + 1}) was within "
-        f"{check.get('margin', 0):g} paired standard errors: then the start was"
-    )
+    anchor, margin = check.get("anchor"), check.get("margin", 0)
+    rule = "the one best on the held-out (proxy) split was fine-tuned in full"
+    if anchor is not None and margin > 0:
+        rule += (
+            f", unless its lead over the search's start (candidate {anchor + 1}) was within "
+            f"{margin:g} paired standard errors: then the start was, instead"
+            if check.get("margin_applied", True)
+            else f" (the {margin:g}-standard-error margin over the search's start could not be "
+            "applied: a candidate has no image-by-image record)"
+        )
     lines = [
         "",
         f"Final check ({check['seconds']:.0f} s, part of the search's): the search's best "
         f"{len(check['candidates'])} policies, each fine-tuned briefly; {rule}.",
         "",
-        "| candidate | from | search score | held-out accuracy | lead over the start "
-        "(paired s.e.) | chosen |",
-        "|-:|-|-:|-:|-:|-|",
+        "| candidate | from | search score | held-out accuracy | "
+        + ("lead over the start (paired s.e.) | " if anchor is not None else "")
+        + "chosen |",
+        "|-:|-|-:|-:|" + ("-:|" if anchor is not None else "") + "-|",
     ]
     for i, c in enumerate(check["candidates"]):
         score = c["search_score"]
@@ -227,7 +230,9 @@ def _final_check_lines(r: dict[str, Any]) -> list[str]:
         gap = "-" if lead is None else f"{100 * lead['gap']:+.2f} ({100 * lead['se']:.2f}) points"
         lines.append(
             f"| {i + 1} | {describe(c['policy'].get('meta', {}))} | {shown} | "
-            f"{_pct(c['held_out_acc'])} | {gap} | {'yes' if i == check['chosen'] else ''} |"
+            f"{_pct(c['held_out_acc'])} | "
+            + (f"{gap} | " if anchor is not None else "")
+            + f"{'yes' if i == check['chosen'] else ''} |"
         )
     return lines
 

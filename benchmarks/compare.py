@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -202,7 +203,7 @@ def main() -> None:
     args.study_repair_steps = study_steps(args.repair_steps, args.study_repair_steps)
     if args.final_check < 0 or not args.final_check_epochs > 0:
         p.error("--final-check must be >= 0 and --final-check-epochs positive")
-    if not args.final_check_margin >= 0:
+    if not (math.isfinite(args.final_check_margin) and args.final_check_margin >= 0):
         p.error(f"--final-check-margin must be >= 0, got {args.final_check_margin}")
     if not args.finetune_epochs >= 0:
         p.error(f"--finetune-epochs must be >= 0 (0: no fine-tune), got {args.finetune_epochs}")

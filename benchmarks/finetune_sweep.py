@@ -85,7 +85,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     add_proxy_args(p)
-    p.add_argument("--policy", action="append", default=[], help="policy.json (repeatable)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        help="policy.json (repeatable; the first is the one the paired table compares with, "
+        "before any --targets heuristic's)",
+    )
     p.add_argument("--targets", default="", help="also the sensitivity policy at these targets")
     p.add_argument("--recipes", nargs="+", required=True, help="name:key=value,... (see above)")
     p.add_argument("--epochs", type=float, default=3.0, help="default fine-tune epochs")
@@ -223,7 +229,7 @@ def _paired(rows: list[dict]) -> str:
         test = 100 * (r["test_acc"] - ref["test_acc"])
         pairs.append(
             f"| {r['policy']} | {r['recipe']} | {r['seed']} | {100 * gap:+.2f} | "
-            f"{100 * se:.2f} | {gap / se if se > 0 else float('inf'):+.2f} | {test:+.2f} |"
+            f"{100 * se:.2f} | {f'{gap / se:+.2f}' if se > 0 else '-'} | {test:+.2f} |"
         )
     if not pairs:
         return ""

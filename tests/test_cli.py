@@ -1170,7 +1170,8 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     # the same images (the margin decides by it).
     assert check["anchor"] == checked.index(start.choices()) and check["margin"] == 2.0
     other = check["candidates"][1 - check["anchor"]]
-    assert other["vs_anchor"]["se"] >= 0
+    assert check["margin_applied"] and "vs_anchor" not in check["candidates"][check["anchor"]]
+    assert "lead over the start (paired s.e.)" in (tmp_path / "second" / "report.md").read_text()
     assert other["vs_anchor"]["gap"] == pytest.approx(
         other["held_out_acc"] - check["candidates"][check["anchor"]]["held_out_acc"], abs=1e-9
     )

@@ -274,7 +274,7 @@ def test_without_image_records_the_best_held_out_is_kept(model, caplog):
             anchor=start,
             margin=2.0,
         )
-    assert result.chosen == 1 and result.anchor == 0
+    assert result.chosen == 1 and result.anchor == 0 and not result.margin_applied
     assert "without the margin" in caplog.text
 
 
@@ -295,3 +295,62 @@ def test_a_damaged_image_record_is_redone(model, tmp_path, caplog):
             path=path,
         )
     assert calls == [1] and "damaged" in caplog.text
+
+
+def _records(model, accs_and_shifts, n=2000):
+    """Candidates (policies differing in their first rank) and a score giving each its record."""
+    pols = [_policy(model, 2 + i) for i in range(len(accs_and_shifts))]
+    answers = {
+        policy_key(p): _answers(right, n, shift=shift)
+        for p, (right, shift) in zip(pols, accs_and_shifts, strict=True)
+    }
+
+    def score(policy):
+        right = answers[policy_key(policy)]
+        return HeldOut(float(right.mean()), right)
+
+    return pols, score
+
+
+def test_the_margin_guards_the_start_wherever_it_stands(model):
+    """The start first (a search that found nothing better on the proxy), or not a candidate at
+    all (no margin then), or tied with an earlier candidate."""
+    (start, other), score = _records(model, [(1600, 0), (1607, 17)])
+    first = final_check(
+        [Candidate(start, 0.9), Candidate(other, 0.5)], score, epochs=3.0, anchor=start, margin=2.0
+    )
+    assert (first.anchor, first.chosen) == (0, 0)
+    outside = _policy(model, 9)
+    free = final_check(
+        [Candidate(start, 0.9), Candidate(other, 0.5)],
+        score,
+        epochs=3.0,
+        anchor=outside,
+        margin=2.0,
+    )
+    assert free.anchor is None and free.chosen == 1, "no start among them: the best held-out"
+    (a, b), tied = _records(model, [(1600, 5), (1600, 0)])
+    cands = [Candidate(a, 0.9), Candidate(b, None)]
+    assert final_check(cands, tied, epochs=3.0, anchor=b, margin=0.0).chosen == 0
+    assert final_check(cands, tied, epochs=3.0, anchor=b, margin=2.0).chosen == 1
+
+
+def test_records_of_other_lengths_fall_back_to_the_best_held_out(model, tmp_path, caplog):
+    start, other = _policy(model, 2), _policy(model, 3)
+    records = {policy_key(start): _answers(1600), policy_key(other): _answers(1700, 1900)}
+
+    def score(policy):
+        right = records[policy_key(policy)]
+        return HeldOut(float(right.mean()), right)
+
+    with caplog.at_level("WARNING"):
+        result = final_check(
+            [Candidate(start, None), Candidate(other, 0.5)],
+            score,
+            epochs=3.0,
+            anchor=start,
+            margin=2.0,
+        )
+    assert result.chosen == 1 and not result.margin_applied
+    assert "same images" in caplog.text and "without the margin" in caplog.text
+    assert all("vs_anchor" not in r for r in result.rows)
