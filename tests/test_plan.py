@@ -126,3 +126,30 @@ def test_a_study_with_fewer_repair_steps_is_planned_cheaper():
         pytest.approx(entries * 1.5),
         pytest.approx(entries * 3.0),
     ]
+
+
+def test_the_plan_says_when_the_final_check_keeps_the_heuristic_unless_beaten(caplog):
+    import torch
+
+    from agents.config import RunConfig
+
+    splits = types.SimpleNamespace(train=range(1000), proxy=range(10), test=range(10))
+    timing = plan.Timing(step_seconds=0.5, episode_seconds=1.0, n_layers=8)
+    said = "kept unless beaten by more than 2 paired standard errors"
+    for warm, margin, shown in (
+        ("sensitivity", 2.0, True),
+        ("sensitivity", 0.0, False),
+        ("none", 2.0, False),
+    ):
+        cfg = RunConfig(
+            episodes=3,
+            target_ratio=8.0,
+            warm_start=warm,
+            final_check=2,
+            final_check_margin=margin,
+        )
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
+        assert "then the final check: the 2 best policies" in caplog.text
+        assert (said in caplog.text) == shown
