@@ -86,6 +86,12 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         cfg.target_ratio = None  # a MACs and/or latency budget alone
     if not cfg.has_budget and args.warm_start is None:
         cfg.warm_start = "none"  # the heuristic needs a budget; the preset's choice yields
+    if args.final_check is None:  # the preset's check yields too; one typed is validated
+        if cfg.replay is not None or not cfg.has_budget:
+            cfg.final_check = 0
+        elif cfg.timesteps is None:
+            most = cfg.episodes + (cfg.warm_start == "sensitivity")
+            cfg.final_check = min(cfg.final_check, most)
     return cfg
 
 

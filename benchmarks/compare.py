@@ -177,7 +177,7 @@ def main() -> None:
         help="ppo, local and random choose among their K best distinct policies by fine-tuning "
         "each --final-check-epochs epochs (run_agent.py --final-check); counted as search time; "
         "the heuristic's policy is one of the K where the search started from it (local, ppo "
-        "--warm-start sensitivity); default 0",
+        "--warm-start sensitivity); default 0, unlike run_agent.py's cpu and paper presets (3)",
     )
     p.add_argument("--final-check-epochs", type=float, default=3.0)
     p.add_argument(

@@ -455,6 +455,46 @@ def test_presets_choose_how_to_search_and_flags_override(argv, expected):
     assert (cfg.warm_start, cfg.observe, cfg.imitate_best) == expected
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--preset", "cpu"], 3),
+        (["--preset", "paper"], 3),
+        (["--preset", "smoke"], 0),
+        (["--preset", "paper", "--final-check", "0"], 0),
+        (["--preset", "cpu", "--final-check", "5"], 5),
+        (["--preset", "paper", "--tradeoff"], 0),  # candidates of other sizes: no check
+        (["--preset", "cpu", "--episodes", "1"], 2),  # one episode and the heuristic
+        (["--preset", "cpu", "--episodes", "1", "--warm-start", "none"], 1),
+        (["--preset", "cpu", "--timesteps", "8"], 3),
+    ],
+)
+def test_the_presets_final_check_yields_where_it_cannot_apply(argv, expected):
+    """cpu and paper end with an anchored check of 3 (BENCHMARKS.md); a preset's check shrinks
+    to what a run can give instead of refusing it, while a typed one is taken as typed."""
+    from agents.cli import config_from_args
+    from agents.cli_args import build_parser
+
+    cfg = config_from_args(build_parser().parse_args(argv), argv).validate()
+    assert cfg.final_check == expected
+
+
+def test_the_presets_final_check_is_off_for_a_replay_but_a_typed_one_is_refused(tmp_path):
+    from agents.cli import config_from_args
+    from agents.cli_args import build_parser
+
+    policy = tmp_path / "policy.json"
+    policy.write_text("{}")
+    argv = ["--preset", "paper", "--replay", str(policy)]
+    assert config_from_args(build_parser().parse_args(argv), argv).validate().final_check == 0
+    argv += ["--final-check", "3"]
+    with pytest.raises(RlMtdError, match="--final-check chooses among a search's best"):
+        config_from_args(build_parser().parse_args(argv), argv).validate()
+    argv = ["--preset", "cpu", "--tradeoff", "--final-check", "3"]
+    with pytest.raises(RlMtdError, match="in --tradeoff mode they differ in size"):
+        config_from_args(build_parser().parse_args(argv), argv).validate()
+
+
 def test_checkpoint_of_another_net(tmp_path, capsys):
     ckpt = tmp_path / "vgg16.pt"
     save_baseline(ckpt, build_vgg("vgg16", width=WIDTH), net="vgg16", width=WIDTH)
