@@ -90,8 +90,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         if cfg.replay is not None or not cfg.has_budget:
             cfg.final_check = 0
         elif cfg.timesteps is None:
-            most = cfg.episodes + (cfg.warm_start == "sensitivity")
-            cfg.final_check = min(cfg.final_check, most)
+            cfg.final_check = min(cfg.final_check, cfg.most_candidates)
     return cfg
 
 

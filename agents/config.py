@@ -264,8 +264,7 @@ class RunConfig:
                 "--final-check chooses among a search's best candidates, and --replay applies "
                 "one given policy or agent; drop one of them"
             )
-        # Each episode gives at most one candidate, and a warm start its policy besides.
-        most = self.episodes + (self.warm_start == "sensitivity")
+        most = self.most_candidates
         if self.final_check > most and self.timesteps is None:
             fix = (
                 f"--episodes {self.final_check - most + self.episodes} or more"
@@ -341,6 +340,12 @@ class RunConfig:
     def study_steps(self) -> int:
         """Repair steps of each sensitivity-study entry."""
         return study_steps(self.repair_steps, self.study_repair_steps)
+
+    @property
+    def most_candidates(self) -> int:
+        """The most distinct candidates a search of ``episodes`` can give the final check: one
+        per episode, and a warm start's policy besides."""
+        return self.episodes + (self.warm_start == "sensitivity")
 
     @property
     def has_budget(self) -> bool:
