@@ -251,16 +251,18 @@ def final_check(
         raise RlMtdError("the final check got no candidates")
     done = _saved_rows(path, epochs)
     keys = [policy_key(c.policy) for c in candidates]
+    start = policy_key(anchor) if anchor is not None else None
     earlier = [r for k, r in done.items() if k not in keys]
     rows: list[dict[str, Any]] = []
     for i, (c, key) in enumerate(zip(candidates, keys, strict=True)):
         row = done.get(key)
         if row is None:
             log.info(
-                "final check: candidate %d of %d, %s (search score %s), %g epochs",
+                "final check: candidate %d of %d, %s%s (search score %s), %g epochs",
                 i + 1,
                 len(candidates),
                 describe(c.policy.meta),
+                ", the search's start" if key == start else "",
                 "-" if c.score is None else f"{c.score:.4g}",
                 epochs,
             )
@@ -282,7 +284,6 @@ def final_check(
                 path, {"epochs": epochs, "candidates": rows, "earlier": earlier + pending}
             )
     best = max(range(len(rows)), key=lambda j: (rows[j]["held_out_acc"], -j))
-    start = policy_key(anchor) if anchor is not None else None
     anchor_at = keys.index(start) if start in keys else None
     chosen, applied = _against_anchor(rows, best, anchor_at, margin)
     seconds = sum(r["seconds"] for r in rows) + sum(r["seconds"] for r in earlier)
@@ -330,6 +331,15 @@ def _against_anchor(
         )
         return best, False
     if lead["gap"] > margin * lead["se"]:
+        log.info(
+            "final check: candidate %d leads the search's start by %.2f points held out, beyond "
+            "%g paired standard errors (%g x %.2f points): it replaces the start",
+            best + 1,
+            100 * lead["gap"],
+            margin,
+            margin,
+            100 * lead["se"],
+        )
         return best, True
     log.info(
         "final check: candidate %d leads the search's start by %.2f points held out, within "
