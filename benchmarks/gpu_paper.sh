@@ -69,10 +69,11 @@ if [[ -n "${CHECK:-}" ]]; then
   ARGS+=(--final-check "$CHECK" --final-check-epochs "${CHECK_EPOCHS:-3}")
 fi
 
-# LIMIT=S: the whole script's seconds (default 540: the device tool stops a call at 600, and its
-# files come back only from a call that ends). The latency step runs first under its own limit
-# (LATENCY_LIMIT, default 120 s); the comparison gets what is left and is stopped at the limit,
-# keeping every row it finished: rows.json and the log are written row by row, 37x before 50x.
+# LIMIT=S: the whole script's seconds (default 540: the device tool kills a call at 600 s, and a
+# killed script would not copy its report or time the latency). The latency step runs first under
+# its own limit (LATENCY_LIMIT, default 120 s); the comparison gets what is left and is stopped at
+# the limit, keeping every row it finished: rows.json and the log are written row by row, 37x
+# before 50x, and copied to $OUT whatever happened.
 LIMIT=${LIMIT:-$([[ $DRY == 1 ]] && echo 3600 || echo 540)}
 START=$SECONDS
 left() { echo $((LIMIT - (SECONDS - START))); }
