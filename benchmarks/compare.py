@@ -189,13 +189,23 @@ def main() -> None:
         "for a lead of more than Z paired standard errors on the held-out images (run_agent.py "
         "--final-check-margin; 0: any lead); default 2",
     )
-    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=10,
+        help="timed passes of each CPU speed-up column (batch 1 and 128, eager); 0 leaves them "
+        "out (a GPU run, whose speed benchmarks/latency.py times on the GPU)",
+    )
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in ALL]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+    if args.latency_repeats < 0:
+        p.error(
+            f"--latency-repeats must be >= 0 (0 leaves the CPU speed-ups out), got {args.latency_repeats}"
+        )
     if args.evaluations is not None and args.evaluations < 1:
         p.error(f"--evaluations must be >= 1, got {args.evaluations}")
     if args.study_repair_steps is not None and args.study_repair_steps < 0:
@@ -371,7 +381,11 @@ def main() -> None:
                 ft = finetune(ft_cfg, model, baseline, splits) if args.finetune_epochs > 0 else None
                 recoveries = ft.recoveries if ft is not None else 0
                 test = evaluate(model, splits.test, full_precision=True)
-                b1, b128 = latency_speedup(baseline, model, args.latency_repeats)
+                b1, b128 = (
+                    latency_speedup(baseline, model, args.latency_repeats)
+                    if args.latency_repeats > 0
+                    else (None, None)
+                )
                 row = {
                     "strategy": name,
                     "target": target,
@@ -426,12 +440,16 @@ def _keep(out: list[Candidate], policy: Policy, result) -> None:
     out.append(Candidate(policy, result.accuracy))
 
 
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _row(r: dict) -> str:
     out = (
         f"| {r['strategy']} | {r['target']:g}x | {r['seed']} | {r['ratio']:.1f}x | "
         f"{r['macs_reduction']:.1f}x | {100 * r['proxy_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
-        f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {r['speedup_b1']:.2f}x | "
-        f"{r['speedup_b128']:.2f}x |"
+        f"| {100 * r['drop']:+.2f} | {r['search_s']:.0f} | {_times(r['speedup_b1'])} | "
+        f"{_times(r['speedup_b128'])} |"
     )
     if "predicted_speedup" in r:
         out += f" {r['predicted_speedup']:.2f}x | {r['inference_form_speedup']:.2f}x |"

@@ -166,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.bf16 or args.graphs) and args.device != "cuda":
         p.error("--bf16 and --graphs are for --device cuda")
+    if args.profile and args.device != "cpu":
+        p.error("--profile times each module with the CPU's clock; use it with --device cpu")
     return args
 
 
@@ -439,6 +441,13 @@ def main(argv: list[str] | None = None) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *sys.argv[1:]])
     print(f"    {command}\n")
     print(f"machine: {machine(args.threads)}; load average at start {_load()}\n")
+    if args.device == "cuda":
+        tf32 = torch.backends.cudnn.allow_tf32
+        print(
+            f"GPU: {torch.cuda.get_device_name()}; the float32 forms' convolutions "
+            f"{'use TF32, as by default' if tf32 else 'run in full float32'} "
+            f"(torch.backends.cudnn.allow_tf32 = {tf32})\n"
+        )
     use_onnx = (
         args.device == "cpu" and not args.no_onnx and not _ort_version().endswith("not installed")
     )

@@ -1,0 +1,64 @@
+"""Argument guards of the benchmark scripts that a GPU run depends on: a bad combination must
+stop at once with a message, not after minutes of (lent) GPU time."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def script(monkeypatch):
+    """Import a benchmark script as its own command line would (benchmarks/ on the path)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look it up
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cuda", "--profile"], "--profile times each module with the CPU's clock"),
+        (["--device", "cpu", "--graphs"], "--bf16 and --graphs are for --device cuda"),
+    ],
+)
+def test_latency_refuses_what_it_cannot_time_honestly(argv, message, capsys, script):
+    latency = script("latency")
+    with pytest.raises(SystemExit) as exc:
+        latency.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert latency.parse_args(["--device", "cpu", "--profile"]).profile
+
+
+def test_compare_prints_a_dash_for_speed_ups_it_did_not_time(script):
+    compare = script("compare")
+    row = {
+        "strategy": "ppo",
+        "target": 37.0,
+        "seed": 0,
+        "ratio": 37.2,
+        "macs_reduction": 9.1,
+        "proxy_acc": 0.5,
+        "test_acc": 0.6,
+        "drop": 0.2,
+        "search_s": 12.0,
+        "speedup_b1": None,
+        "speedup_b128": None,
+    }
+    line = compare._row(row)
+    assert line.endswith("| 12 | - | - |"), line
+    assert compare._row({**row, "speedup_b1": 2.5, "speedup_b128": 3.0}).endswith(
+        "| 2.50x | 3.00x |"
+    )
