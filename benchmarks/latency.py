@@ -468,9 +468,10 @@ def main(argv: list[str] | None = None) -> None:
                 '(or pip install "rl-mtd[export]")\n'
             )
         print("Goals (speed-up against the original run the same way):\n")
-        print("\n".join(goals(entries, batches, [w for w in ways if w in WAYS])))
         if args.device == "cuda":
             print("\n".join(gpu_goals(entries, batches, ways)))
+            print("\nThe CPU's goals, checked on this GPU for reference only:\n")
+        print("\n".join(goals(entries, batches, [w for w in ways if w in WAYS])))
         print(f"\nload average at the end {_load()}")
         if args.profile:
             for bs in batches:
