@@ -294,6 +294,9 @@ def run(
                 },
             },
         )
+    # A search's count leaves out scoring its chosen policy for the report: a memo hit, but a
+    # new evaluation after --resume when an earlier invocation found it.
+    searched = proxy.evaluations
     proxy_result = proxy.evaluate(policy)  # type: ignore[arg-type]
     log.info(
         "best policy: %.2fx parameters, proxy accuracy %.2f%%",
@@ -360,7 +363,7 @@ def run(
         finetune=ft,
         search_seconds=search_seconds,
         episodes=episodes,
-        proxy_evaluations=proxy.evaluations
+        proxy_evaluations=(searched if invocations else proxy.evaluations)
         + worker_evaluations(
             cfg,
             episodes[invocations[-1].get("episodes_before", len(episodes)) :]

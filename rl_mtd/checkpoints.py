@@ -34,7 +34,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load of a foreign file raises almost anything
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours parts of its message
-        if "Unsupported global" in text:  # weights_only met a class it will not rebuild
+        # weights_only met a class it will not rebuild ("Unsupported class" before torch 2.4)
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise RlMtdError(
                 f"checkpoint {path} holds pickled Python objects (a whole model saved with "
                 "torch.save(model)?), which rl_mtd does not unpickle; save the weights instead: "

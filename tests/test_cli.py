@@ -541,6 +541,29 @@ def test_a_bad_checkpoint_stops_the_run_before_the_data_is_loaded(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "Weights only load failed. ... WeightsUnpickler error: Unsupported global: GLOBAL x.VGG",
+        "Weights only load failed. ... WeightsUnpickler error: Unsupported class x.VGG",  # <2.4
+    ],
+)
+def test_a_pickled_model_is_named_as_such_whichever_torch_words_it(refusal, tmp_path, monkeypatch):
+    import pickle
+
+    from rl_mtd.checkpoints import read_checkpoint
+    from rl_mtd.errors import RlMtdError
+
+    def refuse(*args, **kwargs):
+        raise pickle.UnpicklingError(refusal)
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"pickled")
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(RlMtdError, match=r"torch\.save\(model\.state_dict\(\), path\)"):
+        read_checkpoint(ckpt)
+
+
 @pytest.mark.parametrize("text", ["", "hello", "not a checkpoint\n" * 100])
 def test_text_file_as_checkpoint(text, tmp_path, capsys):
     bad = tmp_path / "notes.pt"
