@@ -32,7 +32,7 @@ re-centring on the best policy found (BENCHMARKS.md, 16x, 3 seeds: 74.07% agains
 local search and 72.30% for the heuristic alone), then choosing among the 3 best candidates by
 3-epoch fine-tunes, the heuristic's policy always one of them and left only for a lead beyond
 2 paired standard errors (``final_check_margin``). BENCHMARKS.md, "The anchored check at 32x":
-at 32x (2 seeds) and, replayed with the margin, at 8x, 16x and 8x + 6x MACs the check ends at
+at 32x (3 seeds) and, replayed with the margin, at 8x, 16x and 8x + 6x MACs the check ends at
 the heuristic's policy, which fine-tuned as well as or better than the searches' favourites;
 at 50x it gained 2.3 points on average. The preset's check yields where it cannot apply (a
 replay, no budget, fewer episodes). The smoke preset keeps the plain agent."""
