@@ -88,7 +88,7 @@ def inference_form_speedup(baseline, compressed, batch: int, repeats: int, devic
         inference_model(compressed, device=device),
         batch_size=batch,
         device=device,
-        repeats=max(3, repeats),
+        repeats=max(10, repeats),  # also when --latency-repeats 0 skips the CPU columns
         warmup=2,
     )
 
@@ -193,8 +193,8 @@ def main() -> None:
         "--latency-repeats",
         type=int,
         default=10,
-        help="timed passes of each CPU speed-up column (batch 1 and 128, eager); 0 leaves them "
-        "out (a GPU run, whose speed benchmarks/latency.py times on the GPU)",
+        help="timed passes of each CPU speed-up column (batch 1 and 128, eager); 0 skips that "
+        "timing and shows '-' there (a GPU run, whose speed benchmarks/latency.py times on the GPU)",
     )
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()

@@ -28,6 +28,7 @@ if [[ "${1:-}" == "prepare" ]]; then
 fi
 
 NET=${1:?usage: gpu_paper.sh NET [--dry-run] | gpu_paper.sh prepare}
+START=$SECONDS  # LIMIT (below) counts from here, the wheels' install on the GPU machine included
 DRY=0
 [[ "${2:-}" == "--dry-run" ]] && DRY=1
 WORK=/tmp/rl_mtd_gpu          # everything the run writes; the key files are copied to $OUT
@@ -79,9 +80,8 @@ fi
 # killed script would not copy its report or time the latency). The latency step runs first under
 # its own limit (LATENCY_LIMIT, default 120 s); the comparison gets what is left and is stopped at
 # the limit, keeping every row it finished: rows.json and the log are written row by row, 37x
-# before 50x, and copied to $OUT whatever happened.
+# before 50x, and copied to $OUT whatever happened. Exit 3: stopped at LIMIT.
 LIMIT=${LIMIT:-$([[ $DRY == 1 ]] && echo 3600 || echo 540)}
-START=$SECONDS
 left() { local s=$((LIMIT - (SECONDS - START))); echo $((s > 1 ? s : 1)); }
 stage() { echo "[gpu_paper] $1 at $((SECONDS - START)) s of $LIMIT"; }
 
@@ -95,19 +95,24 @@ else
 fi
 stage "latency"
 rc=0
-timeout -k 5 "${LATENCY_LIMIT:-120}" "${PYTHON:-python3}" benchmarks/latency.py --net "$NET" \
+LAT_S=${LATENCY_LIMIT:-120}
+((LAT_S < $(left))) || LAT_S=$(left)
+timeout -k 5 "$LAT_S" "${PYTHON:-python3}" benchmarks/latency.py --net "$NET" \
   "${LAT[@]}" 2>&1 | tee "$OUT_DIR/$NET-latency.txt" || rc=$?
 [[ $rc == 0 ]] || echo "[gpu_paper] latency step failed or was stopped (exit $rc); the comparison goes on"
 
 stage "comparison"
-rm -f "$WORK/$NET/rows.json" "$WORK/$NET/table.md" "$WORK/$NET/accuracy_vs_ratio.png"  # no stale rows
+rm -f "$WORK/$NET/rows.json" "$WORK/$NET/table.md" "$WORK/$NET/accuracy_vs_ratio.png" \
+  "$OUT_DIR/$NET-report.json" "$OUT_DIR/$NET-accuracy_vs_ratio.png"  # no stale rows
 rc=0
 timeout -k 5 "$(left)" "${PYTHON:-python3}" benchmarks/compare.py --net "$NET" --data "$DATA" \
   --strategies ppo,sensitivity,local,tucker2 --warm-start sensitivity --observe study \
   --imitate-best --out-dir "$WORK/$NET" "${ARGS[@]}" 2>&1 | tee "$OUT_DIR/$NET-log.txt" || rc=$?
 stage "comparison ended (exit $rc)"
-if [[ $rc == 124 || $rc == 137 ]]; then
+# 124: timeout stopped it; 137: killed, by timeout's -k only if no time was left (else memory).
+if [[ $rc == 124 || ($rc == 137 && $(left) -le 1) ]]; then
   echo "[gpu_paper] the comparison was stopped at LIMIT=$LIMIT s; the rows above are the finished ones"
+  rc=3  # not 124: the device tool reads 124 as its own time limit
 fi
 # The per-row reports and the plot, whatever of them exists.
 [[ -f $WORK/$NET/rows.json ]] && cp "$WORK/$NET/rows.json" "$OUT_DIR/$NET-report.json"
