@@ -330,27 +330,19 @@ def _against_anchor(
             best + 1,
         )
         return best, False
-    if lead["gap"] > margin * lead["se"]:
-        log.info(
-            "final check: candidate %d leads the search's start by %.2f points held out, beyond "
-            "%g paired standard errors (%g x %.2f points): it replaces the start",
-            best + 1,
-            100 * lead["gap"],
-            margin,
-            margin,
-            100 * lead["se"],
-        )
-        return best, True
+    beyond = lead["gap"] > margin * lead["se"]
     log.info(
-        "final check: candidate %d leads the search's start by %.2f points held out, within "
-        "%g paired standard errors (%g x %.2f points): the start is kept",
+        "final check: candidate %d leads the search's start by %.2f points held out, %s %g "
+        "paired standard errors (%g x %.2f points): %s",
         best + 1,
         100 * lead["gap"],
+        "beyond" if beyond else "within",
         margin,
         margin,
         100 * lead["se"],
+        "it replaces the start" if beyond else "the start is kept",
     )
-    return anchor, True
+    return (best if beyond else anchor), True
 
 
 def _saved_rows(path: Path | None, epochs: float) -> dict[str, dict[str, Any]]:

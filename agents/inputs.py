@@ -98,9 +98,8 @@ def note_other_baseline_states(cfg: RunConfig, data_key: str) -> list[Path]:
             continue
         try:
             size = path.stat().st_size
-            state = torch.load(
-                str(path), map_location="cpu", weights_only=True, mmap=True
-            )  # str: torch<2.4
+            # str: torch<2.4 memory-maps only a path given as a string
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             done = min(1.0, state["step"] / state["total"])
             settings = ", ".join(
                 f"{k} {state['config'][k]:g}" for k in ("epochs", "lr", "batch_size")
