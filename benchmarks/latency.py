@@ -259,39 +259,34 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
     return entries
 
 
-def time_all(
-    entries: list[Entry], batches: list[int], args: argparse.Namespace
-) -> dict[int, float | None]:
-    """Fill every entry's ``results``: ``--rounds`` sweeps over all models and forms.
-
-    Returns, per batch size, the share of the CPUs that other processes used meanwhile.
+def time_batch(entries: list[Entry], bs: int, args: argparse.Namespace) -> float | None:
+    """Fill every entry's ``results`` at batch ``bs``: ``--rounds`` sweeps over all models and
+    forms. Returns the share of the CPUs that other processes used meanwhile.
 
     Each sweep times every (model, form) in one block of ``--repeats`` passes after ``--warmup``
     (one pass per call, interleaved, would make every pass wake a sleeping thread pool, torch's
     or ONNX Runtime's); the round with the lowest median is kept, so a background job that runs
     for a while spoils one round, not the table.
     """
-    busy: dict[int, float | None] = {}
     torch.set_num_threads(args.threads)
-    for bs in batches:
-        before, t0 = _cpu_seconds(), time.perf_counter()
-        kw = {
-            "batch_size": bs,
-            "device": args.device,
-            "threads": args.threads,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-        }
-        for _ in range(args.rounds):
-            for e in entries:
-                for way, net in e.forms.items():
-                    with torch.inference_mode():
-                        r = measure_latency(net, **kw)
-                    best = e.results.get((way, bs))
-                    if best is None or r["median_ms"] < best["median_ms"]:
-                        e.results[(way, bs)] = r
-        busy[bs] = others_share(before, time.perf_counter() - t0)
-        print(f"  timed batch {bs} (load {_load()})", file=sys.stderr, flush=True)
+    before, t0 = _cpu_seconds(), time.perf_counter()
+    kw = {
+        "batch_size": bs,
+        "device": args.device,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    for _ in range(args.rounds):
+        for e in entries:
+            for way, net in e.forms.items():
+                with torch.inference_mode():
+                    r = measure_latency(net, **kw)
+                best = e.results.get((way, bs))
+                if best is None or r["median_ms"] < best["median_ms"]:
+                    e.results[(way, bs)] = r
+    busy = others_share(before, time.perf_counter() - t0)
+    print(f"  timed batch {bs} (load {_load()})", file=sys.stderr, flush=True)
     return busy
 
 
@@ -455,13 +450,14 @@ def main(argv: list[str] | None = None) -> None:
         entries = build_entries(args, Path(tmp) if use_onnx else None)
         ways = list(entries[0].forms)
         print(f"{args.net} width {args.width:g}, random weights (see the docstring)\n")
-        busy = time_all(entries, batches, args)
-        for bs in batches:
+        for bs in batches:  # each table as soon as it is timed: a stopped run keeps it
+            busy = time_batch(entries, bs, args)
             print(
                 f"batch {bs}, {args.threads} threads, median of {args.repeats} passes "
-                f"(best of {args.rounds} rounds){_busy_note(busy[bs])}:\n"
+                f"(best of {args.rounds} rounds){_busy_note(busy)}:\n",
+                flush=True,
             )
-            print(table(entries, bs, ways) + "\n")
+            print(table(entries, bs, ways) + "\n", flush=True)
         if not use_onnx:
             print(
                 "onnxruntime column skipped: pip install onnx onnxruntime "

@@ -62,3 +62,25 @@ def test_compare_prints_a_dash_for_speed_ups_it_did_not_time(script):
     assert compare._row({**row, "speedup_b1": 2.5, "speedup_b128": 3.0}).endswith(
         "| 2.50x | 3.00x |"
     )
+
+
+def test_latency_prints_each_batch_table_before_timing_the_next(script, capsys, monkeypatch):
+    """A GPU run stops the latency step at its time limit: the tables of the batches it finished
+    must already be printed, not held back until every batch is timed."""
+    latency = script("latency")
+    timed = []
+
+    def fake_measure(net, *, batch_size, **kw):
+        if batch_size == 8:
+            raise KeyboardInterrupt  # stands for the limit's signal arriving during batch 8
+        timed.append(batch_size)
+        return {"median_ms": 1.0 + len(timed) % 3, "p10_ms": 1.0, "p90_ms": 3.0}
+
+    monkeypatch.setattr(latency, "measure_latency", fake_measure)
+    argv = ["--width", "0.125", "--batches", "1,8", "--no-onnx", "--repeats", "1", "--rounds", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        latency.main(argv)
+    out = capsys.readouterr().out
+    assert timed and set(timed) == {1}
+    assert "batch 1, " in out and "| original |" in out
+    assert "batch 8, " not in out
