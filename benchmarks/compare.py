@@ -344,6 +344,8 @@ def main() -> None:
                 if name in ("sensitivity", "local"):
                     search_s += study_s
                 search_s += latency_s  # timing the layers the budget uses, as for the study
+                if latency is not None:
+                    latency.save()  # the grids this search timed, for the next run (if idle)
                 ft_cfg = RunConfig(
                     net=args.net,
                     width=args.width,
