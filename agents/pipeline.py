@@ -130,10 +130,17 @@ def _budget_text(cfg: RunConfig) -> str:
     )
 
 
-def _check_reachable(cfg: RunConfig, device: torch.device) -> None:
+def _check_reachable(cfg: RunConfig, device: torch.device, policy: Policy | None = None) -> None:
     """Raise if the targets are beyond these methods and levels on this network: parameters and
     MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
-    search reuses them), all before the baseline is trained."""
+    search reuses them), all before the baseline is trained. A replayed ``policy`` that meets
+    them shows they are within reach, whatever --levels and --methods say: a replay applies its
+    own ranks."""
+    if policy is not None and any(getattr(cfg, k) for k in BUDGET_KEYS):
+        lm = latency_model(cfg, device)
+        budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
+        if BudgetMeter(build_vgg(cfg.net, width=cfg.width), budget).meets(policy.choices()):
+            return
     env = env_config(cfg)
     lm = latency_model(cfg, device)
     BudgetTable(build_vgg(cfg.net, width=cfg.width), env.methods, env.levels).check_target(
@@ -170,7 +177,7 @@ def run(
     cfg = with_replayed_budget(cfg, replay)
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         try:
-            _check_reachable(cfg, device)
+            _check_reachable(cfg, device, None if replay is None else replay.policy)
         except RlMtdError as exc:
             if replay is None or not records_budget(replay):
                 raise

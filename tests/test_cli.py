@@ -1625,16 +1625,31 @@ def test_replay_refuses_search_flags_it_would_ignore(extra, named, smoke_run, tm
 
 
 def test_replay_keeps_the_flags_a_policy_is_judged_by(smoke_run, tmp_path, capsys, caplog):
-    """--levels and --methods stay open to a replay: a policy that records no budget is judged
-    by the run's, whose reach they decide."""
+    """--levels and --methods stay open to a replay: a policy that records no budget and does
+    not meet the run's is judged by it, and they decide whether it is within reach. A policy
+    that meets the budget needs no levels: a replay applies its own ranks."""
     policy = Policy.load(smoke_run / "policy.json")
+    ratio = policy.meta["proxy"]["compression_ratio"]
+    assert ratio > 4  # beyond what 4x per layer reaches
     bare = tmp_path / "bare.json"
     dataclasses.replace(policy, meta={}).save(bare)
-    argv = [*COMMON, "--replay", str(bare), "--target-ratio", "32", "--dry-run"]
-    fail([*argv, "--levels", "2,4,8", "--out", str(tmp_path / "r")], capsys, "stronger --levels")
+    argv = [*COMMON, "--replay", str(bare), "--dry-run", "--levels", "2,4"]
+    above = ["--target-ratio", f"{2 * ratio:g}"]  # beyond the policy
+    fail([*argv, *above, "--out", str(tmp_path / "r")], capsys, "stronger --levels")
     with caplog.at_level("INFO"):
-        assert main([*argv, "--levels", "16,32,64", "--out", str(tmp_path / "r")]) == 0
+        met = ["--target-ratio", f"{0.99 * ratio:g}"]
+        assert main([*argv, *met, "--out", str(tmp_path / "r")]) == 0
+        assert main([*argv, *above, "--levels", "16,32,64", "--out", str(tmp_path / "r2")]) == 0
     assert "dry run: stopped" in caplog.text
+
+
+def test_replaying_a_policy_that_meets_its_budget_ignores_weak_levels(smoke_run, tmp_path):
+    """A run's policy.json records its budget; --levels too weak to reach it must not stop the
+    replay, since the policy's own ranks reach it (the advice to change --target-ratio or
+    --levels would change nothing)."""
+    out = tmp_path / "r"
+    argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), "--levels", "2,4", "--dry-run"]
+    assert main([*argv, "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize("kind", ["another net", "100 classes", "policy file"])
