@@ -254,7 +254,9 @@ def test_the_check_leaves_its_start_only_for_a_lead_beyond_the_margin(
         assert "within 2 paired standard errors" in caplog.text
     if leaves_the_start and margin > 0:
         assert "beyond 2 paired standard errors" in caplog.text
-    assert "candidate 2 of 3, " in caplog.text and "the search's start (search score -)" in caplog.text
+    assert (
+        "candidate 2 of 3, " in caplog.text and "the search's start (search score -)" in caplog.text
+    )
     # report.json gets the leads, not the image records; the check file keeps them, so a
     # resumed check decides the same without fine-tuning anything again.
     assert all("correct" not in c for c in result.to_dict()["candidates"])
