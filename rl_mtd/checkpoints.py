@@ -9,6 +9,7 @@ A bare state_dict of a ``build_vgg`` model is accepted too. A compressed file is
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -41,7 +42,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "torch.save(model)?), which rl_mtd does not unpickle; save the weights instead: "
                 "torch.save(model.state_dict(), path)"
             ) from None
-        if isinstance(exc, OSError):
+        # A real OS error (permissions, I/O); torch's zip reader says EINVAL for a cut-off file.
+        if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):
             raise RlMtdError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
         if path.suffix in (".json", ".zip"):  # torch.load failed: not a torch.save file
             raise RlMtdError(
@@ -49,9 +51,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "an agent.zip? those are replayed, not loaded as weights)"
             ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        # torch's own words only where short and not its advice to unpickle (weights_only=False)
+        quiet = isinstance(exc, OSError) or len(first) > 160 or "weights_only" in first
+        said = "" if quiet else f" (torch.load: {first})"
         raise RlMtdError(
-            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch file "
-            f"(torch.load: {first[:160]}); re-save it"
+            f"checkpoint {path} cannot be read: it is truncated or not a PyTorch file{said}; "
+            "re-save it, or pass the file torch.save wrote"
         ) from None
     if not isinstance(data, dict):
         raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
