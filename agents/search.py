@@ -218,9 +218,17 @@ def search(
         from agents.progress import count_bar
         from agents.warmstart import cached_study, study_proxy, study_settings
 
-        with count_bar("sensitivity study", "eval", cfg.progress) as bar:
-            # the workers below find it cached
-            study = cached_study(study_proxy(proxy, cfg.study_steps), bar)
+        try:
+            with count_bar("sensitivity study", "eval", cfg.progress) as bar:
+                # the workers below find it cached
+                study = cached_study(study_proxy(proxy, cfg.study_steps), bar)
+        except KeyboardInterrupt:
+            log.warning(
+                "sensitivity study interrupted; what it measured is kept in the cache: "
+                "run_agent.py --resume %s measures only the rest",
+                run_dir,
+            )
+            raise
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)

@@ -349,7 +349,12 @@ def cached_study(
             log.warning("could not cache the sensitivity study at %s (%s)", path, exc)
 
     measured_before = len(study.results)
-    study.run(on_result=save)  # partial studies are saved too: Ctrl-C keeps what was measured
+    try:
+        study.run(on_result=save)  # partial studies are saved too: Ctrl-C keeps what was measured
+    except KeyboardInterrupt:
+        if len(study.results) > measured_before:
+            save(every=0.0)  # up to the last layer measured, not the last timed save
+        raise
     if len(study.results) > measured_before or not path.exists():
         save(every=0.0)
     return study

@@ -73,6 +73,27 @@ def study(proxy) -> SensitivityStudy:
     return SensitivityStudy(proxy, methods=("tucker2", "cp"), levels=STUDY_LEVELS)
 
 
+def test_ctrl_c_saves_the_study_up_to_its_last_result_not_its_last_timed_save(proxy, monkeypatch):
+    """The study saves every STUDY_SAVE_EVERY_S; Ctrl-C between two saves writes what was
+    measured since, so nothing measured is lost (a resumed run measures only the rest)."""
+    import agents.warmstart as warmstart
+
+    monkeypatch.setattr(warmstart, "STUDY_SAVE_EVERY_S", 1e9)  # no timed save in this test
+    real, calls = proxy.evaluate, []
+
+    def evaluate(policy):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(policy.choices())
+        return real(policy)
+
+    monkeypatch.setattr(proxy, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        warmstart.cached_study(proxy)
+    path = warmstart.study_path(proxy, SensitivityStudy(proxy))
+    assert len(json.loads(path.read_text())["rows"]) >= 3
+
+
 def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
     """Ctrl-C in the sensitivity study (minutes on a CPU) loses nothing already measured:
     the cache file holds the partial study and the next one measures only the rest."""

@@ -1775,3 +1775,20 @@ def test_a_misleading_baseline_is_named(test_acc, proxy_acc, phrase, caplog):
     with caplog.at_level("WARNING"):
         _warn_about_baseline(test_acc, proxy, checkpoint=False)  # a baseline this run trained
     assert "probably trained on the proxy" not in caplog.text
+
+
+def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch, caplog):
+    """The study is minutes of a CPU run: Ctrl-C there names the command that measures only
+    the rest, as every other interrupt point does."""
+    import agents.warmstart
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agents.warmstart, "cached_study", interrupted)
+    out = tmp_path / "run"
+    argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 130
+    assert f"run_agent.py --resume {out} measures only the rest" in caplog.text
+    assert (out / "config.json").exists()  # what --resume reads
