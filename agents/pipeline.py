@@ -165,6 +165,13 @@ def run(
     state = read_search_state(Path(cfg.resume)) if cfg.resume is not None else {}
     if cfg.resume is not None:
         check_resumable(cfg, Path(cfg.resume), state)
+        earlier = Path(cfg.resume) / "report.json"
+        if earlier.exists():  # the report of a search stopped early and applied as it was
+            log.info(
+                "%s holds an earlier report of this run; this run replaces it (and "
+                "compressed.pt) when it ends: copy them first to keep them",
+                earlier,
+            )
     if replay is not None and cfg.overwrite and cfg.out:
         check_not_cleared(replay.path, Path(cfg.out))
     device = resolve_device(cfg.device)
@@ -382,6 +389,7 @@ def run(
         predicted_latency=_predicted_latency(cfg, proxy, policy),  # type: ignore[arg-type]
         budget_met=budget_met,
         final_check=check.to_dict() if check is not None else None,
+        search_interrupted=interrupted,
         split_sizes={
             "train": len(splits.train),
             "proxy": len(splits.proxy),

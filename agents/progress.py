@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 from tqdm.auto import tqdm
@@ -63,34 +62,29 @@ def count_bar(desc: str, unit: str, enabled: bool) -> Iterator[Callable[[int, in
 
 @contextlib.contextmanager
 def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict], None] | None]:
-    """A ``search(on_episode=...)`` callback: episodes done / total, best reward and ratio,
-    proxy accuracy, episodes per minute and an ETA; None when bars are off."""
+    """A ``search(on_episode=...)`` callback: episodes done / total and an ETA (tqdm's own), then
+    the best policy's ratio and reward and this episode's proxy accuracy, short enough that an
+    80-column terminal keeps the bar; None when bars are off."""
     if not bars_wanted(enabled) or cfg.replay is not None:
         yield None
         return
     total = None if cfg.timesteps else cfg.episodes
     bars: list[tqdm] = []  # drawn at the first episode, below the plan and the baseline's lines
-    first: list[float] = []  # (episode, time) of this invocation's first finished episode
 
     def update(entry: dict, best: dict) -> None:
-        now = time.perf_counter()
         if not bars:
-            bars.append(tqdm(desc="search", total=total, unit="episode", leave=False))
+            # no rate column (the ETA says it): room for the bar and the numbers in 80 columns
+            fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+            bars.append(tqdm(desc="search", total=total, leave=False, bar_format=fmt))
+            bars[0].n = bars[0].last_print_n = entry["episode"] - 1  # a resumed search's
         bar = bars[0]
-        if not first:  # resumed episodes count as done, not as this invocation's speed
-            first.extend([entry["episode"], now])
-            bar.n = entry["episode"] - 1
         if total is not None and entry["episode"] > bar.total:
             bar.total = entry["episode"]
-        bar.update(entry["episode"] - bar.n)
-        since = entry["episode"] - first[0]
-        per_min = 60 * since / (now - first[1]) if since else float("nan")
-        bar.set_postfix(
-            best_reward=f"{best['reward']:.4f}",
-            best_ratio=f"{best['ratio']:.1f}x",
-            proxy_acc=f"{entry['accuracy']:.3f}",
-            ep_per_min=f"{per_min:.1f}",
+        bar.set_postfix_str(
+            f"best {best['ratio']:.1f}x, reward {best['reward']:.3f}, acc {entry['accuracy']:.1%}",
+            refresh=False,
         )
+        bar.update(entry["episode"] - bar.n)
 
     try:
         yield update

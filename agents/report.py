@@ -58,6 +58,9 @@ class RunResult:
     accuracy after the short fine-tune, the one chosen)."""
     split_sizes: dict[str, int] = field(default_factory=dict)
     """Images in the ``train``, ``proxy`` and ``test`` splits the accuracies were measured on."""
+    search_interrupted: bool = False
+    """The search was stopped with Ctrl-C and its best policy so far applied (``--resume``
+    searches on and replaces this report)."""
 
 
 def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
@@ -120,6 +123,8 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "finetune_seconds": r.finetune.seconds,
         "finetune_recoveries": r.finetune.recoveries,
         "episodes": len(r.episodes),
+        "episodes_planned": None if cfg.get("timesteps") else cfg.get("episodes"),
+        "search_interrupted": r.search_interrupted,
         "proxy_evaluations": r.proxy_evaluations,
         "invocations": r.invocations,
         "final_check": r.final_check,
@@ -197,6 +202,18 @@ def _budget_note(r: dict[str, Any]) -> str:
             "another budget, or timed on another device)."
         )
     return ""
+
+
+def _episodes_text(r: dict[str, Any]) -> str:
+    done = r.get("episodes", 0)
+    if not r.get("search_interrupted"):
+        return f"{done} episodes"
+    planned = r.get("episodes_planned")
+    return (
+        f"{done}{f' of {planned}' if planned else ''} episodes: **the search was interrupted** "
+        "and its best policy so far applied; `run_agent.py --resume` with this directory "
+        "searches on and replaces this report"
+    )
 
 
 def _final_check_lines(r: dict[str, Any]) -> list[str]:
@@ -300,7 +317,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"| compressed, test split after fine-tuning | {_pct(r['finetuned_acc'])} |",
         f"| drop (baseline - fine-tuned, test) | {_points(r['accuracy_drop'])} |",
         "",
-        f"Search {r['search_seconds']:.0f} s ({r.get('episodes', 0)} episodes), "
+        f"Search {r['search_seconds']:.0f} s ({_episodes_text(r)}), "
         f"fine-tune {r['finetune_seconds']:.0f} s.",
         *_final_check_lines(r),
         "",

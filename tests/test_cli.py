@@ -1792,3 +1792,35 @@ def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch,
         assert main(argv) == 130
     assert f"run_agent.py --resume {out} measures only the rest" in caplog.text
     assert (out / "config.json").exists()  # what --resume reads
+
+
+def test_a_report_after_an_interrupted_search_says_so(tmp_path, monkeypatch, caplog):
+    """Ctrl-C in the search, answered 'report the best so far': report.json and report.md say
+    the search was cut short and at which episode of how many, and --resume, which searches on,
+    says it will replace that report."""
+    import agents.progress
+
+    @contextlib.contextmanager
+    def ctrl_c_at_episode_2(cfg, enabled):
+        def on_episode(entry, best):
+            if entry["episode"] == 2:
+                raise KeyboardInterrupt
+
+        yield on_episode
+
+    real_bar = agents.progress.search_bar
+    monkeypatch.setattr(agents.progress, "search_bar", ctrl_c_at_episode_2)
+    out = tmp_path / "run"
+    argv = [*COMMON, *SEARCH, "--on-interrupt", "report", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["search_interrupted"] is True
+    assert report["episodes"] == 2 and report["episodes_planned"] == 3
+    assert "2 of 3 episodes: **the search was interrupted**" in (out / "report.md").read_text()
+
+    monkeypatch.setattr(agents.progress, "search_bar", real_bar)
+    with caplog.at_level("INFO"):
+        assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert "holds an earlier report of this run; this run replaces it" in caplog.text
+    report = json.loads((out / "report.json").read_text())
+    assert report["search_interrupted"] is False and report["episodes"] == 3
