@@ -50,9 +50,9 @@ from agents.speed import write_export
 from rl_mtd.budget import Budget, BudgetMeter
 from rl_mtd.budget_table import BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
-from rl_mtd.errors import RlMtdError
+from rl_mtd.errors import FULL_DISK, RlMtdError
 from rl_mtd.evaluation import evaluate
-from rl_mtd.io import check_writable, write_json_atomic
+from rl_mtd.io import CACHE_ENV, check_writable, write_json_atomic
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, resolve_device
@@ -130,6 +130,21 @@ def _budget_text(cfg: RunConfig) -> str:
     )
 
 
+def _check_writable(directory: Path, what: str, fix: str) -> None:
+    """A place the run must write that it cannot (read-only, under a file, no permission) is
+    the user's to fix before any work: one line naming the option, exit status 2. A disk that
+    fills up later stays an OSError (status 1)."""
+    try:
+        check_writable(directory)
+    except OSError as exc:
+        if exc.errno in FULL_DISK:
+            raise
+        at = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(directory) else ""
+        raise RlMtdError(
+            f"{what} {directory} cannot be written: {exc.strerror or exc}{at}; {fix}"
+        ) from None
+
+
 def _check_reachable(cfg: RunConfig, device: torch.device, policy: Policy | None = None) -> None:
     """Raise if the targets are beyond these methods and levels on this network: parameters and
     MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
@@ -193,12 +208,17 @@ def run(
     run_dir = (
         Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
     )
-    check_writable(run_dir)  # a read-only --out: now, not after the baseline is trained
+    # now, not after the baseline is trained
+    _check_writable(run_dir, "--out", "pick a writable directory for --out")
     splits, data = load_data(cfg)
     splits = splits.to(device)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     if need_baseline:  # where the trained baseline will be kept
-        check_writable(baseline_cache_path(cfg, data.key).parent)
+        _check_writable(
+            baseline_cache_path(cfg, data.key).parent,
+            "the cache",
+            f"point {CACHE_ENV} at a writable directory",
+        )
     if device.type == "cpu" and cfg.preset == "paper":
         log.warning(
             "a paper-scale run without a GPU takes days; consider --preset cpu%s. Timing this "
