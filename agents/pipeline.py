@@ -221,8 +221,8 @@ def run(
         )
     if device.type == "cpu" and cfg.preset == "paper":
         log.warning(
-            "a paper-scale run without a GPU takes days; consider --preset cpu%s. Timing this "
-            "CPU for the plan first",
+            "the paper preset is sized for a GPU (at full width, days on a CPU); consider "
+            "--preset cpu%s. Timing this CPU for the plan, which estimates this run",
             " and --width 0.25" if cfg.width > 0.25 else "",
         )
     else:

@@ -12,7 +12,7 @@ from typing import Any
 from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE
-from agents.search import search_finished
+from agents.search import search_finished, what_is_left
 from rl_mtd.errors import RlMtdError
 
 STALE_SEARCH_FILES = (
@@ -64,6 +64,16 @@ def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> Non
             f"run searched {best.get('net')} width {best.get('width')}; config.json was edited: "
             "put it back, or start a new run with --out NEW_DIR"
         )
+    agent = run_dir / "agent.zip"
+    if cfg.replay is None and agent.exists() and not search_finished(cfg, state):
+        from agents.ppo import read_agent_meta  # stable-baselines3: only where needed
+
+        try:  # before the data and the baseline: the search would load it first thing
+            read_agent_meta(agent)
+        except RlMtdError as exc:
+            raise RlMtdError(
+                f"{exc}; so the search cannot be resumed: {what_is_left(run_dir)}"
+            ) from None
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return

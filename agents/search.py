@@ -130,7 +130,7 @@ def worker_evaluations(cfg: RunConfig, episodes: list[dict[str, Any]]) -> int:
     return sum(1 for e in episodes if not e.get("cached", False))
 
 
-def _what_is_left(run_dir: Path) -> str:
+def what_is_left(run_dir: Path) -> str:
     """The way on from a run whose search state cannot be read."""
     policy = run_dir / "policy.json"
     kept = (
@@ -150,11 +150,11 @@ def read_search_state(run_dir: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RlMtdError(
-            f"{path} is damaged ({exc}), so the search cannot be resumed; {_what_is_left(run_dir)}"
+            f"{path} is damaged ({exc}), so the search cannot be resumed; {what_is_left(run_dir)}"
         ) from None
     if not isinstance(state, dict) or not isinstance(state.get("episodes", []), list):
         raise RlMtdError(
-            f"{path} is not a search state written by run_agent.py; {_what_is_left(run_dir)}"
+            f"{path} is not a search state written by run_agent.py; {what_is_left(run_dir)}"
         )
     return state
 

@@ -39,7 +39,7 @@ from rl_mtd.decompose import (
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 from rl_mtd.metrics import count_params
-from rl_mtd.models import build_vgg, check_net_name
+from rl_mtd.models import CFGS, build_vgg, check_net_name
 
 POLICY_FORMAT = 1
 
@@ -157,10 +157,12 @@ def _fail(source: str, msg: str) -> RlMtdError:
 
 
 def _parse_policy(data: Any, source: str) -> Policy:
-    if not isinstance(data, dict) or ("format" not in data and "layers" not in data):
+    if not isinstance(data, dict) or "format" not in data:  # every policy file states it
+        report = isinstance(data, dict) and "finetuned_acc" in data
         raise RlMtdError(
-            f"{source} is not an rl_mtd policy file (no 'format'/'layers'); pass the "
-            "policy.json or agent.zip of a run"
+            f"{source} is not an rl_mtd policy file ("
+            + ("a run's report.json; its policy.json sits beside it" if report else "no 'format'")
+            + "); pass the policy.json or agent.zip of a run"
         )
     fmt = data.get("format")
     if fmt != POLICY_FORMAT:
@@ -183,9 +185,17 @@ def _parse_policy(data: Any, source: str) -> Policy:
         raise _fail(source, "field 'layers' must be a non-empty list")
     expected = conv_layers(build_vgg(net, num_classes=num_classes, width=width).to("meta"))
     if len(raw_layers) != len(expected):
+        others = [
+            other
+            for other in CFGS
+            if len(conv_layers(build_vgg(other, num_classes=num_classes, width=width).to("meta")))
+            == len(raw_layers)
+        ]
+        hint = f" (a policy for {' or '.join(others)}, with 'net' edited?)" if others else ""
         raise _fail(
             source,
-            f"field 'layers' has {len(raw_layers)} entries but {net} has {len(expected)} conv layers",
+            f"field 'layers' has {len(raw_layers)} entries but {net} has {len(expected)} conv "
+            f"layers{hint}",
         )
     layers = [
         _parse_layer(item, i, name, conv, source)

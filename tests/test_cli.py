@@ -1728,6 +1728,19 @@ def test_a_damaged_search_state_says_what_is_left(smoke_run, tmp_path, capsys):
     fail(["--resume", str(run), "--episodes", "5"], capsys, "damaged", "--replay it", "NEW_DIR")
 
 
+def test_a_damaged_agent_is_found_before_any_work_and_says_what_is_left(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    blob = (run / "agent.zip").read_bytes()
+    (run / "agent.zip").write_bytes(blob[: len(blob) // 3])
+    monkeypatch.setattr(
+        "agents.pipeline.load_data", lambda *_: pytest.fail("loaded data before the check")
+    )
+    fail(["--resume", str(run), "--episodes", "5"], capsys, "damaged", "--replay it", "NEW_DIR")
+
+
 def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monkeypatch):
     """--overwrite, then the new run stops in its search: none of the earlier run's results
     (its policy, report, plots, model, agent) stand beside the new run's config.json."""

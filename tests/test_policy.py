@@ -233,6 +233,22 @@ def test_bad_policy_file_named(tmp_path, policy: Policy, mutate, words: list[str
         assert word in str(exc.value), (word, str(exc.value))
 
 
+def test_a_policy_whose_net_was_edited_is_named_as_such(tmp_path, policy: Policy) -> None:
+    data = policy.to_dict()
+    data["net"] = "vgg16"  # the layers are still vgg11's 8
+    path = tmp_path / "policy.json"
+    _write(path, data)
+    with pytest.raises(RlMtdError, match=r"8 entries but vgg16 has 13 .*a policy for vgg11"):
+        Policy.load(path)
+
+
+def test_a_report_json_is_not_taken_for_a_policy(tmp_path, policy: Policy) -> None:
+    path = tmp_path / "report.json"
+    _write(path, {"net": "vgg11", "width": WIDTH, "layers": [], "finetuned_acc": 0.8})
+    with pytest.raises(RlMtdError, match="not an rl_mtd policy file .a run's report.json"):
+        Policy.load(path)
+
+
 def test_truncated_policy_file(tmp_path, policy: Policy) -> None:
     path = tmp_path / "policy.json"
     policy.save(path)
