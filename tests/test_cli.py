@@ -841,7 +841,7 @@ def test_a_tilde_in_out_is_the_home_directory(tmp_path, monkeypatch, capsys):
     assert rc == 0, capsys.readouterr().err
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "runs").write_text("a file where the run's parent should be")
-    fail([*COMMON, "--out=~/runs/a"], capsys, str(tmp_path / "home" / "runs"), code=1)
+    fail([*COMMON, "--out=~/runs/a"], capsys, str(tmp_path / "home" / "runs"), code=2)
     assert not (tmp_path / "~").exists()
 
 
