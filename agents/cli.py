@@ -167,6 +167,8 @@ def _check_resume_flags(
 
 
 REPLAY_IGNORES = (
+    "methods",
+    "levels",
     "episodes",
     "timesteps",
     "n_envs",
@@ -177,9 +179,10 @@ REPLAY_IGNORES = (
     "final_check_epochs",
     "final_check_margin",
 )
-"""Search settings a --replay never uses. --final-check and --study-repair-steps are refused
-by ``RunConfig.validate`` with their reasons; --methods, --levels and the budget flags stay
-(a replayed policy that records no budget is judged by the run's)."""
+"""Search settings a --replay never uses (it applies the policy's own ranks, or the agent's
+own methods and levels). --final-check and --study-repair-steps are refused by
+``RunConfig.validate`` with their reasons; the budget flags stay (a replayed policy that
+records no budget is judged by the run's)."""
 
 
 def _check_replay_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:

@@ -50,6 +50,7 @@ from agents.speed import write_export
 from rl_mtd.budget import Budget, BudgetMeter
 from rl_mtd.budget_table import BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
+from rl_mtd.decompose import METHODS
 from rl_mtd.errors import FULL_DISK, RlMtdError
 from rl_mtd.evaluation import evaluate
 from rl_mtd.io import CACHE_ENV, check_writable, write_json_atomic
@@ -60,6 +61,9 @@ from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
 
+STRONGEST_LEVEL = 1e9
+"""A per-layer reduction no layer reaches: every method at rank 1, the most any decomposition
+compresses (the reach a replay's budget is checked against)."""
 
 MEMORISED_GAP = 0.05
 """A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
@@ -139,7 +143,8 @@ def _check_writable(directory: Path, what: str, fix: str) -> None:
     except OSError as exc:
         if exc.errno in FULL_DISK:
             raise
-        at = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(directory) else ""
+        same = exc.filename and Path(exc.filename).absolute() == Path(directory).absolute()
+        at = f" at {exc.filename}" if exc.filename and not same else ""
         raise RlMtdError(
             f"{what} {directory} cannot be written: {exc.strerror or exc}{at}; {fix}"
         ) from None
@@ -148,18 +153,26 @@ def _check_writable(directory: Path, what: str, fix: str) -> None:
 def _check_reachable(cfg: RunConfig, device: torch.device, policy: Policy | None = None) -> None:
     """Raise if the targets are beyond these methods and levels on this network: parameters and
     MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
-    search reuses them), all before the baseline is trained. A replayed ``policy`` that meets
-    them shows they are within reach, whatever --levels and --methods say: a replay applies its
-    own ranks."""
-    if policy is not None and any(getattr(cfg, k) for k in BUDGET_KEYS):
-        lm = latency_model(cfg, device)
-        budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
-        if BudgetMeter(build_vgg(cfg.net, width=cfg.width), budget).meets(policy.choices()):
-            return
-    env = env_config(cfg)
+    search reuses them), all before the baseline is trained.
+
+    A replayed ``policy`` applies its own ranks, so --levels and --methods play no part: a
+    budget it meets is within reach, and one it does not meet is refused only where no
+    decomposition of the network reaches it (else the run goes on, and its report says the
+    policy falls short)."""
     lm = latency_model(cfg, device)
-    BudgetTable(build_vgg(cfg.net, width=cfg.width), env.methods, env.levels).check_target(
-        Budget(env.target_ratio, env.target_macs, env.target_latency, lm)
+    budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
+    model = build_vgg(cfg.net, width=cfg.width)
+    if policy is None:
+        env = env_config(cfg)
+        BudgetTable(model, env.methods, env.levels).check_target(budget)
+        return
+    if not any(getattr(cfg, k) for k in BUDGET_KEYS) or BudgetMeter(model, budget).meets(
+        policy.choices()
+    ):
+        return
+    # rank 1 everywhere: the strongest option each method has
+    BudgetTable(model, METHODS, (float(STRONGEST_LEVEL),)).check_target(
+        budget, fixable_by_levels=False
     )
 
 
@@ -209,7 +222,12 @@ def run(
         Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
     )
     # now, not after the baseline is trained
-    _check_writable(run_dir, "--out", "pick a writable directory for --out")
+    if cfg.resume is None:
+        _check_writable(run_dir, "--out", "pick a writable directory for --out")
+    else:
+        _check_writable(
+            run_dir, "--resume", "make it writable, or copy the run elsewhere and resume the copy"
+        )
     splits, data = load_data(cfg)
     splits = splits.to(device)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
                     "agent.zip of a run_agent.py run"
                 )
             meta = json.loads(zf.read(AGENT_META))
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            bad = zf.testzip()  # every member's checksum: a few ms, and no surprise later
+            if bad is not None:
+                raise zipfile.BadZipFile(f"{bad} inside fails its checksum")
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, zlib.error) as exc:
         raise RlMtdError(f"agent file {path} is damaged ({exc}); it may be truncated") from None
     for key in ("net", "width", "methods", "levels"):
         if key not in meta:

@@ -72,18 +72,31 @@ def search_bar(cfg: RunConfig, enabled: bool) -> Iterator[Callable[[dict, dict],
     bars: list[tqdm] = []  # drawn at the first episode, below the plan and the baseline's lines
 
     def update(entry: dict, best: dict) -> None:
-        if not bars:
+        text = (
+            f"best {best['ratio']:.1f}x, reward {best['reward']:.3f}, acc {entry['accuracy']:.1%}"
+        )
+        if not bars:  # drawn at once at this episode (a resumed search's count included)
             # no rate column (the ETA says it): room for the bar and the numbers in 80 columns
-            fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-            bars.append(tqdm(desc="search", total=total, leave=False, bar_format=fmt))
-            bars[0].n = bars[0].last_print_n = entry["episode"] - 1  # a resumed search's
+            fmt = (
+                "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+                if total is not None
+                else "{desc}: {n_fmt} episodes [{elapsed}{postfix}]"  # --timesteps: no end known
+            )
+            bars.append(
+                tqdm(
+                    desc="search",
+                    total=max(total, entry["episode"]) if total is not None else None,
+                    initial=entry["episode"],
+                    leave=False,
+                    bar_format=fmt,
+                )
+            )
+            bars[0].set_postfix_str(text)  # refreshes: the bar shows this episode now
+            return
         bar = bars[0]
         if total is not None and entry["episode"] > bar.total:
             bar.total = entry["episode"]
-        bar.set_postfix_str(
-            f"best {best['ratio']:.1f}x, reward {best['reward']:.3f}, acc {entry['accuracy']:.1%}",
-            refresh=False,
-        )
+        bar.set_postfix_str(text, refresh=False)
         bar.update(entry["episode"] - bar.n)
 
     try:

@@ -123,7 +123,9 @@ def build_report(r: RunResult, latency_repeats: int = 20) -> dict[str, Any]:
         "finetune_seconds": r.finetune.seconds,
         "finetune_recoveries": r.finetune.recoveries,
         "episodes": len(r.episodes),
-        "episodes_planned": None if cfg.get("timesteps") else cfg.get("episodes"),
+        "episodes_planned": None
+        if cfg.get("replay") or cfg.get("timesteps")
+        else cfg.get("episodes"),
         "search_interrupted": r.search_interrupted,
         "proxy_evaluations": r.proxy_evaluations,
         "invocations": r.invocations,

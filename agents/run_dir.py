@@ -70,9 +70,10 @@ def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> Non
 
         try:  # before the data and the baseline: the search would load it first thing
             read_agent_meta(agent)
-        except RlMtdError as exc:
+        except RlMtdError:
             raise RlMtdError(
-                f"{exc}; so the search cannot be resumed: {what_is_left(run_dir)}"
+                f"--resume {run_dir}: {agent} is damaged or not an rl_mtd agent, so the search "
+                f"cannot be resumed; {what_is_left(run_dir)}"
             ) from None
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():

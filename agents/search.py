@@ -224,8 +224,8 @@ def search(
                 study = cached_study(study_proxy(proxy, cfg.study_steps), bar)
         except KeyboardInterrupt:
             log.warning(
-                "sensitivity study interrupted; what it measured is kept in the cache: "
-                "run_agent.py --resume %s measures only the rest",
+                "sensitivity study interrupted; run_agent.py --resume %s measures only what "
+                "it has not cached",
                 run_dir,
             )
             raise

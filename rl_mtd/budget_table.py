@@ -116,16 +116,22 @@ class BudgetTable:
             out[i] = out[i + 1] + min(costs[i].values())
         return out
 
-    def check_target(self, target: Budget | float | None) -> None:
-        """Raise unless the budget (or parameter target) is within reach of these options."""
+    def check_target(
+        self, target: Budget | float | None, *, fixable_by_levels: bool = True
+    ) -> None:
+        """Raise unless the budget (or parameter target) is within reach of these options.
+        ``fixable_by_levels=False``: the options are already the strongest there are (a
+        replay's check), so the message does not suggest stronger --levels."""
         budget = Budget.of(target)
+        reach = "these levels" if fixable_by_levels else "any decomposition"
+        more = " or add stronger --levels" if fixable_by_levels else ""
         if budget.latency is not None and (budget.params is not None or budget.macs is not None):
             limits = self._limits(budget)
             least = self._least_after(budget, limits, 0)
             if any(f + r > a for (_, f, a), r in zip(limits, least, strict=True)):
                 raise RlMtdError(
                     f"target speed-up {budget.latency:g} together with the other targets is "
-                    "beyond what these levels can reach on this model and device (no one "
+                    f"beyond what {reach} can reach on this model and device (no one "
                     "option per layer meets them all); lower --target-latency or the others"
                 )
         if budget.latency is not None:
@@ -133,21 +139,19 @@ class BudgetTable:
             fastest = lm.original_ms / (lm.rest_ms + self._latency_min_after(lm)[0])
             if budget.latency > fastest:
                 raise RlMtdError(
-                    f"target speed-up {budget.latency:g} is beyond what these levels can reach "
+                    f"target speed-up {budget.latency:g} is beyond what {reach} can reach "
                     f"on this model and device (at most {fastest:.1f}x predicted at batch "
-                    f"{lm.batch_size}); lower --target-latency or add stronger --levels"
+                    f"{lm.batch_size}); lower --target-latency{more}"
                 )
         if budget.params is not None and budget.params > self.max_ratio:
             raise RlMtdError(
-                f"target ratio {budget.params:g} is beyond what these levels can reach on this "
-                f"model (at most {self.max_ratio:.1f}x); lower --target-ratio or add stronger "
-                "--levels"
+                f"target ratio {budget.params:g} is beyond what {reach} can reach on this "
+                f"model (at most {self.max_ratio:.1f}x); lower --target-ratio{more}"
             )
         if budget.macs is not None and budget.macs > self.max_macs_ratio:
             raise RlMtdError(
-                f"target MACs reduction {budget.macs:g} is beyond what these levels can reach on "
-                f"this model (at most {self.max_macs_ratio:.1f}x); lower --target-macs or add "
-                "stronger --levels"
+                f"target MACs reduction {budget.macs:g} is beyond what {reach} can reach on "
+                f"this model (at most {self.max_macs_ratio:.1f}x); lower --target-macs{more}"
             )
 
     def used(self, choices: list[OptionIndex]) -> int:

@@ -4,6 +4,7 @@ stop at once with a message, not after minutes of (lent) GPU time."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
 from pathlib import Path
 
@@ -64,11 +65,21 @@ def test_compare_prints_a_dash_for_speed_ups_it_did_not_time(script):
     )
 
 
-def test_latency_prints_each_batch_table_before_timing_the_next(script, capsys, monkeypatch):
-    """A GPU run stops the latency step at its time limit: the tables of the batches it finished
-    must already be printed, not held back until every batch is timed."""
+def test_latency_prints_each_batch_table_before_timing_the_next(script, monkeypatch):
+    """A GPU run stops the latency step at its time limit (SIGTERM, which flushes nothing): the
+    tables of the batches it finished must already be printed and flushed, not held back until
+    every batch is timed."""
     latency = script("latency")
     timed = []
+
+    class Stdout(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    out = Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
 
     def fake_measure(net, *, batch_size, **kw):
         if batch_size == 8:
@@ -80,7 +91,6 @@ def test_latency_prints_each_batch_table_before_timing_the_next(script, capsys, 
     argv = ["--width", "0.125", "--batches", "1,8", "--no-onnx", "--repeats", "1", "--rounds", "1"]
     with pytest.raises(KeyboardInterrupt):
         latency.main(argv)
-    out = capsys.readouterr().out
     assert timed and set(timed) == {1}
-    assert "batch 1, " in out and "| original |" in out
-    assert "batch 8, " not in out
+    assert "batch 1, " in out.flushed and "| original |" in out.flushed
+    assert "batch 8, " not in out.getvalue()

@@ -302,6 +302,10 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
     assert report["params_compressed"] == original["params_compressed"]
     assert report["compression_ratio"] == original["compression_ratio"]
     assert report["search_seconds"] == 0
+    assert report["episodes"] == 0 and report["episodes_planned"] is None  # it searched nothing
+    assert (
+        original["episodes_planned"] == original["episodes"] and not original["search_interrupted"]
+    )
     assert not (out / "agent.zip").exists()
 
 
@@ -616,7 +620,7 @@ def test_corrupt_policy_replay(tmp_path, capsys):
     assert bad.read_text() == text[: len(text) // 2]
 
 
-@pytest.mark.parametrize("ratio, phrase", [("8x", "'8x'"), (1e6, "beyond what these levels")])
+@pytest.mark.parametrize("ratio, phrase", [("8x", "'8x'"), (1e6, "beyond what any decomposition")])
 def test_policy_with_a_hand_edited_budget(ratio, phrase, tmp_path, capsys):
     policy = Policy.keep_all(build_vgg(NET, width=WIDTH), net=NET, width=WIDTH)
     policy.meta.update(target_ratio=ratio, target_macs=None)
@@ -638,7 +642,7 @@ def test_a_policy_without_a_budget_is_not_blamed_for_the_command_line_s(tmp_path
     policy.save(path)
     out = tmp_path / "out"
     args = ["--replay", str(path), "--target-ratio", "1000", "--out", str(out)]
-    err = fail([*COMMON, *args], capsys, "beyond what these levels can reach")
+    err = fail([*COMMON, *args], capsys, "beyond what any decomposition can reach")
     assert "records a budget" not in err and not out.exists()
 
 
@@ -1629,32 +1633,27 @@ def test_replay_refuses_search_flags_it_would_ignore(extra, named, smoke_run, tm
     assert not out.exists()
 
 
-def test_replay_keeps_the_flags_a_policy_is_judged_by(smoke_run, tmp_path, capsys, caplog):
-    """--levels and --methods stay open to a replay: a policy that records no budget and does
-    not meet the run's is judged by it, and they decide whether it is within reach. A policy
-    that meets the budget needs no levels: a replay applies its own ranks."""
+def test_a_replay_is_judged_by_its_policy_not_by_levels(smoke_run, tmp_path, capsys, caplog):
+    """A replay applies the policy's own ranks: --levels and --methods are refused as search
+    flags, a budget the policy meets passes, and one it misses stops the run only where no
+    decomposition reaches it, without advice to add levels (it would change nothing)."""
     policy = Policy.load(smoke_run / "policy.json")
     ratio = policy.meta["proxy"]["compression_ratio"]
-    assert ratio > 4  # beyond what 4x per layer reaches
     bare = tmp_path / "bare.json"
     dataclasses.replace(policy, meta={}).save(bare)
-    argv = [*COMMON, "--replay", str(bare), "--dry-run", "--levels", "2,4"]
-    above = ["--target-ratio", f"{2 * ratio:g}"]  # beyond the policy
-    fail([*argv, *above, "--out", str(tmp_path / "r")], capsys, "stronger --levels")
+    argv = [*COMMON, "--replay", str(bare), "--dry-run"]
+    for flag, value in (("--levels", "2,4"), ("--methods", "keep,cp")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, flag, value, "--out", str(tmp_path / "r")])
+        assert exit_.value.code == 2
+        assert f"searches nothing, so {flag} would be ignored" in capsys.readouterr().err
+    err = fail([*argv, "--target-ratio", "1e5", "--out", str(tmp_path / "r")], capsys, "at most")
+    assert "beyond what any decomposition can reach" in err and "--levels" not in err
     with caplog.at_level("INFO"):
-        met = ["--target-ratio", f"{0.99 * ratio:g}"]
-        assert main([*argv, *met, "--out", str(tmp_path / "r")]) == 0
-        assert main([*argv, *above, "--levels", "16,32,64", "--out", str(tmp_path / "r2")]) == 0
-    assert "dry run: stopped" in caplog.text
-
-
-def test_replaying_a_policy_that_meets_its_budget_ignores_weak_levels(smoke_run, tmp_path):
-    """A run's policy.json records its budget; --levels too weak to reach it must not stop the
-    replay, since the policy's own ranks reach it (the advice to change --target-ratio or
-    --levels would change nothing)."""
-    out = tmp_path / "r"
-    argv = [*COMMON, "--replay", str(smoke_run / "policy.json"), "--levels", "2,4", "--dry-run"]
-    assert main([*argv, "--out", str(out)]) == 0
+        for target in (0.99 * ratio, 2 * ratio):  # met; missed but within reach (a warning)
+            out = tmp_path / f"r{target:g}"
+            assert main([*argv, "--target-ratio", f"{target:g}", "--out", str(out)]) == 0
+    assert caplog.text.count("dry run: stopped") == 2
 
 
 @pytest.mark.parametrize("kind", ["another net", "100 classes", "policy file"])
@@ -1733,12 +1732,37 @@ def test_a_damaged_agent_is_found_before_any_work_and_says_what_is_left(
 ):
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    blob = (run / "agent.zip").read_bytes()
-    (run / "agent.zip").write_bytes(blob[: len(blob) // 3])
+    blob = bytearray((run / "agent.zip").read_bytes())
     monkeypatch.setattr(
         "agents.pipeline.load_data", lambda *_: pytest.fail("loaded data before the check")
     )
-    fail(["--resume", str(run), "--episodes", "5"], capsys, "damaged", "--replay it", "NEW_DIR")
+    for damage in ("cut", "flipped"):  # a truncated file; bytes changed inside a member
+        if damage == "cut":
+            (run / "agent.zip").write_bytes(blob[: len(blob) // 3])
+        else:
+            middle = len(blob) // 2
+            changed = blob[:middle] + bytes(b ^ 0xFF for b in blob[middle : middle + 64])
+            (run / "agent.zip").write_bytes(changed + blob[middle + 64 :])
+        err = fail(["--resume", str(run), "--episodes", "5"], capsys, "damaged", "--replay it")
+        assert "NEW_DIR" in err and err.count("replay") == 1, err
+
+
+def test_a_read_only_run_to_resume_is_named_by_resume_not_out(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    """--resume refuses --out, so the advice for a run directory it cannot write names
+    --resume (root ignores permissions: the read-only file system is simulated)."""
+    import errno
+
+    def read_only(directory):
+        raise OSError(errno.EROFS, "Read-only file system", str(directory))
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    monkeypatch.setattr("agents.pipeline.check_writable", read_only)
+    err = fail(["--resume", str(run), "--episodes", "5"], capsys, f"--resume {run} cannot be")
+    assert "Read-only file system; make it writable, or copy the run" in err
+    assert "--out" not in err and str(run) + " at" not in err
 
 
 def test_overwrite_leaves_no_result_of_the_earlier_run(smoke_run, tmp_path, monkeypatch):
@@ -1803,7 +1827,7 @@ def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch,
     argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]
     with caplog.at_level("WARNING"):
         assert main(argv) == 130
-    assert f"run_agent.py --resume {out} measures only the rest" in caplog.text
+    assert f"run_agent.py --resume {out} measures only what it has not cached" in caplog.text
     assert (out / "config.json").exists()  # what --resume reads
 
 
