@@ -32,6 +32,16 @@ timed once, and a repair step in one short round, so that a dry run there takes 
 rather than ten."""
 
 
+def timestep_episodes(timesteps: int, n_layers: int, n_envs: int = 1) -> int:
+    """Episodes a ``--timesteps`` search runs: PPO collects whole rollouts of
+    ``episodes_per_rollout`` episodes per environment and stops only after the one that reaches
+    ``timesteps`` (``--timesteps 12`` on an 8-layer net runs 4 episodes, not 2)."""
+    from agents.ppo import PPOConfig  # stable-baselines3: only where needed
+
+    per_rollout = PPOConfig().episodes_per_rollout * n_envs
+    return math.ceil(timesteps / (per_rollout * n_layers)) * per_rollout
+
+
 @dataclass
 class Timing:
     step_seconds: float
@@ -182,9 +192,10 @@ def print_plan(
         if replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
-    # As the search counts them: --timesteps, else the episodes left, and at least one.
+    # As the search runs them: --timesteps in whole PPO rollouts, else the episodes left, and
+    # at least one.
     episodes_left = (
-        math.ceil(cfg.timesteps / timing.n_layers)
+        timestep_episodes(cfg.timesteps, timing.n_layers, cfg.n_envs)
         if cfg.timesteps
         else 0
         if search_done
@@ -225,9 +236,11 @@ def print_plan(
         else "cached from an earlier run"
     )
     resumed = ""
-    if episodes_done:
-        whole = f"{cfg.timesteps} timesteps" if cfg.timesteps else f"of {cfg.episodes}"
-        resumed = f" ({whole}; {episodes_done} done)"
+    if cfg.timesteps:
+        resumed = f" (--timesteps {cfg.timesteps} in whole PPO rollouts"
+        resumed += f"; {episodes_done} done)" if episodes_done else ")"
+    elif episodes_done:
+        resumed = f" (of {cfg.episodes}; {episodes_done} done)"
     if replay_path:
         search = f"replay {replay_path}"
     elif search_done:

@@ -1861,3 +1861,19 @@ def test_a_report_after_an_interrupted_search_says_so(tmp_path, monkeypatch, cap
     assert "holds an earlier report of this run; this run replaces it" in caplog.text
     report = json.loads((out / "report.json").read_text())
     assert report["search_interrupted"] is False and report["episodes"] == 3
+
+
+def test_the_plan_counts_the_episodes_a_timesteps_search_really_runs(tmp_path, caplog):
+    """PPO runs whole rollouts (4 episodes per env): --timesteps 12 on VGG11's 8 layers is 4
+    episodes, and the plan said 2."""
+    from agents.plan import timestep_episodes
+
+    out = tmp_path / "run"
+    argv = [*COMMON, *SEARCH, "--timesteps", "12", "--out", str(out)]
+    with caplog.at_level("INFO"):
+        assert main(argv) == 0
+    ran = read_json(out / "report.json")["episodes"]
+    assert ran == timestep_episodes(12, 8) == 4
+    assert (
+        f"search: {ran} episodes x 8 layers (--timesteps 12 in whole PPO rollouts)" in caplog.text
+    )
