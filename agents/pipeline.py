@@ -13,8 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE, compress_and_finetune, run_final_check
@@ -27,6 +25,7 @@ from agents.inputs import (
     note_other_baseline_states,
 )
 from agents.plan import measure, print_plan
+from agents.prechecks import check_reachable, check_writable_as
 from agents.replay import (
     BUDGET_KEYS,
     load_replay,
@@ -37,7 +36,6 @@ from agents.replay import (
 from agents.report import RunResult, build_report, write_outputs
 from agents.run_dir import check_not_cleared, check_resumable, clear_earlier_run
 from agents.search import (
-    env_config,
     finished_search,
     make_proxy,
     proxy_config,
@@ -48,22 +46,15 @@ from agents.search import (
 )
 from agents.speed import write_export
 from rl_mtd.budget import Budget, BudgetMeter
-from rl_mtd.budget_table import BudgetTable
 from rl_mtd.checkpoints import load_baseline, save_compressed
-from rl_mtd.decompose import METHODS
-from rl_mtd.errors import FULL_DISK, RlMtdError
+from rl_mtd.errors import RlMtdError
 from rl_mtd.evaluation import evaluate
-from rl_mtd.io import CACHE_ENV, check_writable, write_json_atomic
-from rl_mtd.models import build_vgg
+from rl_mtd.io import CACHE_ENV, write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
-
-STRONGEST_LEVEL = 1e9
-"""A per-layer reduction no layer reaches: every method at rank 1, the most any decomposition
-compresses (the reach a replay's budget is checked against)."""
 
 MEMORISED_GAP = 0.05
 """A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
@@ -134,48 +125,6 @@ def _budget_text(cfg: RunConfig) -> str:
     )
 
 
-def _check_writable(directory: Path, what: str, fix: str) -> None:
-    """A place the run must write that it cannot (read-only, under a file, no permission) is
-    the user's to fix before any work: one line naming the option, exit status 2. A disk that
-    fills up later stays an OSError (status 1)."""
-    try:
-        check_writable(directory)
-    except OSError as exc:
-        if exc.errno in FULL_DISK:
-            raise
-        same = exc.filename and Path(exc.filename).absolute() == Path(directory).absolute()
-        at = f" at {exc.filename}" if exc.filename and not same else ""
-        raise RlMtdError(
-            f"{what} {directory} cannot be written: {exc.strerror or exc}{at}; {fix}"
-        ) from None
-
-
-def _check_reachable(cfg: RunConfig, device: torch.device, policy: Policy | None = None) -> None:
-    """Raise if the targets are beyond these methods and levels on this network: parameters and
-    MACs from the architecture, a speed-up from its layers timed on ``device`` (cached, so the
-    search reuses them), all before the baseline is trained.
-
-    A replayed ``policy`` applies its own ranks, so --levels and --methods play no part: a
-    budget it meets is within reach, and one it does not meet is refused only where no
-    decomposition of the network reaches it (else the run goes on, and its report says the
-    policy falls short)."""
-    lm = latency_model(cfg, device)
-    budget = Budget(cfg.target_ratio, cfg.target_macs, cfg.target_latency, lm)
-    model = build_vgg(cfg.net, width=cfg.width)
-    if policy is None:
-        env = env_config(cfg)
-        BudgetTable(model, env.methods, env.levels).check_target(budget)
-        return
-    if not any(getattr(cfg, k) for k in BUDGET_KEYS) or BudgetMeter(model, budget).meets(
-        policy.choices()
-    ):
-        return
-    # rank 1 everywhere: the strongest option each method has
-    BudgetTable(model, METHODS, (float(STRONGEST_LEVEL),)).check_target(
-        budget, fixable_by_levels=False
-    )
-
-
 def run(
     cfg: RunConfig,
     *,
@@ -212,7 +161,7 @@ def run(
     cfg = with_replayed_budget(cfg, replay)
     if replay is None or replay.kind == "policy":  # a target out of reach: before any work
         try:
-            _check_reachable(cfg, device, None if replay is None else replay.policy)
+            check_reachable(cfg, device, None if replay is None else replay.policy)
         except RlMtdError as exc:
             if replay is None or not records_budget(replay):
                 raise
@@ -223,16 +172,16 @@ def run(
     )
     # now, not after the baseline is trained
     if cfg.resume is None:
-        _check_writable(run_dir, "--out", "pick a writable directory for --out")
+        check_writable_as(run_dir, "--out", "pick a writable directory for --out")
     else:
-        _check_writable(
+        check_writable_as(
             run_dir, "--resume", "make it writable, or copy the run elsewhere and resume the copy"
         )
     splits, data = load_data(cfg)
     splits = splits.to(device)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     if need_baseline:  # where the trained baseline will be kept
-        _check_writable(
+        check_writable_as(
             baseline_cache_path(cfg, data.key).parent,
             "the cache",
             f"point {CACHE_ENV} at a writable directory",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 
@@ -30,16 +29,6 @@ SLOW_STEP_SECONDS = 0.5
 """A training step slower than this after the warm-up (a full-width VGG16 on a CPU: seconds) is
 timed once, and a repair step in one short round, so that a dry run there takes a minute or two
 rather than ten."""
-
-
-def timestep_episodes(timesteps: int, n_layers: int, n_envs: int = 1) -> int:
-    """Episodes a ``--timesteps`` search runs: PPO collects whole rollouts of
-    ``episodes_per_rollout`` episodes per environment and stops only after the one that reaches
-    ``timesteps`` (``--timesteps 12`` on an 8-layer net runs 4 episodes, not 2)."""
-    from agents.ppo import PPOConfig  # stable-baselines3: only where needed
-
-    per_rollout = PPOConfig().episodes_per_rollout * n_envs
-    return math.ceil(timesteps / (per_rollout * n_layers)) * per_rollout
 
 
 @dataclass
@@ -192,6 +181,8 @@ def print_plan(
         if replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
+    from agents.ppo import timestep_episodes  # stable-baselines3: only where needed
+
     # As the search runs them: --timesteps in whole PPO rollouts, else the episodes left, and
     # at least one.
     episodes_left = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -75,6 +76,14 @@ def make_ppo(
         device=device,
         verbose=0,
     )
+
+
+def timestep_episodes(timesteps: int, n_layers: int, n_envs: int = 1) -> int:
+    """Episodes a ``--timesteps`` search runs: ``make_ppo``'s agent collects whole rollouts of
+    ``episodes_per_rollout`` episodes per environment and stops only after the one that reaches
+    ``timesteps`` (``--timesteps 12`` on an 8-layer net runs 4 episodes, not 2)."""
+    per_rollout = PPOConfig().episodes_per_rollout * n_envs
+    return math.ceil(timesteps / (per_rollout * n_layers)) * per_rollout
 
 
 def save_agent(model: PPO, path: str | os.PathLike, meta: dict[str, Any]) -> None:

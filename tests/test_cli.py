@@ -1759,7 +1759,7 @@ def test_a_read_only_run_to_resume_is_named_by_resume_not_out(
 
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
-    monkeypatch.setattr("agents.pipeline.check_writable", read_only)
+    monkeypatch.setattr("agents.prechecks.check_writable", read_only)
     err = fail(["--resume", str(run), "--episodes", "5"], capsys, f"--resume {run} cannot be")
     assert "Read-only file system; make it writable, or copy the run" in err
     assert "--out" not in err and str(run) + " at" not in err
@@ -1866,7 +1866,7 @@ def test_a_report_after_an_interrupted_search_says_so(tmp_path, monkeypatch, cap
 def test_the_plan_counts_the_episodes_a_timesteps_search_really_runs(tmp_path, caplog):
     """PPO runs whole rollouts (4 episodes per env): --timesteps 12 on VGG11's 8 layers is 4
     episodes, and the plan said 2."""
-    from agents.plan import timestep_episodes
+    from agents.ppo import timestep_episodes
 
     out = tmp_path / "run"
     argv = [*COMMON, *SEARCH, "--timesteps", "12", "--out", str(out)]
