@@ -214,9 +214,10 @@ class ImitateBest(BaseCallback):
 STUDY_SAVE_EVERY_S = 30.0
 """How often a running study is written to its cache file (it takes minutes on a CPU)."""
 
-STUDY_KEY_VERSION = 2
+STUDY_KEY_VERSION = 3
 """Bump when a default of ``ProxyConfig`` (or its repair) changes what a study measures: keys
-list only the settings that differ from the defaults."""
+list only the settings that differ from the defaults; or when ``rank_for_ratio`` changes the
+rank of a (method, level) entry (3: Tucker-2 on a layer with few input channels)."""
 
 
 def _settings(config: Any) -> str:

@@ -162,15 +162,19 @@ def _tucker_ranks_for(conv: nn.Conv2d, r_in: int) -> tuple[int, int]:
 
 def next_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank | None:
     """The next larger rank of ``method`` for ``conv`` (CP: ``rank + 1``; Tucker-2: one more
-    input rank, the output rank in the layer's proportion), or None when there is none or it
-    would not have fewer parameters than the layer itself."""
+    output rank while it is below the layer's proportion - ranks below it exist only where the
+    input rank cannot go lower - else one more input rank, the output rank in proportion), or
+    None when there is none or it would not have fewer parameters than the layer itself."""
     rank = normalize_rank(conv, method, rank)
     bigger: Rank | None = None
-    if method == "cp":
+    if method == "cp" and rank < max_cp_rank(conv):  # type: ignore[operator]
         bigger = rank + 1  # type: ignore[operator]
-    elif method == "tucker2" and rank[1] < conv.in_channels:  # type: ignore[index]
-        r_in = rank[1] + 1  # type: ignore[index]
-        bigger = (max(_tucker_ranks_for(conv, r_in)[0], rank[0]), r_in)  # type: ignore[index]
+    elif method == "tucker2":
+        r_out, r_in = rank  # type: ignore[misc]
+        if r_out < _tucker_ranks_for(conv, r_in)[0]:
+            bigger = (r_out + 1, r_in)
+        elif r_in < conv.in_channels:
+            bigger = (max(_tucker_ranks_for(conv, r_in + 1)[0], r_out), r_in + 1)
     if bigger is None or decomposed_params(conv, method, bigger) >= layer_params(conv):
         return None
     return bigger
@@ -179,7 +183,9 @@ def next_rank(conv: nn.Conv2d, method: str, rank: Rank) -> Rank | None:
 def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
     """The rank whose decomposition has closest to ``layer_params / ratio`` parameters.
 
-    ``keep`` returns None. Tucker-2 keeps ``r_out / r_in = O / I``. Both methods are compared at
+    ``keep`` returns None. Tucker-2 keeps ``r_out / r_in = O / I`` where it can; below the
+    smallest such rank (input rank 1: a layer with few input channels, such as the first) the
+    output rank goes down alone, so every level is met there too. Both methods are compared at
     one parameter budget this way.
     """
     _check_method(method)
@@ -192,10 +198,11 @@ def rank_for_ratio(conv: nn.Conv2d, method: str, ratio: float) -> Rank:
         # Params are linear in the rank: solve, then check the two neighbours.
         per = sum((conv.in_channels, *conv.kernel_size, conv.out_channels))
         bias = conv.out_channels if conv.bias is not None else 0
-        r = max(1, int((budget - bias) // per))
-        candidates: list[Rank] = [r, r + 1]
+        r = min(max(1, int((budget - bias) // per)), max_cp_rank(conv))
+        candidates: list[Rank] = [r, min(r + 1, max_cp_rank(conv))]
     else:
         candidates = [_tucker_ranks_for(conv, r) for r in range(1, conv.in_channels + 1)]
+        candidates += [(r_out, 1) for r_out in range(1, candidates[0][0])]
     return min(candidates, key=lambda rk: abs(decomposed_params(conv, method, rk) - budget))
 
 
@@ -297,7 +304,7 @@ def build_decomposed(conv: nn.Conv2d, method: str, rank: Rank) -> nn.Module:
             bias=bias,
             padding_mode=conv.padding_mode,
         )
-        return clone
+        return clone.to(device=conv.weight.device, dtype=conv.weight.dtype)
     if method == "tucker2":
         r_out, r_in = rank  # type: ignore[misc]
         layers = [

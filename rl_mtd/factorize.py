@@ -367,10 +367,12 @@ def cp(
     if w_norm == 0.0:  # all zeros: the zero factors are exact (every term would look degenerate)
         zeros = [torch.zeros(n, rank, dtype=weight.dtype, device=weight.device) for n in w.shape]
         return CPFactors(*zeros)
+    # The fit runs on the unit-norm kernel, so no floor inside it depends on the weights' scale.
+    w = w / w_norm
     fixed = False
     factors, iters = _cp_als(w, rank, max_iter=max_iter, tol=tol, ridge=ridge, gen=gen)
     strength = ridge
-    while _is_degenerate(factors, w_norm):
+    while _is_degenerate(factors, 1.0):
         fixed = True
         strength = max(strength * 100, 1e-4)
         if strength > 1.0:
@@ -391,6 +393,7 @@ def cp(
             DegenerateFactorsWarning,
             stacklevel=2,
         )
+    factors = [factors[0] * w_norm, *factors[1:]]
     if s_inv is not None:
         factors = [factors[0], s_inv @ factors[1], *factors[2:]]
     a, b, c, d = (f.to(weight.dtype) for f in _balance(factors))

@@ -55,13 +55,14 @@ def macs_by_layer(
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:
-        device = model_device(model)
-        was_training = model.training
         model.eval()
-        model(torch.zeros((1, *input_shape[1:]), device=device))
-        model.train(was_training)
+        model(torch.zeros((1, *input_shape[1:]), device=model_device(model), dtype=dtype))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     return found

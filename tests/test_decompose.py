@@ -16,6 +16,7 @@ from rl_mtd.decompose import (
     decompose_conv,
     decomposed_params,
     layer_params,
+    next_rank,
     rank_for_ratio,
 )
 from rl_mtd.errors import RlMtdError
@@ -116,6 +117,37 @@ def test_rank_for_ratio_hits_the_budget(method: str, cin: int, cout: int) -> Non
     target = layer_params(conv) / 8
     got = decomposed_params(conv, method, rank)
     assert abs(got - target) <= 0.10 * target, (rank, got, target)
+
+
+@pytest.mark.parametrize("level", [4.0, 8.0, 12.0])
+def test_tucker2_meets_the_level_on_a_layer_with_three_inputs(level: float) -> None:
+    """The first conv (3 inputs): in the out/in proportion the smallest Tucker-2 has 1.1x fewer
+    parameters, so every level was that; below it the output rank goes down alone."""
+    conv = nn.Conv2d(3, 64, 3, padding=1).to("meta")
+    rank = rank_for_ratio(conv, "tucker2", level)
+    ratio = layer_params(conv) / decomposed_params(conv, "tucker2", rank)
+    assert level / 1.3 <= ratio <= level * 1.3, (rank, ratio)
+    ranks, r = [rank], rank
+    while (r := next_rank(conv, "tucker2", r)) is not None:  # settling can undo it step by step
+        assert decomposed_params(conv, "tucker2", r) > decomposed_params(conv, "tucker2", ranks[-1])
+        ranks.append(r)
+    assert (21, 1) in ranks
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4, 1)])
+def test_cp_ranks_stop_at_what_a_1x1_kernel_can_use(shape) -> None:
+    conv = nn.Conv2d(*shape, 1)
+    assert rank_for_ratio(conv, "cp", 1.2) == 1
+    assert next_rank(conv, "cp", 1) is None
+
+
+def test_keep_follows_the_conv_s_dtype() -> None:
+    conv = _conv(4, 6, bias=True).double()
+    block = decompose_conv(conv, "keep", None)
+    assert block.weight.dtype == torch.float64
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(block(x), conv(x))
 
 
 @pytest.mark.parametrize(

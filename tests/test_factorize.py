@@ -140,3 +140,14 @@ def test_tucker2_matches_tensorly_partial_tucker(kind: str, seed: int, ranks: tu
     reference = factorize.relative_error(rec, w)
     # A few HOOI sweeps from the HOSVD land within 1% of tensorly's 100.
     assert ours <= 1.01 * reference + 1e-9, (ours, reference)
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e8])
+def test_cp_fit_does_not_depend_on_the_kernel_s_scale(scale: float) -> None:
+    """A kernel scaled by 1e-12 came back as zero factors flagged degenerate: the fit's floors
+    were absolute. It runs on the unit-norm kernel now."""
+    w = torch.randn(16, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain, scaled = factorize.cp(w, 12), factorize.cp(w * scale, 12)
+    assert not scaled.degenerate_fixed
+    err = factorize.relative_error(plain.reconstruct(), w)
+    assert factorize.relative_error(scaled.reconstruct(), w * scale) == pytest.approx(err, rel=1e-6)

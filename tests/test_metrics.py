@@ -118,6 +118,16 @@ def test_macs_scale_with_batch_free_input_shape() -> None:
     assert macs_by_layer(model, (4, 3, 32, 32)) == macs_by_layer(model)
 
 
+def test_macs_of_a_double_model_and_its_mode_after_a_failed_count() -> None:
+    model = build_vgg("vgg11", width=0.125)
+    macs = count_macs(model)
+    assert count_macs(model.double()) == macs
+    model.train()
+    with pytest.raises(RuntimeError):
+        count_macs(model, (1, 5, 32, 32))  # five input channels: the forward fails
+    assert model.training
+
+
 def test_counting_keeps_training_mode() -> None:
     model = build_vgg("vgg11", width=0.125).train()
     count_macs(model)
