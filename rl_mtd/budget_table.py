@@ -94,6 +94,17 @@ class BudgetTable:
             layer = self.layers[i]
             self.min_after[i] = self.min_after[i + 1] + layer.params(layer.cheapest())
             self.min_macs_after[i] = self.min_macs_after[i + 1] + layer.macs(layer.fewest_macs())
+        # Where some layer's fewest-parameter options all cost more MACs than its fewest-MACs
+        # ones (strided convs: CP can be smaller and slower than Tucker-2), the two minima are
+        # not reached together, and a parameter and MACs budget is judged as a latency one is.
+        self.minima_coincide = all(
+            any(
+                layer.params(c) == layer.params(layer.cheapest())
+                and layer.macs(c) == layer.macs(layer.fewest_macs())
+                for c in layer.options
+            )
+            for layer in self.layers
+        )
         self.max_ratio = self.params_original / (self.fixed + self.min_after[0])
         self.max_macs_ratio = self.macs_original / (self.fixed_macs + self.min_macs_after[0])
         self._latency: dict[int, tuple[LatencyModel, list[dict[OptionIndex, float]]]] = {}
@@ -125,15 +136,23 @@ class BudgetTable:
         budget = Budget.of(target)
         reach = "these levels" if fixable_by_levels else "any decomposition"
         more = " or add stronger --levels" if fixable_by_levels else ""
-        if budget.latency is not None and (budget.params is not None or budget.macs is not None):
-            limits = self._limits(budget)
-            least = self._least_after(budget, limits, 0)
-            if any(f + r > a for (_, f, a), r in zip(limits, least, strict=True)):
+        limits = self._limits(budget)
+        if self._minima_apart(budget, limits) and any(
+            f + r > a
+            for (_, f, a), r in zip(limits, self._least_after(budget, limits, 0), strict=True)
+        ):
+            if budget.latency is not None:
                 raise RlMtdError(
                     f"target speed-up {budget.latency:g} together with the other targets is "
                     f"beyond what {reach} can reach on this model and device (no one "
                     "option per layer meets them all); lower --target-latency or the others"
                 )
+            raise RlMtdError(
+                f"target ratio {budget.params:g} together with MACs reduction {budget.macs:g} "
+                f"is beyond what {reach} can reach on this model (its smallest layers are "
+                "not its cheapest in MACs, and no one option per layer found meets both); "
+                "lower --target-ratio or --target-macs"
+            )
         if budget.latency is not None:
             lm = budget.latency_model
             fastest = lm.original_ms / (lm.rest_ms + self._latency_min_after(lm)[0])
@@ -228,15 +247,23 @@ class BudgetTable:
             out.append((lambda k, c: costs[k][c], lm.rest_ms, lm.original_ms / budget.latency))
         return out
 
+    def _minima_apart(self, budget: Budget, limits: list[tuple]) -> bool:
+        """Whether the budget has several limits whose per-layer minima are not reached by one
+        option (always with latency beside another limit)."""
+        if len(limits) < 2:
+            return False
+        return budget.latency is not None or not self.minima_coincide
+
     def _least_after(self, budget: Budget, limits: list[tuple], start: int) -> list[float]:
         """Per limit, the least that layers ``start``.. can cost while every limit holds.
 
-        Parameters and MACs are both least at a layer's smallest options, so each limit takes
-        its own minimum. Latency is not (a kept layer can be the fastest and the largest), so
-        with a latency limit beside another every later layer takes the one option with the
-        smallest worst share of the allowances, for every limit alike: a completion that
-        exists, so the wall never accepts a layer that leaves the budget out of reach."""
-        if budget.latency is None or len(limits) == 1:
+        Parameters and MACs are both least at a layer's smallest options (for stride-1 convs;
+        ``minima_coincide`` checks it), so each limit takes its own minimum. Latency is not (a
+        kept layer can be the fastest and the largest), so where the minima are apart every
+        later layer takes the one option with the smallest worst share of the allowances, for
+        every limit alike: a completion that exists, so the wall never accepts a layer that
+        leaves the budget out of reach."""
+        if not self._minima_apart(budget, limits):
             out: list[float] = []
             if budget.params is not None:
                 out.append(self.min_after[start])

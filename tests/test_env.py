@@ -215,7 +215,7 @@ def _assert_settled(env, policy_dict) -> None:
     meter = BudgetMeter(env.scorer.model, env.budget)
     policy = Policy.from_dict(policy_dict)
     choices = [(c.method, c.rank) for c in policy.layers]
-    assert meter.meets(choices)
+    assert meter.meets(choices), (meter.excess(choices), meter.describe(choices))
     for i, (method, rank) in enumerate(choices):
         bigger = None if method == "keep" else next_rank(meter.convs[i][1], method, rank)
         if bigger is not None:
@@ -274,6 +274,49 @@ def test_budget_wall_holds_parameters_and_macs(structural_proxy, target, target_
         taken = [env.decode(i["action"]) for i in infos]  # settling only adds MACs back
         assert proxy["macs"] >= env.table.total_macs(taken)
         _assert_settled(env, infos[-1]["policy"])
+
+
+def _strided_net() -> torch.nn.Module:
+    """A net whose last conv has stride 2: there CP is its smallest option and Tucker-2 its
+    cheapest in MACs, so no one option is both (in VGG, stride 1 throughout, one always is)."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 64, 3, stride=2, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+def test_the_wall_holds_parameters_and_macs_where_the_smallest_option_is_not_the_cheapest():
+    """Both maxima were accepted together though no policy reaches both, and the wall then
+    fell short of the parameter target (5.5x for 5.9x) without a word."""
+    from rl_mtd.budget import Budget
+    from rl_mtd.budget_table import BudgetTable
+
+    table = BudgetTable(_strided_net(), METHODS, (4.0, 16.0))
+    assert not table.minima_coincide
+    both = Budget(params=table.max_ratio * 0.999, macs=table.max_macs_ratio * 0.999)
+    with pytest.raises(RlMtdError, match="together with MACs reduction"):
+        table.check_target(both)
+    rng = np.random.default_rng(0)
+    for target in (
+        Budget(params=table.max_ratio * 0.9, macs=table.max_macs_ratio * 0.6),
+        Budget(params=table.max_ratio * 0.6, macs=table.max_macs_ratio * 0.9),
+    ):
+        table.check_target(target)
+        for _ in range(50):
+            choices: list[tuple[int, int]] = []
+            for _layer in table.layers:
+                draw = (int(rng.integers(len(METHODS))), int(rng.integers(2)))
+                choices.append(table.wall(choices, draw, target))
+            ratio = table.params_original / table.total(choices)
+            macs = table.macs_original / table.total_macs(choices)
+            assert ratio >= target.params and macs >= target.macs, (choices, ratio, macs)
 
 
 @pytest.mark.parametrize("target, speedup", [(None, 2.0), (4.0, 2.5)])
