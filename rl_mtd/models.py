@@ -64,7 +64,7 @@ NET_NAMES = tuple(CFGS)
 
 def check_net_name(name: str) -> str:
     """Return ``name`` if it is a known net, else raise with a "did you mean"."""
-    if name in CFGS:
+    if isinstance(name, str) and name in CFGS:
         return name
     close = difflib.get_close_matches(str(name).lower(), NET_NAMES, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

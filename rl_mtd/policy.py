@@ -39,7 +39,7 @@ from rl_mtd.decompose import (
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 from rl_mtd.metrics import count_params
-from rl_mtd.models import CFGS, build_vgg, check_net_name
+from rl_mtd.models import CFGS, build_vgg, check_net_name, model_spec
 
 POLICY_FORMAT = 1
 
@@ -165,7 +165,7 @@ def _parse_policy(data: Any, source: str) -> Policy:
             + "); pass the policy.json or agent.zip of a run"
         )
     fmt = data.get("format")
-    if fmt != POLICY_FORMAT:
+    if isinstance(fmt, bool) or fmt != POLICY_FORMAT:
         raise _fail(source, f"field 'format' is {fmt!r}; this version reads format {POLICY_FORMAT}")
     for key in ("net", "width", "layers"):
         if key not in data:
@@ -175,7 +175,12 @@ def _parse_policy(data: Any, source: str) -> Policy:
     except RlMtdError as exc:
         raise _fail(source, f"field 'net': {exc}") from None
     width = data["width"]
-    if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, int | float)
+        or not math.isfinite(width)
+        or not width > 0
+    ):
         raise _fail(source, f"field 'width' must be a positive number, got {width!r}")
     num_classes = data.get("num_classes", 10)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -226,10 +231,13 @@ def _parse_layer(item: Any, i: int, name: str, conv: nn.Conv2d, source: str) -> 
             source, f"{where} keeps its layer, so its rank must be null, not {item['rank']!r}"
         )
     shape = item.get("shape")
-    if shape is not None and list(shape) != list(conv.weight.shape):
+    if shape is not None and (
+        not isinstance(shape, list) or list(shape) != list(conv.weight.shape)
+    ):
         raise _fail(
             source,
-            f"{where}.shape {shape} does not match the {list(conv.weight.shape)} kernel of that layer",
+            f"{where}.shape {shape!r} does not match the {list(conv.weight.shape)} kernel of "
+            "that layer in the policy's net and width ('width' or 'shape' edited?)",
         )
     rank = item["rank"]
     if isinstance(rank, list):
@@ -282,6 +290,14 @@ def check_matches(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Conv2d
         raise RlMtdError(
             f"the policy ({policy.net}, width {policy.width}) has {len(policy.layers)} conv "
             f"layers, this model has {len(convs)}"
+        )
+    spec = model_spec(model)
+    unstated = any(choice.shape is None for choice in policy.layers)
+    if unstated and spec is not None and (spec.net, spec.width) != (policy.net, policy.width):
+        # A policy built in memory states no kernel shapes; its net and width say them.
+        raise RlMtdError(
+            f"the policy ({policy.net}, width {policy.width:g}) does not fit this model "
+            f"({spec.net}, width {spec.width:g}); build the model the policy was made for"
         )
     return convs
 

@@ -19,7 +19,7 @@ from rl_mtd.decompose import (
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_params
 from rl_mtd.models import build_vgg
-from rl_mtd.policy import Policy, apply_policy, load_compressed, save_compressed
+from rl_mtd.policy import LayerChoice, Policy, apply_policy, load_compressed, save_compressed
 
 WIDTH = 0.125
 # One (method, ratio) per vgg11 conv: a mix of keep, Tucker-2 and CP.
@@ -122,6 +122,21 @@ def test_policy_refused_on_a_model_whose_layers_have_other_names(model, policy: 
         apply_policy(wrapped, policy)
 
 
+def test_a_policy_made_in_memory_is_refused_on_another_width(model) -> None:
+    """Without kernel shapes (a Policy built from LayerChoices) nothing but the net and width
+    tell the layers apart: a width-0.125 policy went onto a width-0.25 VGG11 without a word."""
+    bare = Policy(
+        "vgg11",
+        WIDTH,
+        [LayerChoice(name, "tucker2", (2, 2), 1.0) for name, _ in conv_layers(model)],
+    )
+    assert all(c.shape is None for c in bare.layers)
+    wider = build_vgg("vgg11", width=2 * WIDTH)
+    with pytest.raises(RlMtdError, match=f"width {2 * WIDTH:g}"):
+        apply_policy(wider, bare)
+    assert apply_policy(model, bare) is not model  # the model it was made for takes it
+
+
 def test_policy_with_wrong_choice_count_refused(model) -> None:
     with pytest.raises(RlMtdError, match="conv layers"):
         Policy.from_choices(model, [("keep", None)] * 7, net="vgg11", width=WIDTH)
@@ -204,9 +219,34 @@ def _bad_width(d):
     d["width"] = -1
 
 
+def _format_true(d):
+    d["format"] = True  # == 1 in Python, not in the file
+
+
+def _net_as_a_list(d):
+    d["net"] = [d["net"]]
+
+
+def _infinite_width(d):
+    d["width"] = float("inf")  # json writes Infinity, and json reads it back
+
+
+def _shape_as_a_number(d):
+    d["layers"][2]["shape"] = 5
+
+
+def _width_edited(d):
+    d["width"] = 2 * d["width"]
+
+
 @pytest.mark.parametrize(
     "mutate,words",
     [
+        (_format_true, ["format", "True"]),
+        (_net_as_a_list, ["net", "vgg11"]),
+        (_infinite_width, ["width", "inf"]),
+        (_shape_as_a_number, ["layers[2].shape", "5"]),
+        (_width_edited, ["layers[0].shape", "'width' or 'shape' edited"]),
         (_bad_format, ["format"]),
         (_bad_layer_count, ["layers", "7", "8"]),
         (_negative_rank, ["rank", "-4"]),
