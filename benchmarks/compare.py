@@ -108,7 +108,11 @@ def main() -> None:
         "this device at --latency-batch (run_agent.py --target-latency)",
     )
     p.add_argument("--latency-batch", type=int, default=1, help="batch of --target-latency")
-    p.add_argument("--strategies", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
+    p.add_argument(
+        "--strategies",
+        default=",".join(ALL),
+        help=f"subset of {','.join(ALL)} (commas or spaces between)",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (fine-tune and search)")
     p.add_argument("--episodes", type=int, default=60, help="PPO search episodes per target")
     p.add_argument(
@@ -198,7 +202,7 @@ def main() -> None:
     )
     p.add_argument("--out-dir", default="benchmarks/results/compare")
     args = p.parse_args()
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = args.strategies.replace(",", " ").split()
     unknown = [s for s in strategies if s not in ALL]
     if unknown:
         p.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
