@@ -108,6 +108,7 @@ class _Run:
         self.opt = _make_optimizer(model, cfg)
         self.lr_scale, self.clip = 1.0, cfg.grad_clip
         self.recoveries, self.step = 0, 0
+        self.restored_at = -1  # the step of the last recovery: losses before it are not comparable
         self.history: list[dict[str, float]] = []
         # Going on from a saved state (not fresh), load() sets these.
         held_out = val_split is not None and fresh
@@ -180,7 +181,9 @@ class _Run:
         but 0.499 -> 0.485 with them re-estimated), so a fall counts only when it survives a
         re-estimate. Both false alarms are logged and marked ``dip`` in ``entry``.
         """
-        before = self.history[-1]["loss"] if self.history else None
+        last = self.history[-1] if self.history else None
+        # Not against the loss of weights a recovery threw away: any loss looks lower than theirs.
+        before = last["loss"] if last is not None and last["step"] > self.restored_at else None
         if before is not None and entry["loss"] < before:
             entry["dip"] = 1.0
             log.info(
@@ -238,6 +241,8 @@ class _Run:
         )
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        self.restored_at = self.step
+        self._loss_sum, self._loss_n = 0.0, 0  # the next mean loss is of the restored weights
         self.lr_scale *= 0.3
         self.clip = min(self.clip or 1.0, 1.0)
         self.opt = _make_optimizer(self.model, self.cfg)  # the old momentum points at the cliff
@@ -265,6 +270,7 @@ class _Run:
             "lr_scale": self.lr_scale,
             "clip": self.clip,
             "recoveries": self.recoveries,
+            "restored_at": self.restored_at,
             "history": self.history,
         }
 
@@ -278,6 +284,7 @@ class _Run:
             state["clip"],
         )
         self.recoveries, self.step = state["recoveries"], state["step"]
+        self.restored_at = state.get("restored_at", -1)  # states saved before it was kept
         self.history = list(state["history"])
 
 

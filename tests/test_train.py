@@ -101,6 +101,37 @@ def test_a_held_out_dip_while_the_loss_falls_is_not_a_collapse(splits, trained, 
         assert dip.get("val_acc_bn") == fresh
 
 
+def test_a_fall_right_after_a_recovery_is_judged_not_waved_through(splits, trained, monkeypatch):
+    """After a recovery the last logged loss is that of the weights it threw away, so any loss
+    of the restored weights looked lower: a second collapse passed as a dip (a review's run at lr
+    3.0: held-out 0.095, loss 2.344 against the discarded 18.764, "going on")."""
+    import rl_mtd.train as train_mod
+
+    real_checkpoint = train_mod._Run.checkpoint
+    steps = len(splits.train) // 64
+    assert steps >= 6, "the script needs six evaluations"
+    model = copy.deepcopy(trained[0])
+    accs = iter([0.55, 0.60, 0.62, 0.64, 0.50, 0.50, *[0.65] * steps])
+    losses = iter([2.0, 1.9, 1.8, 2.5, 2.3, *[1.6] * steps])  # 2.3: below the discarded 2.5
+    monkeypatch.setattr(train_mod, "evaluate", lambda *_a, **_k: next(accs))
+    asked = []
+
+    def scripted_fresh(self):
+        asked.append(self.step)
+        return 0.50
+
+    def scripted_loss(self, lr):
+        self._loss_sum, self._loss_n = next(losses), 1
+        return real_checkpoint(self, lr)
+
+    monkeypatch.setattr(train_mod._Run, "checkpoint", scripted_loss)
+    monkeypatch.setattr(train_mod._Run, "fresh_bn_accuracy", scripted_fresh)
+    cfg = TrainConfig(epochs=1, lr=0.01, batch_size=64, evals_per_epoch=steps)
+    result = train(model, splits.train, config=cfg, val_split=splits.proxy)
+    assert result.recoveries == 2, result.history
+    assert len(asked) == 2 and "recovered" in result.history[4], result.history
+
+
 def test_the_re_estimate_check_leaves_the_model_and_its_statistics_as_they_were(splits, trained):
     """fresh_bn_accuracy: held-out accuracy with BatchNorm statistics recomputed; stale running
     statistics (here scrambled) cost accuracy that the re-estimate gives back, and afterwards
