@@ -31,6 +31,7 @@ from agents.replay import (
     load_replay,
     records_budget,
     replay_agent,
+    replayed_policy,
     with_replayed_budget,
 )
 from agents.report import RunResult, build_report, write_outputs
@@ -254,7 +255,9 @@ def run(
         best_reward, warm = found.best_reward, found.warm_start
         search_seconds, interrupted = found.seconds, found.interrupted
     else:
-        policy = replay.policy if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
+        policy = (
+            replayed_policy(replay) if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
+        )
         if replay.kind == "agent":
             log.info(
                 "replayed agent %s: its greedy choice at every layer, which can differ from "

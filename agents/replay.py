@@ -68,6 +68,21 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
 
 
+SEARCH_SCORES = ("reward", "proxy", "episode")
+"""What a searched policy's meta measured on its own run's checkpoint."""
+
+
+def replayed_policy(replay: Replay) -> Policy:
+    """The replayed policy file's policy, for this run's policy.json: the budget and strategy
+    it was searched with and where it came from, not the scores its search measured on another
+    checkpoint (this run's own are in report.json)."""
+    policy = replay.policy
+    if policy is None:
+        raise RlMtdError(f"{replay.path} is an agent, not a policy file")
+    meta = {k: v for k, v in policy.meta.items() if k not in SEARCH_SCORES}
+    return replace(policy, meta={**meta, "replayed_from": str(replay.path)})
+
+
 def _replay_meta(replay: Replay) -> dict[str, Any]:
     return (replay.meta if replay.kind == "agent" else replay.policy.meta) or {}  # type: ignore[union-attr]
 

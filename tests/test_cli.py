@@ -137,6 +137,23 @@ def layer_choices(layers):
 # ----------------------------------------------------------------------------- the smoke run
 
 
+@pytest.mark.parametrize(
+    "bn, steps, label",
+    [
+        (50, 40, "proxy split after BN re-estimate and 40 repair steps |"),
+        (50, 0, "proxy split after BN re-estimate |"),
+        (0, 0, "proxy split, as decomposed |"),
+    ],
+)
+def test_report_md_says_what_the_proxy_did_before_scoring(bn, steps, label, smoke_run, tmp_path):
+    from agents.report import write_markdown
+
+    report = read_json(smoke_run / "report.json")
+    report.update(proxy_bn_batches=bn, proxy_repair_steps=steps)
+    write_markdown(tmp_path / "report.md", report)
+    assert label in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize("noisy", [False, True])
 def test_report_md_latency_rows_compare_the_models_run_the_same_way(noisy, smoke_run, tmp_path):
     """Each row's ratio is of its own two numbers: here the inference form of the compressed
@@ -299,6 +316,12 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
     assert layer_choices(report["layers"]) == layer_choices(original["layers"])
     replayed = Policy.load(out / "policy.json")
     assert layer_choices(replayed.to_dict()["layers"]) == layer_choices(original["layers"])
+    # Its search's scores were of the other run's checkpoint: not carried into this run's file.
+    searched = Policy.load(smoke_run / "policy.json").meta
+    assert {"reward", "proxy"} <= set(searched)
+    assert not {"reward", "proxy", "episode"} & set(replayed.meta)
+    assert replayed.meta["replayed_from"] == str(smoke_run / "policy.json")
+    assert replayed.meta["target_ratio"] == searched["target_ratio"]
     assert report["params_compressed"] == original["params_compressed"]
     assert report["compression_ratio"] == original["compression_ratio"]
     assert report["search_seconds"] == 0
@@ -1208,6 +1231,24 @@ def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_the_warm_start_keeps_to_the_methods_the_search_may_use(tmp_path):
+    """--methods keep,tucker2 with a warm start: the heuristic's policy, the search's first best
+    (and the one it returns where nothing beats it), had CP layers."""
+    out = tmp_path / "run"
+    # its own study (1 repair step): the next test counts the evaluations of a cold one
+    argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", "--methods", "keep,tucker2"]
+    argv += ["--study-repair-steps", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    start = read_json(out / "search_state.json")["invocations"][0]["warm_start"]["policy"]
+    assert {layer["method"] for layer in start["layers"]} <= {"keep", "tucker2"}
+    assert "tucker2" in {layer["method"] for layer in start["layers"]}
+    assert start["meta"]["methods"] == ["tucker2"] and start["meta"]["levels"] == [16, 32, 64]
+    assert {layer["method"] for layer in read_json(out / "policy.json")["layers"]} <= {
+        "keep",
+        "tucker2",
+    }
+
+
 def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     runs = []
     # the second run also checks its best against the heuristic's by short fine-tunes
