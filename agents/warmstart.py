@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
-from rl_mtd.baselines import SensitivityStudy, sensitivity_policy
+from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, sensitivity_policy
+from rl_mtd.decompose import DECOMPOSED
 from rl_mtd.io import cache_dir, write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
@@ -61,7 +62,18 @@ def warm_start(
     t0 = time.perf_counter()
     study = study if study is not None else cached_study(proxy)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
-    policy = sensitivity_policy(proxy, env.budget, study=study)
+    # The heuristic moves only to what the search may choose (--methods, --levels); a study of
+    # none of those levels is measured for the search's own grid.
+    methods = tuple(m for m in study.methods if m in env_cfg.methods)
+    levels = tuple(lv for lv in study.levels if lv in env_cfg.levels)
+    if not methods or not levels:
+        study = cached_study(
+            proxy,
+            methods=tuple(m for m in DECOMPOSED if m in env_cfg.methods),
+            levels=env_cfg.levels,
+        )
+        methods, levels = study.methods, study.levels
+    policy = sensitivity_policy(proxy, env.budget, study=study, methods=methods, levels=levels)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy, scored as it is (not as the agent's grid
@@ -305,15 +317,20 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
 
 
 def cached_study(
-    proxy: Proxy, on_progress: Callable[[int, int], None] | None = None
+    proxy: Proxy,
+    on_progress: Callable[[int, int], None] | None = None,
+    *,
+    methods: Sequence[str] = DECOMPOSED,
+    levels: Sequence[float] = SENSITIVITY_LEVELS,
 ) -> SensitivityStudy:
-    """A sensitivity study whose results are kept on disk per baseline and proxy settings.
+    """A sensitivity study whose results are kept on disk per baseline, proxy settings, methods
+    and levels (default: the heuristic's own grid).
 
     ``study.seconds`` is what measuring it cost, also when it came from the cache, so a search
     that reuses it is still charged for it. ``on_progress(done, total)`` follows the entries
     measured (a progress bar: ``agents.progress.count_bar``).
     """
-    study = SensitivityStudy(proxy)
+    study = SensitivityStudy(proxy, methods=methods, levels=levels)
     study.seconds = 0.0
     path = study_path(proxy, study)
     if path.exists():

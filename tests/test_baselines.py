@@ -389,11 +389,25 @@ def test_sensitivity_study_caches_its_evaluations(proxy, study):
 
 def test_sensitivity_study_rejects_another_setup(proxy, study):
     with pytest.raises(RlMtdError, match="levels"):
-        sensitivity_policy(proxy, 4, study=study, levels=(2, 4))
+        sensitivity_policy(proxy, 4, study=study, levels=(2, 4))  # 2 is not in the study
     with pytest.raises(RlMtdError, match="methods"):
-        sensitivity_policy(proxy, 4, study=study, methods=("cp",))
+        sensitivity_policy(proxy, 4, study=study, methods=("cp", "svd"))
     with pytest.raises(RlMtdError, match="unknown method"):
         SensitivityStudy(proxy, methods=("keep",))
+
+
+def test_the_heuristic_keeps_to_the_methods_and_levels_it_is_given(proxy, study):
+    """A study over more than the search may use serves it (the warm start of a run with
+    --methods keep,tucker2 returned CP layers, and with --levels 2,4,8 layers at 68.8x)."""
+    everything = sensitivity_policy(proxy, 6, study=study)
+    assert "cp" in everything.methods(), "else the test shows nothing"
+    tucker = sensitivity_policy(proxy, 6, study=study, methods=("tucker2",))
+    assert set(tucker.methods()) <= {"keep", "tucker2"} and tucker.meta["methods"] == ["tucker2"]
+    mild = sensitivity_policy(proxy, 3, study=study, levels=(4,))
+    assert max(c.ratio for c in mild.layers) <= 4 * 1.1  # the rank nearest 4x, or settled up
+    assert mild.meta["levels"] == [4.0]
+    with pytest.raises(RlMtdError, match="levels 4"):
+        sensitivity_policy(proxy, 40, study=study, levels=(4,))  # 4x a layer cannot give 40x
 
 
 def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):

@@ -152,7 +152,7 @@ def sensitivity_policy(
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
-    given, must match them); its proxy may score otherwise than ``proxy`` (a cheaper probe,
+    given, must be among them, and only those are used); its proxy may score otherwise than ``proxy`` (a cheaper probe,
     fewer repair steps) but must be over the same baseline.
 
     Raises:
@@ -173,17 +173,28 @@ def sensitivity_policy(
                 "the sensitivity study was made on another baseline or with other proxy "
                 "settings (only its repair steps may differ from the proxy's)"
             )
-        if methods is not None and tuple(methods) != study.methods:
-            raise RlMtdError(f"methods {tuple(methods)} differ from the study's {study.methods}")
-        if levels is not None and tuple(levels) != study.levels:
-            raise RlMtdError(f"levels {tuple(levels)} differ from the study's {study.levels}")
+        if methods is not None and not set(methods) <= set(study.methods):
+            raise RlMtdError(f"methods {tuple(methods)} are not all in the study's {study.methods}")
+        if levels is not None and not set(levels) <= set(study.levels):
+            raise RlMtdError(f"levels {tuple(levels)} are not all in the study's {study.levels}")
+    # A study over more than the caller allows serves it: the greedy moves only to these.
+    use_methods = study.methods if methods is None else tuple(methods)
+    use_levels = study.levels if levels is None else tuple(float(lv) for lv in levels)
     table = study.table
+    allowed_options = [
+        [
+            c
+            for c in layer.options
+            if study.methods[c[0]] in use_methods and study.levels[c[1]] in use_levels
+        ]
+        for layer in table.layers
+    ]
     limits = _limits(table, budget)
-    what = f"methods {', '.join(study.methods)} at levels {', '.join(map(str, study.levels))}"
+    what = f"methods {', '.join(use_methods)} at levels {', '.join(map(str, use_levels))}"
     for cost, total, allowed, fixed, original in limits:
         best = fixed + sum(
-            min(original(layer), min(cost(layer, c) for c in layer.options))
-            for layer in table.layers
+            min(original(layer), min((cost(layer, c) for c in options), default=original(layer)))
+            for layer, options in zip(table.layers, allowed_options)
         )
         if best > allowed:
             raise unreachable(budget, f"{total / best:.2f}x", what)
@@ -202,6 +213,8 @@ def sensitivity_policy(
         pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
         for i, layer in enumerate(table.layers):
             for order, opt in enumerate(layer.options):
+                if opt not in allowed_options[i]:
+                    continue
                 key = (i, study.methods[opt[0]], study.levels[opt[1]])
                 new = [lim[0](layer, opt) for lim in limits]
                 if key not in results or any(v > used[k][i] for k, v in enumerate(new)):
@@ -234,8 +247,8 @@ def sensitivity_policy(
     meta = {
         "strategy": "sensitivity",
         **budget.meta(),
-        "levels": list(study.levels),
-        "methods": list(study.methods),
+        "levels": list(use_levels),
+        "methods": list(use_methods),
     }
     return Policy.from_choices(
         proxy.model,
