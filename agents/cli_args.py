@@ -227,7 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         "study is cached per baseline); default: study in the cpu and paper presets, layer in "
         "smoke",
     )
-    g.add_argument("--n-envs", type=int, default=1, help="environments in subprocesses")
+    g.add_argument(
+        "--n-envs",
+        type=int,
+        default=1,
+        help="environments in subprocesses; they finish their episodes together, so the "
+        "search runs --episodes rounded up to a multiple of this",
+    )
     g.add_argument(
         "--proxy-size",
         type=int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 
@@ -184,13 +185,13 @@ def print_plan(
     from agents.ppo import timestep_episodes  # stable-baselines3: only where needed
 
     # As the search runs them: --timesteps in whole PPO rollouts, else the episodes left, and
-    # at least one.
+    # at least one, in whole rounds of --n-envs (the envs finish their episodes together).
     episodes_left = (
         timestep_episodes(cfg.timesteps, timing.n_layers, cfg.n_envs)
         if cfg.timesteps
         else 0
         if search_done
-        else max(1, cfg.episodes - episodes_done)
+        else math.ceil(max(1, cfg.episodes - episodes_done) / cfg.n_envs) * cfg.n_envs
     )
     est = {
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step * (1 - (baseline_done or 0))

@@ -128,6 +128,25 @@ def test_a_study_with_fewer_repair_steps_is_planned_cheaper():
     ]
 
 
+@pytest.mark.parametrize("episodes, n_envs, planned", [(5, 1, 5), (5, 2, 6), (6, 4, 8)])
+def test_the_plan_counts_episodes_in_whole_rounds_of_the_envs(episodes, n_envs, planned, caplog):
+    """--n-envs N: the envs finish their fixed-length episodes on the same step, so the search
+    stops after a whole round (5 episodes on 2 envs ran 6)."""
+    import logging
+
+    import torch
+
+    from agents.config import RunConfig
+
+    splits = types.SimpleNamespace(train=range(1000), proxy=range(10), test=range(10))
+    timing = plan.Timing(step_seconds=0.5, episode_seconds=3.0, n_layers=8, repair_step_seconds=0)
+    cfg = RunConfig(episodes=episodes, n_envs=n_envs)
+    with caplog.at_level(logging.INFO, logger="rl_mtd"):
+        est = plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
+    assert est["search"] == pytest.approx(planned * 3.0)
+    assert f"{planned} episodes x 8 layers" in caplog.text
+
+
 def test_the_plan_says_when_the_final_check_keeps_the_heuristic_unless_beaten(caplog):
     import torch
 

@@ -27,6 +27,9 @@ __all__ = ["local_search"]
 CHANGED_LAYERS = 2
 """Layers a perturbation changes."""
 
+MAX_TRIES_PER_EVALUATION = 20
+"""Candidates drawn per new evaluation at most (memoised ones are free but not unlimited)."""
+
 
 def local_search(
     proxy: Proxy,
@@ -41,9 +44,14 @@ def local_search(
 ) -> tuple[Policy, list[ProxyResult]]:
     """The best of ``n`` proxy evaluations of a hill climb from the sensitivity policy.
 
-    The first evaluation is the sensitivity policy itself; each later one perturbs the best so
-    far (the heuristic's mapped onto ``methods`` x ``levels`` at first) in ``CHANGED_LAYERS``
-    random layers:
+    ``n`` counts new evaluations: a candidate the proxy had memoised (a perturbation that walls
+    and settles to a policy scored before) costs nothing and is not counted, as a search's
+    repeated policies are not (``Proxy.evaluations``); at most ``MAX_TRIES_PER_EVALUATION`` times
+    ``n`` candidates are drawn, for a neighbourhood with fewer than ``n`` policies in it.
+    The first candidate is the sensitivity policy itself; each later one perturbs the best so
+    far (at first the heuristic's options on the ``methods`` x ``levels`` grid, walled and
+    settled here last layer first: a neighbour of the heuristic's policy, which settles the
+    layers it moved last first) in ``CHANGED_LAYERS`` random layers:
     half the time one level up or down within the layer's method, else a random option. The
     whole candidate then goes through ``BudgetTable.wall`` layer by layer, so every candidate
     meets the budget, and is settled at it (``rl_mtd.budget.settle``: the last layers' ranks
@@ -59,7 +67,7 @@ def local_search(
     table.check_target(budget)
     start = sensitivity_policy(proxy, budget, study=study)
     # The heuristic's own policy is the first evaluation; perturbations start from its options
-    # on the grid, which walled and settled give that policy back.
+    # on the grid.
     best = _walled(table, table.options_of(start), budget)
     rng = np.random.default_rng(seed)
     meter = BudgetMeter(proxy.model, budget)
@@ -68,12 +76,16 @@ def local_search(
     if on_evaluation is not None:
         on_evaluation(best_policy, results[0])
     best_acc = results[0].accuracy
-    for k in range(1, n):
+    new = int(not results[0].cached)
+    k = 0
+    while new < n and k < MAX_TRIES_PER_EVALUATION * n:
+        k += 1
         candidate = _perturb(table, best, rng)
         walled = _walled(table, candidate, budget)
         policy = _policy(table, proxy, walled, meter, seed, k)
         result = proxy.evaluate(policy)
         results.append(result)
+        new += not result.cached
         if on_evaluation is not None:
             on_evaluation(policy, result)
         if result.accuracy > best_acc:
