@@ -80,7 +80,7 @@ def latency(
 def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
     """Write the inference form as ``kind`` ("onnx" or "torchscript"); with onnxruntime
     installed, check an ONNX file's outputs against torch and time it. Returns report fields."""
-    from rl_mtd.export import inference_model, to_onnx, to_torchscript
+    from rl_mtd.export import INPUT, inference_model, to_onnx, to_torchscript
 
     x = torch.randn(8, 3, 32, 32)
     reference = inference_model(model, device="cpu")(x)
@@ -93,11 +93,12 @@ def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
             "export": {
                 "format": kind,
                 "path": path.name,
+                "input": INPUT,
                 "max_abs_diff": float((got - reference).abs().max()),
             }
         }
     path = to_onnx(model, run_dir / "model.onnx")
-    info: dict[str, Any] = {"format": kind, "path": path.name}
+    info: dict[str, Any] = {"format": kind, "path": path.name, "input": INPUT}
     try:
         import onnxruntime as ort
     except ImportError:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import json
 import os
 import warnings
 from collections import OrderedDict
@@ -60,9 +61,21 @@ from rl_mtd.conv_merge import cheapest_merge
 from rl_mtd.conv_merge import composable as composable  # re-exported
 from rl_mtd.conv_merge import compose as compose  # re-exported
 from rl_mtd.conv_merge import conv_cost as conv_cost  # re-exported
+from rl_mtd.data.loader import MEAN, STD
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import atomic_path
 from rl_mtd.models import model_device
+
+INPUT = {
+    "layout": "N x 3 x H x W, RGB, float32",
+    "scale": 1 / 255,
+    "mean": list(MEAN),
+    "std": list(STD),
+    "formula": "(pixels / 255 - mean) / std, per channel",
+}
+"""What an exported model takes: images normalised as rl_mtd trains on them. ``to_onnx`` writes
+it into the file's metadata (``preprocessing``), ``to_torchscript`` as the extra file
+``preprocessing.json``, and the run's report.json beside the export."""
 
 DEFAULT_OPSET = 17
 """ONNX opset of ``to_onnx``: supported by every onnxruntime release since 1.12."""
@@ -171,7 +184,8 @@ def to_onnx(
         opset: ONNX opset version (default ``DEFAULT_OPSET``).
         input_size: height and width of the example input (32 for CIFAR).
 
-    The graph's input is ``input`` (N x C x H x W, float32), its output ``logits``.
+    The graph's input is ``input`` (N x C x H x W, float32, normalised as ``INPUT`` says, which
+    the file's metadata ``preprocessing`` repeats), its output ``logits``.
     Needs the ``onnx`` package (``pip install onnx``, or the ``export`` extra).
     """
     _require("onnx", "ONNX export")
@@ -196,6 +210,12 @@ def to_onnx(
             opset_version=opset,
             **legacy,
         )
+        import onnx
+
+        graph = onnx.load(str(tmp))
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = "preprocessing", json.dumps(INPUT)
+        onnx.save(graph, str(tmp))
     return path
 
 
@@ -206,7 +226,9 @@ def to_torchscript(
 
     Args:
         model: the model to export (left unchanged).
-        path: the ``.pt`` file to write (atomically); ``torch.jit.load(path)`` reads it back.
+        path: the ``.pt`` file to write (atomically); ``torch.jit.load(path)`` reads it back,
+            and ``_extra_files={"preprocessing.json": ""}`` the normalisation it expects
+            (``INPUT``).
         batch_size: batch of the example input used for tracing (the result runs at any batch).
         input_size: height and width of the example input (32 for CIFAR).
     """
@@ -219,7 +241,7 @@ def to_torchscript(
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(net, (example,))
         with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
+            torch.jit.save(traced, str(tmp), _extra_files={"preprocessing.json": json.dumps(INPUT)})
     return path
 
 

@@ -16,7 +16,7 @@ from agents.cli import main
 from agents.config import RunConfig
 from agents.presets import PRESETS
 from rl_mtd.checkpoints import save_baseline
-from rl_mtd.data import load_cifar10, make_splits
+from rl_mtd.data import MEAN, load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
 from rl_mtd.errors import RlMtdError
 from rl_mtd.evaluation import evaluate
@@ -1225,6 +1225,7 @@ def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_pat
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = model.eval()(x)
+    assert info["input"]["mean"] == list(MEAN) and info["input"]["scale"] == 1 / 255
     if kind == "torchscript":
         got = torch.jit.load(str(out / info["path"]))(x)
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
@@ -1249,6 +1250,7 @@ def test_the_warm_start_keeps_to_the_methods_the_search_may_use(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     runs = []
     # the second run also checks its best against the heuristic's by short fine-tunes

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
 from torch import nn
 
+from rl_mtd.data import MEAN, STD
 from rl_mtd.decompose import DecomposedConv, FactorCache, conv_layers, rank_for_ratio
 from rl_mtd.errors import RlMtdError
 from rl_mtd.export import (
@@ -205,12 +207,17 @@ def test_onnx_export_runs_in_onnxruntime(compressed: nn.Module, tmp_path) -> Non
     x = torch.randn(3, 3, 32, 32)  # exported at batch 1: the batch axis is dynamic
     (got,) = session.run(None, {"input": x.numpy()})
     _close(torch.from_numpy(got), _eval_outputs(compressed, x))
+    # What the input must be travels with the file (a user without rl_mtd has only the file).
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["preprocessing"])["mean"] == list(MEAN)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_reloads(compressed: nn.Module, tmp_path) -> None:
     path = to_torchscript(compressed, tmp_path / "model.pt")
-    loaded = torch.jit.load(str(path))
+    extra = {"preprocessing.json": ""}
+    loaded = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["preprocessing.json"])["std"] == list(STD)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(loaded(x), _eval_outputs(compressed, x))
