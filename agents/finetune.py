@@ -83,6 +83,12 @@ def finetune(
     return result
 
 
+def finetune_state_key(policy: Policy, proxy: Proxy) -> str:
+    """Which job an interrupted fine-tune's state belongs to: the policy and the baseline it was
+    applied to (the proxy's kernel hashes), so a baseline retrained since starts afresh."""
+    return json.dumps([policy.to_dict()["layers"], proxy.wkeys], sort_keys=True)
+
+
 def compress_and_finetune(
     cfg: RunConfig,
     proxy: Proxy,
@@ -99,7 +105,7 @@ def compress_and_finetune(
     if cfg.stages == 1:
         compressed = proxy.compress(policy)
         state_path = run_dir / FINETUNE_STATE if run_dir is not None else None
-        key = json.dumps(policy.to_dict()["layers"], sort_keys=True)
+        key = finetune_state_key(policy, proxy)
         ft = finetune(cfg, compressed, baseline, splits, state_path=state_path, state_key=key)
         return compressed, ft
     results: list[TrainResult] = []

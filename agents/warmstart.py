@@ -295,12 +295,17 @@ def layer_scores(
 
 
 def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
-    """Where ``cached_study`` keeps the study: keyed by the baseline's kernels, the proxy's
-    settings, the proxy split's images and labels (so one checkpoint scored on another dataset,
-    or another draw of the split, gets its own study), the split sizes, and the study's methods
-    and levels."""
+    """Where ``cached_study`` keeps the study: keyed by the baseline's kernels and the rest of
+    its weights (BatchNorm, head: two checkpoints alike but for those shared a study), the
+    proxy's settings, the proxy split's images and labels (so one checkpoint scored on another
+    dataset, or another draw of the split, gets its own study), the split sizes, and the study's
+    methods and levels."""
     images = hashlib.sha256(proxy.proxy_split.x.cpu().contiguous().numpy().tobytes())
     images.update(proxy.proxy_split.y.cpu().contiguous().numpy().tobytes())
+    weights = hashlib.sha256()
+    for name, tensor in proxy.model.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     key = hashlib.sha256(
         json.dumps(
             [
@@ -310,6 +315,7 @@ def study_path(proxy: Proxy, study: SensitivityStudy) -> Path:
                 len(proxy.train_split),
                 len(proxy.proxy_split),
                 images.hexdigest()[:16],
+                weights.hexdigest()[:16],
                 study.methods,
                 study.levels,
             ]

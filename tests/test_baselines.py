@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -150,6 +151,15 @@ def test_a_study_is_kept_per_dataset_not_only_per_checkpoint(model, proxy, tiny_
     )
     assert warmstart.study_path(same, study) == warmstart.study_path(proxy, study)
     assert warmstart.study_path(other, study) != warmstart.study_path(proxy, study)
+    # the same kernels with another head (or BatchNorm) score otherwise: another study
+    head = copy.deepcopy(model)
+    with torch.no_grad():
+        next(m for m in head.modules() if isinstance(m, nn.Linear)).bias.add_(1.0)
+    reheaded = Proxy(
+        head, train_split=tiny_splits.train, proxy_split=tiny_splits.proxy, device="cpu"
+    )
+    assert reheaded.wkeys == proxy.wkeys
+    assert warmstart.study_path(reheaded, study) != warmstart.study_path(proxy, study)
 
 
 def _ratio(model: nn.Module, policy: Policy) -> float:

@@ -981,6 +981,24 @@ def test_ctrl_c_in_the_fine_tune_keeps_the_policy_and_says_how_to_go_on(
     assert ratio >= TARGET * 0.98, "the search's best policy is kept"
 
 
+def test_an_interrupted_fine_tune_is_not_resumed_onto_another_baseline():
+    """The saved fine-tune state is keyed by the policy and the baseline's kernels: after the
+    baseline was retrained, --resume starts the fine-tune afresh instead of going on with
+    weights decomposed from the old one."""
+    from agents.finetune import finetune_state_key
+    from rl_mtd.proxy import Proxy
+
+    splits = make_splits(load_cifar10("synthetic:200,50"), proxy_size=50, seed=0)
+    keys = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        model = build_vgg(NET, width=WIDTH)
+        proxy = Proxy(model, train_split=splits.train, proxy_split=splits.proxy, device="cpu")
+        policy = Policy.keep_all(model, net=NET, width=WIDTH)
+        keys.append(finetune_state_key(policy, proxy))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_resume_goes_on_with_an_interrupted_fine_tune(tmp_path, caplog, monkeypatch):
     """Ctrl-C in the fine-tune, then --resume: no new search, the fine-tune goes on from its
     last save and ends where an uninterrupted fine-tune of the same policy ends."""
