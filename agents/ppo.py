@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zipfile
@@ -14,8 +15,11 @@ from typing import Any
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv
 
+from rl_mtd.decompose import RANK_RULE
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import atomic_path
+
+log = logging.getLogger("rl_mtd")
 
 AGENT_META = "rl_mtd.json"  # extra member of agent.zip; SB3 ignores non-.pth extras
 
@@ -131,6 +135,13 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise RlMtdError(
             f"agent file {path}: its metadata's study_repair_steps {steps!r} is not a count of "
             "steps; it was edited or written by another version, so re-run the search"
+        )
+    if meta.get("rank_rule", 1) != RANK_RULE:
+        log.warning(
+            "agent file %s was trained when some of its actions meant other ranks (Tucker-2 on "
+            "layers with few input channels, such as the first conv); there its choices now "
+            "compress otherwise: search again for an agent of this version",
+            path,
         )
     if not isinstance(meta.get("study_settings", ""), str):
         raise RlMtdError(

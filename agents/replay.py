@@ -66,20 +66,22 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
 
 
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
+BUDGET_KEYS_ALL = (*BUDGET_KEYS, "latency_batch")
 
 
-SEARCH_SCORES = ("reward", "proxy", "episode")
-"""What a searched policy's meta measured on its own run's checkpoint."""
+HOW_MADE = ("strategy", *BUDGET_KEYS_ALL, "methods", "levels")
+"""What a replay's policy.json keeps of the replayed policy's meta: how it was made. Not what
+its run measured or did (reward, proxy scores, episode, warm start, final check) on another
+checkpoint; this run's own numbers are in report.json."""
 
 
 def replayed_policy(replay: Replay) -> Policy:
-    """The replayed policy file's policy, for this run's policy.json: the budget and strategy
-    it was searched with and where it came from, not the scores its search measured on another
-    checkpoint (this run's own are in report.json)."""
+    """The replayed policy file's policy for this run's policy.json: the budget, strategy,
+    methods and levels it was searched with (``HOW_MADE``), and where it came from."""
     policy = replay.policy
     if policy is None:
         raise RlMtdError(f"{replay.path} is an agent, not a policy file")
-    meta = {k: v for k, v in policy.meta.items() if k not in SEARCH_SCORES}
+    meta = {k: policy.meta[k] for k in HOW_MADE if k in policy.meta}
     return replace(policy, meta={**meta, "replayed_from": str(replay.path)})
 
 

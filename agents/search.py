@@ -25,6 +25,7 @@ from agents.inputs import latency_model
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.checkpoints import load_baseline
 from rl_mtd.data import DataSplits
+from rl_mtd.decompose import RANK_RULE
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.policy import Policy
@@ -269,6 +270,7 @@ def search(
         "latency_batch": cfg.latency_batch,
         "num_classes": proxy.num_classes,
         "observe": cfg.observe,
+        "rank_rule": RANK_RULE,
     }
     if study is not None:  # a replay of this agent measures (and checks) the same study
         meta["study_repair_steps"] = study.proxy.config.repair_steps

@@ -26,7 +26,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.baselines import SENSITIVITY_LEVELS, SensitivityStudy, sensitivity_policy
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.decompose import DECOMPOSED
+from rl_mtd.errors import RlMtdError
 from rl_mtd.io import cache_dir, write_json_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
@@ -62,18 +64,27 @@ def warm_start(
     t0 = time.perf_counter()
     study = study if study is not None else cached_study(proxy)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
-    # The heuristic moves only to what the search may choose (--methods, --levels); a study of
-    # none of those levels is measured for the search's own grid.
+    # The heuristic moves only to what the search may choose (--methods, --levels, keeping a
+    # layer only where keep is among them). Where the study's share of those options cannot
+    # meet the budget, a study of the search's own grid is measured (with the study's proxy;
+    # a cached one's seconds are not charged again).
     methods = tuple(m for m in study.methods if m in env_cfg.methods)
     levels = tuple(lv for lv in study.levels if lv in env_cfg.levels)
-    if not methods or not levels:
+    if not _reaches(proxy, methods, levels, env.budget):
         study = cached_study(
-            proxy,
+            study.proxy,
             methods=tuple(m for m in DECOMPOSED if m in env_cfg.methods),
             levels=env_cfg.levels,
         )
         methods, levels = study.methods, study.levels
-    policy = sensitivity_policy(proxy, env.budget, study=study, methods=methods, levels=levels)
+    policy = sensitivity_policy(
+        proxy,
+        env.budget,
+        study=study,
+        methods=methods,
+        levels=levels,
+        keep="keep" in env_cfg.methods,
+    )
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy, scored as it is (not as the agent's grid
@@ -107,6 +118,17 @@ def warm_start(
         "study_evaluations": study.evaluations,
         "study_seconds": study.seconds,
     }
+
+
+def _reaches(proxy: Proxy, methods: tuple[str, ...], levels: tuple[float, ...], budget) -> bool:
+    """Whether ``methods`` x ``levels`` can meet ``budget`` on ``proxy``'s model."""
+    if not methods or not levels:
+        return False
+    try:
+        BudgetTable(proxy.model, methods, levels).check_target(budget)
+    except RlMtdError:
+        return False
+    return True
 
 
 def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:

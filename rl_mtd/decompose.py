@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 METHODS = ("keep", "tucker2", "cp")
 DECOMPOSED = ("tucker2", "cp")
+RANK_RULE = 2
+"""Version of the rule ``rank_for_ratio`` maps a (method, level) to a rank by; an agent records
+it, since its actions mean those ranks (2: Tucker-2 below the out/in proportion on layers with
+few input channels, where 1 gave one mild rank at every level)."""
 
 Rank = int | tuple[int, int] | None
 

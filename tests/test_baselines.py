@@ -420,6 +420,27 @@ def test_the_heuristic_keeps_to_the_methods_and_levels_it_is_given(proxy, study)
         sensitivity_policy(proxy, 40, study=study, levels=(4,))  # 4x a layer cannot give 40x
 
 
+@pytest.mark.slow
+def test_the_warm_start_s_first_best_is_a_policy_the_search_could_choose(proxy, study, monkeypatch):
+    """Without keep among --methods no layer stays whole; and where the study's share of
+    --levels cannot meet the budget (only 4x of levels 4 and 128, for 8x) a study of the
+    search's own grid is measured instead of the run failing."""
+    import agents.warmstart as warmstart
+    from envs import EnvConfig
+
+    monkeypatch.setattr(warmstart, "behaviour_clone", lambda *a, **k: 0.85)  # no agent here
+    first = warmstart.warm_start(
+        proxy, EnvConfig(methods=("tucker2", "cp"), target_ratio=8.0), None, study=study
+    )
+    chosen = Policy.from_dict(first["policy"])
+    assert "keep" not in chosen.methods() and _ratio(proxy.model, chosen) >= 8 * (1 - 1e-9)
+    first = warmstart.warm_start(
+        proxy, EnvConfig(levels=(4.0, 128.0), target_ratio=8.0), None, study=study
+    )
+    chosen = Policy.from_dict(first["policy"])
+    assert chosen.meta["levels"] == [4.0, 128.0] and _ratio(proxy.model, chosen) >= 8 * (1 - 1e-9)
+
+
 def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):
     """--study-repair-steps: the study scores with a sibling proxy (other repair steps, same
     baseline, data, factor cache and baseline accuracy, its own count of evaluations); the

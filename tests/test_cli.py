@@ -15,6 +15,7 @@ import torch
 from agents.cli import main
 from agents.config import RunConfig
 from agents.presets import PRESETS
+from agents.replay import HOW_MADE
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import MEAN, load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
@@ -320,6 +321,7 @@ def test_replay_policy_reproduces_layers(smoke_run, tmp_path):
     searched = Policy.load(smoke_run / "policy.json").meta
     assert {"reward", "proxy"} <= set(searched)
     assert not {"reward", "proxy", "episode"} & set(replayed.meta)
+    assert set(replayed.meta) <= {*HOW_MADE, "replayed_from"}
     assert replayed.meta["replayed_from"] == str(smoke_run / "policy.json")
     assert replayed.meta["target_ratio"] == searched["target_ratio"]
     assert report["params_compressed"] == original["params_compressed"]
@@ -1447,6 +1449,24 @@ def test_an_agent_naming_a_bad_study_is_refused_clearly(steps, tmp_path):
     save_agent(agent, path, {**meta, "study_repair_steps": steps})
     with pytest.raises(RlMtdError, match="study_repair_steps .* is not a count of steps"):
         read_agent_meta(path)
+
+
+def test_an_agent_of_an_older_rank_rule_is_named_on_loading(tmp_path, caplog):
+    """Its actions meant other ranks for Tucker-2 on the first conv: a replay or resume says so."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo, read_agent_meta, save_agent
+    from rl_mtd.decompose import RANK_RULE
+
+    agent = make_ppo(DummyVecEnv([lambda: gym.make("CartPole-v1")]), 8)
+    meta = {"net": NET, "width": WIDTH, "methods": [], "levels": []}
+    for name, extra, warned in (("old", {}, True), ("new", {"rank_rule": RANK_RULE}, False)):
+        caplog.clear()
+        save_agent(agent, tmp_path / f"{name}.zip", {**meta, **extra})
+        with caplog.at_level("WARNING"):
+            read_agent_meta(tmp_path / f"{name}.zip")
+        assert ("meant other ranks" in caplog.text) is warned
 
 
 def test_behaviour_cloning_raises_the_heuristic_actions_probability():

@@ -58,6 +58,7 @@ class SensitivityStudy:
         self.table = BudgetTable(proxy.model, self.methods, self.levels)
         self.results: dict[StudyKey, float] = {}
         self.evaluations = 0
+        self.seconds = 0.0  # what measuring it cost (agents.warmstart.cached_study keeps it)
         self._by_rank: dict[tuple[int, str, Rank], float] = {}
 
     def keys(self) -> list[tuple[StudyKey, Rank]]:
@@ -129,6 +130,7 @@ def sensitivity_policy(
     methods: Sequence[str] | None = None,
     study: SensitivityStudy | None = None,
     progress: bool = False,
+    keep: bool = True,
 ) -> Policy:
     """Greedy per-layer choice from a sensitivity study: the recipe of MTD (IPDPSW 2021).
 
@@ -154,6 +156,10 @@ def sensitivity_policy(
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
     given, must be among them, and only those are used); its proxy may score otherwise than ``proxy`` (a cheaper probe,
     fewer repair steps) but must be over the same baseline.
+
+    ``keep=False`` (a search whose ``--methods`` lack ``keep``): no layer may stay whole, so
+    each starts at its mildest option (the most parameters; ties to the higher study accuracy)
+    instead of kept, and the greedy goes on from there.
 
     Raises:
         RlMtdError: when even the strongest option of every layer misses the target.
@@ -207,6 +213,22 @@ def sensitivity_policy(
     # Relative floor: latency limits are in milliseconds, where 1 would dwarf the excess.
     excess0 = [max(total - allowed, 1e-9 * total) for _, total, allowed, _, _ in limits]
     cur_acc = [float(study.proxy.baseline_acc)] * n
+    if not keep:
+        for i, layer in enumerate(table.layers):
+            mild = max(
+                allowed_options[i],
+                key=lambda c, i=i: (
+                    layer.params(c),
+                    results.get((i, study.methods[c[0]], study.levels[c[1]]), -1.0),
+                ),
+            )
+            current[i] = mild
+            for k, lim in enumerate(limits):
+                totals[k] -= used[k][i] - lim[0](layer, mild)
+                used[k][i] = lim[0](layer, mild)
+            measured = results.get((i, study.methods[mild[0]], study.levels[mild[1]]))
+            if measured is not None:
+                cur_acc[i] = measured
     moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
@@ -242,7 +264,7 @@ def sensitivity_policy(
         ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
         for c, layer in zip(current, table.layers)
     ]
-    last_first = list(dict.fromkeys(reversed(moves)))
+    last_first = list(dict.fromkeys([*reversed(moves), *reversed(range(n))]))
     choices = settle(BudgetMeter(proxy.model, budget), choices, last_first)
     meta = {
         "strategy": "sensitivity",
