@@ -228,11 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "smoke",
     )
     g.add_argument(
-        "--n-envs",
-        type=int,
-        default=1,
-        help="environments in subprocesses; they finish their episodes together, so the "
-        "search runs --episodes rounded up to a multiple of this",
+        "--n-envs", type=int, default=1, help="subprocess environments; episodes run N at a time"
     )
     g.add_argument(
         "--proxy-size",

@@ -258,12 +258,6 @@ def run(
         policy = (
             replayed_policy(replay) if replay.kind == "policy" else replay_agent(cfg, replay, proxy)
         )
-        if replay.kind == "agent":
-            log.info(
-                "replayed agent %s: its greedy choice at every layer, which can differ from "
-                "the best policy its search found (that run's policy.json)",
-                replay.path,
-            )
         policy.save(run_dir / "policy.json")  # type: ignore[union-attr]
     check = None
     if replay is None and cfg.final_check > 1:

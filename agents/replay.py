@@ -124,7 +124,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     its search found (that one is the run's policy.json).
     """
     from agents.ppo import load_agent
-    from agents.warmstart import layer_scores
+    from agents.studies import layer_scores
 
     meta = replay.meta or {}
     target_latency = meta.get("target_latency")
@@ -159,4 +159,9 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     while not done:
         action, _ = agent.predict(obs, deterministic=True)
         obs, _, done, _, _ = env.step(int(action))
+    log.info(
+        "replayed agent %s: its greedy choice at every layer, which can differ from the best "
+        "policy its search found (that run's policy.json)",
+        replay.path,
+    )
     return env.current_policy()

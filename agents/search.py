@@ -116,7 +116,7 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     splits, _ = load_data(cfg)
     model, _ = load_baseline(baseline_path, net=cfg.net, width=cfg.width)
     proxy = make_proxy(cfg, model, splits, device)
-    from agents.warmstart import layer_scores
+    from agents.studies import layer_scores
 
     scores = layer_scores(cfg.observe, proxy, cfg.study_steps)
     return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
@@ -217,7 +217,7 @@ def search(
     study, study_seconds, scores = None, 0.0, None
     if cfg.measures_study:
         from agents.progress import count_bar
-        from agents.warmstart import cached_study, study_proxy, study_settings
+        from agents.studies import cached_study, study_proxy, study_settings
 
         try:
             with count_bar("sensitivity study", "eval", cfg.progress) as bar:

@@ -45,7 +45,7 @@ from agents.finetune import finetune, held_out_after_finetune
 from agents.inputs import latency_model
 from agents.presets import STUDY_REPAIR_STEPS, study_steps
 from agents.search import search
-from agents.warmstart import cached_study, study_proxy
+from agents.studies import cached_study, study_proxy
 from rl_mtd.baselines import SENSITIVITY_LEVELS, strategy_policy
 from rl_mtd.budget import DEFAULT_LEVELS, Budget
 from rl_mtd.errors import RlMtdError, exit_on_user_error

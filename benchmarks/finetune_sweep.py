@@ -37,7 +37,7 @@ from _common import add_common_args, add_proxy_args, machine, make_proxy, setup
 from agents.config import RunConfig
 from agents.final_check import pack_correct, paired_gap, unpack_correct
 from agents.finetune import compress_and_finetune
-from agents.warmstart import cached_study
+from agents.studies import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
 from rl_mtd.errors import exit_on_user_error

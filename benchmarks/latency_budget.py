@@ -25,7 +25,7 @@ from _common import add_common_args, add_proxy_args, make_proxy, setup
 
 from agents.config import RunConfig
 from agents.inputs import latency_model
-from agents.warmstart import cached_study
+from agents.studies import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.budget import Budget
 from rl_mtd.errors import RlMtdError, exit_on_user_error

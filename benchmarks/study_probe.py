@@ -21,7 +21,7 @@ import time
 
 from _common import add_common_args, add_proxy_args, machine, proxy_config, setup, spearman
 
-from agents.warmstart import cached_study
+from agents.studies import cached_study
 from rl_mtd.baselines import strategy_policy
 from rl_mtd.baselines.sensitivity import SensitivityStudy
 from rl_mtd.budget import Budget

@@ -77,9 +77,9 @@ def study(proxy) -> SensitivityStudy:
 def test_ctrl_c_saves_the_study_up_to_its_last_result_not_its_last_timed_save(proxy, monkeypatch):
     """The study saves every STUDY_SAVE_EVERY_S; Ctrl-C between two saves writes what was
     measured since, so nothing measured is lost (a resumed run measures only the rest)."""
-    import agents.warmstart as warmstart
+    import agents.studies as studies
 
-    monkeypatch.setattr(warmstart, "STUDY_SAVE_EVERY_S", 1e9)  # no timed save in this test
+    monkeypatch.setattr(studies, "STUDY_SAVE_EVERY_S", 1e9)  # no timed save in this test
     real, calls = proxy.evaluate, []
 
     def evaluate(policy):
@@ -90,17 +90,17 @@ def test_ctrl_c_saves_the_study_up_to_its_last_result_not_its_last_timed_save(pr
 
     monkeypatch.setattr(proxy, "evaluate", evaluate)
     with pytest.raises(KeyboardInterrupt):
-        warmstart.cached_study(proxy)
-    path = warmstart.study_path(proxy, SensitivityStudy(proxy))
+        studies.cached_study(proxy)
+    path = studies.study_path(proxy, SensitivityStudy(proxy))
     assert len(json.loads(path.read_text())["rows"]) >= 3
 
 
 def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
     """Ctrl-C in the sensitivity study (minutes on a CPU) loses nothing already measured:
     the cache file holds the partial study and the next one measures only the rest."""
-    import agents.warmstart as warmstart
+    import agents.studies as studies
 
-    monkeypatch.setattr(warmstart, "STUDY_SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(studies, "STUDY_SAVE_EVERY_S", 0.0)
     real, calls = proxy.evaluate, []
 
     def interrupted_after(n):
@@ -114,17 +114,15 @@ def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
 
     monkeypatch.setattr(proxy, "evaluate", interrupted_after(3))
     with pytest.raises(KeyboardInterrupt):
-        warmstart.cached_study(proxy)
-    path = warmstart.study_path(proxy, SensitivityStudy(proxy))
+        studies.cached_study(proxy)
+    path = studies.study_path(proxy, SensitivityStudy(proxy))
     saved = len(json.loads(path.read_text())["rows"])  # levels that share a rank share a row
     assert saved >= 3
     first = list(calls)
     monkeypatch.setattr(proxy, "evaluate", interrupted_after(5))
     progress: list[tuple[int, int]] = []
     with pytest.raises(KeyboardInterrupt):
-        warmstart.cached_study(
-            proxy, on_progress=lambda done, total: progress.append((done, total))
-        )
+        studies.cached_study(proxy, on_progress=lambda done, total: progress.append((done, total)))
     assert calls[3:] and not set(map(str, calls[3:])) & set(map(str, first)), "nothing twice"
     assert len(json.loads(path.read_text())["rows"]) > saved
     # A progress bar follows it: done counts up from what was cached, out of the whole study.
@@ -135,7 +133,7 @@ def test_an_interrupted_study_keeps_what_it_measured(proxy, monkeypatch):
 def test_a_study_is_kept_per_dataset_not_only_per_checkpoint(model, proxy, tiny_splits):
     """The same baseline scored on other images (another --data of the same sizes, or another
     draw of the proxy split) must not reuse a study measured on the first."""
-    import agents.warmstart as warmstart
+    import agents.studies as studies
 
     study = SensitivityStudy(proxy)
     flipped = Split(tiny_splits.proxy.x.flip(-1), tiny_splits.proxy.y)
@@ -149,8 +147,8 @@ def test_a_study_is_kept_per_dataset_not_only_per_checkpoint(model, proxy, tiny_
         device="cpu",
         cache=proxy.cache,
     )
-    assert warmstart.study_path(same, study) == warmstart.study_path(proxy, study)
-    assert warmstart.study_path(other, study) != warmstart.study_path(proxy, study)
+    assert studies.study_path(same, study) == studies.study_path(proxy, study)
+    assert studies.study_path(other, study) != studies.study_path(proxy, study)
     # the same kernels with another head (or BatchNorm) score otherwise: another study
     head = copy.deepcopy(model)
     with torch.no_grad():
@@ -159,7 +157,7 @@ def test_a_study_is_kept_per_dataset_not_only_per_checkpoint(model, proxy, tiny_
         head, train_split=tiny_splits.train, proxy_split=tiny_splits.proxy, device="cpu"
     )
     assert reheaded.wkeys == proxy.wkeys
-    assert warmstart.study_path(reheaded, study) != warmstart.study_path(proxy, study)
+    assert studies.study_path(reheaded, study) != studies.study_path(proxy, study)
 
 
 def _ratio(model: nn.Module, policy: Policy) -> float:
@@ -448,7 +446,7 @@ def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):
     and a study of another baseline or other proxy settings is refused."""
     from dataclasses import replace
 
-    from agents.warmstart import study_proxy
+    from agents.studies import study_proxy
 
     same = study_proxy(proxy)
     assert same is not proxy and same.config == proxy.config
@@ -484,15 +482,15 @@ def test_a_study_with_other_repair_steps_serves_the_heuristic(model, proxy):
 
 
 def test_a_replay_warns_when_its_study_is_not_the_agent_s(proxy, monkeypatch, caplog):
-    import agents.warmstart as warmstart
-    from agents.warmstart import layer_scores
+    import agents.studies as studies
+    from agents.studies import layer_scores
 
     class Measured:
         def scores(self, baseline_acc):
             return np.zeros((8, 12), np.float32)
 
-    monkeypatch.setattr(warmstart, "cached_study", lambda p, *a, **k: Measured())
-    same = warmstart.study_settings(warmstart.study_proxy(proxy, 0))
+    monkeypatch.setattr(studies, "cached_study", lambda p, *a, **k: Measured())
+    same = studies.study_settings(studies.study_proxy(proxy, 0))
     with caplog.at_level("WARNING", logger="rl_mtd"):
         assert layer_scores("study", proxy, 0, trained_on=same).shape == (8, 12)
         assert "other observations" not in caplog.text

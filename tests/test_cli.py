@@ -1399,17 +1399,17 @@ def test_observe_study_shows_the_study_and_replays(tmp_path, monkeypatch):
     agent.zip says so, and replaying it on the checkpoint builds the same environment. With
     --study-repair-steps 0 the study (not the search) scores without repair, the agent.zip
     records that, and the replay measures the same study."""
-    import agents.warmstart as warmstart
+    import agents.studies as studies
     from agents.ppo import load_agent, read_agent_meta
 
     studied = []  # the repair steps of every study asked for
-    cached_study = warmstart.cached_study
+    cached_study = studies.cached_study
 
     def recording(proxy, *args, **kwargs):
         studied.append(proxy.config.repair_steps)
         return cached_study(proxy, *args, **kwargs)
 
-    monkeypatch.setattr(warmstart, "cached_study", recording)
+    monkeypatch.setattr(studies, "cached_study", recording)
     out = tmp_path / "run"
     argv = [*COMMON, *SEARCH, "--observe", "study", "--study-repair-steps", "0"]
     assert main([*argv, "--out", str(out)]) == 0
@@ -1509,7 +1509,7 @@ def test_study_cache_key_names_only_changed_settings():
     setting with a default keeps every cached study valid, while a changed one misses."""
     from dataclasses import replace
 
-    from agents.warmstart import _settings
+    from agents.studies import _settings
     from rl_mtd.proxy import ProxyConfig
 
     base = ProxyConfig()
@@ -1898,12 +1898,12 @@ def test_a_misleading_baseline_is_named(test_acc, proxy_acc, phrase, caplog):
 def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch, caplog):
     """The study is minutes of a CPU run: Ctrl-C there names the command that measures only
     the rest, as every other interrupt point does."""
-    import agents.warmstart
+    import agents.studies
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(agents.warmstart, "cached_study", interrupted)
+    monkeypatch.setattr(agents.studies, "cached_study", interrupted)
     out = tmp_path / "run"
     argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]
     with caplog.at_level("WARNING"):

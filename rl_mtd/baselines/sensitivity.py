@@ -58,7 +58,7 @@ class SensitivityStudy:
         self.table = BudgetTable(proxy.model, self.methods, self.levels)
         self.results: dict[StudyKey, float] = {}
         self.evaluations = 0
-        self.seconds = 0.0  # what measuring it cost (agents.warmstart.cached_study keeps it)
+        self.seconds = 0.0  # what measuring it cost (agents.studies.cached_study keeps it)
         self._by_rank: dict[tuple[int, str, Rank], float] = {}
 
     def keys(self) -> list[tuple[StudyKey, Rank]]:
