@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -94,3 +95,29 @@ def test_latency_prints_each_batch_table_before_timing_the_next(script, monkeypa
     assert timed and set(timed) == {1}
     assert "batch 1, " in out.flushed and "| original |" in out.flushed
     assert "batch 8, " not in out.getvalue()
+
+
+@pytest.mark.slow
+def test_compare_gives_every_strategy_a_fresh_proxy(script, monkeypatch, tmp_path):
+    """Local search shared the study's proxy, whose memo held the heuristic's policy that the
+    sensitivity row had scored: its first evaluation was free and it made fewer new ones than
+    the PPO row beside it. Each strategy now starts from an empty memo, and rows.json counts the
+    new evaluations each made."""
+    compare = script("compare")
+    real, memo_at_start = compare.strategy_policy, {}
+
+    def spying(name, proxy, *args, **kwargs):
+        memo_at_start[name] = len(proxy._memo)
+        return real(name, proxy, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "strategy_policy", spying)
+    monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = "--width 0.125 --data synthetic:600,200 --baseline-epochs 1 --proxy-size 200 "
+    argv += "--targets 8 --strategies sensitivity,local --evaluations 4 --repair-steps 2 "
+    argv += f"--bn-batches 2 --finetune-epochs 0 --latency-repeats 0 --no-progress --out-dir {out}"
+    monkeypatch.setattr(sys, "argv", ["compare.py", *argv.split()])
+    compare.main()
+    assert memo_at_start == {"sensitivity": 0, "local": 0}
+    rows = {r["strategy"]: r for r in json.loads((out / "rows.json").read_text())}
+    assert rows["local"]["evaluations"] == 4
