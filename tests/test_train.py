@@ -59,75 +59,65 @@ def test_collapse_is_detected_and_the_best_state_kept(splits, trained):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_held_out_dip_while_the_loss_falls_is_not_a_collapse(splits, trained, monkeypatch):
+def _scripted_fine_tune(splits, trained, monkeypatch, accs, losses, fresh):
+    """A one-epoch run whose held-out accuracies (the first: before training, the best to
+    beat), mean training losses and re-estimated accuracy (``fresh``) are scripted; returns the
+    result and the steps at which the re-estimate was asked for."""
+    import rl_mtd.train as train_mod
+
+    real_checkpoint = train_mod._Run.checkpoint
+    steps = len(splits.train) // 64
+    assert steps >= 6, "the script needs six evaluations"
+    accs = iter([*accs, *[0.65] * steps])
+    losses = iter([*losses, *[1.6] * steps])
+    asked: list[int] = []
+
+    def scripted_fresh(self):
+        asked.append(self.step)
+        return fresh
+
+    def scripted_loss(self, lr):
+        self._loss_sum, self._loss_n = next(losses), 1
+        return real_checkpoint(self, lr)
+
+    monkeypatch.setattr(train_mod, "evaluate", lambda *_a, **_k: next(accs))
+    monkeypatch.setattr(train_mod._Run, "checkpoint", scripted_loss)
+    monkeypatch.setattr(train_mod._Run, "fresh_bn_accuracy", scripted_fresh)
+    cfg = TrainConfig(epochs=1, lr=0.01, batch_size=64, evals_per_epoch=steps)
+    model = copy.deepcopy(trained[0])
+    return train(model, splits.train, config=cfg, val_split=splits.proxy), asked
+
+
+@pytest.mark.parametrize(
+    "rising, fresh, recoveries", [(False, None, 0), (True, 0.50, 1), (True, 0.63, 0)]
+)
+def test_a_held_out_dip_while_the_loss_falls_is_not_a_collapse(
+    rising, fresh, recoveries, splits, trained, monkeypatch
+):
     """At a high rate one evaluation can fall far below the best while training goes well (a
     32x fine-tune: 0.642 -> 0.534 at epoch 5 with the loss still falling; the recovery cut the
     rate for 35 epochs and cost 2-3 points), or only because the running BatchNorm statistics
     are stale (a 50x fine-tune: 0.514 -> 0.369, 0.485 with them re-estimated). Scripted held-out
     accuracies: with a falling loss the dip is logged, nothing restored; with a rising loss it
     is a collapse only when the accuracy with re-estimated statistics fell too."""
-    import rl_mtd.train as train_mod
-
-    real_checkpoint = train_mod._Run.checkpoint
-    steps = len(splits.train) // 64
-    assert steps >= 6, "the script needs six evaluations"
-    for rising, fresh, recoveries in ((False, None, 0), (True, 0.50, 1), (True, 0.63, 0)):
-        model = copy.deepcopy(trained[0])
-        # The first value is the evaluation before training (the best to beat).
-        accs = iter([0.55, 0.60, 0.62, 0.64, 0.50, *[0.65] * steps])
-        losses = iter([2.0, 1.9, 1.8, 2.5 if rising else 1.7, *[1.6] * steps])
-        monkeypatch.setattr(train_mod, "evaluate", lambda *_a, _accs=accs, **_k: next(_accs))
-        asked = []
-
-        def scripted_fresh(self, _fresh=fresh, _asked=asked):
-            _asked.append(self.step)
-            return _fresh
-
-        def scripted_loss(self, lr, _losses=losses):
-            self._loss_sum, self._loss_n = next(_losses), 1
-            return real_checkpoint(self, lr)
-
-        monkeypatch.setattr(train_mod._Run, "checkpoint", scripted_loss)
-        monkeypatch.setattr(train_mod._Run, "fresh_bn_accuracy", scripted_fresh)
-        cfg = TrainConfig(epochs=1, lr=0.01, batch_size=64, evals_per_epoch=steps)
-        result = train(model, splits.train, config=cfg, val_split=splits.proxy)
-        assert result.recoveries == recoveries, (rising, fresh, result.history)
-        dip = result.history[3]
-        assert dip["val_acc"] == 0.50
-        assert ("recovered" in dip) is bool(recoveries) and ("dip" in dip) is (recoveries == 0)
-        assert len(asked) == int(rising), (
-            "statistics are re-estimated only for a fall the loss shares"
-        )
-        assert dip.get("val_acc_bn") == fresh
+    accs = [0.55, 0.60, 0.62, 0.64, 0.50]
+    losses = [2.0, 1.9, 1.8, 2.5 if rising else 1.7]
+    result, asked = _scripted_fine_tune(splits, trained, monkeypatch, accs, losses, fresh)
+    assert result.recoveries == recoveries, (rising, fresh, result.history)
+    dip = result.history[3]
+    assert dip["val_acc"] == 0.50
+    assert ("recovered" in dip) is bool(recoveries) and ("dip" in dip) is (recoveries == 0)
+    assert len(asked) == int(rising), "statistics are re-estimated only for a fall the loss shares"
+    assert dip.get("val_acc_bn") == fresh
 
 
 def test_a_fall_right_after_a_recovery_is_judged_not_waved_through(splits, trained, monkeypatch):
     """After a recovery the last logged loss is that of the weights it threw away, so any loss
     of the restored weights looked lower: a second collapse passed as a dip (a review's run at lr
     3.0: held-out 0.095, loss 2.344 against the discarded 18.764, "going on")."""
-    import rl_mtd.train as train_mod
-
-    real_checkpoint = train_mod._Run.checkpoint
-    steps = len(splits.train) // 64
-    assert steps >= 6, "the script needs six evaluations"
-    model = copy.deepcopy(trained[0])
-    accs = iter([0.55, 0.60, 0.62, 0.64, 0.50, 0.50, *[0.65] * steps])
-    losses = iter([2.0, 1.9, 1.8, 2.5, 2.3, *[1.6] * steps])  # 2.3: below the discarded 2.5
-    monkeypatch.setattr(train_mod, "evaluate", lambda *_a, **_k: next(accs))
-    asked = []
-
-    def scripted_fresh(self):
-        asked.append(self.step)
-        return 0.50
-
-    def scripted_loss(self, lr):
-        self._loss_sum, self._loss_n = next(losses), 1
-        return real_checkpoint(self, lr)
-
-    monkeypatch.setattr(train_mod._Run, "checkpoint", scripted_loss)
-    monkeypatch.setattr(train_mod._Run, "fresh_bn_accuracy", scripted_fresh)
-    cfg = TrainConfig(epochs=1, lr=0.01, batch_size=64, evals_per_epoch=steps)
-    result = train(model, splits.train, config=cfg, val_split=splits.proxy)
+    accs = [0.55, 0.60, 0.62, 0.64, 0.50, 0.50]
+    losses = [2.0, 1.9, 1.8, 2.5, 2.3]  # 2.3: below the discarded weights' 2.5
+    result, asked = _scripted_fine_tune(splits, trained, monkeypatch, accs, losses, 0.50)
     assert result.recoveries == 2, result.history
     assert len(asked) == 2 and "recovered" in result.history[4], result.history
 
