@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.config import RunConfig
+from agents.final_check import BUDGET_KEYS as RECORDED_BUDGET_KEYS
 from agents.inputs import latency_model
 from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.errors import RlMtdError
@@ -66,10 +67,9 @@ def _check_same_net(cfg: RunConfig, net: str, width: float, what: str) -> None:
 
 
 BUDGET_KEYS = ("target_ratio", "target_macs", "target_latency")
-BUDGET_KEYS_ALL = (*BUDGET_KEYS, "latency_batch")
 
 
-HOW_MADE = ("strategy", *BUDGET_KEYS_ALL, "methods", "levels")
+HOW_MADE = ("strategy", *RECORDED_BUDGET_KEYS, "methods", "levels")
 """What a replay's policy.json keeps of the replayed policy's meta: how it was made. Not what
 its run measured or did (reward, proxy scores, episode, warm start, final check) on another
 checkpoint; this run's own numbers are in report.json."""

@@ -199,7 +199,8 @@ class BudgetTable:
         An option fits when, with the later layers at the least they can cost
         (``_least_after``: each at its smallest where one option is smallest in every limit,
         else one option per layer with the smallest worst share of the allowances, a
-        conservative completion), the whole model can still meet each limit of the budget. The level goes up within the chosen method first; a
+        conservative completion), the whole model can still meet each limit of the budget.
+        The level goes up within the chosen method first; a
         ``keep`` (or a method that cannot fit) moves to the first decomposition method, in
         ``methods`` order, that fits. ``target`` is a ``Budget`` or a parameter target.
         """

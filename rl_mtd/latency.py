@@ -30,9 +30,8 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,13 @@ from rl_mtd.decompose import (
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
-from rl_mtd.metrics import cpu_name, cpu_seconds, others_cpu_share
+from rl_mtd.metrics import cpu_seconds, others_cpu_share
+from rl_mtd.timing import Timer as Timer  # re-exported
+from rl_mtd.timing import cache_bytes as cache_bytes  # re-exported
+from rl_mtd.timing import device_context as device_context  # re-exported
+from rl_mtd.timing import measured_timer as measured_timer  # re-exported
 
 log = logging.getLogger(__name__)
-
-Timer = Callable[[nn.Module, tuple[int, ...]], float]
-"""``(module, input shape N x C x H x W) -> milliseconds per forward pass``."""
 
 FORMAT = 1
 GRID_LEVELS = DEFAULT_LEVELS
@@ -79,73 +79,6 @@ def layer_block(model: nn.Module, name: str, body: nn.Module) -> nn.Module:
             break
         tail.append(copy.deepcopy(m))
     return nn.Sequential(body, *tail).eval()
-
-
-def measured_timer(
-    device: str | torch.device = "cpu",
-    *,
-    threads: int | None = None,
-    warmup: int = 3,
-    repeats: int = 10,
-    rounds: int = 2,
-) -> Timer:
-    """A ``Timer`` that runs the inference form of the module on ``device``: the best of
-    ``rounds`` medians of ``repeats`` passes after ``warmup`` (``rl_mtd.metrics.measure_latency``)."""
-    from rl_mtd.export import inference_model
-    from rl_mtd.metrics import measure_latency
-
-    def timer(module: nn.Module, shape: tuple[int, ...]) -> float:
-        net = inference_model(module.to(device))
-        kw = dict(
-            batch_size=shape[0],
-            in_channels=shape[1],
-            input_size=shape[2],
-            device=device,
-            threads=threads,
-            warmup=warmup,
-            repeats=repeats,
-            channels_last=shape[1] > 3,
-        )
-        with torch.inference_mode():
-            return min(measure_latency(net, **kw)["median_ms"] for _ in range(rounds))
-
-    return timer
-
-
-def device_context(device: str | torch.device) -> str:
-    """What a timing on ``device`` depends on beyond the model and batch: the GPU's name, or the
-    CPU's model name, count and torch's thread count; and the torch version."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{cpu_name()} ({os.cpu_count()} CPUs) x{torch.get_num_threads()} threads"
-    return f"{where}, torch {torch.__version__}"
-
-
-SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
-
-
-def cache_bytes(device: str | torch.device) -> int | None:
-    """Bytes of the cache next to one core (the CPU's L2, read from sysfs) or of the GPU's L2;
-    None where unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        size = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
-        return size or None
-    for index in sorted(SYSFS_CACHES.glob("index*")):
-        try:
-            if (index / "level").read_text().strip() != "2":
-                continue
-            size = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        if size[-1:] in units and size[:-1].isdigit():
-            return int(size[:-1]) * units[size[-1]]
-        if size.isdigit():
-            return int(size)
-    return None
 
 
 def cache_path(net: str, width: float, batch_size: int, device: str | torch.device) -> Path:

@@ -136,17 +136,18 @@ def test_the_original_is_predicted_as_measured_when_the_net_runs_faster_than_its
 
 def test_the_cache_size_is_read_from_sysfs_and_unknown_without_it(tmp_path, monkeypatch):
     import rl_mtd.latency as latency_module
+    import rl_mtd.timing as timing
 
     for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (2, "Unified", "1024K")]):
         folder = tmp_path / f"index{index}"
         folder.mkdir()
         for name, value in (("level", level), ("type", kind), ("size", size)):
             (folder / name).write_text(f"{value}\n")
-    monkeypatch.setattr(latency_module, "SYSFS_CACHES", tmp_path)
+    monkeypatch.setattr(timing, "SYSFS_CACHES", tmp_path)
     assert latency_module.cache_bytes("cpu") == 1024 * 1024
     (tmp_path / "index1" / "size").write_text("2M\n")
     assert latency_module.cache_bytes("cpu") == 2 * 1024 * 1024
-    monkeypatch.setattr(latency_module, "SYSFS_CACHES", tmp_path / "absent")
+    monkeypatch.setattr(timing, "SYSFS_CACHES", tmp_path / "absent")
     assert latency_module.cache_bytes("cpu") is None
     lm = LatencyModel(build_vgg(NET, width=WIDTH).eval(), batch_size=1, timer=FakeTimer())
     assert lm.cache is None and lm.per_byte_ms == 0.0 and "an unknown cache" in lm.describe()

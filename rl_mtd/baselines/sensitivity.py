@@ -154,8 +154,8 @@ def sensitivity_policy(
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
-    given, must be among them, and only those are used); its proxy may score otherwise than ``proxy`` (a cheaper probe,
-    fewer repair steps) but must be over the same baseline.
+    given, must be among them, and only those are used); its proxy may score otherwise than
+    ``proxy`` (a cheaper probe, fewer repair steps) but must be over the same baseline.
 
     ``keep=False`` (a search whose ``--methods`` lack ``keep``): no layer may stay whole, so
     each starts at its mildest option (the most parameters; ties to the higher study accuracy)
@@ -187,12 +187,12 @@ def sensitivity_policy(
     use_methods = study.methods if methods is None else tuple(methods)
     use_levels = study.levels if levels is None else tuple(float(lv) for lv in levels)
     table = study.table
-    allowed_options = [
-        [
+    allowed_options = [  # per layer, in the table's order (dicts: ordered, quick to look up)
+        dict.fromkeys(
             c
             for c in layer.options
             if study.methods[c[0]] in use_methods and study.levels[c[1]] in use_levels
-        ]
+        )
         for layer in table.layers
     ]
     limits = _limits(table, budget)
@@ -224,8 +224,9 @@ def sensitivity_policy(
             )
             current[i] = mild
             for k, lim in enumerate(limits):
-                totals[k] -= used[k][i] - lim[0](layer, mild)
-                used[k][i] = lim[0](layer, mild)
+                cost = lim[0](layer, mild)
+                totals[k] -= used[k][i] - cost
+                used[k][i] = cost
             measured = results.get((i, study.methods[mild[0]], study.levels[mild[1]]))
             if measured is not None:
                 cur_acc[i] = measured
