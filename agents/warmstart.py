@@ -128,9 +128,8 @@ def _reaches(proxy: Proxy, methods: tuple[str, ...], levels: tuple[float, ...], 
 
 def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
     """The observations ``env`` shows an agent taking the actions of ``policy``'s choices on its
-    grid (``BudgetTable.options_of``), and those actions. Walled and settled by the env (last
-    layer first) they give a neighbour of the heuristic's policy, which settles the layers it
-    moved last first: the same options, ranks raised elsewhere; the heuristic's own policy is
+    grid (``BudgetTable.options_of``), and those actions. Walled and settled by the env they
+    give the heuristic's policy back (both settle in one order); the heuristic's own policy is
     scored as the search's first best. The last action is not taken: the episode would score a
     policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)

@@ -327,7 +327,7 @@ class MixedDecompositionEnv(gym.Env):
         if self.budget.active and len(self._choices) == self.num_layers:
             if self._meter is None:
                 self._meter = BudgetMeter(self.scorer.model, self.budget)
-            choices = settle(self._meter, choices, reversed(range(self.num_layers)))
+            choices = settle(self._meter, choices)
         return Policy.from_choices(
             self.scorer.model,
             choices,

@@ -49,14 +49,13 @@ def local_search(
     repeated policies are not (``Proxy.evaluations``); at most ``MAX_TRIES_PER_EVALUATION`` times
     ``n`` candidates are drawn, for a neighbourhood with fewer than ``n`` policies in it.
     The first candidate is the sensitivity policy itself; each later one perturbs the best so
-    far (at first the heuristic's options on the ``methods`` x ``levels`` grid, walled and
-    settled here last layer first: a neighbour of the heuristic's policy, which settles the
-    layers it moved last first) in ``CHANGED_LAYERS`` random layers:
-    half the time one level up or down within the layer's method, else a random option. The
-    whole candidate then goes through ``BudgetTable.wall`` layer by layer, so every candidate
-    meets the budget, and is settled at it (``rl_mtd.budget.settle``: the last layers' ranks
-    raised while the budget holds). A candidate replaces the best when its proxy accuracy is higher. Returns
-    the best policy and every evaluated result in order. ``study`` reuses a sensitivity study
+    far (at first the heuristic's options on the ``methods`` x ``levels`` grid, which walled
+    and settled give its policy back) in ``CHANGED_LAYERS`` random layers: half the time one
+    level up or down within the layer's method, else a random option. The whole candidate then
+    goes through ``BudgetTable.wall`` layer by layer, so every candidate meets the budget, and
+    is settled at it (``rl_mtd.budget.settle``: the last layers' ranks raised while the budget
+    holds). A candidate replaces the best when its proxy accuracy is higher. Returns the best
+    policy and every evaluated result in order. ``study`` reuses a sensitivity study
     (its evaluations are not counted in ``n``). ``on_evaluation(policy, result)`` is called
     after each evaluation (what a final check chooses among).
     """
@@ -130,7 +129,7 @@ def _policy(
         "seed": seed,
         "index": index,
     }
-    choices = settle(meter, table.to_choices(options), reversed(range(len(options))))
+    choices = settle(meter, table.to_choices(options))
     return Policy.from_choices(
         proxy.model,
         choices,

@@ -77,7 +77,7 @@ def random_policies(
             choices.append(table.wall(choices, draw, budget))
         picked = table.to_choices(choices)
         if settled:
-            picked = settle(meter, picked, reversed(range(len(picked))))
+            picked = settle(meter, picked)
         meta = {
             "strategy": "random",
             **budget.meta(),

@@ -148,9 +148,12 @@ def sensitivity_policy(
        removed, then the earlier layer.
     3. Stop as soon as the predicted whole-model reductions meet the budget (``target`` is a
        parameter ratio or a ``Budget`` of parameters and/or MACs).
-    4. Settle: the levels are coarse, so the last moves overshoot the target; the layers moved
-       last get their ranks raised as far as the budget allows (``settle``), so the policy
-       sits at the target (within one rank step) rather than beyond it.
+    4. Settle: the levels are coarse, so the last moves overshoot the target; the layers'
+       ranks are raised, last layer first, as far as the budget allows (``settle``, in the
+       order every strategy settles in), so the policy sits at the target (within one rank
+       step) rather than beyond it, and a search warm-started from its options on the grid
+       (``BudgetTable.options_of``) starts at this very policy. (Until 2026-12-07 the layers
+       moved last were raised first: a neighbour of what the searches started from.)
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -230,7 +233,6 @@ def sensitivity_policy(
             measured = results.get((i, study.methods[mild[0]], study.levels[mild[1]]))
             if measured is not None:
                 cur_acc[i] = measured
-    moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
         pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
@@ -258,15 +260,13 @@ def sensitivity_policy(
             totals[k] -= used[k][i] - new
             used[k][i] = new
         current[i] = opt
-        moves.append(i)
         cur_acc[i] = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
 
     choices: list[MethodRank] = [
         ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
         for c, layer in zip(current, table.layers)
     ]
-    last_first = list(dict.fromkeys([*reversed(moves), *reversed(range(n))]))
-    choices = settle(BudgetMeter(proxy.model, budget), choices, last_first)
+    choices = settle(BudgetMeter(proxy.model, budget), choices)
     meta = {
         "strategy": "sensitivity",
         **budget.meta(),

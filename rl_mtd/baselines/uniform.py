@@ -111,7 +111,7 @@ def uniform_policy(
                 lo = mid
     # Integer ranks make the whole-model ratio jump (16.6x for a 16x target at width 0.25):
     # give the excess back, last layers first, so every strategy is compared at the target.
-    choices = settle(meter, _uniform_choices(convs, method, hi), reversed(range(len(convs))))
+    choices = settle(meter, _uniform_choices(convs, method, hi))
     meta = {**_budget_meta(budget, method), "layer_ratio": hi}
     return Policy.from_choices(
         model, choices, net=net, width=width, num_classes=num_classes, meta=meta
@@ -207,7 +207,7 @@ def vbmf_policy(
         "scale": lo,
         "vbmf_ranks": [list(b) for b in bases],
     }
-    choices = settle(meter, _vbmf_choices(convs, bases, lo), reversed(range(len(convs))))
+    choices = settle(meter, _vbmf_choices(convs, bases, lo))
     return Policy.from_choices(
         model,
         choices,
