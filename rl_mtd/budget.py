@@ -220,12 +220,10 @@ class BudgetMeter:
         return out
 
 
-def settle(
-    meter: BudgetMeter, choices: list[tuple[str, Any]], order: Iterable[int] | None = None
-) -> list[tuple[str, Any]]:
-    """Give back what ``choices`` compress beyond ``meter``'s budget: in ``order`` (by default
-    the last layer first, the one order every strategy uses), raise each decomposed layer's rank
-    (same method) as far as the budget still allows.
+def settle(meter: BudgetMeter, choices: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Give back what ``choices`` compress beyond ``meter``'s budget: last layer first (the one
+    order every strategy settles in), raise each decomposed layer's rank (same method) as far
+    as the budget still allows.
 
     Choices made on a grid of levels overshoot (the MTD heuristic reached 17.6x for a 16x
     target, local search 8.3x for 8x); this lands within one rank step of the limit, so every
@@ -236,7 +234,7 @@ def settle(
     ``choices`` must meet the budget; the result does too.
     """
     out = list(choices)
-    for i in reversed(range(len(out))) if order is None else order:
+    for i in reversed(range(len(out))):
         method, rank = out[i]
         conv = meter.convs[i][1]
         while method != "keep":

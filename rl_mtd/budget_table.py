@@ -200,9 +200,8 @@ class BudgetTable:
         (``_least_after``: each at its smallest where one option is smallest in every limit,
         else one option per layer with the smallest worst share of the allowances, a
         conservative completion), the whole model can still meet each limit of the budget.
-        The level goes up within the chosen method first; a
-        ``keep`` (or a method that cannot fit) moves to the first decomposition method, in
-        ``methods`` order, that fits. ``target`` is a ``Budget`` or a parameter target.
+        The level goes up within the chosen method first; a ``keep`` (or a method that cannot
+        fit) moves to the first decomposition method, in ``methods`` order, that fits. ``target`` is a ``Budget`` or a parameter target.
         """
         budget = Budget.of(target)
         if not budget.active:
@@ -311,8 +310,8 @@ class BudgetTable:
         (:func:`rl_mtd.budget.settle`) has ranks just above a level's, and these options, walled
         and settled again (every strategy settles in one order) give the same policy back (in
         another order the slack would land on other layers: a neighbour); the nearest option by
-        size would often be the level above, and a different policy. A method the grid lacks falls back to the nearest
-        option by size (the mildest when ``keep`` is missing)."""
+        size would often be the level above, and a different policy. A method the grid lacks
+        falls back to the nearest option by size (the mildest when ``keep`` is missing)."""
         out = []
         for layer, choice in zip(self.layers, policy.layers, strict=True):
             same = [c for c in layer.options if self.methods[c[0]] == choice.method]

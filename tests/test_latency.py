@@ -225,7 +225,7 @@ def test_the_wall_and_settling_hold_a_latency_budget(model, latency, params, spe
     for choices in _random_walks(table, budget, 30):
         picked = table.to_choices(choices)
         assert latency.speedup(picked) >= speedup * (1 - 1e-9)
-        settled = settle(meter, picked, reversed(range(len(picked))))
+        settled = settle(meter, picked)
         assert meter.meets(settled) and latency.speedup(settled) >= speedup * (1 - 1e-9)
         if params is not None:
             assert meter.params_original / meter.params(settled) >= params

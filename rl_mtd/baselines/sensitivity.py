@@ -216,23 +216,32 @@ def sensitivity_policy(
     # Relative floor: latency limits are in milliseconds, where 1 would dwarf the excess.
     excess0 = [max(total - allowed, 1e-9 * total) for _, total, allowed, _, _ in limits]
     cur_acc = [float(study.proxy.baseline_acc)] * n
+
+    def key_of(i: int, opt: OptionIndex) -> StudyKey:
+        return (i, study.methods[opt[0]], study.levels[opt[1]])
+
+    def move(i: int, opt: OptionIndex) -> None:
+        """Layer ``i`` to ``opt``: its costs, the totals and its study accuracy follow."""
+        layer = table.layers[i]
+        for k, lim in enumerate(limits):
+            cost = lim[0](layer, opt)
+            totals[k] -= used[k][i] - cost
+            used[k][i] = cost
+        current[i] = opt
+        cur_acc[i] = results.get(key_of(i, opt), cur_acc[i])
+
     if not keep:
         for i, layer in enumerate(table.layers):
-            mild = max(
-                allowed_options[i],
-                key=lambda c, i=i: (
-                    layer.params(c),
-                    results.get((i, study.methods[c[0]], study.levels[c[1]]), -1.0),
+            move(
+                i,
+                max(
+                    allowed_options[i],
+                    key=lambda c, i=i, layer=layer: (
+                        layer.params(c),
+                        results.get(key_of(i, c), -1.0),
+                    ),
                 ),
             )
-            current[i] = mild
-            for k, lim in enumerate(limits):
-                cost = lim[0](layer, mild)
-                totals[k] -= used[k][i] - cost
-                used[k][i] = cost
-            measured = results.get((i, study.methods[mild[0]], study.levels[mild[1]]))
-            if measured is not None:
-                cur_acc[i] = measured
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
         pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
@@ -240,7 +249,7 @@ def sensitivity_policy(
             for order, opt in enumerate(layer.options):
                 if opt not in allowed_options[i]:
                     continue
-                key = (i, study.methods[opt[0]], study.levels[opt[1]])
+                key = key_of(i, opt)
                 new = [lim[0](layer, opt) for lim in limits]
                 if key not in results or any(v > used[k][i] for k, v in enumerate(new)):
                     continue
@@ -253,14 +262,7 @@ def sensitivity_policy(
                     pick = (rank_key, i, opt)
         if pick is None:
             raise unreachable(budget, "less by these greedy moves", what)
-        _, i, opt = pick
-        layer = table.layers[i]
-        for k, lim in enumerate(limits):
-            new = lim[0](layer, opt)
-            totals[k] -= used[k][i] - new
-            used[k][i] = new
-        current[i] = opt
-        cur_acc[i] = results[(i, study.methods[opt[0]], study.levels[opt[1]])]
+        move(pick[1], pick[2])
 
     choices: list[MethodRank] = [
         ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
