@@ -143,6 +143,14 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             "compress otherwise: search again for an agent of this version",
             path,
         )
+    first = meta.get("settle_first", [])
+    if not isinstance(first, list) or any(
+        isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in first
+    ):
+        raise RlMtdError(
+            f"agent file {path}: its metadata's settle_first {first!r} is not a list of layer "
+            "indices; it was edited or written by another version, so re-run the search"
+        )
     if not isinstance(meta.get("study_settings", ""), str):
         raise RlMtdError(
             f"agent file {path}: its metadata's study_settings is not text; it was edited or "

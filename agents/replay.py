@@ -142,6 +142,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_ratio=meta.get("target_ratio"),
             target_macs=meta.get("target_macs"),
             target_latency=target_latency,
+            settle_first=tuple(meta.get("settle_first", ())),
         ),
         layer_scores=layer_scores(
             meta.get("observe", "layer"),

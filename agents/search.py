@@ -105,7 +105,9 @@ def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None
     )
 
 
-def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
+def _subproc_env(
+    cfg_dict: dict[str, Any], baseline_path: str, rank: int, settle_first: tuple[int, ...] = ()
+):
     """Build an env in a worker process: its own data copy, baseline and proxy (own GPU if any)."""
     from agents.inputs import load_data
 
@@ -119,7 +121,8 @@ def _subproc_env(cfg_dict: dict[str, Any], baseline_path: str, rank: int):
     from agents.studies import layer_scores
 
     scores = layer_scores(cfg.observe, proxy, cfg.study_steps)
-    return _make_env(proxy, env_config(cfg), scores, latency_model(cfg, proxy.device))
+    env_cfg = replace(env_config(cfg), settle_first=settle_first)
+    return _make_env(proxy, env_cfg, scores, latency_model(cfg, proxy.device))
 
 
 def worker_evaluations(cfg: RunConfig, episodes: list[dict[str, Any]]) -> int:
@@ -233,11 +236,23 @@ def search(
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)
+    env_cfg, start = env_config(cfg), None
+    if cfg.warm_start == "sensitivity":
+        # The heuristic's policy (the study is at hand: a moment) decides the order every
+        # episode settles in, so its options replay to its very policy; a resumed search
+        # makes it again, alike.
+        from agents.warmstart import heuristic_start
+
+        start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency)
+        env_cfg = replace(env_cfg, settle_first=tuple(start[0].meta["settle_first"]))
     if cfg.n_envs > 1:
-        fns = [partial(_subproc_env, cfg.to_dict(), baseline_path, i) for i in range(cfg.n_envs)]
+        fns = [
+            partial(_subproc_env, cfg.to_dict(), baseline_path, i, env_cfg.settle_first)
+            for i in range(cfg.n_envs)
+        ]
         venv = SubprocVecEnv(fns)
     else:
-        venv = DummyVecEnv([partial(_make_env, proxy, env_config(cfg), scores, latency)])
+        venv = DummyVecEnv([partial(_make_env, proxy, env_cfg, scores, latency)])
     agent_path = run_dir / "agent.zip"
     state = read_search_state(run_dir) if cfg.resume is not None else {}
     if cfg.resume is not None and agent_path.exists():
@@ -271,6 +286,7 @@ def search(
         "num_classes": proxy.num_classes,
         "observe": cfg.observe,
         "rank_rule": RANK_RULE,
+        "settle_first": list(env_cfg.settle_first),
     }
     if study is not None:  # a replay of this agent measures (and checks) the same study
         meta["study_repair_steps"] = study.proxy.config.repair_steps
@@ -326,10 +342,10 @@ def search(
 
         first = warm_start(
             proxy,
-            env_config(cfg),
+            env_cfg,
             agent,
             scores=scores,
-            study=study,
+            start=start,
             target_prob=cfg.warm_start_prob,
             latency_model=latency,
         )
@@ -356,7 +372,7 @@ def search(
             partial(
                 MixedDecompositionEnv,
                 proxy,
-                env_config(cfg),
+                env_cfg,
                 layer_scores=scores,
                 latency_model=latency,
             ),

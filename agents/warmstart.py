@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -38,27 +39,20 @@ BC_TOLERANCE = 0.05
 BC_LR = 1e-3
 
 
-def warm_start(
+def heuristic_start(
     proxy: Proxy,
     env_cfg: EnvConfig,
-    agent: Any,
     *,
-    scores: np.ndarray | None = None,
     study: SensitivityStudy | None = None,
-    target_prob: float = BC_TARGET_PROB,
     latency_model: Any = None,
-) -> dict[str, Any]:
-    """Study, heuristic policy and behaviour cloning; returns the search's first best entry
-    (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
-    search environments' ``layer_scores``, so the cloned observations are the agent's own;
-    ``study``: the study already at hand (default: ``cached_study(proxy)``); ``target_prob``:
-    how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
-    at 0.85 an episode departs from the heuristic in about one layer in seven, at 0.5 in
-    half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured);
-    ``latency_model``: the search environments' (with a latency target)."""
-    t0 = time.perf_counter()
+) -> tuple[Policy, SensitivityStudy]:
+    """The sensitivity heuristic's policy a search starts from, and the study it came from.
+
+    Its ``meta["settle_first"]`` is the order the search's environments settle in
+    (``EnvConfig.settle_first``), so that the heuristic's options give its policy back.
+    ``study``: the study already at hand (default: ``cached_study(proxy)``)."""
     study = study if study is not None else cached_study(proxy)
-    env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
+    env = MixedDecompositionEnv(proxy, env_cfg, latency_model=latency_model)
     # The heuristic moves only to what the search may choose (--methods, --levels, keeping a
     # layer only where keep is among them). Where the study's share of those options cannot
     # meet the budget, a study of the search's own grid is measured (with the study's proxy;
@@ -80,6 +74,36 @@ def warm_start(
         levels=levels,
         keep="keep" in env_cfg.methods,
     )
+    return policy, study
+
+
+def warm_start(
+    proxy: Proxy,
+    env_cfg: EnvConfig,
+    agent: Any,
+    *,
+    scores: np.ndarray | None = None,
+    study: SensitivityStudy | None = None,
+    start: tuple[Policy, SensitivityStudy] | None = None,
+    target_prob: float = BC_TARGET_PROB,
+    latency_model: Any = None,
+) -> dict[str, Any]:
+    """Study, heuristic policy and behaviour cloning; returns the search's first best entry
+    (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
+    search environments' ``layer_scores``, so the cloned observations are the agent's own;
+    ``study``: the study already at hand (default: ``cached_study(proxy)``); ``start``: the
+    heuristic's policy and study when already made (``heuristic_start``, whose order
+    ``env_cfg.settle_first`` should hold); ``target_prob``:
+    how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
+    at 0.85 an episode departs from the heuristic in about one layer in seven, at 0.5 in
+    half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured);
+    ``latency_model``: the search environments' (with a latency target)."""
+    t0 = time.perf_counter()
+    if start is None:
+        start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency_model)
+        env_cfg = replace(env_cfg, settle_first=tuple(start[0].meta["settle_first"]))
+    policy, study = start
+    env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
     # The first best is the heuristic's own policy, scored as it is (not as the agent's grid
@@ -129,7 +153,8 @@ def _reaches(proxy: Proxy, methods: tuple[str, ...], levels: tuple[float, ...], 
 def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
     """The observations ``env`` shows an agent taking the actions of ``policy``'s choices on its
     grid (``BudgetTable.options_of``), and those actions. Walled and settled by the env they
-    give the heuristic's policy back (both settle in one order); the heuristic's own policy is
+    give the heuristic's policy back (the env settles in the heuristic's order, its
+    ``settle_first``); the heuristic's own policy is
     scored as the search's first best. The last action is not taken: the episode would score a
     policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)

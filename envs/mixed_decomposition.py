@@ -52,6 +52,11 @@ class EnvConfig:
     target), comparing it at a harder budget than the strategies it was measured against."""
     tradeoff_weight: float = 0.05
     """Trade-off mode: reward per doubling of compression."""
+    settle_first: tuple[int, ...] = ()
+    """Budget mode: the layers whose ranks a finished episode's settling raises first
+    (``rl_mtd.budget.settle``; then the others, last layer first). A search warm-started from
+    the sensitivity heuristic takes the heuristic's order (its policy's ``meta["settle_first"]``),
+    so the heuristic's options give its very policy back."""
 
     def __post_init__(self) -> None:
         self.methods = check_methods(self.methods)
@@ -60,6 +65,9 @@ class EnvConfig:
         self.target_ratio, self.target_macs = budget.params, budget.macs
         if self.target_latency is not None:
             self.target_latency = check_target(self.target_latency, "target speed-up")
+        self.settle_first = tuple(self.settle_first)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.settle_first):
+            raise RlMtdError(f"settle_first must list layer indices, got {self.settle_first!r}")
 
     @property
     def budget(self) -> Budget:
@@ -113,8 +121,9 @@ class MixedDecompositionEnv(gym.Env):
     smallest options, this layer's level is raised just enough (AMC's "action wall"; a ``keep``
     becomes the first decomposition method that fits). ``info["action"]`` is the action actually
     taken, ``info["requested_action"]`` the agent's. The finished policy is then settled at the
-    budget: the levels overshoot it, so the ranks of the last layers are raised while every
-    target holds (``rl_mtd.budget.settle``), and policies are scored at the target.
+    budget: the levels overshoot it, so ranks are raised (the config's ``settle_first`` layers
+    first, then the others last layer first) while every target holds
+    (``rl_mtd.budget.settle``), and policies are scored at the target.
 
     ## Episode End
     Terminates after the last conv layer; never truncated. ``info`` on the last step carries the
@@ -320,14 +329,14 @@ class MixedDecompositionEnv(gym.Env):
 
     def current_policy(self) -> Policy:
         """The choices so far as a policy; a finished episode in budget mode is settled at the
-        budget (``rl_mtd.budget.settle``: the levels overshoot, so the last layers' ranks are
-        raised while every target still holds)."""
+        budget (``rl_mtd.budget.settle``: the levels overshoot, so ranks are raised, the
+        config's ``settle_first`` layers first, while every target still holds)."""
         spec = self.scorer.spec
         choices = self.table.to_choices(self._choices)
         if self.budget.active and len(self._choices) == self.num_layers:
             if self._meter is None:
                 self._meter = BudgetMeter(self.scorer.model, self.budget)
-            choices = settle(self._meter, choices)
+            choices = settle(self._meter, choices, self.config.settle_first)
         return Policy.from_choices(
             self.scorer.model,
             choices,

@@ -220,21 +220,28 @@ class BudgetMeter:
         return out
 
 
-def settle(meter: BudgetMeter, choices: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """Give back what ``choices`` compress beyond ``meter``'s budget: last layer first (the one
-    order every strategy settles in), raise each decomposed layer's rank (same method) as far
-    as the budget still allows.
+def settle(
+    meter: BudgetMeter, choices: list[tuple[str, Any]], first: Sequence[int] = ()
+) -> list[tuple[str, Any]]:
+    """Give back what ``choices`` compress beyond ``meter``'s budget: layer by layer, the
+    layers in ``first`` in that order, then the others last layer first, raise each decomposed
+    layer's rank (same method) as far as the budget still allows.
 
     Choices made on a grid of levels overshoot (the MTD heuristic reached 17.6x for a 16x
     target, local search 8.3x for 8x); this lands within one rank step of the limit, so every
-    strategy is compared at the target. One order for all matters: the heuristic's grid
-    options settled in another order give a neighbour of its policy (2-3 layers' ranks differ at
-    8x-32x, VGG11 width 0.25), so a search warm-started from those options would not start at
-    the heuristic's policy.
+    strategy is compared at the target. Which layers get the slack matters: the heuristic gives
+    it to the layers it moved last (``first``: its latest moves, undoing the overshoot of its
+    last step), which fine-tuned 0.2-1.2 points higher than last layer first at 8x-32x
+    (BENCHMARKS.md, 2026-12-07). A search that starts from the heuristic's options settles in
+    the heuristic's order too (``EnvConfig.settle_first``), so it starts at its very policy.
     ``choices`` must meet the budget; the result does too.
     """
+    n = len(choices)
+    order = list(dict.fromkeys([*first, *reversed(range(n))]))
+    if len(order) != n or any(not 0 <= i < n for i in order):
+        raise RlMtdError(f"settle order {list(first)} names layers outside 0..{n - 1}")
     out = list(choices)
-    for i in reversed(range(len(out))):
+    for i in order:
         method, rank = out[i]
         conv = meter.convs[i][1]
         while method != "keep":

@@ -308,8 +308,8 @@ class BudgetTable:
         """Each layer's option on this grid for a ``Policy``'s choice: the largest option of the
         same method within the layer's size. A policy settled at a budget
         (:func:`rl_mtd.budget.settle`) has ranks just above a level's, and these options, walled
-        and settled again (every strategy settles in one order) give the same policy back (in
-        another order the slack would land on other layers: a neighbour); the nearest option by
+        and settled again in the same order (``settle``'s ``first``) give the same policy back
+        (in another order the slack would land on other layers: a neighbour); the nearest option by
         size would often be the level above, and a different policy. A method the grid lacks
         falls back to the nearest option by size (the mildest when ``keep`` is missing)."""
         out = []

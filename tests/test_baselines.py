@@ -688,3 +688,24 @@ def test_sensitivity_lands_at_the_target(params, macs, model, proxy, study):
         bigger = next_rank(meter.convs[i][1], method, rank)
         if bigger is not None:
             assert not meter.meets([*choices[:i], (method, bigger), *choices[i + 1 :]]), i
+
+
+def test_settle_gives_the_slack_to_the_layers_named_first(model):
+    """The greedy's slack goes to the layers in ``first`` (the heuristic's latest moves), then
+    to the others last layer first; another order lands the slack elsewhere, and an order
+    naming a layer the model lacks is refused."""
+    from rl_mtd.budget import BudgetMeter, settle
+
+    meter = BudgetMeter(model, Budget(4.0))
+    n = len(meter.convs)
+    start = [("keep", None), *[("tucker2", (2, 2))] * (n - 1)]  # far beyond 4x
+    assert meter.meets(start)
+    plain = settle(meter, start)
+    assert plain == settle(meter, start, [n - 1]), "the default: last layer first"
+    assert plain[-1] != start[-1], "the last layer got the slack"
+    early = settle(meter, start, [1])
+    assert early[1] != start[1] and early != plain, "layer 1 got it first"
+    assert meter.meets(early) and meter.meets(plain)
+    for bad in ([n], [-1]):
+        with pytest.raises(RlMtdError, match="settle order"):
+            settle(meter, start, bad)

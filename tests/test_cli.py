@@ -1273,8 +1273,13 @@ def test_the_warm_start_keeps_to_the_methods_the_search_may_use(tmp_path):
 @pytest.mark.slow
 def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     runs = []
-    # the second run also checks its best against the heuristic's by short fine-tunes
-    extra = {"first": [], "second": ["--final-check", "2", "--final-check-epochs", "0.1"]}
+    # the second run also checks its best against the heuristic's by short fine-tunes; cloned
+    # less surely, so its episodes leave the heuristic's policy (an episode that replays the
+    # heuristic's actions gives its very policy: no second candidate to check)
+    extra = {
+        "first": [],
+        "second": ["--final-check", "2", "--final-check-epochs", "0.1", "--warm-start-prob", "0.3"],
+    }
     for name in ("first", "second"):
         out = tmp_path / name
         argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", *extra[name]]
@@ -1448,6 +1453,24 @@ def test_an_agent_naming_a_bad_study_is_refused_clearly(steps, tmp_path):
     assert read_agent_meta(path)["study_repair_steps"] == 40
     save_agent(agent, path, {**meta, "study_repair_steps": steps})
     with pytest.raises(RlMtdError, match="study_repair_steps .* is not a count of steps"):
+        read_agent_meta(path)
+
+
+@pytest.mark.parametrize("first", [[-1], "12", [1.5], [True], {"0": 1}])
+def test_an_agent_naming_a_bad_settle_order_is_refused_clearly(first, tmp_path):
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo, read_agent_meta, save_agent
+    from rl_mtd.errors import RlMtdError
+
+    agent = make_ppo(DummyVecEnv([lambda: gym.make("CartPole-v1")]), 8)
+    path = tmp_path / "agent.zip"
+    meta = {"net": NET, "width": WIDTH, "methods": [], "levels": []}
+    save_agent(agent, path, {**meta, "settle_first": [3, 0]})
+    assert read_agent_meta(path)["settle_first"] == [3, 0]
+    save_agent(agent, path, {**meta, "settle_first": first})
+    with pytest.raises(RlMtdError, match="settle_first .* is not a list of layer indices"):
         read_agent_meta(path)
 
 

@@ -53,8 +53,8 @@ def local_search(
     and settled give its policy back) in ``CHANGED_LAYERS`` random layers: half the time one
     level up or down within the layer's method, else a random option. The whole candidate then
     goes through ``BudgetTable.wall`` layer by layer, so every candidate meets the budget, and
-    is settled at it (``rl_mtd.budget.settle``: the last layers' ranks raised while the budget
-    holds). A candidate replaces the best when its proxy accuracy is higher. Returns the best
+    is settled at it (``rl_mtd.budget.settle``: ranks raised while the budget holds, in the
+    heuristic's order, its ``meta["settle_first"]``). A candidate replaces the best when its proxy accuracy is higher. Returns the best
     policy and every evaluated result in order. ``study`` reuses a sensitivity study
     (its evaluations are not counted in ``n``). ``on_evaluation(policy, result)`` is called
     after each evaluation (what a final check chooses among).
@@ -81,7 +81,7 @@ def local_search(
         k += 1
         candidate = _perturb(table, best, rng)
         walled = _walled(table, candidate, budget)
-        policy = _policy(table, proxy, walled, meter, seed, k)
+        policy = _policy(table, proxy, walled, meter, seed, k, start.meta["settle_first"])
         result = proxy.evaluate(policy)
         results.append(result)
         new += not result.cached
@@ -120,8 +120,10 @@ def _policy(
     meter: BudgetMeter,
     seed: int,
     index: int,
+    settle_first: Sequence[int],
 ) -> Policy:
-    """The candidate as a policy, settled at the budget (the grid overshoots it)."""
+    """The candidate as a policy, settled at the budget (the grid overshoots it), the
+    ``settle_first`` layers first."""
     budget = meter.budget
     meta = {
         "strategy": "local",
@@ -129,7 +131,7 @@ def _policy(
         "seed": seed,
         "index": index,
     }
-    choices = settle(meter, table.to_choices(options))
+    choices = settle(meter, table.to_choices(options), settle_first)
     return Policy.from_choices(
         proxy.model,
         choices,

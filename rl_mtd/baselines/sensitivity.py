@@ -148,12 +148,12 @@ def sensitivity_policy(
        removed, then the earlier layer.
     3. Stop as soon as the predicted whole-model reductions meet the budget (``target`` is a
        parameter ratio or a ``Budget`` of parameters and/or MACs).
-    4. Settle: the levels are coarse, so the last moves overshoot the target; the layers'
-       ranks are raised, last layer first, as far as the budget allows (``settle``, in the
-       order every strategy settles in), so the policy sits at the target (within one rank
-       step) rather than beyond it, and a search warm-started from its options on the grid
-       (``BudgetTable.options_of``) starts at this very policy. (Until 2026-12-07 the layers
-       moved last were raised first: a neighbour of what the searches started from.)
+    4. Settle: the levels are coarse, so the last moves overshoot the target; the ranks of
+       the layers moved last are raised first, as far as the budget allows (``settle``; then
+       the other layers, last first), so the policy sits at the target (within one rank step)
+       rather than beyond it. The order is the policy's ``meta["settle_first"]``: a search
+       warm-started from its options on the grid (``BudgetTable.options_of``) settles in it
+       too (``EnvConfig.settle_first``) and so starts at this very policy.
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -242,6 +242,7 @@ def sensitivity_policy(
                     ),
                 ),
             )
+    moves: list[int] = []  # layers in the order the greedy moved them
     while any(t > lim[2] for t, lim in zip(totals, limits)):
         unmet = [k for k, (t, lim) in enumerate(zip(totals, limits)) if t > lim[2]]
         pick: tuple[tuple[float, float, int, int], int, OptionIndex] | None = None
@@ -263,14 +264,17 @@ def sensitivity_policy(
         if pick is None:
             raise unreachable(budget, "less by these greedy moves", what)
         move(pick[1], pick[2])
+        moves.append(pick[1])
 
     choices: list[MethodRank] = [
         ("keep", None) if c is None else (study.methods[c[0]], layer.rank(c))
         for c, layer in zip(current, table.layers)
     ]
-    choices = settle(BudgetMeter(proxy.model, budget), choices)
+    first = list(dict.fromkeys(reversed(moves)))  # the latest moves first
+    choices = settle(BudgetMeter(proxy.model, budget), choices, first)
     meta = {
         "strategy": "sensitivity",
+        "settle_first": first,
         **budget.meta(),
         "levels": list(use_levels),
         "methods": list(use_methods),
