@@ -35,7 +35,12 @@ from agents.replay import (
     with_replayed_budget,
 )
 from agents.report import RunResult, build_report, write_outputs
-from agents.run_dir import check_not_cleared, check_resumable, clear_earlier_run
+from agents.run_dir import (
+    check_not_cleared,
+    check_resumable,
+    clear_earlier_run,
+    restore_policy,
+)
 from agents.search import (
     finished_search,
     make_proxy,
@@ -180,6 +185,13 @@ def run(
         )
     splits, data = load_data(cfg)
     splits = splits.to(device)
+    if replay is not None and replay.policy is not None:
+        if replay.policy.num_classes != data.num_classes:  # hand-edited, or another dataset's
+            raise RlMtdError(
+                f"policy {replay.path} was made for a net with {replay.policy.num_classes} "
+                f"classes, but this run's data has {data.num_classes}; replay a policy "
+                f"searched on this dataset (its compressed.pt would not load otherwise)"
+            )
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     if need_baseline:  # where the trained baseline will be kept
         check_writable_as(
@@ -216,6 +228,8 @@ def run(
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
         return {"dry_run": True, "estimated_seconds": estimate}
+    if cfg.resume is not None:  # policy.json deleted or damaged since the search's last best
+        restore_policy(run_dir, state)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given)
     proxy = make_proxy(cfg, baseline, splits, device)
 

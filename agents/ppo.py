@@ -164,6 +164,11 @@ def load_agent(path: str | os.PathLike, device: str = "cpu") -> PPO:
     try:
         return PPO.load(path, device=device)
     except Exception as exc:  # SB3 raises many types for a broken zip
+        # The first sentence only: torch's unpickling errors go on to suggest turning its
+        # safety check off, which is no advice for a damaged file.
+        first = str(exc).strip().split("\n")[0].split(". ")[0][:160]
         raise RlMtdError(
-            f"agent file {path} cannot be loaded ({type(exc).__name__}: {exc})"
+            f"agent file {path} is damaged or was not written by run_agent.py "
+            f"({type(exc).__name__}: {first}); replay the agent.zip of a run_agent.py run, or "
+            "its policy.json"
         ) from None

@@ -27,6 +27,7 @@ class Replay:
     path: Path
     policy: Policy | None = None
     meta: dict[str, Any] | None = None
+    agent: Any = None
 
 
 def load_replay(cfg: RunConfig) -> Replay | None:
@@ -35,11 +36,12 @@ def load_replay(cfg: RunConfig) -> Replay | None:
         return None
     path = Path(cfg.replay)
     if path.suffix == ".zip":
-        from agents.ppo import read_agent_meta
+        from agents.ppo import load_agent, read_agent_meta
 
         meta = read_agent_meta(path)
         _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
-        return Replay("agent", path, meta=meta)
+        # Loaded now: a damaged agent is refused before --overwrite clears anything.
+        return Replay("agent", path, meta=meta, agent=load_agent(path))
     _check_not_weights(path)
     policy = Policy.load(path)
     _check_same_net(cfg, policy.net, policy.width, f"policy {path}")
@@ -152,7 +154,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
         ),
         latency_model=latency,
     )
-    agent = load_agent(replay.path)
+    agent = replay.agent if replay.agent is not None else load_agent(replay.path)
     if agent.action_space != env.action_space or agent.observation_space != env.observation_space:
         raise RlMtdError(f"agent {replay.path} does not fit this environment (spaces differ)")
     obs, _ = env.reset(seed=cfg.seed)

@@ -8,6 +8,9 @@ from pathlib import Path
 from agents.config import RunConfig
 from rl_mtd.errors import RlMtdError
 
+RUN_CONFIG_KEYS = ("net", "width")
+"""Keys every run's config.json has held, whatever its version."""
+
 
 def resume_config(
     run_dir: str | Path,
@@ -27,8 +30,20 @@ def resume_config(
     if not saved.exists():
         raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
     try:
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as exc:
+        data = json.loads(saved.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    # Every field has a default: a foreign JSON file would otherwise resume as a default run.
+    missing = [key for key in RUN_CONFIG_KEYS if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise RlMtdError(
+            f"--resume {run_dir}: {saved} is not a run_agent.py run config (it lacks "
+            f"{', '.join(missing)}, which every run's config.json has); give the --out "
+            "directory of a run"
+        )
+    try:
+        cfg = RunConfig.from_dict(data)
+    except TypeError as exc:  # methods or levels not a list
         raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
     cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
     cfg.search_more = episodes is not None or timesteps is not None

@@ -1,10 +1,11 @@
 """What a run directory holds: the files --overwrite clears, and the checks that come before a
 run writes into an existing directory (--resume of a finished run, a replayed file about to be
-cleared)."""
+cleared), with the policy.json a resumable run gets back."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,10 @@ from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE
 from agents.search import search_finished, what_is_left
 from rl_mtd.errors import RlMtdError
+from rl_mtd.io import write_json_atomic
+from rl_mtd.policy import Policy
+
+log = logging.getLogger("rl_mtd")
 
 STALE_SEARCH_FILES = (
     "tb",
@@ -75,6 +80,11 @@ def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> Non
                 f"--resume {run_dir}: {agent} is damaged or not an rl_mtd agent, so the search "
                 f"cannot be resumed; {what_is_left(run_dir)}"
             ) from None
+    _check_not_complete(cfg, run_dir, state, done)
+
+
+def _check_not_complete(cfg: RunConfig, run_dir: Path, state: dict[str, Any], done: int) -> None:
+    """Refuse a run whose report.json is of its whole job: nothing interrupted is left."""
     report_path = run_dir / "report.json"
     if not report_path.exists() or (run_dir / FINETUNE_STATE).exists():
         return
@@ -92,6 +102,25 @@ def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> Non
         f"--resume {run_dir}: that run is complete (report.json is written and nothing was "
         f"interrupted); {more}replay its policy.json with --out NEW_DIR to fine-tune it again"
     )
+
+
+def restore_policy(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write policy.json again from the saved search's best where it is missing or damaged: the
+    search writes it only at a new best, so a resumed run would otherwise end without it (a
+    final check rewrites it later with the candidate it chooses)."""
+    best, path = state.get("best"), run_dir / "policy.json"
+    if not best:
+        return
+    try:
+        Policy.load(path)
+        return
+    except RlMtdError:
+        lost = "missing" if not path.exists() else "damaged"
+    policy = best["policy"]
+    if best.get("strategy") == "sensitivity":  # the warm start's, marked as search() wrote it
+        policy = {**policy, "meta": {**policy.get("meta", {}), "warm_start": True}}
+    write_json_atomic(path, policy)
+    log.warning("%s was %s; written again from the search's best policy, as saved", path, lost)
 
 
 def check_not_cleared(path: Path, run_dir: Path) -> None:

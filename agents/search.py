@@ -147,8 +147,17 @@ def what_is_left(run_dir: Path) -> str:
 
 
 def read_search_state(run_dir: Path) -> dict[str, Any]:
+    """The search state ``--resume`` goes on from, ``{}`` where none was saved before the first
+    episode; a damaged one, or one lost after episodes were recorded, raises."""
     path = run_dir / "search_state.json"
     if not path.exists():
+        episodes = run_dir / "episodes.jsonl"
+        recorded = episodes.is_file() and any(episodes.read_bytes().split())
+        if recorded:  # going on would start the search over, its episodes added twice
+            raise RlMtdError(
+                f"{path} is missing, but {episodes} records episodes, so the search cannot be "
+                f"resumed; {what_is_left(run_dir)}"
+            )
         return {}
     try:
         state = json.loads(path.read_text())
@@ -156,11 +165,37 @@ def read_search_state(run_dir: Path) -> dict[str, Any]:
         raise RlMtdError(
             f"{path} is damaged ({exc}), so the search cannot be resumed; {what_is_left(run_dir)}"
         ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("episodes", []), list):
+    if not _is_search_state(state):
         raise RlMtdError(
             f"{path} is not a search state written by run_agent.py; {what_is_left(run_dir)}"
         )
     return state
+
+
+def _is_search_state(state: Any) -> bool:
+    """Whether ``state`` has the types ``search()`` saves, so that a hand-edited one is refused
+    rather than crashing the resumed run wherever it is read."""
+    if not isinstance(state, dict):
+        return False
+    lists = state.get("episodes", []), state.get("invocations", [])
+    if not all(isinstance(v, list) and all(isinstance(e, dict) for e in v) for v in lists):
+        return False
+    if not _is_number(state.get("seconds", 0.0)):
+        return False
+    best = state.get("best")
+    if best is None:  # saved before the first episode ended
+        return True
+    if not isinstance(best, dict) or not _is_number(best.get("reward")):
+        return False
+    try:
+        Policy.from_dict(best.get("policy"))
+    except RlMtdError:
+        return False
+    return True
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def search_finished(cfg: RunConfig, state: dict[str, Any]) -> bool:
@@ -396,6 +431,14 @@ def search(
         save()
         venv.close()
     if callback.best is None:
+        if interrupted:  # Ctrl-C before any episode: nothing to apply, but all to resume
+            log.warning(
+                "search interrupted before its first episode finished; the agent is saved in "
+                "%s (continue later with --resume %s)",
+                run_dir,
+                run_dir,
+            )
+            raise KeyboardInterrupt
         raise RlMtdError("the search ended before its first episode finished; nothing to apply")
     return SearchResult(
         Policy.from_dict(callback.best["policy"]),

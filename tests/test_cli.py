@@ -772,6 +772,18 @@ def test_agent_of_another_net(smoke_run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_policy_for_another_number_of_classes_is_refused(smoke_run, tmp_path, capsys):
+    """A policy.json edited to 100 classes was applied, and its compressed.pt could not be
+    loaded (the classifier's shape differs from the policy's)."""
+    policy = read_json(smoke_run / "policy.json")
+    policy["num_classes"] = 100
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(policy))
+    out = tmp_path / "out"
+    fail([*COMMON, "--replay", str(path), "--out", str(out)], capsys, "100 classes", "has 10")
+    assert not out.exists()
+
+
 def test_truncated_agent(smoke_run, tmp_path, capsys):
     blob = (smoke_run / "agent.zip").read_bytes()
     agent = tmp_path / "agent.zip"
@@ -781,6 +793,33 @@ def test_truncated_agent(smoke_run, tmp_path, capsys):
     # A half agent.zip can open as the torch archive stored inside it, hence the second phrase.
     assert "damaged" in err or "not an rl_mtd agent" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_an_agent_with_damaged_weights_is_refused_before_overwrite_clears(
+    smoke_run, tmp_path, capsys, damage
+):
+    """An agent.zip whose checksums hold but whose policy.pth is garbage (or gone) passed the
+    metadata check, and --overwrite had cleared the earlier run before the load failed with
+    torch's advice to turn its safety check off. Now: refused first, the old run intact."""
+    import zipfile
+
+    agent = tmp_path / "agent.zip"
+    with zipfile.ZipFile(smoke_run / "agent.zip") as src, zipfile.ZipFile(agent, "w") as dst:
+        for item in src.infolist():
+            if item.filename == "policy.pth":
+                if damage == "garbage":
+                    dst.writestr(item, b"g" * 64)
+            else:
+                dst.writestr(item, src.read(item))
+    out = tmp_path / "earlier"
+    shutil.copytree(smoke_run, out)
+    before = sorted(p.name for p in out.iterdir())
+    argv = [*COMMON, "--replay", str(agent), "--out", str(out), "--overwrite"]
+    for extra in (["--dry-run"], []):
+        err = fail([*argv, *extra], capsys, str(agent), "damaged", "agent.zip of a run_agent.py")
+        assert "weights_only" not in err and "arbitrary code" not in err
+    assert sorted(p.name for p in out.iterdir()) == before, "the earlier run is intact"
 
 
 # ----------------------------------------------------------------------------- resume, n-envs
@@ -1935,6 +1974,26 @@ def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch,
     assert (out / "config.json").exists()  # what --resume reads
 
 
+def test_ctrl_c_before_the_first_episode_says_how_to_resume(tmp_path, monkeypatch, caplog, capsys):
+    """Ctrl-C before any episode finished was reported as a user error (exit 2, "nothing to
+    apply") with no word of --resume, which works: now exit 130 and the way on."""
+    from envs.mixed_decomposition import MixedDecompositionEnv
+
+    real_step = MixedDecompositionEnv.step
+
+    def ctrl_c(self, action):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MixedDecompositionEnv, "step", ctrl_c)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert main([*COMMON, *SEARCH, "--out", str(out)]) == 130
+    assert f"--resume {out}" in caplog.text and "error:" not in capsys.readouterr().err
+    monkeypatch.setattr(MixedDecompositionEnv, "step", real_step)
+    assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
+    assert read_json(out / "report.json")["episodes"] == 3
+
+
 def test_a_report_after_an_interrupted_search_says_so(tmp_path, monkeypatch, caplog):
     """Ctrl-C in the search, answered 'report the best so far': report.json and report.md say
     the search was cut short and at which episode of how many, and --resume, which searches on,
@@ -1981,3 +2040,127 @@ def test_the_plan_counts_the_episodes_a_timesteps_search_really_runs(tmp_path, c
     assert (
         f"search: {ran} episodes x 8 layers (--timesteps 12 in whole PPO rollouts)" in caplog.text
     )
+
+
+# ----------------------------------------------------------------------------- resume: damage
+
+
+def _no_work(monkeypatch):
+    """Fail the test if the run gets as far as loading the data."""
+    monkeypatch.setattr(
+        "agents.pipeline.load_data", lambda *_: pytest.fail("loaded data before the check")
+    )
+
+
+@pytest.mark.parametrize("content", [{"mine": 1}, [1, 2], {"net": NET}])
+def test_resume_of_a_config_json_that_is_not_a_run_s_is_refused(
+    content, tmp_path, capsys, monkeypatch
+):
+    """Every RunConfig field has a default, so a foreign config.json went on as a default run
+    (vgg16, the paper preset, CIFAR-10 downloaded)."""
+    _no_work(monkeypatch)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(content))
+    err = fail(["--resume", str(tmp_path)], capsys, str(config), "not a run_agent.py run config")
+    assert "width" in err
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"best": {"policy": "x"}},
+        {"best": "x"},
+        {"best": {"policy": {"format": 1}, "reward": 1.0}},
+        {"episodes": [1, 2, 3]},
+        {"invocations": "x"},
+        {"invocations": ["x"]},
+        {"seconds": "x"},
+    ],
+)
+def test_a_search_state_of_the_wrong_types_says_what_is_left(
+    edit, smoke_run, tmp_path, capsys, monkeypatch
+):
+    """A hand-edited search_state.json raised AttributeError or TypeError wherever it was read."""
+    _no_work(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    state = read_json(run / "search_state.json")
+    if isinstance(edit.get("best"), dict):
+        edit = {"best": {**state["best"], **edit["best"]}}
+    (run / "search_state.json").write_text(json.dumps({**state, **edit}))
+    before = _digest(run)
+    fail(
+        ["--resume", str(run), "--episodes", "5"],
+        capsys,
+        "is not a search state written by run_agent.py",
+        "--replay it",
+        "NEW_DIR",
+    )
+    assert _digest(run) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_resume_writes_a_lost_policy_json_again(damage, smoke_run, tmp_path, caplog):
+    """policy.json is written at a new best only: one deleted or cut short since stayed so
+    after a resumed run that found no better policy."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "report.json").unlink()  # the fine-tune was interrupted before its first save
+    policy = run / "policy.json"
+    if damage == "missing":
+        policy.unlink()
+    else:
+        policy.write_bytes(policy.read_bytes()[:40])
+    with caplog.at_level("WARNING"):
+        assert main(["--resume", str(run), "--no-progress", "--quiet"]) == 0
+    assert f"{policy} was {'missing' if damage == 'missing' else 'damaged'}" in caplog.text
+    assert read_json(policy) == read_json(run / "search_state.json")["best"]["policy"]
+    assert read_json(policy) == read_json(smoke_run / "policy.json"), "as the search wrote it"
+
+
+def test_a_lost_warm_start_policy_is_written_again_as_the_search_wrote_it(tmp_path):
+    from agents.run_dir import restore_policy
+
+    net = build_vgg(NET, width=WIDTH)
+    policy = Policy.keep_all(net, net=NET, width=WIDTH).to_dict()
+    state = {"best": {"reward": 0.5, "strategy": "sensitivity", "policy": policy}}
+    restore_policy(tmp_path, state)
+    assert read_json(tmp_path / "policy.json")["meta"]["warm_start"] is True
+    chosen = {**policy, "meta": {"final_check": {"chosen": 1, "of": 2}}}
+    (tmp_path / "policy.json").write_text(json.dumps(chosen))
+    restore_policy(tmp_path, state)
+    assert read_json(tmp_path / "policy.json") == chosen, "a readable policy.json is kept"
+
+
+def test_a_lost_search_state_is_refused_rather_than_started_over(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    """Without search_state.json the search began again at episode 1, adding a second copy of
+    every episode to episodes.jsonl."""
+    _no_work(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "report.json").unlink()
+    (run / "search_state.json").unlink()
+    before = _digest(run)
+    fail(
+        ["--resume", str(run), "--episodes", "5"],
+        capsys,
+        "search_state.json is missing",
+        "episodes.jsonl records episodes",
+        "--replay it",
+    )
+    assert _digest(run) == before
+
+
+@pytest.mark.parametrize("episodes", [None, "", "\n"])
+def test_a_run_stopped_before_its_first_episode_has_no_state_to_lose(episodes, tmp_path):
+    """Killed before the search saved anything (config.json and maybe tb/ written, no episode
+    recorded): --resume starts its search, as it should."""
+    from agents.search import read_search_state
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tb").mkdir()
+    if episodes is not None:
+        (tmp_path / "episodes.jsonl").write_text(episodes)
+    assert read_search_state(tmp_path) == {}
