@@ -231,8 +231,9 @@ def settle(
     target, local search 8.3x for 8x); this lands within one rank step of the limit, so every
     strategy is compared at the target. Which layers get the slack matters: the heuristic gives
     it to the layers it moved last (``first``: its latest moves, undoing the overshoot of its
-    last step), which fine-tuned 0.2-1.2 points higher than last layer first at 8x-32x
-    (BENCHMARKS.md, 2026-12-07). A search that starts from the heuristic's options settles in
+    last step): 0.35, 1.06 and 0.21 points higher than last layer first after fine-tuning at
+    8x, 16x and 32x, 0.44 lower at 8x + 6x MACs (3 seeds each, BENCHMARKS.md, 2026-12-07
+    afternoon). A search that starts from the heuristic's options settles in
     the heuristic's order too (``EnvConfig.settle_first``), so it starts at its very policy.
     ``choices`` must meet the budget; the result does too.
     """
