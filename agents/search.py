@@ -245,7 +245,7 @@ def search(
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
     from agents.callbacks import SearchCallback
-    from agents.ppo import PPOConfig, load_agent, make_ppo, save_agent
+    from agents.ppo import PPOConfig, load_agent, make_ppo, read_agent_meta, save_agent
 
     n_layers = len(proxy.convs)
     # Timed (or read from the cache) before the clock starts.
@@ -271,15 +271,30 @@ def search(
         study_seconds = study.seconds
         if cfg.observe == "study":
             scores = study.scores(proxy.baseline_acc)
-    env_cfg, start = env_config(cfg), None
+    agent_path = run_dir / "agent.zip"
+    env_cfg, start, start_seconds = env_config(cfg), None, 0.0
     if cfg.warm_start == "sensitivity":
-        # The heuristic's policy (the study is at hand: a moment) decides the order every
-        # episode settles in, so its options replay to its very policy; a resumed search
-        # makes it again, alike.
+        # The heuristic's policy (the study is at hand: a moment, unless the search's grid
+        # needs a study of its own) decides the order every episode settles in, so its options
+        # replay to its very policy. A resumed search keeps the order its agent was trained
+        # with (a study measured again elsewhere may move the layers in another order).
         from agents.warmstart import heuristic_start
 
+        t_start = time.perf_counter()
         start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency)
-        env_cfg = replace(env_cfg, settle_first=tuple(start[0].meta["settle_first"]))
+        start_seconds = time.perf_counter() - t_start
+        first = tuple(start[0].meta["settle_first"])
+        if cfg.resume is not None and agent_path.exists():
+            saved = tuple(read_agent_meta(agent_path).get("settle_first", ()))
+            if saved != first:
+                log.warning(
+                    "the heuristic now settles in the layer order %s, its agent was trained "
+                    "settling in %s: the resumed search keeps the agent's",
+                    list(first),
+                    list(saved),
+                )
+            first = saved
+        env_cfg = replace(env_cfg, settle_first=first)
     if cfg.n_envs > 1:
         fns = [
             partial(_subproc_env, cfg.to_dict(), baseline_path, i, env_cfg.settle_first)
@@ -288,7 +303,6 @@ def search(
         venv = SubprocVecEnv(fns)
     else:
         venv = DummyVecEnv([partial(_make_env, proxy, env_cfg, scores, latency)])
-    agent_path = run_dir / "agent.zip"
     state = read_search_state(run_dir) if cfg.resume is not None else {}
     if cfg.resume is not None and agent_path.exists():
         agent = load_agent(agent_path)
@@ -337,7 +351,9 @@ def search(
     # measured by the study's own proxy: not among the search's proxy_evaluations
     invocation["study_evaluations"] = study.evaluations if study is not None else 0
     invocation["latency_model_seconds"] = latency_seconds
-    t0 = time.perf_counter() - study_seconds - latency_seconds
+    if episodes_before:  # the heuristic made again for its order: its start was charged
+        start_seconds = 0.0
+    t0 = time.perf_counter() - study_seconds - latency_seconds - start_seconds
     interrupted = finished = False  # finished: learn() ran to its end (saved for --resume)
 
     def save() -> None:
@@ -416,6 +432,10 @@ def search(
             fresh=lambda: sum(not e["cached"] for e in callback.episodes),
         )
         callbacks.append(imitate)
+    if not episodes_before:
+        # Saved before the first episode, so a hard kill in the first few (which a warm start's
+        # best leaves unsaved until one beats it) leaves a search --resume can go on with.
+        save()
     try:
         agent.learn(
             timesteps,

@@ -92,8 +92,8 @@ def warm_start(
     (the keys ``SearchCallback`` keeps for an episode) plus what it cost. ``scores``: the
     search environments' ``layer_scores``, so the cloned observations are the agent's own;
     ``study``: the study already at hand (default: ``cached_study(proxy)``); ``start``: the
-    heuristic's policy and study when already made (``heuristic_start``, whose order
-    ``env_cfg.settle_first`` should hold); ``target_prob``:
+    heuristic's policy and study when already made (``heuristic_start``; the cloned episodes
+    settle in its order, whatever ``env_cfg.settle_first`` says); ``target_prob``:
     how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
     at 0.85 an episode departs from the heuristic in about one layer in seven, at 0.5 in
     half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured);
@@ -101,8 +101,8 @@ def warm_start(
     t0 = time.perf_counter()
     if start is None:
         start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency_model)
-        env_cfg = replace(env_cfg, settle_first=tuple(start[0].meta["settle_first"]))
     policy, study = start
+    env_cfg = replace(env_cfg, settle_first=tuple(policy.meta["settle_first"]))
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)

@@ -1329,6 +1329,12 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     assert read_json(tmp_path / "first" / "config.json")["study_repair_steps"] == 2
     assert first["invocations"][0]["warm_start"]["study_evaluations"] > 0
     assert second["invocations"][0]["warm_start"]["study_evaluations"] == 0, "study cached"
+    # Every episode settles in the heuristic's order, and the agent (for a replay) records it.
+    from agents.ppo import read_agent_meta
+
+    for name, state in zip(("first", "second"), runs):
+        order = state["invocations"][0]["warm_start"]["policy"]["meta"]["settle_first"]
+        assert read_agent_meta(tmp_path / name / "agent.zip")["settle_first"] == order
     # The heuristic's policy is the first best: the search ends at or above it.
     heuristic = Policy.from_dict(read_json(tmp_path / "first" / "policy.json"))
     assert heuristic.net == NET

@@ -709,6 +709,8 @@ def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(structu
     Studies with random results, so the greedy moves the layers in many orders."""
     from agents.warmstart import _follow
     from rl_mtd.baselines import SensitivityStudy, sensitivity_policy
+    from rl_mtd.baselines.local import _policy, _walled
+    from rl_mtd.budget import Budget, BudgetMeter
 
     rng = np.random.default_rng(int(target))
     differ = neighbours = 0
@@ -724,6 +726,12 @@ def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(structu
         assert infos[-1]["policy"]["layers"] == heuristic.to_dict()["layers"]
         grid = MixedDecompositionEnv(structural_proxy, cfg).table
         differ += heuristic.choices() != grid.to_choices(grid.options_of(heuristic))
+        # local search settles its candidates alike: the heuristic's options, as it perturbs
+        # them, give the heuristic's policy back
+        meter = BudgetMeter(structural_proxy.model, Budget(target))
+        walled = _walled(grid, grid.options_of(heuristic), Budget(target))
+        mine = _policy(grid, structural_proxy, walled, meter, 0, 1, heuristic.meta["settle_first"])
+        assert mine.choices() == heuristic.choices()
         plain = EnvConfig(target_ratio=target)  # last layer first
         _, _, infos = run_episode(MixedDecompositionEnv(structural_proxy, plain), actions)
         neighbours += infos[-1]["policy"]["layers"] != heuristic.to_dict()["layers"]
