@@ -138,6 +138,36 @@ def _misfit(
     return f"{head}:{first[0]}"
 
 
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+"""Where training scripts commonly keep the weights inside a checkpoint dict."""
+
+PREFIXES = ("module.", "_orig_mod.")
+"""What nn.DataParallel / DistributedDataParallel and torch.compile put before every key."""
+
+
+def _state_dict_in(path: str | os.PathLike, data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights in a checkpoint: the dict itself or one of ``WRAPPER_KEYS`` in it, with a
+    prefix every key shares (``PREFIXES``) taken off."""
+
+    def tensors(d: Any) -> bool:
+        return (
+            isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+        )
+
+    state = next((data[k] for k in WRAPPER_KEYS if tensors(data.get(k))), data)
+    if not tensors(state):
+        keys = ", ".join(map(str, list(data)[:8])) + (", ..." if len(data) > 8 else "")
+        raise RlMtdError(
+            f"{path} holds no state_dict of tensors (its top-level keys: {keys or 'none'}); "
+            "save the model's state_dict(), alone or under 'state_dict'"
+        )
+    while True:
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+
+
 def check_finite(model: nn.Module, source: str) -> None:
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -160,9 +190,7 @@ def load_baseline(
         raise RlMtdError(
             f"{path} is a compressed checkpoint; pass the uncompressed baseline as --checkpoint"
         )
-    state = data.get("state_dict", data)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RlMtdError(f"{path} holds no state_dict of tensors")
+    state = _state_dict_in(path, data)
     saved_net = data.get("net")
     if saved_net is not None and saved_net != net:
         raise RlMtdError(

@@ -360,6 +360,28 @@ def test_bare_state_dict_of_other_net_refused(tmp_path, model) -> None:
     assert "vgg16" in str(exc.value) and "vgg11" in str(exc.value)
 
 
+@pytest.mark.parametrize("wrap", ["bare", "model", "model_state_dict"])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.module."])
+def test_a_state_dict_from_data_parallel_or_compile_or_a_wrapper_loads(
+    tmp_path, model, wrap, prefix
+) -> None:
+    """Training scripts save weights under "model" or "model_state_dict", and DataParallel and
+    torch.compile prefix every key: all load (before: a 1,000-character missing-keys message)."""
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "base.pt"
+    torch.save(state if wrap == "bare" else {wrap: state, "epoch": 3}, path)
+    loaded, _ = load_baseline(path, net="vgg11", width=WIDTH)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_checkpoint_without_weights_names_what_it_holds(tmp_path) -> None:
+    path = tmp_path / "base.pt"
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
+    with pytest.raises(RlMtdError, match="top-level keys: epoch, optimizer"):
+        load_baseline(path, net="vgg11", width=WIDTH)
+
+
 def test_truncated_baseline_refused(tmp_path, model) -> None:
     path = tmp_path / "base.pt"
     save_baseline(path, model, net="vgg11", width=WIDTH)
