@@ -28,6 +28,7 @@ from agents.plan import measure, print_plan
 from agents.prechecks import check_reachable, check_writable_as
 from agents.replay import (
     BUDGET_KEYS,
+    check_classes,
     load_replay,
     records_budget,
     replay_agent,
@@ -41,15 +42,8 @@ from agents.run_dir import (
     clear_earlier_run,
     restore_policy,
 )
-from agents.search import (
-    finished_search,
-    make_proxy,
-    proxy_config,
-    read_search_state,
-    search,
-    search_finished,
-    worker_evaluations,
-)
+from agents.search import make_proxy, proxy_config, search, worker_evaluations
+from agents.search_state import finished_search, read_search_state, search_finished
 from agents.speed import write_export
 from rl_mtd.budget import Budget, BudgetMeter
 from rl_mtd.checkpoints import load_baseline, save_compressed
@@ -185,13 +179,7 @@ def run(
         )
     splits, data = load_data(cfg)
     splits = splits.to(device)
-    if replay is not None and replay.policy is not None:
-        if replay.policy.num_classes != data.num_classes:  # hand-edited, or another dataset's
-            raise RlMtdError(
-                f"policy {replay.path} was made for a net with {replay.policy.num_classes} "
-                f"classes, but this run's data has {data.num_classes}; replay a policy "
-                f"searched on this dataset (its compressed.pt would not load otherwise)"
-            )
+    check_classes(replay, data.num_classes)
     need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
     if need_baseline:  # where the trained baseline will be kept
         check_writable_as(

@@ -48,6 +48,18 @@ def load_replay(cfg: RunConfig) -> Replay | None:
     return Replay("policy", path, policy=policy)
 
 
+def check_classes(replay: Replay | None, num_classes: int) -> None:
+    """A replayed policy made for another class count (hand-edited, or another dataset's): its
+    compressed.pt would not load, so it is refused."""
+    if replay is None or replay.policy is None or replay.policy.num_classes == num_classes:
+        return
+    raise RlMtdError(
+        f"policy {replay.path} was made for a net with {replay.policy.num_classes} classes, but "
+        f"this run's data has {num_classes}; replay a policy searched on this dataset (its "
+        "compressed.pt would not load otherwise)"
+    )
+
+
 def _check_not_weights(path: Path) -> None:
     """A PyTorch file (a zip archive or a legacy pickle) given where a policy.json belongs."""
     with open(path, "rb") as f:

@@ -13,7 +13,7 @@ from typing import Any
 from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE
-from agents.search import search_finished, what_is_left
+from agents.search_state import search_finished, what_is_left
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy

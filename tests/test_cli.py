@@ -947,7 +947,7 @@ def test_clear_errors_for_odd_paths_and_widths(flag, value, phrase, tmp_path, ca
 )
 def test_when_a_resumed_search_has_nothing_left(state, more, finished):
     from agents.config import RunConfig
-    from agents.search import search_finished
+    from agents.search_state import search_finished
 
     cfg = RunConfig(**{"episodes": 3, **more})
     saved = {"episodes": [{}] * 3, "best": {"policy": {}}, **state}
@@ -2094,15 +2094,7 @@ def test_a_search_state_of_the_wrong_types_says_what_is_left(
     if isinstance(edit.get("best"), dict):
         edit = {"best": {**state["best"], **edit["best"]}}
     (run / "search_state.json").write_text(json.dumps({**state, **edit}))
-    before = _digest(run)
-    fail(
-        ["--resume", str(run), "--episodes", "5"],
-        capsys,
-        "is not a search state written by run_agent.py",
-        "--replay it",
-        "NEW_DIR",
-    )
-    assert _digest(run) == before
+    _resume_refused(run, capsys, "is not a search state written by run_agent.py", "NEW_DIR")
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -2148,14 +2140,14 @@ def test_a_lost_search_state_is_refused_rather_than_started_over(
     shutil.copytree(smoke_run, run)
     (run / "report.json").unlink()
     (run / "search_state.json").unlink()
+    _resume_refused(run, capsys, "search_state.json is missing", "episodes.jsonl records episodes")
+
+
+def _resume_refused(run: Path, capsys, *phrases: str) -> None:
+    """--resume of ``run`` fails cleanly, says these and that its policy.json can be replayed,
+    and leaves the run as it was."""
     before = _digest(run)
-    fail(
-        ["--resume", str(run), "--episodes", "5"],
-        capsys,
-        "search_state.json is missing",
-        "episodes.jsonl records episodes",
-        "--replay it",
-    )
+    fail(["--resume", str(run), "--episodes", "5"], capsys, *phrases, "--replay it")
     assert _digest(run) == before
 
 
@@ -2163,7 +2155,7 @@ def test_a_lost_search_state_is_refused_rather_than_started_over(
 def test_a_run_stopped_before_its_first_episode_has_no_state_to_lose(episodes, tmp_path):
     """Killed before the search saved anything (config.json and maybe tb/ written, no episode
     recorded): --resume starts its search, as it should."""
-    from agents.search import read_search_state
+    from agents.search_state import read_search_state
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "tb").mkdir()
