@@ -323,11 +323,17 @@ class RunConfig:
         if self.resume is None and self.out is not None and Path(self.out).exists():
             if not Path(self.out).is_dir():
                 raise RlMtdError(f"--out {self.out} is a file; --out names a run directory")
-            if not self.overwrite:
+            # An empty directory (made beforehand) holds nothing to lose: the run uses it.
+            if not self.overwrite and any(Path(self.out).iterdir()):
+                resume = (
+                    f"--resume {self.out} to go on with an unfinished run there, "
+                    if (Path(self.out) / "config.json").is_file()
+                    else ""
+                )
                 raise RlMtdError(
-                    f"output directory {self.out} already exists; pass another --out, "
-                    f"--resume {self.out} to go on with an unfinished run there, or --overwrite "
-                    "to write a new run into it (clearing the old run's search and report)"
+                    f"output directory {self.out} already exists; pass another --out, {resume}"
+                    "or --overwrite to write a new run into it (clearing an old run's search "
+                    "and report there)"
                 )
         return self
 

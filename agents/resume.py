@@ -30,7 +30,7 @@ def resume_config(
     if not saved.exists():
         raise RlMtdError(f"--resume {run_dir}: no config.json there; is it a run directory?")
     try:
-        data = json.loads(saved.read_text())
+        data = json.loads(saved.read_text(encoding="utf-8-sig"))  # a hand edit may add a BOM
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
     # Every field has a default: a foreign JSON file would otherwise resume as a default run.

@@ -50,9 +50,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path} is not a PyTorch checkpoint but a {path.suffix} file (a policy.json or "
                 "an agent.zip? those are replayed, not loaded as weights)"
             ) from None
+        what = _plain_text(path)
+        if what:
+            raise RlMtdError(
+                f"checkpoint {path} is {what}, not a PyTorch checkpoint; pass the file "
+                "torch.save wrote"
+            ) from None
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        # torch's own words only where short and not its advice to unpickle (weights_only=False)
-        quiet = isinstance(exc, OSError) or len(first) > 160 or "weights_only" in first
+        # torch's own words only where they say something (a text file gave "KeyError: '101'"),
+        # are short and are not its advice to unpickle (weights_only=False)
+        quiet = isinstance(exc, OSError) or not 12 <= len(first) <= 160 or "weights_only" in first
         said = "" if quiet else f" (torch.load: {first})"
         raise RlMtdError(
             f"checkpoint {path} cannot be read: it is truncated or not a PyTorch file{said}; "
@@ -61,6 +68,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     return data
+
+
+def _plain_text(path: Path) -> str:
+    """ "an empty file" or "a text file" for what no checkpoint can be, else ""."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:  # binary (or text cut inside a character: said as not PyTorch)
+        return ""
+    return "" if b"\0" in head else "a text file"
 
 
 def save_baseline(

@@ -143,7 +143,8 @@ class Policy:
         if not path.is_file():
             raise RlMtdError(f"policy file {path} does not exist")
         try:
-            data = json.loads(path.read_text())
+            # utf-8-sig: an editor's byte-order mark is not a reason to refuse a policy
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RlMtdError(
                 f"policy file {path} is not valid JSON ({exc}); it may be truncated or "

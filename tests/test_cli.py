@@ -602,7 +602,9 @@ def test_text_file_as_checkpoint(text, tmp_path, capsys):
     bad = tmp_path / "notes.pt"
     bad.write_text(text)
     out = tmp_path / "out"
-    err = fail([*COMMON, "--checkpoint", str(bad), "--out", str(out)], capsys, "cannot be read")
+    said = "an empty file" if not text else "a text file"
+    err = fail([*COMMON, "--checkpoint", str(bad), "--out", str(out)], capsys, said, "torch.save")
+    assert "torch.load:" not in err, "not torch's words (a text file gave 'KeyError: 101')"
     assert len(err.strip().splitlines()) == 1, "one line, no traceback"
     assert "weights_only" not in err, "not torch's advice to unpickle the file"
     assert not out.exists()
@@ -714,10 +716,21 @@ def test_existing_out_without_overwrite(tmp_path, capsys):
     marker = out / "marker.txt"
     marker.write_text("keep me\n")
     mtime = marker.stat().st_mtime_ns
-    fail([*COMMON, *SEARCH, "--out", str(out)], capsys, "already exists", "--overwrite")
+    err = fail([*COMMON, *SEARCH, "--out", str(out)], capsys, "already exists", "--overwrite")
+    assert "--resume" not in err, "no run there to resume"
     assert [p.name for p in out.iterdir()] == ["marker.txt"]
     assert marker.read_text() == "keep me\n"
     assert marker.stat().st_mtime_ns == mtime
+
+
+def test_existing_out_of_a_run_suggests_resume_and_an_empty_one_is_used(tmp_path):
+    out = tmp_path / "made-beforehand"
+    out.mkdir()
+    assert RunConfig(out=str(out)).validate().out == str(out)  # nothing there to lose
+    (out / "config.json").write_text("{}")
+    with pytest.raises(RlMtdError, match="already exists") as err:
+        RunConfig(out=str(out)).validate()
+    assert f"--resume {out}" in str(err.value)
 
 
 @pytest.mark.slow

@@ -161,6 +161,13 @@ def test_policy_json_round_trip(tmp_path, policy: Policy) -> None:
     assert torch.equal(a, b)
 
 
+def test_a_policy_saved_by_an_editor_with_a_byte_order_mark_loads(tmp_path, policy) -> None:
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Notepad saves UTF-8
+    assert Policy.load(path) == policy
+
+
 def _write(path, data) -> None:
     path.write_text(json.dumps(data))
 
