@@ -52,6 +52,14 @@ def resume_config(
     if timesteps is not None:
         cfg.timesteps = timesteps
     cfg.progress, cfg.on_interrupt, cfg.dry_run = progress, on_interrupt, dry_run
+    try:
+        cfg.validate()
+    except RlMtdError as exc:  # a hand edit: say where the setting came from
+        raise RlMtdError(
+            f"--resume {run_dir}: {saved} holds a setting run_agent.py refuses: {exc} (a flag "
+            "named here is the key of config.json with '_' for '-', --finetune-lr as "
+            "finetune_lr); undo the edit"
+        ) from None
     if cfg.study_repair_steps is None and cfg.measures_study:
         # A run started before STUDY_REPAIR_STEPS became the default (today's runs record the
         # resolved steps in config.json) goes on with the study it began with.

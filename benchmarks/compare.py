@@ -159,6 +159,14 @@ def main() -> None:
         f"default {STUDY_REPAIR_STEPS} or --repair-steps, whichever is fewer); the searches still "
         "score with --repair-steps",
     )
+    p.add_argument(
+        "--heuristic-settle",
+        default="moves",
+        choices=["moves", "study"],
+        help="how the sensitivity row settles its slack: the layers it moved last first "
+        "(moves, run_agent.py's), or one rank step at a time where the study predicts the most "
+        "accuracy per share of the budget (study; an experiment)",
+    )
     add_proxy_args(p)
     p.add_argument(
         "--finetune-epochs",
@@ -339,6 +347,7 @@ def main() -> None:
                             seed=seed,
                             n_random=n_evals,
                             on_evaluation=keep,
+                            settle_by=args.heuristic_settle,
                         )
                     else:
                         policy = strategy_policy(

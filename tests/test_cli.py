@@ -884,6 +884,16 @@ def test_resume_refuses_a_config_edited_to_another_net(smoke_run, tmp_path, caps
     assert _digest(run) == before
 
 
+def test_resume_of_a_config_edited_to_a_bad_value_names_the_file(smoke_run, tmp_path, capsys):
+    run = tmp_path / "edited"
+    shutil.copytree(smoke_run, run)
+    config = read_json(run / "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "kd": 5}))
+    before = _digest(run)
+    fail(["--resume", str(run)], capsys, f"{run / 'config.json'} holds a setting", "--kd", "kd")
+    assert _digest(run) == before
+
+
 def test_a_replayed_policy_short_of_its_budget_is_reported(smoke_run, tmp_path, caplog):
     """A policy edited to compress less than the budget it records: the run goes on with it,
     warns, and report.json / report.md say the budget is not met."""

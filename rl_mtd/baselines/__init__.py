@@ -85,6 +85,7 @@ def strategy_policy(
     study: SensitivityStudy | None = None,
     progress: bool = False,
     on_evaluation: Callable[[Policy, ProxyResult], None] | None = None,
+    settle_by: str = "moves",
 ) -> Policy:
     """The policy of strategy ``name`` (one of ``STRATEGIES``) for ``target`` on ``proxy``'s model.
 
@@ -94,7 +95,8 @@ def strategy_policy(
     ``levels``/``methods`` apply to ``sensitivity`` (default ``SENSITIVITY_LEVELS``, Tucker-2 and
     CP) and ``random``/``local`` (default ``DEFAULT_LEVELS``, keep/Tucker-2/CP); ``seed`` and
     ``n_random`` (the proxy evaluations) and ``on_evaluation(policy, result)`` (called after
-    each) to ``random`` and ``local``; ``study`` to ``sensitivity`` and ``local``. ``tucker2``, ``cp`` and ``vbmf`` need no evaluations.
+    each) to ``random`` and ``local``; ``study`` to ``sensitivity`` and ``local``;
+    ``settle_by`` to ``sensitivity``. ``tucker2``, ``cp`` and ``vbmf`` need no evaluations.
 
     Raises:
         RlMtdError: for an unknown ``name`` (with the closest strategy name, if any), or what the
@@ -107,7 +109,13 @@ def strategy_policy(
         return vbmf_policy(proxy.model, target, **common)
     if name == "sensitivity":
         return sensitivity_policy(
-            proxy, target, levels=levels, methods=methods, study=study, progress=progress
+            proxy,
+            target,
+            levels=levels,
+            methods=methods,
+            study=study,
+            progress=progress,
+            settle_by=settle_by,
         )
     if name == "random":
         best, _ = random_search(

@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from rl_mtd.baselines._common import MethodRank, settle, unreachable
+from rl_mtd.baselines.study_settle import accuracy_curves, study_settle
 from rl_mtd.budget import Budget, BudgetMeter, check_levels, check_methods
 from rl_mtd.budget_table import BudgetTable, LayerOptions, OptionIndex
 from rl_mtd.decompose import DECOMPOSED, Rank
@@ -131,6 +132,7 @@ def sensitivity_policy(
     study: SensitivityStudy | None = None,
     progress: bool = False,
     keep: bool = True,
+    settle_by: str = "moves",
 ) -> Policy:
     """Greedy per-layer choice from a sensitivity study: the recipe of MTD (IPDPSW 2021).
 
@@ -153,7 +155,9 @@ def sensitivity_policy(
        the other layers, last first), so the policy sits at the target (within one rank step)
        rather than beyond it. The order is the policy's ``meta["settle_first"]``: a search
        warm-started from its options on the grid (``BudgetTable.options_of``) settles in it
-       too (``EnvConfig.settle_first``) and so starts at this very policy.
+       too (``EnvConfig.settle_first``) and so starts at this very policy. ``settle_by="study"``
+       instead raises one rank step at a time where the study predicts the most accuracy per
+       share of the budget (``study_settle``; an experiment, BENCHMARKS.md).
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -271,10 +275,19 @@ def sensitivity_policy(
         for c, layer in zip(current, table.layers)
     ]
     first = list(dict.fromkeys(reversed(moves)))  # the latest moves first
-    choices = settle(BudgetMeter(proxy.model, budget), choices, first)
+    meter = BudgetMeter(proxy.model, budget)
+    if settle_by == "moves":
+        choices = settle(meter, choices, first)
+        order = {"settle_first": first}
+    elif settle_by == "study":
+        curves = accuracy_curves(table, results, float(study.proxy.baseline_acc))
+        choices = study_settle(meter, choices, curves)
+        order = {"settle": "study"}
+    else:
+        raise RlMtdError(f"settle_by must be 'moves' or 'study', not {settle_by!r}")
     meta = {
         "strategy": "sensitivity",
-        "settle_first": first,
+        **order,
         **budget.meta(),
         "levels": list(use_levels),
         "methods": list(use_methods),
