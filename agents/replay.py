@@ -40,6 +40,7 @@ def load_replay(cfg: RunConfig) -> Replay | None:
 
         meta = read_agent_meta(path)
         _check_same_net(cfg, meta["net"], meta["width"], f"agent {path}")
+        _check_settle_order(path, meta)
         # Loaded now: a damaged agent is refused before --overwrite clears anything.
         return Replay("agent", path, meta=meta, agent=load_agent(path))
     _check_not_weights(path)
@@ -69,6 +70,21 @@ def _check_not_weights(path: Path) -> None:
             f"--replay {path} is a PyTorch file, not a policy; --replay takes a run's policy.json "
             "or agent.zip (a compressed.pt is already a result: rl_mtd.policy.load_compressed "
             "rebuilds it; a baseline goes to --checkpoint)"
+        )
+
+
+def _check_settle_order(path: Path, meta: dict) -> None:
+    """An order naming layers the net lacks (a hand edit) is refused now, not after the
+    replay's episode."""
+    from rl_mtd.models import CFGS
+
+    n = sum(isinstance(c, int) for c in CFGS[meta["net"]])
+    bad = [i for i in meta.get("settle_first", []) if i >= n]
+    if bad:
+        raise RlMtdError(
+            f"agent file {path}: its metadata's settle_first names layers {bad}, but "
+            f"{meta['net']} has {n} conv layers (0..{n - 1}); it was edited or written for "
+            "another net, so re-run the search"
         )
 
 

@@ -1542,6 +1542,28 @@ def test_an_agent_naming_a_bad_settle_order_is_refused_clearly(first, tmp_path):
         read_agent_meta(path)
 
 
+def test_an_agent_whose_settle_order_names_layers_the_net_lacks_is_refused_on_loading(tmp_path):
+    """Refused when read (before --overwrite clears a run or a replay's episode), not after."""
+    import gymnasium as gym
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.ppo import make_ppo, save_agent
+    from agents.replay import load_replay
+    from rl_mtd.decompose import conv_layers
+    from rl_mtd.errors import RlMtdError
+
+    n = len(conv_layers(build_vgg(NET, width=WIDTH)))
+    agent = make_ppo(DummyVecEnv([lambda: gym.make("CartPole-v1")]), 8)
+    path = tmp_path / "agent.zip"
+    meta = {"net": NET, "width": WIDTH, "methods": [], "levels": []}
+    cfg = RunConfig(net=NET, width=WIDTH, replay=str(path))
+    save_agent(agent, path, {**meta, "settle_first": [n - 1, 0]})
+    assert load_replay(cfg).meta["settle_first"] == [n - 1, 0]
+    save_agent(agent, path, {**meta, "settle_first": [1, n]})
+    with pytest.raises(RlMtdError, match=rf"settle_first names layers \[{n}\]"):
+        load_replay(cfg)
+
+
 def test_an_agent_of_an_older_rank_rule_is_named_on_loading(tmp_path, caplog):
     """Its actions meant other ranks for Tucker-2 on the first conv: a replay or resume says so."""
     import gymnasium as gym
