@@ -65,6 +65,22 @@ def tiny_baseline(tiny_splits: DataSplits) -> nn.Module:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_proxy(tiny_baseline: nn.Module, tiny_splits: DataSplits):
+    """A proxy over ``tiny_baseline``, one per test module (its memo and counters are the
+    module's), with a memory-only factor cache: it cannot use the per-test RL_MTD_CACHE."""
+    from rl_mtd.decompose import FactorCache
+    from rl_mtd.proxy import Proxy
+
+    return Proxy(
+        tiny_baseline,
+        train_split=tiny_splits.train,
+        proxy_split=tiny_splits.proxy,
+        device="cpu",
+        cache=FactorCache(),
+    )
+
+
 _REAL_DATA = os.environ.get(DATA_ENV)  # read before _isolated_cache hides it from the tests
 
 

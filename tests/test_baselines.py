@@ -30,7 +30,7 @@ from rl_mtd.baselines import (
 from rl_mtd.baselines.uniform import _vbmf_choices
 from rl_mtd.budget import DEFAULT_LEVELS as BUDGET_LEVELS
 from rl_mtd.budget import Budget
-from rl_mtd.data import DataSplits, Split
+from rl_mtd.data import Split
 from rl_mtd.decompose import (
     FactorCache,
     conv_layers,
@@ -58,15 +58,8 @@ def model(tiny_baseline) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def proxy(model, tiny_splits: DataSplits) -> Proxy:
-    # A memory-only factor cache: module-scoped, so it cannot use the per-test RL_MTD_CACHE.
-    return Proxy(
-        model,
-        train_split=tiny_splits.train,
-        proxy_split=tiny_splits.proxy,
-        device="cpu",
-        cache=FactorCache(),
-    )
+def proxy(tiny_proxy) -> Proxy:
+    return tiny_proxy
 
 
 @pytest.fixture(scope="module")
