@@ -18,6 +18,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from rl_mtd.decompose import RANK_RULE
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import atomic_path
+from rl_mtd.settle import check_settle_points
 
 log = logging.getLogger("rl_mtd")
 
@@ -151,6 +152,10 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"agent file {path}: its metadata's settle_first {first!r} is not a list of layer "
             "indices; it was edited or written by another version, so re-run the search"
         )
+    check_settle_points(
+        meta.get("settle_points") or (),
+        f"agent file {path}: its metadata's settle_points",
+    )
     if not isinstance(meta.get("study_settings", ""), str):
         raise RlMtdError(
             f"agent file {path}: its metadata's study_settings is not text; it was edited or "

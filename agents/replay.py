@@ -15,6 +15,7 @@ from envs.mixed_decomposition import EnvConfig, MixedDecompositionEnv
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
+from rl_mtd.settle import settle_of
 
 log = logging.getLogger("rl_mtd")
 
@@ -172,7 +173,8 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_ratio=meta.get("target_ratio"),
             target_macs=meta.get("target_macs"),
             target_latency=target_latency,
-            settle_first=tuple(meta.get("settle_first", ())),
+            settle_first=settle_of(meta)[0],
+            settle_points=settle_of(meta)[1],
         ),
         layer_scores=layer_scores(
             meta.get("observe", "layer"),

@@ -36,6 +36,7 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic, write_text_atomic
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyConfig, default_repair, resolve_device
+from rl_mtd.settle import SettlePoints, settle_of
 
 log = logging.getLogger("rl_mtd")
 
@@ -88,7 +89,11 @@ def _make_env(proxy: Proxy, env_cfg: EnvConfig, scores: np.ndarray | None = None
 
 
 def _subproc_env(
-    cfg_dict: dict[str, Any], baseline_path: str, rank: int, settle_first: tuple[int, ...] = ()
+    cfg_dict: dict[str, Any],
+    baseline_path: str,
+    rank: int,
+    settle_first: tuple[int, ...] = (),
+    settle_points: SettlePoints = (),
 ):
     """Build an env in a worker process: its own data copy, baseline and proxy (own GPU if any)."""
     from agents.inputs import load_data
@@ -103,7 +108,7 @@ def _subproc_env(
     from agents.studies import layer_scores
 
     scores = layer_scores(cfg.observe, proxy, cfg.study_steps)
-    env_cfg = replace(env_config(cfg), settle_first=settle_first)
+    env_cfg = replace(env_config(cfg), settle_first=settle_first, settle_points=settle_points)
     return _make_env(proxy, env_cfg, scores, latency_model(cfg, proxy.device))
 
 
@@ -162,29 +167,35 @@ def search(
     env_cfg, start, start_seconds = env_config(cfg), None, 0.0
     if cfg.warm_start == "sensitivity":
         # The heuristic's policy (the study is at hand: a moment, unless the search's grid
-        # needs a study of its own) decides the order every episode settles in, so its options
-        # replay to its very policy. A resumed search keeps the order its agent was trained
-        # with (a study measured again elsewhere may move the layers in another order).
+        # needs a study of its own) decides how every episode settles (its study's points, or
+        # its order), so its options replay to its very policy. A resumed search keeps the
+        # settling its agent was trained with (a study measured again elsewhere may differ).
         from agents.warmstart import heuristic_start
 
         t_start = time.perf_counter()
         start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency)
         start_seconds = time.perf_counter() - t_start
-        first = tuple(start[0].meta["settle_first"])
+        how = settle_of(start[0].meta)
         if cfg.resume is not None and agent_path.exists():
-            saved = tuple(read_agent_meta(agent_path).get("settle_first", ()))
-            if saved != first:
+            saved = settle_of(read_agent_meta(agent_path))
+            if saved != how:
                 log.warning(
-                    "the heuristic now settles in the layer order %s, its agent was trained "
-                    "settling in %s: the resumed search keeps the agent's",
-                    list(first),
-                    list(saved),
+                    "the heuristic now settles otherwise than its agent was trained with (a "
+                    "study measured again, or another version): the resumed search keeps the "
+                    "agent's"
                 )
-            first = saved
-        env_cfg = replace(env_cfg, settle_first=first)
+            how = saved
+        env_cfg = replace(env_cfg, settle_first=how[0], settle_points=how[1])
     if cfg.n_envs > 1:
         fns = [
-            partial(_subproc_env, cfg.to_dict(), baseline_path, i, env_cfg.settle_first)
+            partial(
+                _subproc_env,
+                cfg.to_dict(),
+                baseline_path,
+                i,
+                env_cfg.settle_first,
+                env_cfg.settle_points,
+            )
             for i in range(cfg.n_envs)
         ]
         venv = SubprocVecEnv(fns)
@@ -223,6 +234,7 @@ def search(
         "observe": cfg.observe,
         "rank_rule": RANK_RULE,
         "settle_first": list(env_cfg.settle_first),
+        "settle_points": [[i, m, [list(p) for p in pts]] for i, m, pts in env_cfg.settle_points],
     }
     if study is not None:  # a replay of this agent measures (and checks) the same study
         meta["study_repair_steps"] = study.proxy.config.repair_steps

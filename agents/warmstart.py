@@ -28,6 +28,7 @@ from rl_mtd.decompose import DECOMPOSED
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
+from rl_mtd.settle import settle_of
 
 log = logging.getLogger("rl_mtd")
 
@@ -48,8 +49,8 @@ def heuristic_start(
 ) -> tuple[Policy, SensitivityStudy]:
     """The sensitivity heuristic's policy a search starts from, and the study it came from.
 
-    Its ``meta["settle_first"]`` is the order the search's environments settle in
-    (``EnvConfig.settle_first``), so that the heuristic's options give its policy back.
+    Its ``meta["settle_points"]`` and ``["settle_first"]`` say how the search's environments
+    settle (``EnvConfig``), so that the heuristic's options give its policy back.
     ``study``: the study already at hand (default: ``cached_study(proxy)``)."""
     study = study if study is not None else cached_study(proxy)
     env = MixedDecompositionEnv(proxy, env_cfg, latency_model=latency_model)
@@ -93,7 +94,7 @@ def warm_start(
     search environments' ``layer_scores``, so the cloned observations are the agent's own;
     ``study``: the study already at hand (default: ``cached_study(proxy)``); ``start``: the
     heuristic's policy and study when already made (``heuristic_start``; the cloned episodes
-    settle in its order, whatever ``env_cfg.settle_first`` says); ``target_prob``:
+    settle as it did, whatever ``env_cfg`` says); ``target_prob``:
     how sure of the heuristic's actions cloning leaves the agent (its exploration radius:
     at 0.85 an episode departs from the heuristic in about one layer in seven, at 0.5 in
     half of them; 0.85 is what the 16x comparison of BENCHMARKS.md measured);
@@ -102,7 +103,8 @@ def warm_start(
     if start is None:
         start = heuristic_start(proxy, env_cfg, study=study, latency_model=latency_model)
     policy, study = start
-    env_cfg = replace(env_cfg, settle_first=tuple(policy.meta["settle_first"]))
+    first, points = settle_of(policy.meta)
+    env_cfg = replace(env_cfg, settle_first=first, settle_points=points)
     env = MixedDecompositionEnv(proxy, env_cfg, layer_scores=scores, latency_model=latency_model)
     observations, actions = _follow(env, policy)
     prob = behaviour_clone(agent, observations, actions, target_prob)
@@ -153,9 +155,8 @@ def _reaches(proxy: Proxy, methods: tuple[str, ...], levels: tuple[float, ...], 
 def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.ndarray]:
     """The observations ``env`` shows an agent taking the actions of ``policy``'s choices on its
     grid (``BudgetTable.options_of``), and those actions. Walled and settled by the env they
-    give the heuristic's policy back (the env settles in the heuristic's order, its
-    ``settle_first``); the heuristic's own policy is
-    scored as the search's first best. The last action is not taken: the episode would score a
+    give the heuristic's policy back (the env settles as the heuristic did); the heuristic's
+    own policy is scored as the search's first best. The last action is not taken: the episode would score a
     policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)
     observations, actions = [], []

@@ -25,6 +25,7 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Scorer
+from rl_mtd.settle import SettlePoints, check_settle_points
 
 N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
 N_STATE = 6  # budget used, budget left, MACs budget left, remaining share, previous method, level
@@ -57,6 +58,11 @@ class EnvConfig:
     (``rl_mtd.budget.settle``; then the others, last layer first). A search warm-started from
     the sensitivity heuristic takes the heuristic's order (its policy's ``meta["settle_first"]``),
     so the heuristic's options give its very policy back."""
+    settle_points: SettlePoints = ()
+    """Budget mode: a sensitivity study's accuracy curves; when given, settling raises ranks
+    one step at a time where they predict the most accuracy per share of the budget instead
+    (``rl_mtd.settle``). A search warm-started from the heuristic takes its policy's
+    ``meta["settle_points"]``."""
 
     def __post_init__(self) -> None:
         self.methods = check_methods(self.methods)
@@ -68,6 +74,7 @@ class EnvConfig:
         self.settle_first = tuple(self.settle_first)
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.settle_first):
             raise RlMtdError(f"settle_first must list layer indices, got {self.settle_first!r}")
+        self.settle_points = check_settle_points(self.settle_points)
 
     @property
     def budget(self) -> Budget:
@@ -329,14 +336,17 @@ class MixedDecompositionEnv(gym.Env):
 
     def current_policy(self) -> Policy:
         """The choices so far as a policy; a finished episode in budget mode is settled at the
-        budget (``rl_mtd.budget.settle``: the levels overshoot, so ranks are raised, the
-        config's ``settle_first`` layers first, while every target still holds)."""
+        budget (``rl_mtd.budget.settle``: the levels overshoot, so ranks are raised, by the
+        config's ``settle_points`` or its ``settle_first`` layers first, while every target
+        still holds)."""
         spec = self.scorer.spec
         choices = self.table.to_choices(self._choices)
         if self.budget.active and len(self._choices) == self.num_layers:
             if self._meter is None:
                 self._meter = BudgetMeter(self.scorer.model, self.budget)
-            choices = settle(self._meter, choices, self.config.settle_first)
+            choices = settle(
+                self._meter, choices, self.config.settle_first, self.config.settle_points
+            )
         return Policy.from_choices(
             self.scorer.model,
             choices,

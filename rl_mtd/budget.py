@@ -24,6 +24,7 @@ from rl_mtd.decompose import (
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
+from rl_mtd.settle import SettlePoints, settle_by_points
 
 if TYPE_CHECKING:
     from rl_mtd.latency import LatencyModel
@@ -221,22 +222,30 @@ class BudgetMeter:
 
 
 def settle(
-    meter: BudgetMeter, choices: list[tuple[str, Any]], first: Sequence[int] = ()
+    meter: BudgetMeter,
+    choices: list[tuple[str, Any]],
+    first: Sequence[int] = (),
+    points: SettlePoints = (),
 ) -> list[tuple[str, Any]]:
     """Give back what ``choices`` compress beyond ``meter``'s budget: layer by layer, the
     layers in ``first`` in that order, then the others last layer first, raise each decomposed
-    layer's rank (same method) as far as the budget still allows.
+    layer's rank (same method) as far as the budget still allows; or, given ``points`` (a
+    sensitivity study's accuracy curves, ``rl_mtd.settle``), one rank step at a time where the
+    study predicts the most accuracy per share of the budget (``settle_by_points``).
 
     Choices made on a grid of levels overshoot (the MTD heuristic reached 17.6x for a 16x
     target, local search 8.3x for 8x); this lands within one rank step of the limit, so every
-    strategy is compared at the target. Which layers get the slack matters: the heuristic gives
-    it to the layers it moved last (``first``: its latest moves, undoing the overshoot of its
-    last step): 0.35, 1.06 and 0.21 points higher than last layer first after fine-tuning at
-    8x, 16x and 32x, 0.44 lower at 8x + 6x MACs (3 seeds each, BENCHMARKS.md, 2026-12-07
-    afternoon). A search that starts from the heuristic's options settles in
-    the heuristic's order too (``EnvConfig.settle_first``), so it starts at its very policy.
+    strategy is compared at the target. Which layers get the slack matters (3 seeds each,
+    3-epoch fine-tunes, BENCHMARKS.md, 2026-12-07): the heuristic's latest moves first beat last
+    layer first by 0.35, 1.06 and 0.21 points at 8x, 16x and 32x and lost by 0.44 at 8x + 6x
+    MACs; the study's points gave the latest-moves policy at 8x, 16x and 32x, 0.53 points
+    more at 8x + 6x MACs and less at 16x + 8x MACs (BENCHMARKS.md, 2026-12-07 evening). A
+    search that starts from the heuristic's options settles as it did
+    (``EnvConfig.settle_first`` / ``settle_points``), so it starts at its very policy.
     ``choices`` must meet the budget; the result does too.
     """
+    if points:
+        return settle_by_points(meter, choices, points)
     n = len(choices)
     order = list(dict.fromkeys([*first, *reversed(range(n))]))
     if len(order) != n or any(not 0 <= i < n for i in order):

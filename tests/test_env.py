@@ -700,17 +700,22 @@ def test_imitation_targets_replay_the_policy_they_imitate(structural_proxy):
         assert replay.current_policy().to_dict()["layers"] == best.to_dict()["layers"]
 
 
+@pytest.mark.parametrize("settle_by", ["study", "moves"])
 @pytest.mark.parametrize("target", [4.0, 8.0, 16.0])
-def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(structural_proxy, target):
+def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(
+    structural_proxy, target, settle_by
+):
     """The warm start and local search start from the heuristic's options on the env's grid;
-    walled and settled by the env in the heuristic's order (its ``meta["settle_first"]``, the
-    layers it moved last first) they must give the heuristic's policy, not a neighbour of it.
-    (Settled last layer first, 2-3 layers' ranks differed at 8x-32x on VGG11 width 0.25.)
-    Studies with random results, so the greedy moves the layers in many orders."""
+    walled and settled by the env as the heuristic settled (by its study's points, the default,
+    or in its order, the layers it moved last first: its ``meta``, ``rl_mtd.settle.settle_of``)
+    they must give the heuristic's policy, not a neighbour of it. (Settled last layer first,
+    2-3 layers' ranks differed at 8x-32x on VGG11 width 0.25.) Studies with random results, so
+    the greedy moves the layers in many orders."""
     from agents.warmstart import _follow
     from rl_mtd.baselines import SensitivityStudy, sensitivity_policy
     from rl_mtd.baselines.local import _policy, _walled
     from rl_mtd.budget import Budget, BudgetMeter
+    from rl_mtd.settle import settle_of
 
     rng = np.random.default_rng(int(target))
     differ = neighbours = 0
@@ -718,8 +723,10 @@ def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(structu
         fake = SensitivityStudy(structural_proxy)
         for key, _ in fake.keys():
             fake.results[key] = float(rng.uniform(0.0, 1.0))
-        heuristic = sensitivity_policy(structural_proxy, target, study=fake)
-        cfg = EnvConfig(target_ratio=target, settle_first=heuristic.meta["settle_first"])
+        heuristic = sensitivity_policy(structural_proxy, target, study=fake, settle_by=settle_by)
+        assert ("settle_points" in heuristic.meta) == (settle_by == "study")
+        first, points = settle_of(heuristic.meta)
+        cfg = EnvConfig(target_ratio=target, settle_first=first, settle_points=points)
         _, actions = _follow(MixedDecompositionEnv(structural_proxy, cfg), heuristic)
         _, _, infos = run_episode(MixedDecompositionEnv(structural_proxy, cfg), actions)
         assert not any(info["wall"] for info in infos), "the heuristic's options meet the budget"
@@ -730,11 +737,11 @@ def test_the_heuristics_options_replayed_in_the_env_give_its_very_policy(structu
         # them, give the heuristic's policy back
         meter = BudgetMeter(structural_proxy.model, Budget(target))
         walled = _walled(grid, grid.options_of(heuristic), Budget(target))
-        mine = _policy(grid, structural_proxy, walled, meter, 0, 1, heuristic.meta["settle_first"])
+        mine = _policy(grid, structural_proxy, walled, meter, 0, 1, (first, points))
         assert mine.choices() == heuristic.choices()
         plain = EnvConfig(target_ratio=target)  # last layer first
         _, _, infos = run_episode(MixedDecompositionEnv(structural_proxy, plain), actions)
         neighbours += infos[-1]["policy"]["layers"] != heuristic.to_dict()["layers"]
     if target >= 8.0:
-        assert neighbours, "no study where the order mattered: the order is not checked"
+        assert neighbours, "no study where the settling mattered: it is not checked"
     assert differ, "settling raised no rank above the grid: the replay checked nothing"

@@ -21,6 +21,7 @@ from rl_mtd.budget_table import BudgetTable, OptionIndex
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyResult
+from rl_mtd.settle import SettlePoints, settle_of
 
 __all__ = ["local_search"]
 
@@ -54,7 +55,8 @@ def local_search(
     level up or down within the layer's method, else a random option. The whole candidate then
     goes through ``BudgetTable.wall`` layer by layer, so every candidate meets the budget, and
     is settled at it (``rl_mtd.budget.settle``: ranks raised while the budget holds, in the
-    heuristic's order, its ``meta["settle_first"]``). A candidate replaces the best when its proxy accuracy is higher. Returns the best
+    heuristic's way, its ``meta["settle_points"]`` / ``["settle_first"]``). A candidate
+    replaces the best when its proxy accuracy is higher. Returns the best
     policy and every evaluated result in order. ``study`` reuses a sensitivity study
     (its evaluations are not counted in ``n``). ``on_evaluation(policy, result)`` is called
     after each evaluation (what a final check chooses among).
@@ -81,7 +83,7 @@ def local_search(
         k += 1
         candidate = _perturb(table, best, rng)
         walled = _walled(table, candidate, budget)
-        policy = _policy(table, proxy, walled, meter, seed, k, start.meta["settle_first"])
+        policy = _policy(table, proxy, walled, meter, seed, k, settle_of(start.meta))
         result = proxy.evaluate(policy)
         results.append(result)
         new += not result.cached
@@ -120,10 +122,10 @@ def _policy(
     meter: BudgetMeter,
     seed: int,
     index: int,
-    settle_first: Sequence[int],
+    how: tuple[tuple[int, ...], SettlePoints],
 ) -> Policy:
-    """The candidate as a policy, settled at the budget (the grid overshoots it), the
-    ``settle_first`` layers first."""
+    """The candidate as a policy, settled at the budget (the grid overshoots it) as the
+    heuristic's start was (``how``: its order and study points, ``rl_mtd.settle.settle_of``)."""
     budget = meter.budget
     meta = {
         "strategy": "local",
@@ -131,7 +133,7 @@ def _policy(
         "seed": seed,
         "index": index,
     }
-    choices = settle(meter, table.to_choices(options), settle_first)
+    choices = settle(meter, table.to_choices(options), *how)
     return Policy.from_choices(
         proxy.model,
         choices,

@@ -14,13 +14,13 @@ from dataclasses import replace
 import numpy as np
 
 from rl_mtd.baselines._common import MethodRank, settle, unreachable
-from rl_mtd.baselines.study_settle import accuracy_curves, study_settle
 from rl_mtd.budget import Budget, BudgetMeter, check_levels, check_methods
 from rl_mtd.budget_table import BudgetTable, LayerOptions, OptionIndex
 from rl_mtd.decompose import DECOMPOSED, Rank
 from rl_mtd.errors import RlMtdError
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
+from rl_mtd.settle import check_settle_points, study_points
 
 __all__ = ["SENSITIVITY_LEVELS", "SensitivityStudy", "StudyKey", "sensitivity_policy"]
 
@@ -152,12 +152,12 @@ def sensitivity_policy(
        parameter ratio or a ``Budget`` of parameters and/or MACs).
     4. Settle: the levels are coarse, so the last moves overshoot the target; the ranks of
        the layers moved last are raised first, as far as the budget allows (``settle``; then
-       the other layers, last first), so the policy sits at the target (within one rank step)
-       rather than beyond it. The order is the policy's ``meta["settle_first"]``: a search
-       warm-started from its options on the grid (``BudgetTable.options_of``) settles in it
-       too (``EnvConfig.settle_first``) and so starts at this very policy. ``settle_by="study"``
-       instead raises one rank step at a time where the study predicts the most accuracy per
-       share of the budget (``study_settle``; an experiment, BENCHMARKS.md).
+       the other layers, last first; ``meta["settle_first"]``), or, with
+       ``settle_by="study"``, one step at a time where the study predicts the most accuracy
+       per share of the budget (``rl_mtd.settle``; its curves are ``meta["settle_points"]``),
+       so the policy sits at the target (within one rank step) rather than beyond it. A search
+       warm-started from its options on the grid (``BudgetTable.options_of``) settles as it
+       did (``EnvConfig.settle_first`` / ``settle_points``) and so starts at this very policy.
 
     The study is measured only after the target is known to be reachable. Passing ``study``
     reuses its cached evaluations (its methods and levels are used; ``levels``/``methods``, when
@@ -275,19 +275,18 @@ def sensitivity_policy(
         for c, layer in zip(current, table.layers)
     ]
     first = list(dict.fromkeys(reversed(moves)))  # the latest moves first
-    meter = BudgetMeter(proxy.model, budget)
-    if settle_by == "moves":
-        choices = settle(meter, choices, first)
-        order = {"settle_first": first}
-    elif settle_by == "study":
-        curves = accuracy_curves(table, results, float(study.proxy.baseline_acc))
-        choices = study_settle(meter, choices, curves)
-        order = {"settle": "study"}
-    else:
-        raise RlMtdError(f"settle_by must be 'moves' or 'study', not {settle_by!r}")
+    if settle_by not in ("study", "moves"):
+        raise RlMtdError(f"settle_by must be 'study' or 'moves', not {settle_by!r}")
+    points = (
+        study_points(table, results, float(study.proxy.baseline_acc))
+        if settle_by == "study"
+        else []
+    )
+    choices = settle(BudgetMeter(proxy.model, budget), choices, first, check_settle_points(points))
     meta = {
         "strategy": "sensitivity",
-        **order,
+        "settle_first": first,
+        **({"settle_points": points} if points else {}),
         **budget.meta(),
         "levels": list(use_levels),
         "methods": list(use_methods),
