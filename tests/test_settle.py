@@ -6,26 +6,14 @@ import json
 import math
 
 import pytest
-from torch import nn
 
 from rl_mtd.baselines import SensitivityStudy, sensitivity_policy
 from rl_mtd.budget import Budget, BudgetMeter, settle
 from rl_mtd.decompose import next_rank
 from rl_mtd.errors import RlMtdError
-from rl_mtd.proxy import Proxy
 from rl_mtd.settle import check_settle_points, settle_of, study_points
 
 LEVELS = (4, 16, 64)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_baseline) -> nn.Module:
-    return tiny_baseline
-
-
-@pytest.fixture(scope="module")
-def proxy(tiny_proxy) -> Proxy:
-    return tiny_proxy
 
 
 def _settled(meter: BudgetMeter, choices) -> bool:
@@ -58,11 +46,11 @@ def _start(meter: BudgetMeter):
     return start
 
 
-def test_the_slack_goes_where_the_study_predicts_the_most_accuracy(model):
+def test_the_slack_goes_where_the_study_predicts_the_most_accuracy(tiny_baseline):
     """A layer whose predicted accuracy rises with its rank is raised first, as far as the
     budget allows (what the ordered settle gives a layer named first); the rest of the slack
     goes to the others; the result meets the budget and no step more fits."""
-    meter = BudgetMeter(model, Budget(4.0))
+    meter = BudgetMeter(tiny_baseline, Budget(4.0))
     start, n = _start(meter), len(meter.convs)
     results = []
     for steep in (1, n - 2):
@@ -73,8 +61,8 @@ def test_the_slack_goes_where_the_study_predicts_the_most_accuracy(model):
     assert results[0] != results[1]
 
 
-def test_layers_without_points_and_kept_layers_are_not_raised(model):
-    meter = BudgetMeter(model, Budget(4.0))
+def test_layers_without_points_and_kept_layers_are_not_raised(tiny_baseline):
+    meter = BudgetMeter(tiny_baseline, Budget(4.0))
     start = _start(meter)
     out = settle(meter, start, points=_points(meter, 2, layers={2}))
     assert out[0] == ("keep", None)
@@ -82,16 +70,16 @@ def test_layers_without_points_and_kept_layers_are_not_raised(model):
     assert out[2] != start[2] and meter.meets(out)
 
 
-def test_a_macs_limit_holds_too(model):
-    meter = BudgetMeter(model, Budget(3.0, macs=3.0))
+def test_a_macs_limit_holds_too(tiny_baseline):
+    meter = BudgetMeter(tiny_baseline, Budget(3.0, macs=3.0))
     start = [("tucker2", (2, 2)) if i else ("tucker2", (2, 1)) for i in range(len(meter.convs))]
     assert meter.meets(start)
     out = settle(meter, start, points=_points(meter, 3))
     assert meter.meets(out) and _settled(meter, out) and out != start
 
 
-def test_study_points_pass_through_every_option_and_the_kept_layer(proxy):
-    study = SensitivityStudy(proxy, levels=LEVELS)
+def test_study_points_pass_through_every_option_and_the_kept_layer(tiny_proxy):
+    study = SensitivityStudy(tiny_proxy, levels=LEVELS)
     table = study.table
     for key, _ in study.keys():  # an option's accuracy follows its parameters, as in a study
         i, method, level = key
@@ -131,24 +119,26 @@ def test_damaged_points_are_refused_naming_where_they_came_from(bad):
         settle_of({"settle_points": bad})
 
 
-def test_the_heuristic_settles_by_its_study_when_asked(model, proxy):
+def test_the_heuristic_settles_by_its_study_when_asked(tiny_baseline, tiny_proxy):
     """Its policy meets the target with no step more fitting and records its points (so a
     search starting from it settles alike); ``settle_by="moves"`` (the default) records only
     its order; an unknown way is refused."""
-    study = SensitivityStudy(proxy, levels=LEVELS)
+    study = SensitivityStudy(tiny_proxy, levels=LEVELS)
     n = len(study.table.layers)
     for key, _ in study.keys():
         i, _, level = key
-        study.results[key] = proxy.baseline_acc - (0.02 * math.log2(level) if i == n - 2 else 0)
-    meter = BudgetMeter(model, Budget(6.0))
-    policy = sensitivity_policy(proxy, 6, study=study, settle_by="study")
+        study.results[key] = tiny_proxy.baseline_acc - (
+            0.02 * math.log2(level) if i == n - 2 else 0
+        )
+    meter = BudgetMeter(tiny_baseline, Budget(6.0))
+    policy = sensitivity_policy(tiny_proxy, 6, study=study, settle_by="study")
     assert meter.meets(policy.choices()) and _settled(meter, policy.choices())
     first, points = settle_of(policy.meta)
     assert points == check_settle_points(
-        study_points(study.table, study.results, proxy.baseline_acc)
+        study_points(study.table, study.results, tiny_proxy.baseline_acc)
     )
-    moves = sensitivity_policy(proxy, 6, study=study)
+    moves = sensitivity_policy(tiny_proxy, 6, study=study)
     assert "settle_points" not in moves.meta and moves.meta["settle_first"] == list(first)
     assert meter.meets(moves.choices()) and _settled(meter, moves.choices())
     with pytest.raises(RlMtdError, match="settle_by"):
-        sensitivity_policy(proxy, 6, study=study, settle_by="nope")
+        sensitivity_policy(tiny_proxy, 6, study=study, settle_by="nope")
