@@ -158,6 +158,7 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
     from agents.studies import layer_scores
 
     meta = replay.meta or {}
+    first, points = settle_of(meta)  # as the heuristic the agent started from settled
     target_latency = meta.get("target_latency")
     latency = None
     if target_latency is not None:  # the budget holds on this device, timed afresh here
@@ -173,8 +174,8 @@ def replay_agent(cfg: RunConfig, replay: Replay, proxy: Proxy) -> Policy:
             target_ratio=meta.get("target_ratio"),
             target_macs=meta.get("target_macs"),
             target_latency=target_latency,
-            settle_first=settle_of(meta)[0],
-            settle_points=settle_of(meta)[1],
+            settle_first=first,
+            settle_points=points,
         ),
         layer_scores=layer_scores(
             meta.get("observe", "layer"),
