@@ -238,9 +238,10 @@ def settle(
     strategy is compared at the target. Which layers get the slack matters (3 seeds each,
     3-epoch fine-tunes, BENCHMARKS.md, 2026-12-07): the heuristic's latest moves first beat last
     layer first by 0.35, 1.06 and 0.21 points at 8x, 16x and 32x and lost by 0.44 at 8x + 6x
-    MACs; the study's points gave the latest-moves policy at 8x, 16x and 32x, 0.53 points
-    more at 8x + 6x MACs and less at 16x + 8x MACs (BENCHMARKS.md, 2026-12-07 evening). A
-    search that starts from the heuristic's options settles as it did
+    MACs. Settling by the study's points (``settle_by="study"``, not the default) gives the
+    latest-moves policy at 8x, 16x, 32x and 16x + 8x MACs and was 0.36 and 0.14 points higher
+    at 8x + 6x and 8x + 4x MACs and about 0.2 lower at 12x: within the spread at each
+    (BENCHMARKS.md, 2026-12-07 evening). A search that starts from the heuristic's options settles as it did
     (``EnvConfig.settle_first`` / ``settle_points``), so it starts at its very policy.
     ``choices`` must meet the budget; the result does too.
     """

@@ -119,8 +119,10 @@ def settle_by_points(
 ) -> list[tuple[str, Any]]:
     """Raise ranks one step at a time while the budget allows, each time the step (over the
     decomposed layers with a curve in ``points``) of the highest ``(predicted gain + eps) /
-    spent``, ``spent`` the step's added share of each limit, summed. Ties go to the later
-    layer. ``choices`` must meet the budget; the result does too."""
+    spent``, ``spent`` the largest share of a limit's remaining room the step takes (summing
+    the step's shares of the limits instead fine-tuned 0.20 points lower at 16x + 8x MACs and
+    0.17 higher at 8x + 6x MACs, 3 seeds each, BENCHMARKS.md 2026-12-07 evening). Ties go to
+    the later layer. ``choices`` must meet the budget; the result does too."""
     curves = {(i, m): _curve(pts) for i, m, pts in points}
     out = list(choices)
     used = _shares(meter, out)
@@ -139,7 +141,10 @@ def settle_by_points(
             if not meter.meets(trial):
                 continue
             new = _shares(meter, trial)
-            spent = sum(max(n - u, 0.0) for n, u in zip(new, used)) + 1e-12
+            # the price: the largest share of a limit's remaining room the step takes (room to
+            # spare is cheap; under one limit this ranks the steps as their shares do)
+            spent = max(max(n - u, 0.0) / max(1.0 - u, 1e-9) for n, u in zip(new, used))
+            spent += 1e-12
             gain = curve(decomposed_params(conv, method, bigger)) - curve(
                 decomposed_params(conv, method, rank)
             )

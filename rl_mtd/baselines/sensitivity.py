@@ -154,7 +154,8 @@ def sensitivity_policy(
        the layers moved last are raised first, as far as the budget allows (``settle``; then
        the other layers, last first; ``meta["settle_first"]``), or, with
        ``settle_by="study"``, one step at a time where the study predicts the most accuracy
-       per share of the budget (``rl_mtd.settle``; its curves are ``meta["settle_points"]``),
+       per share of the budget's remaining room (``rl_mtd.settle``; its curves are
+       ``meta["settle_points"]``; level with the default within the spread, BENCHMARKS.md),
        so the policy sits at the target (within one rank step) rather than beyond it. A search
        warm-started from its options on the grid (``BudgetTable.options_of``) settles as it
        did (``EnvConfig.settle_first`` / ``settle_points``) and so starts at this very policy.
