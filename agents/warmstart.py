@@ -156,8 +156,8 @@ def _follow(env: MixedDecompositionEnv, policy: Policy) -> tuple[np.ndarray, np.
     """The observations ``env`` shows an agent taking the actions of ``policy``'s choices on its
     grid (``BudgetTable.options_of``), and those actions. Walled and settled by the env they
     give the heuristic's policy back (the env settles as the heuristic did); the heuristic's
-    own policy is scored as the search's first best. The last action is not taken: the episode would score a
-    policy the warm start does not use (it scores the heuristic's own)."""
+    own policy is scored as the search's first best. The last action is not taken: the
+    episode would score a policy the warm start does not use (it scores the heuristic's own)."""
     obs, _ = env.reset(seed=0)
     observations, actions = [], []
     options = env.table.options_of(policy)
