@@ -18,7 +18,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from rl_mtd.decompose import RANK_RULE
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import atomic_path
-from rl_mtd.settle import check_settle_points
+from rl_mtd.settle import check_settle_first, check_settle_points
 
 log = logging.getLogger("rl_mtd")
 
@@ -144,14 +144,9 @@ def read_agent_meta(path: str | os.PathLike) -> dict[str, Any]:
             "compress otherwise: search again for an agent of this version",
             path,
         )
-    first = meta.get("settle_first", [])
-    if not isinstance(first, list) or any(
-        isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in first
-    ):
-        raise RlMtdError(
-            f"agent file {path}: its metadata's settle_first {first!r} is not a list of layer "
-            "indices; it was edited or written by another version, so re-run the search"
-        )
+    check_settle_first(
+        meta.get("settle_first", []), f"agent file {path}: its metadata's settle_first"
+    )
     check_settle_points(
         meta.get("settle_points") or (),
         f"agent file {path}: its metadata's settle_points",

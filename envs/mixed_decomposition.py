@@ -25,7 +25,7 @@ from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import macs_by_layer
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Scorer
-from rl_mtd.settle import SettlePoints, check_settle_points
+from rl_mtd.settle import SettlePoints, check_settle_first, check_settle_points
 
 N_STATIC = 8  # index, in, out, kernel, stride, feature map, params, MACs
 N_STATE = 6  # budget used, budget left, MACs budget left, remaining share, previous method, level
@@ -71,9 +71,7 @@ class EnvConfig:
         self.target_ratio, self.target_macs = budget.params, budget.macs
         if self.target_latency is not None:
             self.target_latency = check_target(self.target_latency, "target speed-up")
-        self.settle_first = tuple(self.settle_first)
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.settle_first):
-            raise RlMtdError(f"settle_first must list layer indices, got {self.settle_first!r}")
+        self.settle_first = check_settle_first(self.settle_first)
         self.settle_points = check_settle_points(self.settle_points)
 
     @property

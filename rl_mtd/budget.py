@@ -19,12 +19,11 @@ from rl_mtd.decompose import (
     DECOMPOSED,
     METHODS,
     conv_layers,
-    next_rank,
     params_after,
 )
 from rl_mtd.errors import RlMtdError
 from rl_mtd.metrics import count_macs, count_params
-from rl_mtd.settle import SettlePoints, settle_by_points
+from rl_mtd.settle import SettlePoints, raised, settle_by_points
 
 if TYPE_CHECKING:
     from rl_mtd.latency import LatencyModel
@@ -241,9 +240,9 @@ def settle(
     MACs. Settling by the study's points (``settle_by="study"``, not the default) gives the
     latest-moves policy at 8x, 16x, 32x and 16x + 8x MACs and was 0.36 and 0.14 points higher
     at 8x + 6x and 8x + 4x MACs and about 0.2 lower at 12x: within the spread at each
-    (BENCHMARKS.md, 2026-12-07 evening). A search that starts from the heuristic's options settles as it did
-    (``EnvConfig.settle_first`` / ``settle_points``), so it starts at its very policy.
-    ``choices`` must meet the budget; the result does too.
+    (BENCHMARKS.md, 2026-12-07 evening). A search that starts from the heuristic's options
+    settles as it did (``EnvConfig.settle_first`` / ``settle_points``), so it starts at its
+    very policy. ``choices`` must meet the budget; the result does too.
     """
     if points:
         return settle_by_points(meter, choices, points)
@@ -253,14 +252,6 @@ def settle(
         raise RlMtdError(f"settle order {list(first)} names layers outside 0..{n - 1}")
     out = list(choices)
     for i in order:
-        method, rank = out[i]
-        conv = meter.convs[i][1]
-        while method != "keep":
-            bigger = next_rank(conv, method, rank)
-            if bigger is None:
-                break
-            trial = [*out[:i], (method, bigger), *out[i + 1 :]]
-            if not meter.meets(trial):
-                break
-            out, rank = trial, bigger
+        while (trial := raised(meter, out, i)) is not None:
+            out = trial
     return out

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SettlePoints",
+    "check_settle_first",
     "check_settle_points",
     "settle_by_points",
+    "raised",
     "settle_of",
     "study_points",
 ]
@@ -100,6 +102,32 @@ def _curve(pts: tuple[tuple[int, float], ...]) -> Callable[[int], float]:
     return curve
 
 
+def raised(meter: BudgetMeter, choices: list[tuple[str, Any]], i: int) -> list | None:
+    """``choices`` with layer ``i``'s rank one step larger (same method), or None where the
+    layer is kept, has no larger rank, or the step would break ``meter``'s budget."""
+    method, rank = choices[i]
+    if method == "keep":
+        return None
+    bigger = next_rank(meter.convs[i][1], method, rank)
+    if bigger is None:
+        return None
+    trial = [*choices[:i], (method, bigger), *choices[i + 1 :]]
+    return trial if meter.meets(trial) else None
+
+
+def check_settle_first(first: Any, what: str = "settle_first") -> tuple[int, ...]:
+    """A settle order (layer indices, from JSON or code) as a tuple; anything else raises
+    ``RlMtdError`` naming ``what``."""
+    if not isinstance(first, list | tuple) or any(
+        isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in first
+    ):
+        raise RlMtdError(
+            f"{what} {first!r} is not a list of layer indices (edited, or written by another "
+            "version); make it again (re-run the search)"
+        )
+    return tuple(first)
+
+
 def _shares(meter: BudgetMeter, choices: list[tuple[str, Any]]) -> list[float]:
     """How much of each limit of ``meter``'s budget ``choices`` use (1 = all of it)."""
     b = meter.budget
@@ -131,21 +159,16 @@ def settle_by_points(
         pick: tuple[list[tuple[str, Any]], list[float]] | None = None
         for i, (method, rank) in enumerate(out):
             curve = curves.get((i, method))
-            if method == "keep" or curve is None:
+            trial = raised(meter, out, i) if curve is not None else None
+            if trial is None:
                 continue
             conv = meter.convs[i][1]
-            bigger = next_rank(conv, method, rank)
-            if bigger is None:
-                continue
-            trial = [*out[:i], (method, bigger), *out[i + 1 :]]
-            if not meter.meets(trial):
-                continue
             new = _shares(meter, trial)
             # the price: the largest share of a limit's remaining room the step takes (room to
             # spare is cheap; under one limit this ranks the steps as their shares do)
             spent = max(max(n - u, 0.0) / max(1.0 - u, 1e-9) for n, u in zip(new, used))
             spent += 1e-12
-            gain = curve(decomposed_params(conv, method, bigger)) - curve(
+            gain = curve(decomposed_params(conv, method, trial[i][1])) - curve(
                 decomposed_params(conv, method, rank)
             )
             key = ((max(gain, 0.0) + _EPS) / spent, i)
@@ -160,6 +183,6 @@ def settle_of(meta: Mapping[str, Any]) -> tuple[tuple[int, ...], SettlePoints]:
     """How a policy's or an agent's metadata says to settle: ``(settle_first, settle_points)``
     (each empty where absent: last layer first)."""
     return (
-        tuple(meta.get("settle_first") or ()),
+        check_settle_first(meta.get("settle_first") or (), "the metadata's settle_first"),
         check_settle_points(meta.get("settle_points") or (), "the metadata's settle_points"),
     )

@@ -172,6 +172,8 @@ def sensitivity_policy(
     Raises:
         RlMtdError: when even the strongest option of every layer misses the target.
     """
+    if settle_by not in ("study", "moves"):
+        raise RlMtdError(f"settle_by must be 'study' or 'moves', not {settle_by!r}")
     budget = Budget.of(target)
     if not budget.active:
         raise RlMtdError("give a target: a parameter ratio or a Budget with a limit")
@@ -276,8 +278,6 @@ def sensitivity_policy(
         for c, layer in zip(current, table.layers)
     ]
     first = list(dict.fromkeys(reversed(moves)))  # the latest moves first
-    if settle_by not in ("study", "moves"):
-        raise RlMtdError(f"settle_by must be 'study' or 'moves', not {settle_by!r}")
     points = (
         study_points(table, results, float(study.proxy.baseline_acc))
         if settle_by == "study"
