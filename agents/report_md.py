@@ -190,6 +190,8 @@ def _export_line(r: dict[str, Any]) -> str:
     if not e:
         return ""
     line = f" Exported: {e['path']} ({e['format']})"
+    if e.get("pad_channels", 1) > 1:
+        line += f", factor chains padded to multiples of {e['pad_channels']} channels"
     if "max_abs_diff" in e:
         line += f", max abs difference from torch {e['max_abs_diff']:.2e}"
     if "onnxruntime_b1_ms" in e:

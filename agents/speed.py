@@ -80,6 +80,7 @@ def latency(
 def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
     """Write the inference form as ``kind`` ("onnx" or "torchscript"); with onnxruntime
     installed, check an ONNX file's outputs against torch and time it. Returns report fields."""
+    from rl_mtd.conv_pad import nchwc_block
     from rl_mtd.export import INPUT, inference_model, to_onnx, to_torchscript
 
     x = torch.randn(8, 3, 32, 32)
@@ -97,8 +98,10 @@ def write_export(kind: str, model: nn.Module, run_dir: Path) -> dict[str, Any]:
                 "max_abs_diff": float((got - reference).abs().max()),
             }
         }
-    path = to_onnx(model, run_dir / "model.onnx")
+    block = nchwc_block()
+    path = to_onnx(model, run_dir / "model.onnx", pad_channels=block)
     info: dict[str, Any] = {"format": kind, "path": path.name, "input": INPUT}
+    info["pad_channels"] = block  # factor chains' inner channels, for ONNX Runtime's kernels
     try:
         import onnxruntime as ort
     except ImportError:

@@ -10,7 +10,9 @@ and the speed-up against the original run the same way:
 - ``inference``: ``rl_mtd.export.inference_model`` of it (BatchNorm folded, chains merged where
   cheaper, channels_last);
 - ``onnxruntime``: ``rl_mtd.export.to_onnx`` of it run by ONNX Runtime with ``--threads``
-  intra-op threads (skipped with a note when onnx/onnxruntime are not installed).
+  intra-op threads (skipped with a note when onnx/onnxruntime are not installed); the file's
+  factor chains are padded to this CPU's channel block (``rl_mtd.conv_pad``), as a
+  ``--export onnx`` run writes them.
 
 Weights are random (latency does not depend on their values): the decomposed blocks are built
 with ``apply_policy(..., factorize=False)`` (no CP-ALS time) and every conv is re-initialised
@@ -26,7 +28,8 @@ goals (no slower than the original at batch 1, 2x faster at the largest batch) a
 form.
 
 ``--ablate`` adds columns for the inference form without merging and/or without channels_last
-(``inference_model(merge=False)``, ``channels_last=False``): what each part of it is worth.
+(``inference_model(merge=False)``, ``channels_last=False``) and for the ONNX file without the
+channel padding (``to_onnx(pad_channels=1)``): what each part of it is worth.
 ``--profile`` also prints, per model and batch size, where the time of a pass goes in the eager
 and the inference form: milliseconds in 1x1 convs, other dense convs, depthwise convs,
 BatchNorm, ReLU, max-pooling and the head (forward hooks on the leaf modules).
@@ -255,6 +258,9 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
             forms.update({f"{k}, graph": CudaGraphed(m) for k, m in list(forms.items())})
         if onnx_dir is not None:
             forms["onnxruntime"] = OrtModule(to_onnx(model, onnx_dir / f"{i}.onnx"), args.threads)
+            if args.ablate:
+                unpadded = to_onnx(model, onnx_dir / f"{i}.unpadded.onnx", pad_channels=1)
+                forms["onnxruntime, unpadded"] = OrtModule(unpadded, args.threads)
         entries.append(Entry(name, count_params(model), count_macs(model), forms))
     return entries
 

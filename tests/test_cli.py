@@ -1311,6 +1311,9 @@ def test_export_writes_a_model_that_runs_without_rl_mtd(kind, smoke_run, tmp_pat
     if kind == "torchscript":
         got = torch.jit.load(str(out / info["path"]))(x)
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    else:  # padded for ONNX Runtime's blocked kernels, and the report says so
+        assert info["pad_channels"] in (8, 16)
+        assert f"padded to multiples of {info['pad_channels']}" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

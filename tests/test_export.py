@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rl_mtd.conv_pad import nchwc_block, pad_chains
 from rl_mtd.data import MEAN, STD
 from rl_mtd.decompose import DecomposedConv, FactorCache, conv_layers, rank_for_ratio
 from rl_mtd.errors import RlMtdError
@@ -221,6 +222,77 @@ def test_torchscript_export_reloads(compressed: nn.Module, tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(loaded(x), _eval_outputs(compressed, x))
+
+
+def _inner_channels(model: nn.Module) -> list[int]:
+    """Channel counts between consecutive convs of the decomposed blocks."""
+    return [
+        block[i].out_channels
+        for block in model.modules()
+        if isinstance(block, DecomposedConv)
+        for i in range(len(block) - 1)
+    ]
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_padded_chains_give_the_same_outputs_with_aligned_channels(
+    compressed: nn.Module, multiple: int
+) -> None:
+    net = inference_model(compressed, channels_last=False)
+    inner = _inner_channels(net)
+    assert any(c % multiple for c in inner)  # something to pad (ranks like 3, 5 or 11)
+    padded = pad_chains(inference_model(compressed, channels_last=False), multiple)
+    assert all(c % multiple == 0 for c in _inner_channels(padded))
+    assert [c for c in _inner_channels(padded)] != inner
+    blocks = [m for m in net.modules() if isinstance(m, DecomposedConv)]
+    grown = [m for m in padded.modules() if isinstance(m, DecomposedConv)]
+    for old, new in zip(blocks, grown, strict=True):  # what the rest of the net sees is kept
+        assert (new[0].in_channels, new[-1].out_channels) == (
+            old[0].in_channels,
+            old[-1].out_channels,
+        )
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        _close(padded(x), _eval_outputs(compressed, x), rtol=1e-5)
+    assert pad_chains(net, 1) is net and _inner_channels(net) == inner
+
+
+def test_depthwise_chain_padded_through() -> None:
+    """A CP chain: 1x1 to rank 5, depthwise 3x1 and 1x3 at rank 5, 1x1 back: every inner
+    channel count grows, the depthwise convs stay depthwise, the output is unchanged."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(
+        nn.Conv2d(16, 5, 1, bias=False),
+        nn.Conv2d(5, 5, (3, 1), padding=(1, 0), groups=5, bias=False),
+        nn.Conv2d(5, 5, (1, 3), padding=(0, 1), groups=5, bias=True),
+        nn.Conv2d(5, 24, 1),
+    )
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = chain(x)
+        padded = pad_chains(chain, 8)
+        _close(padded(x), want, rtol=1e-6)
+    assert [c.out_channels for c in padded] == [8, 8, 8, 24]
+    assert [c.groups for c in padded] == [1, 8, 8, 1]
+    with pytest.raises(ValueError, match="at least 1"):
+        pad_chains(chain, 0)
+
+
+def test_nchwc_block_is_8_or_16() -> None:
+    assert nchwc_block() in (8, 16)
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_onnx_export_with_any_padding_matches(
+    compressed: nn.Module, tmp_path, multiple: int
+) -> None:
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    path = to_onnx(compressed, tmp_path / "model.onnx", pad_channels=multiple)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 32, 32)
+    (got,) = session.run(None, {"input": x.numpy()})
+    _close(torch.from_numpy(got), _eval_outputs(compressed, x))
 
 
 def test_onnx_export_without_onnx_says_what_to_install(
