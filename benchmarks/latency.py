@@ -22,14 +22,16 @@ Runtime intra-op threads) under ``torch.inference_mode``: ``--warmup`` untimed p
 median and 10th-90th percentiles of ``--repeats`` passes; ``--rounds`` sweeps over all models
 and ways, keeping each one's round with the lowest median. Speed-ups compare medians.
 
-On ``--device cuda``, ``--bf16`` adds the inference form in bfloat16 (inputs cast inside) and
+On ``--device cuda``, ``--bf16`` adds the inference form in bfloat16 (inputs cast inside; also
+with the channels inside factor chains padded to multiples of 8, which tensor cores want) and
 ``--graphs`` every form replayed from a CUDA graph (``rl_mtd.export.CudaGraphed``), and the GPU
 goals (no slower than the original at batch 1, 2x faster at the largest batch) are checked per
 form.
 
 ``--ablate`` adds columns for the inference form without merging and/or without channels_last
-(``inference_model(merge=False)``, ``channels_last=False``) and for the ONNX file without the
-channel padding (``to_onnx(pad_channels=1)``): what each part of it is worth.
+(``inference_model(merge=False)``, ``channels_last=False``), for it with its factor chains
+padded as the ONNX file's are (``pad_channels``), and for the ONNX file without the padding
+(``to_onnx(pad_channels=1)``): what each part of it is worth.
 ``--profile`` also prints, per model and batch size, where the time of a pass goes in the eager
 and the inference form: milliseconds in 1x1 convs, other dense convs, depthwise convs,
 BatchNorm, ReLU, max-pooling and the head (forward hooks on the leaf modules).
@@ -58,6 +60,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from rl_mtd.baselines import random_policies, uniform_policy  # noqa: E402
+from rl_mtd.conv_pad import nchwc_block  # noqa: E402
 from rl_mtd.decompose import DecomposedConv  # noqa: E402
 from rl_mtd.errors import exit_on_user_error  # noqa: E402
 from rl_mtd.export import CudaGraphed, inference_model, to_onnx  # noqa: E402
@@ -251,9 +254,14 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
         forms: dict[str, nn.Module] = {"eager": model, "inference": inference_model(model)}
         if args.ablate:
             forms.update((k, inference_model(model, **kw)) for k, kw in ABLATIONS.items())
+        if args.ablate:  # padded as the ONNX file is (for tensor cores: multiples of 8)
+            pad = nchwc_block() if args.device == "cpu" else 8
+            forms[f"inference, padded to {pad}"] = inference_model(model, pad_channels=pad)
         if args.bf16:
             bf16 = inference_model(model, dtype=torch.bfloat16)
             forms["inference, bf16"] = Cast(bf16, torch.bfloat16)
+            bf16 = inference_model(model, dtype=torch.bfloat16, pad_channels=8)
+            forms["inference, bf16, padded to 8"] = Cast(bf16, torch.bfloat16)
         if args.graphs:
             forms.update({f"{k}, graph": CudaGraphed(m) for k, m in list(forms.items())})
         if onnx_dir is not None:

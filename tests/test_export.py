@@ -241,9 +241,9 @@ def test_padded_chains_give_the_same_outputs_with_aligned_channels(
     net = inference_model(compressed, channels_last=False)
     inner = _inner_channels(net)
     assert any(c % multiple for c in inner)  # something to pad (ranks like 3, 5 or 11)
-    padded = pad_chains(inference_model(compressed, channels_last=False), multiple)
+    padded = inference_model(compressed, pad_channels=multiple)
     assert all(c % multiple == 0 for c in _inner_channels(padded))
-    assert [c for c in _inner_channels(padded)] != inner
+    assert _inner_channels(padded) != inner
     blocks = [m for m in net.modules() if isinstance(m, DecomposedConv)]
     grown = [m for m in padded.modules() if isinstance(m, DecomposedConv)]
     for old, new in zip(blocks, grown, strict=True):  # what the rest of the net sees is kept
