@@ -38,9 +38,10 @@ float tolerance, with less work per image. What it changes, and why each change 
 
 ``to_onnx`` and ``to_torchscript`` write the inference form atomically (temporary file, then
 rename). ``to_onnx`` also zero-pads the channels inside factor chains to ONNX Runtime's channel
-block (``rl_mtd.conv_pad``: exact, and about 2x faster there). ONNX export uses torch's TorchScript-based exporter (``dynamo=False``), which needs only
-the ``onnx`` package; ``pip install "rl-mtd[export]"`` installs it with ``onnxruntime`` to run
-the file. (torch 2.9+'s default dynamo exporter would also need ``onnxscript``.)
+block (``rl_mtd.conv_pad``: exact, and about 2x faster there). ONNX export uses torch's
+TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx`` package;
+``pip install "rl-mtd[export]"`` installs it with ``onnxruntime`` to run the file. (torch
+2.9+'s default dynamo exporter would also need ``onnxscript``.)
 """
 
 from __future__ import annotations
