@@ -4,16 +4,17 @@ ONNX Runtime's CPU convolutions run fastest in a blocked layout (NCHWc: channels
 with AVX2, 16 with AVX-512; its NCHWc graph transform). A conv whose channel counts are not
 multiples of the block stays on the plain NCHW path, and every such conv adds a reorder
 between layouts. The factor chains of decomposed blocks have ranks like 5, 11 or 43, so a
-compressed VGG16 ran mostly off the fast path: padding those ranks to multiples of 8 made its
-ONNX Runtime passes 2-2.6x faster at batch 1 and 64 on an AVX2 CPU (BENCHMARKS.md, "Inference
-speed"), for a few per cent more MACs. In eager PyTorch (oneDNN) padding was slightly slower,
+compressed VGG16 ran mostly off the fast path: padding those ranks to multiples of 8 made the
+ONNX Runtime passes of uniform Tucker-2 and CP 37x VGG16s 1.6-1.9x faster at batch 1 and 64 on
+an AVX2 CPU (a mixed policy's, whose kept layers were aligned already, level; BENCHMARKS.md,
+"ONNX Runtime's blocked kernels want aligned channels"), for a few per cent more MACs. In eager PyTorch (oneDNN) padding was slightly slower,
 so ``rl_mtd.export.to_onnx`` pads and ``inference_model`` does not.
 
-The padding is exact: conv ``a``'s extra output channels have zero weights and zero bias, so
-they carry zeros, and conv ``b`` reads them with zero weights. Only the channels *inside* a
-chain (consecutive convs of one ``nn.Sequential``, such as a ``DecomposedConv``) are padded;
-the chain's input and output, which BatchNorm, ReLU, pooling and the classifier see, keep their
-sizes.
+The padding is exact: a conv's extra output channels have zero weights and zero bias, so they
+carry zeros (whatever the conv's padding mode), and the next conv reads them with zero weights.
+Only the channels *inside* a chain (consecutive convs of one ``nn.Sequential``, such as a
+``DecomposedConv``) are padded; the chain's input and output, which BatchNorm, ReLU, pooling and
+the classifier see, keep their sizes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, skip_init
+
+from rl_mtd.decompose import DecomposedConv
 
 
 def nchwc_block() -> int:
@@ -43,49 +47,82 @@ def nchwc_block() -> int:
 
 
 def pad_chains(model: nn.Module, multiple: int) -> nn.Module:
-    """Pad, in place, every channel count inside a chain of convs to a multiple of ``multiple``.
+    """Pad, in place, the channel counts inside chains of convs to multiples of ``multiple``.
 
-    A chain is a run of ``nn.Conv2d`` children with nothing between them in one
+    A chain is a run of plain ``nn.Conv2d`` children with nothing between them in one
     ``nn.Sequential`` (the factor chains of ``rl_mtd.decompose.DecomposedConv``, after
-    ``inference_model``'s merging). Plain and depthwise convs are padded; a chain with any
-    other grouped conv is left alone. Returns ``model``; its outputs are unchanged.
+    ``inference_model``'s merging). A channel count inside a chain is padded unless that would
+    change the chain's input or output size: a depthwise conv keeps its two sides equal, so
+    its two counts are padded together or not at all, and a conv that cannot be padded (other
+    grouped convs, subclasses of ``nn.Conv2d``, convs with hooks or parametrizations) keeps its
+    sizes, as the chain's ends do. Returns ``model``; its outputs are unchanged.
     """
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
     if multiple == 1:
         return model
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv_a, conv_b = seq._modules[a], seq._modules[b]
-            if not (_paddable(conv_a) and _paddable(conv_b)):
-                continue
-            width = -(-conv_a.out_channels // multiple) * multiple
-            if width != conv_a.out_channels:
-                seq._modules[a] = _grown(conv_a, out_channels=width)
-            if conv_b.in_channels != width:  # b may have been padded already (depthwise a)
-                seq._modules[b] = _grown(conv_b, in_channels=width)
+    for seq in [m for m in model.modules() if type(m) in (nn.Sequential, DecomposedConv)]:
+        for run in _conv_runs(seq):
+            _pad_run(seq, run, multiple)
     return model
+
+
+def _conv_runs(seq: nn.Sequential) -> list[list[str]]:
+    """Names of each run of two or more consecutive ``nn.Conv2d`` children of ``seq``."""
+    runs: list[list[str]] = [[]]
+    for name, child in seq.named_children():
+        if isinstance(child, nn.Conv2d):
+            runs[-1].append(name)
+        elif runs[-1]:
+            runs.append([])
+    return [run for run in runs if len(run) > 1]
+
+
+def _pad_run(seq: nn.Sequential, run: list[str], multiple: int) -> None:
+    """Pad the channel slots between the convs of ``run`` (slot i feeds conv i) that can be."""
+    convs = [seq._modules[name] for name in run]
+    n = len(convs)
+    slots = [convs[0].in_channels] + [c.out_channels for c in convs]
+    group = list(range(n + 1))  # union-find over the slots a depthwise conv ties together
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            i = group[i]
+        return i
+
+    pinned = {0, n}  # the chain's input and output
+    for i, conv in enumerate(convs):
+        if not _plain(conv):
+            pinned.update((i, i + 1))
+        elif _depthwise(conv):
+            group[root(i + 1)] = root(i)
+    pinned_roots = {root(i) for i in pinned}
+    widths = [
+        c if root(i) in pinned_roots else -(-c // multiple) * multiple for i, c in enumerate(slots)
+    ]
+    for i, (name, conv) in enumerate(zip(run, convs)):
+        if (widths[i], widths[i + 1]) != (conv.in_channels, conv.out_channels):
+            setattr(seq, name, _grown(conv, widths[i], widths[i + 1]))
 
 
 def _depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
-def _paddable(conv: nn.Module) -> bool:
-    return isinstance(conv, nn.Conv2d) and (conv.groups == 1 or _depthwise(conv))
+def _plain(conv: nn.Module) -> bool:
+    """An exact ``nn.Conv2d`` (no subclass, hooks or parametrizations), plain or depthwise."""
+    if type(conv) is not nn.Conv2d or parametrize.is_parametrized(conv):
+        return False
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        return False
+    return conv.groups == 1 or _depthwise(conv)
 
 
 @torch.no_grad()
-def _grown(
-    conv: nn.Conv2d, *, in_channels: int | None = None, out_channels: int | None = None
-) -> nn.Conv2d:
-    """A copy of ``conv`` with zero channels added (a depthwise conv grows both sides)."""
-    c_in = in_channels or conv.in_channels
-    c_out = out_channels or conv.out_channels
-    if _depthwise(conv):
-        c_in = c_out = max(c_in, c_out)
-    new = nn.Conv2d(
+def _grown(conv: nn.Conv2d, c_in: int, c_out: int) -> nn.Conv2d:
+    """A copy of ``conv`` with zero channels added; torch's random state is left alone."""
+    new = skip_init(
+        nn.Conv2d,
         c_in,
         c_out,
         conv.kernel_size,
@@ -95,14 +132,19 @@ def _grown(
         groups=c_out if _depthwise(conv) else 1,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    channels_last = conv.weight.dim() == 4 and conv.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
     weight = torch.zeros_like(new.weight)
     weight[: conv.out_channels, : conv.weight.shape[1]] = conv.weight
-    new.weight.copy_(weight)
+    if channels_last and not conv.weight.is_contiguous():
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    new.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
-        new.bias.zero_()
-        new.bias[: conv.out_channels] = conv.bias
-    new.weight.requires_grad_(conv.weight.requires_grad)
-    if new.bias is not None:
-        new.bias.requires_grad_(conv.weight.requires_grad)
+        bias = torch.zeros_like(new.bias)
+        bias[: conv.out_channels] = conv.bias
+        new.bias = nn.Parameter(bias, requires_grad=conv.bias.requires_grad)
     return new.train(conv.training)

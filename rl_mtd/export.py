@@ -38,7 +38,7 @@ float tolerance, with less work per image. What it changes, and why each change 
 
 ``to_onnx`` and ``to_torchscript`` write the inference form atomically (temporary file, then
 rename). ``to_onnx`` also zero-pads the channels inside factor chains to ONNX Runtime's channel
-block (``rl_mtd.conv_pad``: exact, and about 2x faster there). ONNX export uses torch's
+block (``rl_mtd.conv_pad``: exact; 1.6-1.9x faster there for uniform 37x VGG16s). ONNX export uses torch's
 TorchScript-based exporter (``dynamo=False``), which needs only the ``onnx`` package;
 ``pip install "rl-mtd[export]"`` installs it with ``onnxruntime`` to run the file. (torch
 2.9+'s default dynamo exporter would also need ``onnxscript``.)
@@ -185,7 +185,8 @@ def to_onnx(
     input_size: int = 32,
     pad_channels: int | None = None,
 ) -> Path:
-    """Write ``inference_model(model)`` (float32, CPU) to ``path`` as ONNX; return the path.
+    """Write ``inference_model(model)`` (float32, CPU; factor chains padded, see
+    ``pad_channels``) to ``path`` as ONNX; return the path.
 
     Args:
         model: the model to export (left unchanged).
@@ -196,8 +197,9 @@ def to_onnx(
         input_size: height and width of the example input (32 for CIFAR).
         pad_channels: zero-pad the channels inside factor chains to multiples of this
             (``rl_mtd.conv_pad``: exact; ONNX Runtime's blocked CPU kernels need it). Default:
-            this CPU's block, ``rl_mtd.conv_pad.nchwc_block()`` (8, or 16 with AVX-512); pass
-            16 for a file meant for AVX-512 machines, 1 for no padding.
+            this CPU's block, ``rl_mtd.conv_pad.nchwc_block()`` (8, or 16 with AVX-512): the
+            file is tuned for the CPU that writes it. Pass 16 for a file meant for AVX-512
+            machines (it also runs blocked with AVX2, for more MACs), 1 for no padding.
 
     The graph's input is ``input`` (N x C x H x W, float32, normalised as ``INPUT`` says, which
     the file's metadata ``preprocessing`` repeats), its output ``logits``.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rl_mtd import conv_pad
 from rl_mtd.conv_pad import nchwc_block, pad_chains
 from rl_mtd.data import MEAN, STD
 from rl_mtd.decompose import DecomposedConv, FactorCache, conv_layers, rank_for_ratio
@@ -278,21 +279,110 @@ def test_depthwise_chain_padded_through() -> None:
         pad_chains(chain, 0)
 
 
-def test_nchwc_block_is_8_or_16() -> None:
-    assert nchwc_block() in (8, 16)
+@pytest.mark.parametrize(
+    "machine, cpuinfo, want",
+    [
+        ("x86_64", "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n", 16),
+        ("x86_64", "flags\t\t: fpu sse2 avx avx2 fma\n", 8),
+        ("x86_64", None, 8),  # /proc/cpuinfo unreadable
+        ("aarch64", "flags\t\t: avx512f\n", 8),  # not x86: not read at all
+    ],
+)
+def test_nchwc_block_follows_the_cpu(monkeypatch, machine, cpuinfo, want) -> None:
+    monkeypatch.setattr(conv_pad.platform, "machine", lambda: machine)
+
+    def read_text(self, *args, **kwargs):
+        if cpuinfo is None:
+            raise OSError("no /proc here")
+        return cpuinfo
+
+    monkeypatch.setattr(conv_pad.Path, "read_text", read_text)
+    assert nchwc_block() == want
 
 
-@pytest.mark.parametrize("multiple", [1, 16])
+def _dw(c: int, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(c, c, 3, padding=1, groups=c, bias=bias)
+
+
+@pytest.mark.parametrize(
+    "layers, inner",
+    [
+        # a depthwise conv at either end is tied to the chain's edge: nothing next to it pads
+        ([_dw(5), nn.Conv2d(5, 6, 1)], [5]),
+        ([nn.Conv2d(16, 5, 1), _dw(5, bias=True)], [5]),
+        ([nn.Conv2d(16, 5, 1), _dw(5), nn.Conv2d(5, 6, 1), nn.Conv2d(6, 4, 1)], [8, 8, 8]),
+        # a grouped conv keeps its sizes, and the depthwise conv tied to it too
+        ([nn.Conv2d(16, 6, 1), _dw(6), nn.Conv2d(6, 4, 1, groups=2)], [6, 6]),
+        # reflect padding: an all-zero channel stays zero
+        ([nn.Conv2d(16, 5, 3, padding=1, padding_mode="reflect"), nn.Conv2d(5, 3, 1)], [8]),
+    ],
+)
+def test_padding_never_changes_a_chains_outer_sizes(layers, inner) -> None:
+    torch.manual_seed(0)
+    chain = nn.Sequential(*layers, nn.ReLU(), nn.Conv2d(layers[-1].out_channels, 2, 1))
+    x = torch.randn(2, layers[0].in_channels, 8, 8)
+    with torch.no_grad():
+        want = chain(x)
+        pad_chains(chain, 8)
+        _close(chain(x), want, rtol=1e-6)
+    assert [c.out_channels for c in chain[: len(layers) - 1]] == inner
+    assert chain[len(layers) - 1].out_channels == layers[-1].out_channels
+
+
+def test_padding_keeps_flags_random_state_and_custom_convs() -> None:
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(16, 5, 1), nn.Conv2d(5, 6, 1), Doubled(6, 3, 1))
+    chain[0].bias.requires_grad_(False)
+    hooked = nn.Sequential(nn.Conv2d(16, 5, 1), nn.Conv2d(5, 3, 1))
+    hooked[1].register_forward_hook(lambda m, i, o: o + 1)
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        want, want_hooked = chain(x), hooked(x)
+    state = torch.get_rng_state()
+    pad_chains(chain, 8)
+    pad_chains(hooked, 8)
+    assert torch.equal(torch.get_rng_state(), state)  # no random initialisation drawn
+    assert [c.out_channels for c in chain] == [8, 6, 3]  # the subclass keeps its sizes
+    assert type(chain[2]) is Doubled and [c.out_channels for c in hooked] == [5, 3]
+    assert chain[0].weight.requires_grad and not chain[0].bias.requires_grad
+    with torch.no_grad():
+        _close(chain(x), want, rtol=1e-6)
+        _close(hooked(x), want_hooked, rtol=1e-6)
+
+
+@pytest.mark.parametrize("multiple", [1, 16, None])
 def test_onnx_export_with_any_padding_matches(
-    compressed: nn.Module, tmp_path, multiple: int
+    compressed: nn.Module, tmp_path, multiple: int | None
 ) -> None:
-    pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     path = to_onnx(compressed, tmp_path / "model.onnx", pad_channels=multiple)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 32, 32)
     (got,) = session.run(None, {"input": x.numpy()})
     _close(torch.from_numpy(got), _eval_outputs(compressed, x))
+    # the file itself: its convs' weights have the padded channel counts
+    weights = {t.name: list(t.dims) for t in onnx.load(str(path)).graph.initializer}
+    outs = sorted(dims[0] for dims in weights.values() if len(dims) == 4)
+    inner = _inner_channels(inference_model(compressed))
+    block = nchwc_block() if multiple is None else multiple
+    want = sorted([-(-c // block) * block for c in inner] + _outer_channels(compressed))
+    assert outs == want
+
+
+def _outer_channels(model: nn.Module) -> list[int]:
+    """Output channels of the convs that end a block or stand alone, in the inference form."""
+    net = inference_model(model)
+    ends = [b[-1].out_channels for b in net.modules() if isinstance(b, DecomposedConv)]
+    inside = {id(c) for b in net.modules() if isinstance(b, DecomposedConv) for c in b}
+    alone = [
+        m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d) and id(m) not in inside
+    ]
+    return ends + alone
 
 
 def test_onnx_export_without_onnx_says_what_to_install(
