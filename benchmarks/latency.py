@@ -252,9 +252,8 @@ def build_entries(args: argparse.Namespace, onnx_dir: Path | None) -> list[Entry
     for i, (name, model) in enumerate(models):
         model = model.to(args.device)
         forms: dict[str, nn.Module] = {"eager": model, "inference": inference_model(model)}
-        if args.ablate:
+        if args.ablate:  # and padded as the ONNX file is (for tensor cores: multiples of 8)
             forms.update((k, inference_model(model, **kw)) for k, kw in ABLATIONS.items())
-        if args.ablate:  # padded as the ONNX file is (for tensor cores: multiples of 8)
             pad = nchwc_block() if args.device == "cpu" else 8
             forms[f"inference, padded to {pad}"] = inference_model(model, pad_channels=pad)
         if args.bf16:

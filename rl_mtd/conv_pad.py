@@ -7,8 +7,9 @@ between layouts. The factor chains of decomposed blocks have ranks like 5, 11 or
 compressed VGG16 ran mostly off the fast path: padding those ranks to multiples of 8 made the
 ONNX Runtime passes of uniform Tucker-2 and CP 37x VGG16s 1.6-1.9x faster at batch 1 and 64 on
 an AVX2 CPU (a mixed policy's, whose kept layers were aligned already, level; BENCHMARKS.md,
-"ONNX Runtime's blocked kernels want aligned channels"), for a few per cent more MACs. In eager PyTorch (oneDNN) padding was slightly slower,
-so ``rl_mtd.export.to_onnx`` pads and ``inference_model`` does not.
+"ONNX Runtime's blocked kernels want aligned channels"), for a few per cent more MACs. In
+eager PyTorch (oneDNN) padding was slightly slower, so ``rl_mtd.export.to_onnx`` pads and
+``inference_model`` does not by default.
 
 The padding is exact: a conv's extra output channels have zero weights and zero bias, so they
 carry zeros (whatever the conv's padding mode), and the next conv reads them with zero weights.
@@ -83,22 +84,14 @@ def _pad_run(seq: nn.Sequential, run: list[str], multiple: int) -> None:
     convs = [seq._modules[name] for name in run]
     n = len(convs)
     slots = [convs[0].in_channels] + [c.out_channels for c in convs]
-    group = list(range(n + 1))  # union-find over the slots a depthwise conv ties together
-
-    def root(i: int) -> int:
-        while group[i] != i:
-            i = group[i]
-        return i
-
-    pinned = {0, n}  # the chain's input and output
-    for i, conv in enumerate(convs):
-        if not _plain(conv):
-            pinned.update((i, i + 1))
-        elif _depthwise(conv):
-            group[root(i + 1)] = root(i)
-    pinned_roots = {root(i) for i in pinned}
+    # A depthwise conv ties its two slots into one group; groups are runs of neighbouring slots.
+    group = [0]
+    for conv in convs:
+        group.append(group[-1] if _plain(conv) and _depthwise(conv) else group[-1] + 1)
+    pinned = {group[0], group[n]}  # the chain's input and output
+    pinned.update(group[j] for i, c in enumerate(convs) if not _plain(c) for j in (i, i + 1))
     widths = [
-        c if root(i) in pinned_roots else -(-c // multiple) * multiple for i, c in enumerate(slots)
+        c if group[i] in pinned else -(-c // multiple) * multiple for i, c in enumerate(slots)
     ]
     for i, (name, conv) in enumerate(zip(run, convs)):
         if (widths[i], widths[i + 1]) != (conv.in_channels, conv.out_channels):
@@ -135,12 +128,9 @@ def _grown(conv: nn.Conv2d, c_in: int, c_out: int) -> nn.Conv2d:
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
-    channels_last = conv.weight.dim() == 4 and conv.weight.is_contiguous(
-        memory_format=torch.channels_last
-    )
     weight = torch.zeros_like(new.weight)
     weight[: conv.out_channels, : conv.weight.shape[1]] = conv.weight
-    if channels_last and not conv.weight.is_contiguous():
+    if not conv.weight.is_contiguous():  # keep a channels_last layout
         weight = weight.contiguous(memory_format=torch.channels_last)
     new.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
     if conv.bias is not None:
