@@ -24,7 +24,7 @@ from _common import add_common_args, machine
 
 from agents.config import RunConfig
 from agents.inputs import load_data
-from rl_mtd.data import DeviceLoader
+from rl_mtd.data import DeviceLoader, channels_last_inputs
 from rl_mtd.errors import exit_on_user_error
 from rl_mtd.evaluation import evaluate
 from rl_mtd.io import write_json_atomic
@@ -60,7 +60,7 @@ def flip_accuracy(model: torch.nn.Module, split) -> float:
     device = model_device(model)
     model.eval()
     correct = 0
-    for x, y in DeviceLoader(split.to(device), 1000, channels_last=device.type == "cuda"):
+    for x, y in DeviceLoader(split.to(device), 1000, channels_last=channels_last_inputs(device)):
         p = model(x).softmax(1) + model(x.flip(3)).softmax(1)
         correct += int((p.argmax(1) == y).sum())
     return correct / len(split)

@@ -100,10 +100,16 @@ def shrink_to_identity(moment: torch.Tensor, weight: float) -> torch.Tensor:
 def _image_batches(
     data: object, batch_size: int, seed: int, device: torch.device
 ) -> Iterable[torch.Tensor]:
-    from rl_mtd.data import DeviceLoader, Split
+    from rl_mtd.data import DeviceLoader, Split, channels_last_inputs
 
     if isinstance(data, Split):
-        loader = DeviceLoader(data.to(device), batch_size, shuffle=True, seed=seed)
+        loader = DeviceLoader(
+            data.to(device),
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            channels_last=channels_last_inputs(device),
+        )
         return (x for x, _ in loader)
     if isinstance(data, torch.Tensor):
         data = [data]

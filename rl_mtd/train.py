@@ -1,7 +1,8 @@
 """Training and fine-tuning with collapse recovery (evaluation and BatchNorm re-estimation:
 ``rl_mtd.evaluation``).
 
-One code path for CPU and CUDA: on CUDA it adds bf16 autocast and channels_last.
+One code path for CPU and CUDA: on CUDA it adds bf16 autocast; batches are channels_last where
+that runs faster (``rl_mtd.data.channels_last_inputs``).
 
 Collapse recovery: fine-tuning a freshly decomposed network (CP especially) can diverge - in
 DESIGN.md's example a CP VGG11 fell from 48% to 22% in two epochs of plain SGD. ``train`` watches
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl_mtd.data import DeviceLoader, Split
+from rl_mtd.data import DeviceLoader, Split, channels_last_inputs
 from rl_mtd.distill import FeatureMatch
 from rl_mtd.errors import RlMtdError
 from rl_mtd.evaluation import autocast, evaluate, fresh_bn_accuracy
@@ -325,7 +326,7 @@ def train(
         augment=cfg.augment,
         drop_last=True,
         seed=cfg.seed,
-        channels_last=device.type == "cuda",
+        channels_last=channels_last_inputs(device),
     )
     if len(loader) == 0:
         raise RlMtdError(

@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rl_mtd.data import Split, normalize
+from rl_mtd.data import DeviceLoader, Split, normalize
 from rl_mtd.decompose import DecomposedConv, conv_layers, rank_for_ratio
 from rl_mtd.evaluation import evaluate, reestimate_bn
 from rl_mtd.models import build_vgg
@@ -374,3 +375,60 @@ def test_a_reported_accuracy_is_measured_in_float32(splits, trained, monkeypatch
     assert len(entered) == 1
     exact = evaluate(model, splits.proxy, full_precision=True)
     assert len(entered) == 1 and exact == fast  # the same arithmetic on the CPU
+
+
+def test_batches_are_channels_last_where_measured_faster(monkeypatch):
+    """The layout choice: CUDA and x86 CPUs get NHWC batches, other CPUs NCHW; the variable
+    overrides both ways, and a value it does not know is a clear error."""
+    import rl_mtd.data.loader as loader_mod
+    from rl_mtd.data import channels_last_inputs
+    from rl_mtd.errors import RlMtdError
+
+    monkeypatch.delenv("RL_MTD_CHANNELS_LAST", raising=False)
+    for machine, expected in (("x86_64", True), ("AMD64", True), ("aarch64", False)):
+        monkeypatch.setattr(loader_mod.platform, "machine", lambda m=machine: m)
+        assert channels_last_inputs("cpu") is expected, machine
+        assert channels_last_inputs(torch.device("cuda")) is True
+    monkeypatch.setenv("RL_MTD_CHANNELS_LAST", "0")
+    assert channels_last_inputs("cuda") is False
+    monkeypatch.setenv("RL_MTD_CHANNELS_LAST", "1")
+    assert channels_last_inputs("cpu") is True
+    monkeypatch.setenv("RL_MTD_CHANNELS_LAST", "yes")
+    with pytest.raises(RlMtdError, match="RL_MTD_CHANNELS_LAST='yes'.*1.*0"):
+        channels_last_inputs("cpu")
+
+    x = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    split = Split(x, torch.zeros(10, dtype=torch.long))
+    nhwc, _ = next(iter(DeviceLoader(split, 4, channels_last=True)))
+    nchw, _ = next(iter(DeviceLoader(split, 4)))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and not nhwc.is_contiguous()
+    assert nchw.is_contiguous() and torch.equal(nhwc, nchw)
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp"])
+def test_training_and_evaluation_agree_across_batch_layouts(splits, trained, monkeypatch, method):
+    """NHWC batches change which kernels run, not the arithmetic: the same fine-tune of a
+    decomposed net from the same start, with NCHW and with channels_last batches, moves the
+    weights the same way (not bit for bit: a ReLU whose input sits within rounding of zero may
+    pass a gradient in one layout and not the other), and evaluation agrees."""
+    convs = conv_layers(trained[0])
+    choices = [("keep", None)] + [(method, rank_for_ratio(c, method, 4.0)) for _, c in convs[1:]]
+    policy = Policy.from_choices(trained[0], choices, net="vgg11", width=0.125)
+    start = apply_policy(trained[0], policy)
+    before = {k: v for k, v in start.state_dict().items() if v.is_floating_point()}
+    moves, accs, logits = [], [], []
+    x = next(iter(DeviceLoader(splits.proxy, 100)))[0]
+    for layout in ("0", "1"):
+        monkeypatch.setenv("RL_MTD_CHANNELS_LAST", layout)
+        net = copy.deepcopy(start)
+        train(net, splits.train, config=TrainConfig(steps=6, lr=0.01, batch_size=64, seed=3))
+        after = net.state_dict()
+        moves.append(torch.cat([(after[k] - v).flatten() for k, v in before.items()]))
+        accs.append(evaluate(trained[0], splits.proxy))
+        with torch.no_grad():
+            batch = x.contiguous(memory_format=torch.channels_last) if layout == "1" else x
+            logits.append(trained[0].eval()(batch))
+    assert float(moves[0].norm()) > 0
+    assert float(F.cosine_similarity(moves[0], moves[1], dim=0)) > 0.999
+    assert accs[0] > 0.5 and accs[0] == pytest.approx(accs[1], abs=1 / len(splits.proxy))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -19,13 +19,22 @@ Modules: :mod:`.sources` (resolving a source, the cache, torchvision's format),
 (the containers and seeded splits) and :mod:`.loader` (normalisation, augmentation, batches).
 """
 
-from rl_mtd.data.loader import MEAN, PAD, STD, DeviceLoader, normalize
+from rl_mtd.data.loader import (
+    CHANNELS_LAST_ENV,
+    MEAN,
+    PAD,
+    STD,
+    DeviceLoader,
+    channels_last_inputs,
+    normalize,
+)
 from rl_mtd.data.sources import _CACHE_VERSION as _CACHE_VERSION
 from rl_mtd.data.sources import _archive_key as _archive_key
 from rl_mtd.data.sources import load_cifar10
 from rl_mtd.data.splits import CLASSES, IMAGE_SIZE, Cifar, DataSplits, Split, make_splits
 
 __all__ = [
+    "CHANNELS_LAST_ENV",
     "CLASSES",
     "IMAGE_SIZE",
     "MEAN",
@@ -35,6 +44,7 @@ __all__ = [
     "DataSplits",
     "DeviceLoader",
     "Split",
+    "channels_last_inputs",
     "load_cifar10",
     "make_splits",
     "normalize",
