@@ -5,8 +5,9 @@ the proxy's BatchNorm re-estimate and repair steps, evaluation); ``RL_MTD_CHANNE
 it, and this script sets it to 0 and 1 in turn. For the original net and its uniform Tucker-2 and
 CP forms at ``--target`` it times, through the library's own functions: ``train`` for
 ``--steps`` steps (batch ``--batch-size``, augmentation, SGD), ``reestimate_bn`` over
-``--bn-batches`` batches, and ``evaluate`` on ``--eval-images`` images. The layouts alternate,
-``--rounds`` times, and each cell is the best round (the machine's noise only slows a round).
+``--bn-batches`` batches, and ``evaluate`` on ``--eval-images`` images, each after an untimed
+warm-up call. The layouts alternate, ``--rounds`` times (which one goes first alternating too),
+and each cell is the best round (the machine's noise only slows a round).
 Speed does not depend on the weights, so the nets are freshly initialised.
 
     python benchmarks/layout_speed.py --net vgg11 --width 0.25 \\
@@ -36,8 +37,11 @@ LAYOUTS = {"NCHW": "0", "channels_last": "1"}
 
 
 def time_net(net, splits, args) -> dict[str, float]:
-    """Seconds per training step, per BN re-estimate and per evaluation, in the current layout."""
-    train(net, splits.train, config=TrainConfig(steps=2, lr=0.01))  # warm-up
+    """Seconds per training step, per BN re-estimate and per evaluation, in the current layout,
+    each after an untimed warm-up call (the first call of a new shape sets up its kernels)."""
+    train(net, splits.train, config=TrainConfig(steps=2, lr=0.01))
+    reestimate_bn(net, splits.train, batches=1)
+    evaluate(net, splits.proxy)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=0.01)
     t0 = time.perf_counter()
     train(net, splits.train, config=cfg)
@@ -81,9 +85,10 @@ def main() -> None:
     before, t0 = cpu_seconds(), time.perf_counter()
     saved = os.environ.get(CHANNELS_LAST_ENV)
     try:
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for name, net in nets.items():
-                for layout, value in LAYOUTS.items():
+                order = list(LAYOUTS.items())  # which layout goes first alternates by round
+                for layout, value in order if r % 2 == 0 else order[::-1]:
                     os.environ[CHANNELS_LAST_ENV] = value
                     cells = time_net(net.to(device), splits, args)
                     for what, sec in cells.items():

@@ -319,6 +319,7 @@ def train(
     device = model_device(model)
     if teacher is not None:
         teacher.eval()
+    nhwc = channels_last_inputs(device)
     loader = DeviceLoader(
         train_split.to(device),
         cfg.batch_size,
@@ -326,7 +327,7 @@ def train(
         augment=cfg.augment,
         drop_last=True,
         seed=cfg.seed,
-        channels_last=channels_last_inputs(device),
+        channels_last=nhwc,
     )
     if len(loader) == 0:
         raise RlMtdError(
@@ -335,7 +336,8 @@ def train(
         )
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * len(loader)))
     eval_every = max(1, len(loader) // max(1, cfg.evals_per_epoch))
-    if device.type == "cuda":
+    nhwc_weights = nhwc and device.type == "cuda"  # on the CPU NHWC batches alone do as well
+    if nhwc_weights:
         model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     path = Path(state_path) if state_path is not None else None
@@ -387,7 +389,7 @@ def train(
             run.features.remove()  # the model leaves with no hooks, also on Ctrl-C
     if run.best_state is not None:
         model.load_state_dict(run.best_state)
-    if device.type == "cuda":
+    if nhwc_weights:
         model.to(memory_format=torch.contiguous_format)
     seconds = seconds_before + time.perf_counter() - t0
     return TrainResult(run.best_acc, run.last_acc, run.recoveries, run.step, seconds, run.history)

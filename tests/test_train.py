@@ -387,8 +387,10 @@ def test_batches_are_channels_last_where_measured_faster(monkeypatch):
     monkeypatch.delenv("RL_MTD_CHANNELS_LAST", raising=False)
     for machine, expected in (("x86_64", True), ("AMD64", True), ("aarch64", False)):
         monkeypatch.setattr(loader_mod.platform, "machine", lambda m=machine: m)
-        assert channels_last_inputs("cpu") is expected, machine
+        assert channels_last_inputs("cpu") is (expected and torch.backends.mkldnn.is_available())
         assert channels_last_inputs(torch.device("cuda")) is True
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert channels_last_inputs("cpu") is False, "without oneDNN NHWC is not the measured path"
     monkeypatch.setenv("RL_MTD_CHANNELS_LAST", "0")
     assert channels_last_inputs("cuda") is False
     monkeypatch.setenv("RL_MTD_CHANNELS_LAST", "1")
@@ -432,3 +434,32 @@ def test_training_and_evaluation_agree_across_batch_layouts(splits, trained, mon
     assert float(F.cosine_similarity(moves[0], moves[1], dim=0)) > 0.999
     assert accs[0] > 0.5 and accs[0] == pytest.approx(accs[1], abs=1 / len(splits.proxy))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["0", "1"])
+def test_every_batch_the_library_draws_follows_the_layout(splits, trained, monkeypatch, layout):
+    """Training, evaluation, the BatchNorm re-estimate and the data-aware fit's moments all feed
+    the net batches in the layout ``channels_last_inputs`` chose (here forced each way)."""
+    from rl_mtd.datafit import collect_input_moments
+
+    monkeypatch.setenv("RL_MTD_CHANNELS_LAST", layout)
+    net = copy.deepcopy(trained[0])
+    first = conv_layers(net)[0][1]
+    seen: list[bool] = []
+    hook = first.register_forward_pre_hook(
+        lambda _m, args: seen.append(
+            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()
+        )
+    )
+    calls = {
+        "train": lambda: train(net, splits.train, config=TrainConfig(steps=2, batch_size=64)),
+        "evaluate": lambda: evaluate(net, splits.proxy),
+        "reestimate_bn": lambda: reestimate_bn(net, splits.train, batches=2),
+        "collect_input_moments": lambda: collect_input_moments(net, splits.train, images=64),
+    }
+    for what, call in calls.items():
+        seen.clear()
+        call()
+        assert seen and all(s == (layout == "1") for s in seen), what
+    hook.remove()
+    assert all(p.is_contiguous() for p in net.parameters()), "CPU weights stay NCHW"

@@ -25,20 +25,26 @@ STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 PAD = 4  # random-crop padding, as in the standard CIFAR recipe
 
 CHANNELS_LAST_ENV = "RL_MTD_CHANNELS_LAST"
-_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+_X86 = ("x86_64", "amd64")
 
 
 def channels_last_inputs(device: torch.device | str) -> bool:
     """Whether the batches for a model on ``device`` are laid out channels_last (NHWC).
 
-    Yes on CUDA (tensor-core convolutions) and on x86 CPUs, where oneDNN then runs every conv
-    of the net (the weights stay NCHW) and its backward pass in NHWC: measured on a 2-core AMD
-    EPYC, training steps 1.3-1.9x faster for VGG11 width 0.25 and its decomposed forms (level
-    for the full-width VGG16, 1.5-1.6x for its decomposed forms), BatchNorm re-estimates and
-    evaluation 1.4-2.3x (BENCHMARKS.md, "Training and evaluation in channels_last"). Other
-    CPUs keep NCHW (not measured). Not bit for bit the NCHW arithmetic (a different summation
-    order), so a run differs from an NCHW one as two GPUs' runs do.
-    ``RL_MTD_CHANNELS_LAST=1`` or ``0`` overrides the choice for every device.
+    Yes on CUDA (tensor-core convolutions; ``rl_mtd.train`` makes the weights channels_last
+    there too) and on x86 CPUs with oneDNN, which then runs every conv of the net (the weights
+    stay NCHW) and its backward pass in NHWC: measured on one 2-core AMD EPYC (AVX2), training
+    steps 1.3-1.9x faster for VGG11 width 0.25 and its decomposed forms (level for the
+    full-width VGG16, 1.5-1.6x for its decomposed forms), BatchNorm re-estimates and evaluation
+    1.4-2.3x (BENCHMARKS.md, "Training and evaluation in channels_last"). Other CPUs keep NCHW
+    (not measured), as does a torch without oneDNN.
+
+    Not bit for bit the NCHW arithmetic (a different summation order): a run differs from an
+    NCHW one as two GPUs' runs do, a training state saved in one layout resumes in the other
+    only to float tolerance, and data-aware factors (``--fit data``) cached under one layout
+    are refitted under the other (their cache key hashes the input moments' exact bits).
+    ``RL_MTD_CHANNELS_LAST=1`` or ``0`` overrides the choice for every device (``0`` on CUDA
+    also keeps the weights NCHW while training).
     """
     forced = os.environ.get(CHANNELS_LAST_ENV, "").strip()
     if forced:
@@ -49,7 +55,10 @@ def channels_last_inputs(device: torch.device | str) -> bool:
             )
         return forced == "1"
     device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and platform.machine().lower() in _X86)
+    if device.type == "cuda":
+        return True
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return device.type == "cpu" and onednn and platform.machine().lower() in _X86
 
 
 @lru_cache(maxsize=8)
