@@ -34,9 +34,9 @@ def channels_last_inputs(device: torch.device | str) -> bool:
     Yes on CUDA (tensor-core convolutions; ``rl_mtd.train`` makes the weights channels_last
     there too) and on x86 CPUs with oneDNN, which then runs every conv of the net (the weights
     stay NCHW) and its backward pass in NHWC: measured on one 2-core AMD EPYC (AVX2), training
-    steps 1.3-1.9x faster for VGG11 width 0.25 and its decomposed forms (level for the
-    full-width VGG16, 1.5-1.6x for its decomposed forms), BatchNorm re-estimates and evaluation
-    1.4-2.3x (BENCHMARKS.md, "Training and evaluation in channels_last"). Other CPUs keep NCHW
+    steps 1.2-1.9x faster for VGG11 width 0.25 and its decomposed forms (0.98-1.13x for the
+    full-width VGG16, 1.1-1.8x for its decomposed forms), BatchNorm re-estimates and evaluation
+    1.4-3.4x (BENCHMARKS.md, "Training and evaluation in channels_last"). Other CPUs keep NCHW
     (not measured), as does a torch without oneDNN.
 
     Not bit for bit the NCHW arithmetic (a different summation order): a run differs from an
