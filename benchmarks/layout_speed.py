@@ -102,11 +102,14 @@ def main() -> None:
     share = others_cpu_share(before, time.perf_counter() - t0)
     print("| model | what | NCHW | channels_last | speed-up |")
     print("|-|-|-:|-:|-:|")
-    units = {"train": ("ms/step", 1e3), "bn": ("s", 1.0), "eval": ("s", 1.0)}
+    rows = {
+        "train": ("train step", "ms/step", 1e3),
+        "bn": ("BN re-estimate", "s", 1.0),
+        "eval": ("evaluate", "s", 1.0),
+    }
     for name in nets:
-        for what, (unit, scale) in units.items():
+        for what, (label, unit, scale) in rows.items():
             a, b = (best[(name, layout, what)] for layout in LAYOUTS)
-            label = {"train": "train step", "bn": "BN re-estimate", "eval": "evaluate"}[what]
             print(
                 f"| {name} | {label} | {_fmt(a * scale)} {unit} | {_fmt(b * scale)} {unit} | "
                 f"{a / b:.2f}x |"
