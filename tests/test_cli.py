@@ -1125,6 +1125,33 @@ def test_two_envs_in_subprocesses(tmp_path):
     assert fresh >= 2 and report["proxy_evaluations"] >= fresh  # the main process alone: 1
 
 
+def test_env_workers_share_the_cpu_threads(tmp_path, monkeypatch):
+    """Each --n-envs worker takes its share of torch's threads on a CPU (a fresh worker took one
+    per core: two of them on two cores ran the search above about 6x slower). The workers are
+    built in this process here, so the thread count each leaves behind can be read."""
+    from stable_baselines3.common import vec_env
+
+    seen = []
+
+    def in_process(fns):
+        envs = []
+        for fn in fns:
+            torch.set_num_threads(2)  # a fresh worker's default here: one per core
+            envs.append(fn())
+            seen.append(torch.get_num_threads())
+        return vec_env.DummyVecEnv([lambda e=e: e for e in envs])
+
+    monkeypatch.setattr(vec_env, "SubprocVecEnv", in_process)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's: each of the 2 workers gets 1
+    try:
+        args = [*COMMON, *SEARCH, "--episodes", "2", "--n-envs", "2"]
+        assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+
+
 def test_new_baseline_depends_on_the_seed_only(tmp_path, monkeypatch):
     """A baseline trained for a run is the same whatever drew from torch's RNG before (it was
     built before seeding, so its initial weights - and accuracy - varied from run to run)."""
