@@ -320,21 +320,10 @@ class RunConfig:
             raise RlMtdError(f"--kd must be in [0, 1] (0 turns distillation off), got {self.kd!r}")
         _check_file("--checkpoint", self.checkpoint, "a baseline checkpoint (.pt)")
         _check_file("--replay", self.replay, "its policy.json or agent.zip")
-        if self.resume is None and self.out is not None and Path(self.out).exists():
-            if not Path(self.out).is_dir():
-                raise RlMtdError(f"--out {self.out} is a file; --out names a run directory")
-            # An empty directory (made beforehand) holds nothing to lose: the run uses it.
-            if not self.overwrite and any(Path(self.out).iterdir()):
-                resume = (
-                    f"--resume {self.out} to go on with an unfinished run there, "
-                    if (Path(self.out) / "config.json").is_file()
-                    else ""
-                )
-                raise RlMtdError(
-                    f"output directory {self.out} already exists; pass another --out, {resume}"
-                    "or --overwrite to write a new run into it (clearing an old run's search "
-                    "and report there)"
-                )
+        if self.resume is None and self.out is not None:
+            from agents.run_dir import check_new_out  # it imports this module
+
+            check_new_out(Path(self.out), self.overwrite)
         return self
 
     @property

@@ -241,8 +241,13 @@ def print_plan(
         search = (
             f"{episodes_left} episodes x {timing.n_layers} layers{resumed}, target {target}, "
             f"{cfg.n_envs} env(s), proxy {cfg.bn_batches} BN batches + {cfg.repair_steps} "
-            f"repair steps (~{_fmt(est['search'])}, plus factorising each new layer option "
-            "once; repeated policies are faster)"
+            f"repair steps (up to ~{_fmt(est['search'])} if every policy is new, plus "
+            "factorising each new layer option once; a repeated policy is read from the memo"
+            + (
+                "; one warm-started from the heuristic repeats many, often most)"
+                if cfg.warm_start == "sensitivity"
+                else ")"
+            )
         )
     lines = [
         f"plan: {cfg.net} width {cfg.width:g} on {device}, preset {cfg.preset}, seed {cfg.seed}",

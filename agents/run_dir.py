@@ -41,6 +41,53 @@ STALE_OUTPUTS = (
     "model.torchscript.pt",
 )
 """Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one."""
+BASELINE_FALLBACK = "baseline.pt"
+"""A trained baseline the cache had no room for (``agents.inputs.get_baseline``): kept by
+--overwrite, since a config.json may name it."""
+
+
+def holds_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a run_agent.py run: a config.json with the keys every run's
+    has (``agents.resume.RUN_CONFIG_KEYS``)."""
+    from agents.resume import RUN_CONFIG_KEYS
+
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in RUN_CONFIG_KEYS)
+
+
+def check_new_out(out: Path, overwrite: bool) -> None:
+    """A new run's --out: a new or empty directory, or (``overwrite``) one that holds a run, whose
+    files are cleared by name (``clear_earlier_run``). A folder of the user's is written into
+    only where no file of the names a run writes is there: a report.md or tb/ of the user's is
+    refused rather than cleared."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RlMtdError(f"--out {out} is a file; --out names a run directory")
+    if not any(out.iterdir()):  # made beforehand: nothing to lose
+        return
+    run = holds_run(out)
+    if not overwrite:
+        resume = f"--resume {out} to go on with an unfinished run there, " if run else ""
+        raise RlMtdError(
+            f"output directory {out} already exists; pass another --out, {resume}"
+            "or --overwrite to write a new run into it (clearing an old run's search "
+            "and report there)"
+        )
+    clash = sorted(
+        name
+        for name in ("config.json", *STALE_SEARCH_FILES, *STALE_OUTPUTS, BASELINE_FALLBACK)
+        if (out / name).exists()
+    )
+    if not run and clash:
+        raise RlMtdError(
+            f"--overwrite {out}: that directory holds no run_agent.py run (no run's "
+            f"config.json), yet --overwrite would clear or replace {', '.join(clash)} there, "
+            "which may be yours; pass another --out, or a new or empty directory"
+        )
 
 
 def clear_earlier_run(run_dir: Path) -> None:

@@ -727,10 +727,31 @@ def test_existing_out_of_a_run_suggests_resume_and_an_empty_one_is_used(tmp_path
     out = tmp_path / "made-beforehand"
     out.mkdir()
     assert RunConfig(out=str(out)).validate().out == str(out)  # nothing there to lose
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"net": "vgg11", "width": 0.125}')
     with pytest.raises(RlMtdError, match="already exists") as err:
         RunConfig(out=str(out)).validate()
     assert f"--resume {out}" in str(err.value)
+    assert RunConfig(out=str(out), overwrite=True).validate().overwrite
+
+
+def test_overwrite_refuses_a_folder_of_the_users_that_holds_a_runs_file_names(tmp_path):
+    """--overwrite clears a run's files by name: in a folder that holds no run (its config.json
+    is not a run's) it cleared the user's own report.md and tb/ and replaced their config.json.
+    Now refused, naming the files; a folder without such names is still written into."""
+    out = tmp_path / "project"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "mine.txt").write_text("keep\n")
+    (out / "report.md").write_text("my notes\n")
+    (out / "config.json").write_text('{"my": 1}')
+    with pytest.raises(RlMtdError, match="already exists") as err:
+        RunConfig(out=str(out)).validate()
+    assert "--resume" not in str(err.value), "no run there to resume"
+    with pytest.raises(RlMtdError, match="no run_agent.py run") as err:
+        RunConfig(out=str(out), overwrite=True).validate()
+    assert "config.json, report.md, tb" in str(err.value)
+    for name in ("config.json", "report.md", "tb"):
+        (out / name).rename(out / f"my-{name}")
+    assert RunConfig(out=str(out), overwrite=True).validate().overwrite
 
 
 @pytest.mark.slow
