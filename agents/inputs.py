@@ -15,8 +15,8 @@ from agents.config import RunConfig
 from agents.progress import bars_wanted, train_bar
 from rl_mtd.checkpoints import load_baseline, save_baseline
 from rl_mtd.data import Cifar, DataSplits, load_cifar10, make_splits
-from rl_mtd.errors import RlMtdError
-from rl_mtd.io import cache_dir
+from rl_mtd.errors import RlMtdError, os_error_message
+from rl_mtd.io import CACHE_ENV, cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
 
@@ -127,9 +127,11 @@ def get_baseline(
     data_key: str,
     device: torch.device,
     given: nn.Module | None = None,
+    keep_dir: Path | None = None,
 ) -> tuple[nn.Module, str]:
     """The baseline: ``--checkpoint`` (``given`` if it was loaded already), a cached one for
-    these settings, or train one now."""
+    these settings, or train one now; one trained that the cache has no room for is kept in
+    ``keep_dir`` (the run directory) where given."""
     if cfg.checkpoint is not None:
         if given is None:
             given, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
@@ -179,15 +181,41 @@ def get_baseline(
                 state_path,
             )
         raise
-    save_baseline(
-        path,
-        model,
-        net=cfg.net,
-        width=cfg.width,
-        meta={"epochs": cfg.baseline_epochs, "data": data_key},
-    )
+    meta = {"epochs": cfg.baseline_epochs, "data": data_key}
+    try:
+        save_baseline(path, model, net=cfg.net, width=cfg.width, meta=meta)
+    except OSError as exc:
+        if keep_dir is None:
+            raise
+        path = _keep_elsewhere(model, cfg, meta, keep_dir, exc)
     state_path.unlink(missing_ok=True)
     return model, str(path)
+
+
+def _keep_elsewhere(
+    model: nn.Module, cfg: RunConfig, meta: dict[str, Any], keep_dir: Path, exc: OSError
+) -> Path:
+    """Where a baseline just trained goes when the cache has no room for it (a full disk): the
+    run directory, rather than losing hours of training; the run goes on with it."""
+    from agents.run_dir import BASELINE_FALLBACK
+
+    fallback = keep_dir / BASELINE_FALLBACK
+    try:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+        save_baseline(fallback, model, net=cfg.net, width=cfg.width, meta=meta)
+    except OSError as again:
+        raise RlMtdError(
+            f"the trained baseline could be kept neither in the cache ({os_error_message(exc)}) "
+            f"nor in {fallback} ({os_error_message(again)})"
+        ) from None
+    log.warning(
+        "the cache could not keep the trained baseline (%s); kept as %s instead, which "
+        "--checkpoint %s reuses in later runs",
+        os_error_message(exc, CACHE_ENV),
+        fallback,
+        fallback,
+    )
+    return fallback
 
 
 _LATENCY_MODELS: dict[tuple, Any] = {}

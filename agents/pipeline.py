@@ -218,7 +218,7 @@ def run(
         return {"dry_run": True, "estimated_seconds": estimate}
     if cfg.resume is not None:  # policy.json deleted or damaged since the search's last best
         restore_policy(run_dir, state)
-    baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given)
+    baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given, run_dir)
     proxy = make_proxy(cfg, baseline, splits, device)
 
     if cfg.resume is None:

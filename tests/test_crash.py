@@ -316,3 +316,33 @@ def test_a_benchmark_script_ends_a_full_disk_with_one_line(capsys):
 
     with pytest.raises(FileNotFoundError):
         exit_on_user_error(missing)
+
+
+def test_a_baseline_the_full_cache_cannot_keep_is_kept_in_the_run(tmp_path, monkeypatch, caplog):
+    """The cache's disk filled while the baseline trained: the weights were lost and the run
+    ended. Now they go to the run directory as baseline.pt, the run goes on with them, its
+    config.json names that file (what --resume loads), and it serves as --checkpoint."""
+    real_save = torch.save
+
+    def cache_full(obj, f, *args, **kwargs):
+        if f"{os.sep}baselines{os.sep}" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real_save(obj, f, *args, **kwargs)
+
+    import shutil
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch, "save", cache_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: SimpleNamespace(free=0))
+    out = tmp_path / "run"
+    assert main([*RUN, "--episodes", "2", "--quiet", "--out", str(out)]) == 0
+    kept = out / "baseline.pt"
+    assert json.loads((out / "config.json").read_text())["baseline_path"] == str(kept)
+    assert (
+        "could not keep the trained baseline" in caplog.text
+        and f"--checkpoint {kept}" in caplog.text
+    )
+    monkeypatch.setattr(torch, "save", real_save)
+    no_search = RUN[: RUN.index("--levels")]  # a replay takes no search settings
+    replay = [*no_search, "--replay", str(out / "policy.json"), "--checkpoint", str(kept)]
+    assert main([*replay, "--quiet", "--out", str(tmp_path / "again")]) == 0
