@@ -41,6 +41,7 @@ from agents.run_dir import (
     check_resumable,
     clear_earlier_run,
     restore_policy,
+    write_run_config,
 )
 from agents.search import make_proxy, proxy_config, search, worker_evaluations
 from agents.search_state import finished_search, read_search_state, search_finished
@@ -225,17 +226,7 @@ def run(
         if run_dir.exists() and cfg.overwrite:
             clear_earlier_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            run_dir / "config.json",
-            {
-                **cfg.to_dict(),
-                # resolved, so that --resume measures this study whatever the default becomes
-                "study_repair_steps": cfg.study_steps if cfg.measures_study else None,
-                "out": str(run_dir),
-                "resolved_device": str(device),
-                "baseline_path": baseline_path,
-            },
-        )
+        write_run_config(run_dir, cfg, device, baseline_path)
 
     baseline_acc = evaluate(baseline, splits.test, full_precision=True)
     log.info(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from agents.config import RunConfig
+from rl_mtd.data.synthetic import is_synthetic
 from rl_mtd.errors import RlMtdError
 
 RUN_CONFIG_KEYS = ("net", "width")
@@ -46,6 +47,15 @@ def resume_config(
     except TypeError as exc:  # methods or levels not a list
         raise RlMtdError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
     cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
+    _check_named_files(run_dir, cfg)
+    for flag, value in (("--episodes", episodes), ("--timesteps", timesteps)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise RlMtdError(
+                f"--resume {run_dir} {flag} {value}: {flag} must be a whole number >= 1, the "
+                "search's total (what is done included)"
+            )
     cfg.search_more = episodes is not None or timesteps is not None
     if episodes is not None:
         cfg.episodes, cfg.timesteps = episodes, None
@@ -65,6 +75,32 @@ def resume_config(
         # resolved steps in config.json) goes on with the study it began with.
         cfg.study_repair_steps = _recorded_study_steps(run_dir / "agent.zip", cfg)
     return cfg
+
+
+def _check_named_files(run_dir: Path, cfg: RunConfig) -> None:
+    """The files config.json names are still there: else say so, and not that it was edited
+    (runs before absolute paths were recorded name them relative to where they started)."""
+    data = cfg.data if isinstance(cfg.data, str) else None
+    if data is not None and (data.strip().lower() == "cifar10" or is_synthetic(data)):
+        data = None
+    for flag, value in (
+        ("--data", data),
+        ("--checkpoint", cfg.checkpoint),
+        ("--replay", cfg.replay),
+    ):
+        if not isinstance(value, str) or Path(value).expanduser().exists():
+            continue  # a value of another type: the config's check below names it
+        relative = (
+            ""
+            if Path(value).expanduser().is_absolute()
+            else f", read from {Path.cwd()} (a relative path): run --resume from the directory "
+            "the run was started in, or"
+        )
+        raise RlMtdError(
+            f"--resume {run_dir}: the run's {flag} {value} (recorded in its config.json) does "
+            f"not exist{relative or ':'} put it back where it was; the run's other files are "
+            "kept"
+        )
 
 
 def _recorded_study_steps(agent_path: Path, cfg: RunConfig) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,29 @@ def clear_earlier_run(run_dir: Path) -> None:
     for stale in (*STALE_SEARCH_FILES, *STALE_OUTPUTS):
         target = run_dir / stale
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig, device: Any, baseline_path: str) -> None:
+    """The run's config.json: its settings as --resume reads them back."""
+    write_json_atomic(
+        run_dir / "config.json",
+        {
+            **cfg.to_dict(),
+            # absolute, so that --resume from another directory finds them
+            **{k: _absolute(getattr(cfg, k)) for k in ("data", "checkpoint", "replay")},
+            # resolved, so that --resume measures this study whatever the default becomes
+            "study_repair_steps": cfg.study_steps if cfg.measures_study else None,
+            "out": str(run_dir),
+            "resolved_device": str(device),
+            "baseline_path": baseline_path,
+        },
+    )
+
+
+def _absolute(path: str | None) -> str | None:
+    """An existing file or folder's absolute path; anything else (None, ``synthetic:...``,
+    ``cifar10``) as given."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
 def check_resumable(cfg: RunConfig, run_dir: Path, state: dict[str, Any]) -> None:

@@ -915,6 +915,46 @@ def test_resume_of_a_config_edited_to_a_bad_value_names_the_file(smoke_run, tmp_
     assert _digest(run) == before
 
 
+def test_a_file_the_config_names_that_is_gone_is_named_not_called_an_edit(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    """A run started with a relative --checkpoint, resumed from another directory: the error
+    blamed a hand edit of config.json. New runs record absolute paths; an old run's relative
+    path that is not found from here is named with where it was read from and what to do."""
+    run = tmp_path / "moved"
+    shutil.copytree(smoke_run, run)
+    config = read_json(run / "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "checkpoint": "ck/baseline.pt"}))
+    monkeypatch.chdir(tmp_path)
+    before = _digest(run)
+    err = fail(["--resume", str(run)], capsys, "--checkpoint ck/baseline.pt", str(tmp_path))
+    assert "directory the run was started in" in err and "edit" not in err
+    assert _digest(run) == before
+
+
+def test_a_new_runs_config_records_absolute_paths(tmp_path, monkeypatch):
+    """So that --resume finds the data and the checkpoint from any directory."""
+    from agents.run_dir import write_run_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck.pt").write_bytes(b"")
+    cfg = RunConfig(data="synthetic:600,200", checkpoint="ck.pt", replay=None)
+    write_run_config(tmp_path, cfg, "cpu", "ck.pt")
+    saved = read_json(tmp_path / "config.json")
+    assert saved["checkpoint"] == str(tmp_path / "ck.pt")
+    assert saved["data"] == "synthetic:600,200" and saved["replay"] is None
+
+
+@pytest.mark.parametrize("flag", ["--episodes", "--timesteps"])
+def test_a_bad_search_length_on_resume_is_the_command_lines_not_the_configs(
+    flag, smoke_run, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    err = fail(["--resume", str(run), flag, "0"], capsys, f"{flag} 0", "whole number >= 1")
+    assert "config.json" not in err
+
+
 def test_a_replayed_policy_short_of_its_budget_is_reported(smoke_run, tmp_path, caplog):
     """A policy edited to compress less than the budget it records: the run goes on with it,
     warns, and report.json / report.md say the budget is not met."""
