@@ -211,7 +211,8 @@ def search(
     else:
         venv = DummyVecEnv([partial(_make_env, proxy, env_cfg, scores, latency)])
     state = read_search_state(run_dir) if cfg.resume is not None else {}
-    if cfg.resume is not None and agent_path.exists():
+    fresh_agent = not (cfg.resume is not None and agent_path.exists())
+    if not fresh_agent:
         agent = load_agent(agent_path)
         agent.set_env(venv)
         # The zip remembers the folder it was saved from; a copied or moved run logs here.
@@ -222,6 +223,14 @@ def search(
             venv, n_layers, config=PPOConfig(), seed=cfg.seed, tensorboard_log=str(run_dir / "tb")
         )
     episodes_before = len(state.get("episodes", []))
+    if fresh_agent and episodes_before:  # deleted, or lost with a copy of the run
+        log.warning(
+            "%s is missing: the search goes on with a new agent%s; the %d episodes done and "
+            "the best policy so far are kept",
+            agent_path,
+            " cloned from the heuristic again" if cfg.warm_start == "sensitivity" else "",
+            episodes_before,
+        )
     seconds_before = float(state.get("seconds", 0.0))
     invocation = {"argv": list(cfg.argv), "episodes_before": episodes_before}
     invocations = [*state.get("invocations", []), invocation]
@@ -296,7 +305,7 @@ def search(
         save_every=SAVE_EVERY,
         max_episodes=None if cfg.timesteps else cfg.episodes,
     )
-    if cfg.warm_start == "sensitivity" and not episodes_before:
+    if cfg.warm_start == "sensitivity" and fresh_agent:
         from agents.warmstart import warm_start
 
         first = warm_start(
@@ -308,15 +317,17 @@ def search(
             target_prob=cfg.warm_start_prob,
             latency_model=latency,
         )
-        invocation["warm_start"] = {
-            k: first[k]
-            for k in ("strategy", "study_evaluations", "study_seconds", "reward", "policy")
-        }
-        callback.best = first
-        write_json_atomic(
-            run_dir / "policy.json",
-            {**first["policy"], "meta": {**first["policy"].get("meta", {}), "warm_start": True}},
-        )
+        if not episodes_before:  # else the search's best so far stands
+            invocation["warm_start"] = {
+                k: first[k]
+                for k in ("strategy", "study_evaluations", "study_seconds", "reward", "policy")
+            }
+            callback.best = first
+            policy = first["policy"]
+            write_json_atomic(
+                run_dir / "policy.json",
+                {**policy, "meta": {**policy.get("meta", {}), "warm_start": True}},
+            )
     if episodes_before:  # a hard kill may have left episodes.jsonl ahead of the saved state
         write_text_atomic(
             run_dir / "episodes.jsonl", "".join(json.dumps(e) + "\n" for e in callback.episodes)

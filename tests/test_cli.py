@@ -885,6 +885,23 @@ def test_resume_continues_the_search(tmp_path, caplog):
     assert report["proxy_evaluations"] == sum(i["proxy_evaluations"] for i in report["invocations"])
 
 
+def test_resume_without_its_agent_goes_on_with_a_new_one_and_says_so(smoke_run, tmp_path, caplog):
+    """agent.zip deleted: the search went on with a fresh agent without a word. Now it warns;
+    the episodes done and the best policy so far are kept."""
+    run = tmp_path / "no-agent"
+    shutil.copytree(smoke_run, run)
+    (run / "agent.zip").unlink()
+    first = read_json(run / "search_state.json")
+    with caplog.at_level("WARNING"):
+        assert main(["--resume", str(run), "--episodes", "5", "--no-progress", "--quiet"]) == 0
+    assert "agent.zip is missing: the search goes on with a new agent" in caplog.text
+    assert "the 3 episodes done and the best policy so far are kept" in caplog.text
+    state = read_json(run / "search_state.json")
+    assert state["episodes"][:3] == first["episodes"] and len(state["episodes"]) == 5
+    assert state["best"]["reward"] >= first["best"]["reward"]
+    assert (run / "agent.zip").is_file()
+
+
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     fail(["--resume", str(tmp_path)], capsys, "no config.json there")
 
@@ -1470,6 +1487,17 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     # The start is the check's anchor, and the other candidate's lead over it is measured on
     # the same images (the margin decides by it).
     assert check["anchor"] == checked.index(start.choices()) and check["margin"] == 2.0
+    # Resumed without its agent: a new one, cloned from the heuristic again (the study cached),
+    # and the search's best so far stands.
+    run = tmp_path / "first"
+    (run / "agent.zip").unlink()
+    assert main(["--resume", str(run), "--episodes", "4", "--no-progress", "--quiet"]) == 0
+    resumed = read_json(run / "search_state.json")
+    assert resumed["episodes"][:3] == first["episodes"] and len(resumed["episodes"]) == 4
+    assert resumed["best"]["reward"] >= first["best"]["reward"]
+    assert "warm_start" not in resumed["invocations"][1], "the start was the first invocation's"
+    order = first["invocations"][0]["warm_start"]["policy"]["meta"]["settle_first"]
+    assert read_agent_meta(run / "agent.zip")["settle_first"] == order
     other = check["candidates"][1 - check["anchor"]]
     assert check["margin_applied"] and "vs_anchor" not in check["candidates"][check["anchor"]]
     assert "lead over the start (paired s.e.)" in (tmp_path / "second" / "report.md").read_text()
