@@ -316,12 +316,15 @@ def run(
         compressed, ft = compress_and_finetune(cfg, proxy, policy, baseline, splits, run_dir)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         # --resume goes on with this fine-tune unless it has a search to finish first.
-        if (run_dir / FINETUNE_STATE).exists() and (replay is not None or not interrupted):
+        # Before its first save too: a resumed run whose search finished only fine-tunes.
+        if replay is not None or not interrupted:
+            saved = (run_dir / FINETUNE_STATE).exists()
             log.warning(
-                "fine-tune interrupted; run_agent.py --resume %s goes on from its last save "
-                "(%s), without searching again",
+                "fine-tune interrupted; run_agent.py --resume %s %s, without searching again",
                 run_dir,
-                run_dir / FINETUNE_STATE,
+                f"goes on from its last save ({run_dir / FINETUNE_STATE})"
+                if saved
+                else "fine-tunes the policy again (it stopped before its first save)",
             )
         else:
             log.warning(

@@ -1112,15 +1112,24 @@ def test_ctrl_c_in_the_fine_tune_keeps_the_policy_and_says_how_to_go_on(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    real = agents.pipeline.compress_and_finetune
     monkeypatch.setattr(agents.pipeline, "compress_and_finetune", interrupted)
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
         assert main([*COMMON, *SEARCH, "--out", str(out)]) == 130
     kept = out / "policy.json"
-    assert f"--replay {kept}" in caplog.text and "interrupted" in capsys.readouterr().err
+    assert "interrupted" in capsys.readouterr().err
+    # It stopped before the fine-tune's first save: --resume (not a replay into a new
+    # directory, which it suggested) fine-tunes the policy again without searching.
+    assert f"--resume {out} fine-tunes the policy again" in caplog.text
     net = build_vgg(NET, width=WIDTH)
     ratio = count_params(net) / Policy.load(kept).predicted_params(net)
     assert ratio >= TARGET * 0.98, "the search's best policy is kept"
+    monkeypatch.setattr(agents.pipeline, "compress_and_finetune", real)
+    episodes = read_json(out / "search_state.json")["episodes"]
+    assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
+    assert read_json(out / "report.json")["episodes"] == len(episodes) == 3
+    assert read_json(out / "report.json")["compression_ratio"] >= TARGET * 0.98
 
 
 def test_an_interrupted_fine_tune_is_not_resumed_onto_another_baseline():
