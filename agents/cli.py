@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from agents.pipeline import run
     from agents.progress import search_bar
     from agents.resume import resume_config
+    from agents.run_dir import RunLock
 
     try:
         if args.resume is not None:
@@ -241,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         with (
             search_bar(cfg, enabled=not args.no_progress and not args.quiet) as on_episode,
             torch.backends.cudnn.flags(enabled=True, benchmark=True),
+            RunLock() as lock,
         ):
-            report = run(cfg, go_on_after_interrupt=_ask_to_go_on(cfg), on_episode=on_episode)
+            ask = _ask_to_go_on(cfg)
+            report = run(cfg, go_on_after_interrupt=ask, on_episode=on_episode, lock=lock)
         if report is None:
             return 130
     except RlMtdError as exc:

@@ -37,6 +37,7 @@ from agents.replay import (
 )
 from agents.report import RunResult, build_report, write_outputs
 from agents.run_dir import (
+    RunLock,
     check_not_cleared,
     check_resumable,
     clear_earlier_run,
@@ -131,6 +132,7 @@ def run(
     *,
     go_on_after_interrupt: Callable[[Path], bool] = lambda _: False,
     on_episode: Callable[[dict, dict], None] | None = None,
+    lock: RunLock | None = None,
 ) -> dict[str, Any] | None:
     """Run the whole job; report.json's content, or None when an interrupted search stops it.
     With ``cfg.dry_run``, stop after the plan: ``{"dry_run": True, "estimated_seconds": ...}``.
@@ -217,6 +219,8 @@ def run(
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
         return {"dry_run": True, "estimated_seconds": estimate}
+    if lock is not None:  # before anything is written into run_dir
+        lock.take(run_dir)
     if cfg.resume is not None:  # policy.json deleted or damaged since the search's last best
         restore_policy(run_dir, state)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given, run_dir)

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,73 @@ BASELINE_FALLBACK = "baseline.pt"
 --overwrite, since a config.json may name it."""
 
 
+LOCK_FILE = ".run.lock"
+"""Held by the run_agent.py job writing into a run directory: its pid, host and start."""
+
+
+class RunLock:
+    """At most one run_agent.py job writes into a run directory at a time: two started into one
+    --out (or a --resume of a run still going) interleaved their episodes.jsonl and mixed their
+    files. A lock left by a job killed hard (its process gone) is taken over."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def take(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_FILE
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                _refuse_if_held(path, run_dir)
+                path.unlink(missing_ok=True)  # stale: its job is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(
+                    {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f
+                )
+            self.path = path
+            return
+        raise RlMtdError(f"could not take {path}: other jobs keep starting in {run_dir}")
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
+def _refuse_if_held(path: Path, run_dir: Path) -> None:
+    """Refuse where the lock's job still runs here, or on another host (which cannot be asked)."""
+    try:
+        holder = json.loads(path.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # torn by a kill between create and write: stale
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # alive, another user's
+        where = f"process {pid}"
+    else:
+        where = f"process {pid} on {host}"
+    raise RlMtdError(
+        f"{run_dir} is in use by another run_agent.py job ({where}); wait for it to end, or "
+        f"pass another --out (if no job is running there, delete {path})"
+    )
+
+
 def holds_run(directory: Path) -> bool:
     """Whether ``directory`` holds a run_agent.py run: a config.json with the keys every run's
     has (``agents.resume.RUN_CONFIG_KEYS``)."""
@@ -68,7 +137,7 @@ def check_new_out(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise RlMtdError(f"--out {out} is a file; --out names a run directory")
-    if not any(out.iterdir()):  # made beforehand: nothing to lose
+    if not any(p.name != LOCK_FILE for p in out.iterdir()):  # made beforehand: nothing to lose
         return
     run = holds_run(out)
     if not overwrite:

@@ -18,6 +18,7 @@ import torch
 from agents.cli import main
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.decompose import FactorCache
+from rl_mtd.errors import RlMtdError
 from rl_mtd.io import CACHE_ENV, write_json_atomic
 from rl_mtd.models import build_vgg
 
@@ -346,3 +347,34 @@ def test_a_baseline_the_full_cache_cannot_keep_is_kept_in_the_run(tmp_path, monk
     no_search = RUN[: RUN.index("--levels")]  # a replay takes no search settings
     replay = [*no_search, "--replay", str(out / "policy.json"), "--checkpoint", str(kept)]
     assert main([*replay, "--quiet", "--out", str(tmp_path / "again")]) == 0
+
+
+def test_one_job_at_a_time_writes_into_a_run_directory(tmp_path, capsys):
+    """Two jobs started into one --out interleaved their episodes.jsonl and mixed their files.
+    The first now holds a lock there; a second is refused while its process lives, and a lock
+    left by a job killed hard (its process gone) is taken over."""
+    import socket
+
+    from agents.run_dir import LOCK_FILE, RunLock
+
+    run = tmp_path / "run"
+    with RunLock() as lock:
+        lock.take(run)
+        holder = json.loads((run / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    assert not (run / LOCK_FILE).exists(), "released when the job ends"
+    alive = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}
+    (run / LOCK_FILE).write_text(json.dumps(alive))
+    rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"in use by another run_agent.py job (process {os.getppid()})" in err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE], "nothing written"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (run / LOCK_FILE).write_text(json.dumps({**alive, "pid": gone.pid}))
+    assert main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)]) == 0
+    assert (run / "report.json").exists() and not (run / LOCK_FILE).exists()
+    elsewhere = {**alive, "host": "another-host"}
+    (run / LOCK_FILE).write_text(json.dumps(elsewhere))
+    with pytest.raises(RlMtdError, match="on another-host.*delete"):
+        RunLock().take(run)
