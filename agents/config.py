@@ -353,6 +353,9 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
+        for key in ("methods", "levels"):  # a string would be read letter by letter
+            if isinstance(values.get(key), str):
+                raise TypeError(f"{key} must be a list, got the string {values[key]!r}")
         values["methods"] = tuple(values.get("methods", METHODS))
         values["levels"] = tuple(values.get("levels", DEFAULT_LEVELS))
         return cls(**values)

@@ -68,7 +68,8 @@ def _check_not_weights(path: Path) -> None:
         head = f.read(2)
     if head == b"PK" or head[:1] == b"\x80":
         raise RlMtdError(
-            f"--replay {path} is a PyTorch file, not a policy; --replay takes a run's policy.json "
+            f"--replay {path} is a binary file (it begins as PyTorch files do), not a policy; "
+            "--replay takes a run's policy.json "
             "or agent.zip (a compressed.pt is already a result: rl_mtd.policy.load_compressed "
             "rebuilds it; a baseline goes to --checkpoint)"
         )

@@ -26,6 +26,8 @@ def resume_config(
     """The saved run's settings; ``episodes`` (a total) or ``timesteps`` lengthen the search."""
     run_dir = Path(run_dir)
     saved = run_dir / "config.json"
+    if run_dir.is_file():
+        raise RlMtdError(f"--resume {run_dir} is a file; give a run's directory (its --out)")
     if not run_dir.is_dir():
         raise RlMtdError(f"--resume {run_dir}: no such directory (give a run directory, --out)")
     if not saved.exists():

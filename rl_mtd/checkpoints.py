@@ -66,7 +66,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "re-save it, or pass the file torch.save wrote"
         ) from None
     if not isinstance(data, dict):
-        raise RlMtdError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
+        raise RlMtdError(
+            f"checkpoint {path} holds a {type(data).__name__}, not the dict of weights a "
+            "checkpoint is; save it with torch.save(model.state_dict(), path)"
+        )
     return data
 
 
@@ -157,8 +160,11 @@ def _misfit(
             f"{head}: its last layer has {linear[-1].shape[0]} outputs, but the data has "
             f"{num_classes} classes; pass a checkpoint trained on this dataset's classes"
         )
-    first = str(exc).splitlines()[1:2] or [str(exc)[:200]]
-    return f"{head}:{first[0]}"
+    first = (str(exc).splitlines()[1:2] or [str(exc)[:200]])[0].strip()
+    return (
+        f"{head}: {first}; it is not a whole {net} state_dict (edited, or saved from another "
+        "model): pass the file torch.save(model.state_dict(), path) wrote for this network"
+    )
 
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")

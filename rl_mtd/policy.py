@@ -160,9 +160,11 @@ def _fail(source: str, msg: str) -> RlMtdError:
 def _parse_policy(data: Any, source: str) -> Policy:
     if not isinstance(data, dict) or "format" not in data:  # every policy file states it
         report = isinstance(data, dict) and "finetuned_acc" in data
+        config = isinstance(data, dict) and "net" in data and "preset" in data
+        what = "a run's report.json" if report else "a run's config.json" if config else ""
         raise RlMtdError(
             f"{source} is not an rl_mtd policy file ("
-            + ("a run's report.json; its policy.json sits beside it" if report else "no 'format'")
+            + (f"{what}; its policy.json sits beside it" if what else "no 'format'")
             + "); pass the policy.json or agent.zip of a run"
         )
     fmt = data.get("format")

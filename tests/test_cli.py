@@ -2004,7 +2004,7 @@ def test_a_foreign_file_as_checkpoint_leads_with_the_fix(kind, tmp_path, capsys)
 def test_a_compressed_checkpoint_as_replay_is_named(smoke_run, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [*COMMON, "--replay", str(smoke_run / "compressed.pt"), "--out", str(out)]
-    fail(argv, capsys, "is a PyTorch file, not a policy", "load_compressed")
+    fail(argv, capsys, "is a binary file", "not a policy", "load_compressed")
     assert not out.exists()
 
 
@@ -2335,3 +2335,30 @@ def test_a_run_stopped_before_its_first_episode_has_no_state_to_lose(episodes, t
     if episodes is not None:
         (tmp_path / "episodes.jsonl").write_text(episodes)
     assert read_search_state(tmp_path) == {}
+
+
+def test_odd_inputs_get_a_message_that_names_the_fix(smoke_run, tmp_path, capsys, monkeypatch):
+    """Each of these gave a bare or misleading message: a bare tensor as --checkpoint (no fix
+    named), a state_dict missing a key (torch's own line), a run's config.json as --replay (no
+    hint where the policy is), a file as --resume ("no such directory"), and a hand-edited
+    config.json whose methods is a string (read letter by letter: "unknown method 'k'")."""
+    _no_work(monkeypatch)
+    tensor, partial = tmp_path / "tensor.pt", tmp_path / "partial.pt"
+    torch.save(torch.zeros(3), tensor)
+    state = build_vgg(NET, width=WIDTH).state_dict()
+    state.pop("features.0.weight")
+    torch.save(state, partial)
+    cases = [
+        (["--checkpoint", str(tensor)], ["holds a Tensor", "torch.save(model.state_dict()"]),
+        (["--checkpoint", str(partial)], ["features.0.weight", "not a whole vgg11 state_dict"]),
+        (["--replay", str(smoke_run / "config.json")], ["a run's config.json", "policy.json"]),
+    ]
+    for extra, phrases in cases:
+        fail([*COMMON, *extra, "--out", str(tmp_path / "out")], capsys, *phrases)
+    fail(["--resume", str(tensor)], capsys, "is a file", "run's directory")
+    run = tmp_path / "edited"
+    shutil.copytree(smoke_run, run)
+    config = read_json(run / "config.json")
+    (run / "config.json").write_text(json.dumps({**config, "methods": "keep"}))
+    fail(["--resume", str(run)], capsys, "methods must be a list", "'keep'")
+    assert not (tmp_path / "out").exists()
