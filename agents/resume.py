@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from agents.config import RunConfig
-from rl_mtd.data.synthetic import is_synthetic
 from rl_mtd.errors import RlMtdError
 
 RUN_CONFIG_KEYS = ("net", "width")
@@ -82,11 +81,10 @@ def resume_config(
 def _check_named_files(run_dir: Path, cfg: RunConfig) -> None:
     """The files config.json names are still there: else say so, and not that it was edited
     (runs before absolute paths were recorded name them relative to where they started)."""
-    data = cfg.data if isinstance(cfg.data, str) else None
-    if data is not None and (data.strip().lower() == "cifar10" or is_synthetic(data)):
-        data = None
+    from agents.run_dir import data_path  # it imports this module
+
     for flag, value in (
-        ("--data", data),
+        ("--data", data_path(cfg.data)),
         ("--checkpoint", cfg.checkpoint),
         ("--replay", cfg.replay),
     ):

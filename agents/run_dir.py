@@ -4,6 +4,7 @@ cleared), with the policy.json a resumable run gets back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE
 from agents.search_state import search_finished, what_is_left
+from rl_mtd.data.synthetic import is_synthetic
 from rl_mtd.errors import RlMtdError
 from rl_mtd.io import write_json_atomic
 from rl_mtd.policy import Policy
@@ -60,8 +62,10 @@ class RunLock:
 
     def __init__(self) -> None:
         self.path: Path | None = None
+        self.made = False
 
     def take(self, run_dir: Path) -> None:
+        self.made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
         for _ in range(3):
@@ -80,8 +84,13 @@ class RunLock:
         raise RlMtdError(f"could not take {path}: other jobs keep starting in {run_dir}")
 
     def release(self) -> None:
+        """Unlock; a directory the lock made is removed again if the job left it empty (Ctrl-C
+        while the baseline trained)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            if self.made:
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()  # only if empty
             self.path = None
 
     def __enter__(self) -> RunLock:
@@ -175,7 +184,8 @@ def write_run_config(run_dir: Path, cfg: RunConfig, device: Any, baseline_path: 
         {
             **cfg.to_dict(),
             # absolute, so that --resume from another directory finds them
-            **{k: _absolute(getattr(cfg, k)) for k in ("data", "checkpoint", "replay")},
+            "data": _absolute(data_path(cfg.data)) or cfg.data,
+            **{k: _absolute(getattr(cfg, k)) for k in ("checkpoint", "replay")},
             # resolved, so that --resume measures this study whatever the default becomes
             "study_repair_steps": cfg.study_steps if cfg.measures_study else None,
             "out": str(run_dir),
@@ -183,6 +193,14 @@ def write_run_config(run_dir: Path, cfg: RunConfig, device: Any, baseline_path: 
             "baseline_path": baseline_path,
         },
     )
+
+
+def data_path(data: Any) -> str | None:
+    """The path in a --data setting; None for none, ``cifar10`` (torchvision's download) and
+    ``synthetic:...``."""
+    if not isinstance(data, str) or data.strip().lower() == "cifar10" or is_synthetic(data):
+        return None
+    return data
 
 
 def _absolute(path: str | None) -> str | None:

@@ -362,7 +362,11 @@ def test_one_job_at_a_time_writes_into_a_run_directory(tmp_path, capsys):
         lock.take(run)
         holder = json.loads((run / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-    assert not (run / LOCK_FILE).exists(), "released when the job ends"
+    assert not run.exists(), "released when the job ends, and the folder it made, left empty"
+    run.mkdir()
+    with RunLock() as lock:
+        lock.take(run)
+    assert run.is_dir() and not (run / LOCK_FILE).exists(), "a folder the user made stays"
     alive = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}
     (run / LOCK_FILE).write_text(json.dumps(alive))
     rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)])
