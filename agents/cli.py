@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from agents.pipeline import run
     from agents.progress import search_bar
     from agents.resume import resume_config
-    from agents.run_dir import RunLock
+    from agents.run_lock import RunLock
 
     try:
         if args.resume is not None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from rl_mtd.errors import RlMtdError, os_error_message
 from rl_mtd.io import CACHE_ENV, cache_dir
 from rl_mtd.models import build_vgg
 from rl_mtd.train import TrainConfig, train
+
+if TYPE_CHECKING:
+    from rl_mtd.proxy import Proxy
 
 log = logging.getLogger("rl_mtd")
 
@@ -136,6 +139,11 @@ def get_baseline(
         if given is None:
             given, _ = load_baseline(cfg.checkpoint, net=cfg.net, width=cfg.width)
         return given.to(device), str(cfg.checkpoint)
+    kept = kept_baseline(cfg, keep_dir)
+    if kept is not None:
+        model, _ = load_baseline(kept, net=cfg.net, width=cfg.width)
+        log.info("baseline: this run's own %s (the cache had no room for it)", kept)
+        return model.to(device), str(kept)
     path = baseline_cache_path(cfg, data_key)
     if path.exists():
         try:
@@ -190,6 +198,16 @@ def get_baseline(
         path = _keep_elsewhere(model, cfg, meta, keep_dir, exc)
     state_path.unlink(missing_ok=True)
     return model, str(path)
+
+
+def kept_baseline(cfg: RunConfig, run_dir: Path | None) -> Path | None:
+    """A resumed run's own baseline.pt (one the full cache could not keep), if it has one."""
+    from agents.run_dir import BASELINE_FALLBACK
+
+    if cfg.resume is None or cfg.checkpoint is not None or run_dir is None:
+        return None
+    kept = run_dir / BASELINE_FALLBACK
+    return kept if kept.is_file() else None
 
 
 def _keep_elsewhere(
@@ -259,3 +277,40 @@ def forget_latency_models() -> None:
     """Drop the latency models memoised in this process (the next run reads the cache file or
     times afresh)."""
     _LATENCY_MODELS.clear()
+
+
+MEMORISED_GAP = 0.05
+"""A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
+
+
+def warn_about_baseline(baseline_acc: float, proxy: Proxy, checkpoint: bool = True) -> None:
+    """Warn about a baseline whose numbers would mislead: one at chance, or one that scores
+    far better on the proxy split (cut from CIFAR-10's training images) than on test, as a
+    checkpoint trained on all 50,000 training images does (``checkpoint``: the baseline was
+    given, not trained by this run)."""
+    chance = 1.0 / proxy.num_classes
+    if baseline_acc < 1.5 * chance:
+        log.warning(
+            "the baseline is at about chance (%.2f%%; guessing gives %.0f%%): its training "
+            "diverged (lower --lr) or was far too short (--baseline-epochs), or --checkpoint is "
+            "not a trained model; compressing it measures nothing",
+            100 * baseline_acc,
+            100 * chance,
+        )
+    elif proxy.baseline_acc - baseline_acc > MEMORISED_GAP:
+        why = (
+            "it was probably trained on the proxy's %d images (they are cut from CIFAR-10's "
+            "training set by --seed), so the search ranks policies on images the network "
+            "memorised; use a checkpoint trained without them (rl_mtd.data.make_splits gives "
+            "the same split) or let run_agent.py train one"
+            if checkpoint
+            else "the proxy's %d images were held out from its training, so the test split "
+            "differs from the training images (another --data for test?) or --proxy-size is "
+            "too small to measure; the search's ranking may not carry over to test"
+        )
+        log.warning(
+            "the baseline scores %.2f%% on the proxy split but %.2f%% on test: " + why,
+            100 * proxy.baseline_acc,
+            100 * baseline_acc,
+            len(proxy.proxy_split),
+        )

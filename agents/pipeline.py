@@ -20,9 +20,11 @@ from agents.inputs import (
     baseline_cache_path,
     baseline_state_path,
     get_baseline,
+    kept_baseline,
     latency_model,
     load_data,
     note_other_baseline_states,
+    warn_about_baseline,
 )
 from agents.plan import measure, print_plan
 from agents.prechecks import check_reachable, check_writable_as
@@ -37,13 +39,14 @@ from agents.replay import (
 )
 from agents.report import RunResult, build_report, write_outputs
 from agents.run_dir import (
-    RunLock,
+    check_new_out,
     check_not_cleared,
     check_resumable,
     clear_earlier_run,
     restore_policy,
     write_run_config,
 )
+from agents.run_lock import RunLock
 from agents.search import make_proxy, proxy_config, search, worker_evaluations
 from agents.search_state import finished_search, read_search_state, search_finished
 from agents.speed import write_export
@@ -57,42 +60,6 @@ from rl_mtd.proxy import Proxy, resolve_device
 from rl_mtd.train_state import saved_progress
 
 log = logging.getLogger("rl_mtd")
-
-MEMORISED_GAP = 0.05
-"""A proxy accuracy this far above the test accuracy says the baseline saw the proxy images."""
-
-
-def _warn_about_baseline(baseline_acc: float, proxy: Proxy, checkpoint: bool = True) -> None:
-    """Warn about a baseline whose numbers would mislead: one at chance, or one that scores
-    far better on the proxy split (cut from CIFAR-10's training images) than on test, as a
-    checkpoint trained on all 50,000 training images does (``checkpoint``: the baseline was
-    given, not trained by this run)."""
-    chance = 1.0 / proxy.num_classes
-    if baseline_acc < 1.5 * chance:
-        log.warning(
-            "the baseline is at about chance (%.2f%%; guessing gives %.0f%%): its training "
-            "diverged (lower --lr) or was far too short (--baseline-epochs), or --checkpoint is "
-            "not a trained model; compressing it measures nothing",
-            100 * baseline_acc,
-            100 * chance,
-        )
-    elif proxy.baseline_acc - baseline_acc > MEMORISED_GAP:
-        why = (
-            "it was probably trained on the proxy's %d images (they are cut from CIFAR-10's "
-            "training set by --seed), so the search ranks policies on images the network "
-            "memorised; use a checkpoint trained without them (rl_mtd.data.make_splits gives "
-            "the same split) or let run_agent.py train one"
-            if checkpoint
-            else "the proxy's %d images were held out from its training, so the test split "
-            "differs from the training images (another --data for test?) or --proxy-size is "
-            "too small to measure; the search's ranking may not carry over to test"
-        )
-        log.warning(
-            "the baseline scores %.2f%% on the proxy split but %.2f%% on test: " + why,
-            100 * proxy.baseline_acc,
-            100 * baseline_acc,
-            len(proxy.proxy_split),
-        )
 
 
 def _predicted_latency(cfg: RunConfig, proxy: Proxy, policy: Policy) -> dict[str, Any] | None:
@@ -141,6 +108,20 @@ def run(
     and report the best policy so far (the CLI asks the user).
     """
     replay = load_replay(cfg.validate())
+    run_dir = (
+        Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
+    )
+    # now, not after the baseline is trained
+    if cfg.resume is None:
+        check_writable_as(run_dir, "--out", "pick a writable directory for --out")
+    else:
+        check_writable_as(
+            run_dir, "--resume", "make it writable, or copy the run elsewhere and resume the copy"
+        )
+    if lock is not None and not cfg.dry_run:  # before its state is read or anything written
+        lock.take(run_dir, resume=cfg.resume is not None)
+        if cfg.resume is None and cfg.out:  # checked before the lock: another job may have ended
+            check_new_out(run_dir, cfg.overwrite)
     # A resumed run's search as saved (read once: the checks, the plan and the search use it).
     state = read_search_state(Path(cfg.resume)) if cfg.resume is not None else {}
     if cfg.resume is not None:
@@ -170,20 +151,14 @@ def run(
                 raise
             # The file's budget, hand-edited or from another net.
             raise RlMtdError(f"{replay.path} records a budget this run cannot use: {exc}") from None
-    run_dir = (
-        Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.net}-{datetime.now():%Y%m%d-%H%M%S}"
-    )
-    # now, not after the baseline is trained
-    if cfg.resume is None:
-        check_writable_as(run_dir, "--out", "pick a writable directory for --out")
-    else:
-        check_writable_as(
-            run_dir, "--resume", "make it writable, or copy the run elsewhere and resume the copy"
-        )
     splits, data = load_data(cfg)
     splits = splits.to(device)
     check_classes(replay, data.num_classes)
-    need_baseline = cfg.checkpoint is None and not baseline_cache_path(cfg, data.key).exists()
+    need_baseline = (
+        cfg.checkpoint is None
+        and not baseline_cache_path(cfg, data.key).exists()
+        and kept_baseline(cfg, run_dir) is None
+    )
     if need_baseline:  # where the trained baseline will be kept
         check_writable_as(
             baseline_cache_path(cfg, data.key).parent,
@@ -219,8 +194,6 @@ def run(
     if cfg.dry_run:
         log.info("dry run: stopped before any work; nothing was written to %s", run_dir)
         return {"dry_run": True, "estimated_seconds": estimate}
-    if lock is not None:  # before anything is written into run_dir
-        lock.take(run_dir)
     if cfg.resume is not None:  # policy.json deleted or damaged since the search's last best
         restore_policy(run_dir, state)
     baseline, baseline_path = get_baseline(cfg, splits, data.key, device, given, run_dir)
@@ -238,7 +211,7 @@ def run(
         100 * baseline_acc,
         100 * proxy.baseline_acc,
     )
-    _warn_about_baseline(baseline_acc, proxy, checkpoint=given is not None)
+    warn_about_baseline(baseline_acc, proxy, checkpoint=given is not None)
     episodes: list[dict[str, Any]] = []
     invocations: list[dict[str, Any]] = []
     search_seconds, interrupted = 0.0, False

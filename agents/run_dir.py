@@ -4,19 +4,17 @@ cleared), with the policy.json a resumable run gets back."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from agents.config import RunConfig
 from agents.final_check import FINAL_CHECK_FILE
 from agents.finetune import FINETUNE_STATE
+from agents.run_lock import LOCK_FILE
 from agents.search_state import search_finished, what_is_left
 from rl_mtd.data.synthetic import is_synthetic
 from rl_mtd.errors import RlMtdError
@@ -51,80 +49,6 @@ BASELINE_FALLBACK = "baseline.pt"
 --overwrite, since a config.json may name it."""
 
 
-LOCK_FILE = ".run.lock"
-"""Held by the run_agent.py job writing into a run directory: its pid, host and start."""
-
-
-class RunLock:
-    """At most one run_agent.py job writes into a run directory at a time: two started into one
-    --out (or a --resume of a run still going) interleaved their episodes.jsonl and mixed their
-    files. A lock left by a job killed hard (its process gone) is taken over."""
-
-    def __init__(self) -> None:
-        self.path: Path | None = None
-        self.made = False
-
-    def take(self, run_dir: Path) -> None:
-        self.made = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / LOCK_FILE
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                _refuse_if_held(path, run_dir)
-                path.unlink(missing_ok=True)  # stale: its job is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(
-                    {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f
-                )
-            self.path = path
-            return
-        raise RlMtdError(f"could not take {path}: other jobs keep starting in {run_dir}")
-
-    def release(self) -> None:
-        """Unlock; a directory the lock made is removed again if the job left it empty (Ctrl-C
-        while the baseline trained)."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-            if self.made:
-                with contextlib.suppress(OSError):
-                    self.path.parent.rmdir()  # only if empty
-            self.path = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.release()
-
-
-def _refuse_if_held(path: Path, run_dir: Path) -> None:
-    """Refuse where the lock's job still runs here, or on another host (which cannot be asked)."""
-    try:
-        holder = json.loads(path.read_text())
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # torn by a kill between create and write: stale
-    if host == socket.gethostname():
-        if pid == os.getpid():
-            return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass  # alive, another user's
-        where = f"process {pid}"
-    else:
-        where = f"process {pid} on {host}"
-    raise RlMtdError(
-        f"{run_dir} is in use by another run_agent.py job ({where}); wait for it to end, or "
-        f"pass another --out (if no job is running there, delete {path})"
-    )
-
-
 def holds_run(directory: Path) -> bool:
     """Whether ``directory`` holds a run_agent.py run: a config.json with the keys every run's
     has (``agents.resume.RUN_CONFIG_KEYS``)."""
@@ -146,7 +70,8 @@ def check_new_out(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise RlMtdError(f"--out {out} is a file; --out names a run directory")
-    if not any(p.name != LOCK_FILE for p in out.iterdir()):  # made beforehand: nothing to lose
+    # made beforehand, or holding only the lock of a job starting there: nothing to lose
+    if not any(p.name != LOCK_FILE for p in out.iterdir()):
         return
     run = holds_run(out)
     if not overwrite:
@@ -158,7 +83,7 @@ def check_new_out(out: Path, overwrite: bool) -> None:
         )
     clash = sorted(
         name
-        for name in ("config.json", *STALE_SEARCH_FILES, *STALE_OUTPUTS, BASELINE_FALLBACK)
+        for name in ("config.json", *STALE_SEARCH_FILES, *STALE_OUTPUTS)
         if (out / name).exists()
     )
     if not run and clash:

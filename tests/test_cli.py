@@ -955,11 +955,18 @@ def test_a_new_runs_config_records_absolute_paths(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ck.pt").write_bytes(b"")
-    cfg = RunConfig(data="synthetic:600,200", checkpoint="ck.pt", replay=None)
-    write_run_config(tmp_path, cfg, "cpu", "ck.pt")
-    saved = read_json(tmp_path / "config.json")
-    assert saved["checkpoint"] == str(tmp_path / "ck.pt")
-    assert saved["data"] == "synthetic:600,200" and saved["replay"] is None
+    (tmp_path / "images").mkdir()
+    (tmp_path / "cifar10").mkdir()  # a folder named like torchvision's keyword
+    for data, recorded in [
+        ("synthetic:600,200", "synthetic:600,200"),
+        ("images", str(tmp_path / "images")),
+        ("cifar10", "cifar10"),
+    ]:
+        cfg = RunConfig(data=data, checkpoint="ck.pt", replay=None)
+        write_run_config(tmp_path, cfg, "cpu", "ck.pt")
+        saved = read_json(tmp_path / "config.json")
+        assert saved["checkpoint"] == str(tmp_path / "ck.pt")
+        assert saved["data"] == recorded and saved["replay"] is None
 
 
 @pytest.mark.parametrize("flag", ["--episodes", "--timesteps"])
@@ -1450,7 +1457,7 @@ def test_the_warm_start_keeps_to_the_methods_the_search_may_use(tmp_path):
 
 
 @pytest.mark.slow
-def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
+def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path, caplog):
     runs = []
     # the second run also checks its best against the heuristic's by short fine-tunes; cloned
     # less surely, so its episodes leave the heuristic's policy (an episode that replays the
@@ -1500,7 +1507,9 @@ def test_warm_start_begins_at_the_heuristic_and_caches_its_study(tmp_path):
     # and the search's best so far stands.
     run = tmp_path / "first"
     (run / "agent.zip").unlink()
-    assert main(["--resume", str(run), "--episodes", "4", "--no-progress", "--quiet"]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["--resume", str(run), "--episodes", "4", "--no-progress", "--quiet"]) == 0
+    assert "goes on with a new agent cloned from the heuristic again" in caplog.text
     resumed = read_json(run / "search_state.json")
     assert resumed["episodes"][:3] == first["episodes"] and len(resumed["episodes"]) == 4
     assert resumed["best"]["reward"] >= first["best"]["reward"]
@@ -2121,18 +2130,18 @@ def test_a_misleading_baseline_is_named(test_acc, proxy_acc, phrase, caplog):
     would rank policies on memorised images, so the run says so."""
     from types import SimpleNamespace
 
-    from agents.pipeline import _warn_about_baseline
+    from agents.inputs import warn_about_baseline
 
     proxy = SimpleNamespace(num_classes=10, baseline_acc=proxy_acc, proxy_split=[None] * 2000)
     with caplog.at_level("WARNING"):
-        _warn_about_baseline(test_acc, proxy)
+        warn_about_baseline(test_acc, proxy)
     if phrase is None:
         assert not caplog.records
     else:
         assert phrase in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        _warn_about_baseline(test_acc, proxy, checkpoint=False)  # a baseline this run trained
+        warn_about_baseline(test_acc, proxy, checkpoint=False)  # a baseline this run trained
     assert "probably trained on the proxy" not in caplog.text
 
 

@@ -18,7 +18,6 @@ import torch
 from agents.cli import main
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.decompose import FactorCache
-from rl_mtd.errors import RlMtdError
 from rl_mtd.io import CACHE_ENV, write_json_atomic
 from rl_mtd.models import build_vgg
 
@@ -322,7 +321,8 @@ def test_a_benchmark_script_ends_a_full_disk_with_one_line(capsys):
 def test_a_baseline_the_full_cache_cannot_keep_is_kept_in_the_run(tmp_path, monkeypatch, caplog):
     """The cache's disk filled while the baseline trained: the weights were lost and the run
     ended. Now they go to the run directory as baseline.pt, the run goes on with them, its
-    config.json names that file (what --resume loads), and it serves as --checkpoint."""
+    config.json names that file, --resume loads it (it trained a new one), and it serves as
+    --checkpoint."""
     real_save = torch.save
 
     def cache_full(obj, f, *args, **kwargs):
@@ -344,6 +344,11 @@ def test_a_baseline_the_full_cache_cannot_keep_is_kept_in_the_run(tmp_path, monk
         and f"--checkpoint {kept}" in caplog.text
     )
     monkeypatch.setattr(torch, "save", real_save)
+    (out / "report.json").unlink()  # as if stopped in its fine-tune: --resume goes on with it
+    monkeypatch.setattr("agents.inputs.train", lambda *_a, **_k: pytest.fail("trained again"))
+    with caplog.at_level("INFO", logger="rl_mtd"):
+        assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert "baseline: this run's own" in caplog.text and (out / "report.json").exists()
     no_search = RUN[: RUN.index("--levels")]  # a replay takes no search settings
     replay = [*no_search, "--replay", str(out / "policy.json"), "--checkpoint", str(kept)]
     assert main([*replay, "--quiet", "--out", str(tmp_path / "again")]) == 0
@@ -351,11 +356,11 @@ def test_a_baseline_the_full_cache_cannot_keep_is_kept_in_the_run(tmp_path, monk
 
 def test_one_job_at_a_time_writes_into_a_run_directory(tmp_path, capsys):
     """Two jobs started into one --out interleaved their episodes.jsonl and mixed their files.
-    The first now holds a lock there; a second is refused while its process lives, and a lock
-    left by a job killed hard (its process gone) is taken over."""
+    A job now holds a lock there (flock on .run.lock); a second is refused naming it, also on
+    --resume; a job killed hard (SIGKILL) frees it, the file it leaves blocks nothing."""
     import socket
 
-    from agents.run_dir import LOCK_FILE, RunLock
+    from agents.run_lock import LOCK_FILE, RunLock
 
     run = tmp_path / "run"
     with RunLock() as lock:
@@ -367,18 +372,30 @@ def test_one_job_at_a_time_writes_into_a_run_directory(tmp_path, capsys):
     with RunLock() as lock:
         lock.take(run)
     assert run.is_dir() and not (run / LOCK_FILE).exists(), "a folder the user made stays"
-    alive = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}
-    (run / LOCK_FILE).write_text(json.dumps(alive))
-    rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)])
-    err = capsys.readouterr().err
-    assert rc == 2 and f"in use by another run_agent.py job (process {os.getppid()})" in err
-    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE], "nothing written"
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    (run / LOCK_FILE).write_text(json.dumps({**alive, "pid": gone.pid}))
+    hold = (
+        "import fcntl, json, os, socket, sys, time\n"
+        f"fd = os.open({str(run / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"in use by another run_agent.py job (process {other.pid} on" in err
+        assert "pass another --out" in err
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE], "nothing written"
+    finally:
+        other.kill()
+        other.wait()
+    assert (run / LOCK_FILE).exists(), "a job killed hard leaves its lock file"
     assert main([*RUN, "--episodes", "2", "--quiet", "--out", str(run)]) == 0
     assert (run / "report.json").exists() and not (run / LOCK_FILE).exists()
-    elsewhere = {**alive, "host": "another-host"}
-    (run / LOCK_FILE).write_text(json.dumps(elsewhere))
-    with pytest.raises(RlMtdError, match="on another-host.*delete"):
-        RunLock().take(run)
+    with RunLock() as lock:  # a --resume while this run is going on
+        lock.take(run)
+        rc = main(["--resume", str(run), "--episodes", "3", "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"then --resume {run} again" in err
