@@ -260,7 +260,10 @@ def search(
     # Timing the layers for a latency budget is charged like the study: everything the model
     # holds, also when read from the cache (what it times later falls inside the clock).
     latency_seconds = latency.seconds if latency is not None else 0.0
-    if episodes_before:  # charged by the invocation that started it
+    # An earlier invocation saved (before its first episode, too) has charged what comes
+    # before the search: the latency model, the study and the heuristic's start.
+    charged = bool(state.get("invocations"))
+    if charged:
         latency_seconds = 0.0
         if study is None or study.evaluations == 0:  # unless measured anew (cache cleared)
             study_seconds = 0.0
@@ -268,7 +271,7 @@ def search(
     # measured by the study's own proxy: not among the search's proxy_evaluations
     invocation["study_evaluations"] = study.evaluations if study is not None else 0
     invocation["latency_model_seconds"] = latency_seconds
-    if episodes_before:  # the heuristic made again for its order: its start was charged
+    if charged:  # the heuristic made again for its order: its start was charged
         start_seconds = 0.0
     t0 = time.perf_counter() - study_seconds - latency_seconds - start_seconds
     interrupted = finished = False  # finished: learn() ran to its end (saved for --resume)

@@ -2164,22 +2164,32 @@ def test_ctrl_c_in_the_warm_start_study_says_how_to_go_on(tmp_path, monkeypatch,
 
 def test_ctrl_c_before_the_first_episode_says_how_to_resume(tmp_path, monkeypatch, caplog, capsys):
     """Ctrl-C before any episode finished was reported as a user error (exit 2, "nothing to
-    apply") with no word of --resume, which works: now exit 130 and the way on."""
-    from envs.mixed_decomposition import MixedDecompositionEnv
+    apply") with no word of --resume, which works: now exit 130 and the way on. The resumed
+    search does not charge the warm start's study and start again (the first invocation's save
+    before its first episode charged them)."""
+    from stable_baselines3 import PPO
 
-    real_step = MixedDecompositionEnv.step
+    real_learn = PPO.learn
 
-    def ctrl_c(self, action):
+    def ctrl_c(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(MixedDecompositionEnv, "step", ctrl_c)
+    monkeypatch.setattr(PPO, "learn", ctrl_c)  # after the warm start, before any episode
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
-        assert main([*COMMON, *SEARCH, "--out", str(out)]) == 130
+        # the warm start of test_warm_start_begins_at_the_heuristic_and_caches_its_study: its
+        # study is cached in the CLI tests' shared cache by then, so this costs no study
+        argv = [*COMMON, *SEARCH, "--warm-start", "sensitivity", "--out", str(out)]
+        assert main(argv) == 130
     assert f"--resume {out}" in caplog.text and "error:" not in capsys.readouterr().err
-    monkeypatch.setattr(MixedDecompositionEnv, "step", real_step)
+    first = read_json(out / "search_state.json")
+    assert first["invocations"][0]["study_seconds"] > 0
+    monkeypatch.setattr(PPO, "learn", real_learn)
     assert main(["--resume", str(out), "--no-progress", "--quiet"]) == 0
     assert read_json(out / "report.json")["episodes"] == 3
+    state = read_json(out / "search_state.json")
+    assert state["invocations"][1]["study_seconds"] == 0, "charged once, by the first"
+    assert state["seconds"] < first["seconds"] + sum(e["seconds"] for e in state["episodes"]) + 60
 
 
 def test_a_report_after_an_interrupted_search_says_so(tmp_path, monkeypatch, caplog):
