@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rl_mtd")
 
+BASELINE_FALLBACK = "baseline.pt"
+"""Where in the run directory a trained baseline goes that the cache had no room for; kept by
+--overwrite, since the run's config.json names it."""
+
 
 def load_data(cfg: RunConfig) -> tuple[DataSplits, Cifar]:
     """Load the dataset and split it; size caps above what the data holds mean "all of it"."""
@@ -202,8 +206,6 @@ def get_baseline(
 
 def kept_baseline(cfg: RunConfig, run_dir: Path | None) -> Path | None:
     """A resumed run's own baseline.pt (one the full cache could not keep), if it has one."""
-    from agents.run_dir import BASELINE_FALLBACK
-
     if cfg.resume is None or cfg.checkpoint is not None or run_dir is None:
         return None
     kept = run_dir / BASELINE_FALLBACK
@@ -215,8 +217,6 @@ def _keep_elsewhere(
 ) -> Path:
     """Where a baseline just trained goes when the cache has no room for it (a full disk): the
     run directory, rather than losing hours of training; the run goes on with it."""
-    from agents.run_dir import BASELINE_FALLBACK
-
     fallback = keep_dir / BASELINE_FALLBACK
     try:
         keep_dir.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agents.config import RunConfig
+from agents.config import RunConfig, _at_least
+from agents.run_dir import RUN_CONFIG_KEYS, data_path
 from rl_mtd.errors import RlMtdError
-
-RUN_CONFIG_KEYS = ("net", "width")
-"""Keys every run's config.json has held, whatever its version."""
 
 
 def resume_config(
@@ -50,13 +48,14 @@ def resume_config(
     cfg.resume, cfg.out, cfg.argv = str(run_dir), str(run_dir), argv
     _check_named_files(run_dir, cfg)
     for flag, value in (("--episodes", episodes), ("--timesteps", timesteps)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise RlMtdError(
-                f"--resume {run_dir} {flag} {value}: {flag} must be a whole number >= 1, the "
-                "search's total (what is done included)"
-            )
+        if value is not None:
+            try:
+                _at_least(flag, value, 1)
+            except RlMtdError as exc:  # the command line's, not config.json's
+                raise RlMtdError(
+                    f"--resume {run_dir} {flag} {value}: {exc} (the search's total, what is done "
+                    "included)"
+                ) from None
     cfg.search_more = episodes is not None or timesteps is not None
     if episodes is not None:
         cfg.episodes, cfg.timesteps = episodes, None
@@ -81,8 +80,6 @@ def resume_config(
 def _check_named_files(run_dir: Path, cfg: RunConfig) -> None:
     """The files config.json names are still there: else say so, and not that it was edited
     (runs before absolute paths were recorded name them relative to where they started)."""
-    from agents.run_dir import data_path  # it imports this module
-
     for flag, value in (
         ("--data", data_path(cfg.data)),
         ("--checkpoint", cfg.checkpoint),

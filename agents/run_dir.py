@@ -44,16 +44,13 @@ STALE_OUTPUTS = (
     "model.torchscript.pt",
 )
 """Also cleared by --overwrite, so no earlier run's result stands beside an unfinished one."""
-BASELINE_FALLBACK = "baseline.pt"
-"""A trained baseline the cache had no room for (``agents.inputs.get_baseline``): kept by
---overwrite, since a config.json may name it."""
+RUN_CONFIG_KEYS = ("net", "width")
+"""Keys every run's config.json has held, whatever its version."""
 
 
 def holds_run(directory: Path) -> bool:
     """Whether ``directory`` holds a run_agent.py run: a config.json with the keys every run's
-    has (``agents.resume.RUN_CONFIG_KEYS``)."""
-    from agents.resume import RUN_CONFIG_KEYS
-
+    has (``RUN_CONFIG_KEYS``)."""
     try:
         data = json.loads((directory / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
