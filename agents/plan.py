@@ -12,10 +12,14 @@ import torch
 from torch import nn
 
 from agents.config import RunConfig
+from rl_mtd import factorize
 from rl_mtd.baselines import SENSITIVITY_LEVELS
+from rl_mtd.baselines.sensitivity import study_entries
 from rl_mtd.budget import check_target
+from rl_mtd.budget_table import BudgetTable
 from rl_mtd.data import DataSplits, Split
-from rl_mtd.decompose import DECOMPOSED, FactorCache, conv_layers
+from rl_mtd.decompose import DECOMPOSED, FactorCache, Rank, conv_layers
+from rl_mtd.factorize import default_max_iter, sweep_work
 from rl_mtd.models import build_vgg
 from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy, ProxyConfig
@@ -41,6 +45,10 @@ class Timing:
     n_layers: int
     repair_step_seconds: float = 0.0
     """One repair step of a compressed model (what a study with fewer steps saves per step)."""
+    study_evals: int | None = None
+    """Proxy evaluations of the sensitivity study (None: every layer x method x level)."""
+    study_factor_seconds: float = 0.0
+    """Factorising the study's options, which its evaluations' time leaves out."""
 
 
 def measure(
@@ -54,10 +62,11 @@ def measure(
     torch.manual_seed(cfg.seed)
     probe = build_vgg(cfg.net, width=cfg.width).to(device)
     t_step = _time_train_step(probe, splits.train, cfg.batch_size)
-    t_episode, t_repair = (
-        _time_episode(probe, splits, device, proxy_config, t_step) if search else (0.0, 0.0)
-    )
-    return Timing(t_step, t_episode, len(conv_layers(probe)), t_repair)
+    if not search:
+        return Timing(t_step, 0.0, len(conv_layers(probe)))
+    t_episode, t_repair = _time_episode(probe, splits, device, proxy_config, t_step)
+    evals, factor_seconds = _study_cost(probe)
+    return Timing(t_step, t_episode, len(conv_layers(probe)), t_repair, evals, factor_seconds)
 
 
 def _time_train_step(model: nn.Module, split: Split, batch_size: int) -> float:
@@ -144,6 +153,77 @@ def _repair_step_seconds(proxy: Proxy, compressed: nn.Module, slow: bool = False
     return max(min(rounds), 1e-6)
 
 
+def _study_cost(model: nn.Module) -> tuple[int, float]:
+    """The sensitivity study of ``model``'s shape: its proxy evaluations (one per layer, method
+    and distinct rank that shrinks the layer) and the seconds factorising their options takes.
+
+    Per method, two options are timed (the least work and the median): a CP fit by
+    ``CALIBRATION_SWEEPS`` sweeps, a Tucker-2 fit whole. The others' time is read off the line
+    through them over the work of one sweep (``rl_mtd.factorize.sweep_work``; for Tucker-2 the
+    kernel's size times its two ranks): a fixed overhead plus the arithmetic, times the sweep cap
+    for CP. An upper bound: a CP fit that converges stops before its cap.
+    """
+    convs = [conv for _, conv in conv_layers(model)]
+    table = BudgetTable(model, DECOMPOSED, SENSITIVITY_LEVELS)
+    options = sorted({(i, method, rank) for (i, method, _), rank in study_entries(table)}, key=str)
+    seconds = 0.0
+    for method in DECOMPOSED:
+        mine = [(convs[i].weight.detach(), rank) for i, m, rank in options if m == method]
+        if not mine:
+            continue
+        work = [_fit_work(w, method, rank) for w, rank in mine]
+        order = sorted(range(len(mine)), key=lambda k: work[k][1])
+        picks = sorted({order[0], order[len(order) // 2]}, key=lambda k: work[k][1])
+        timed = [(work[k][1], _time_fit(mine[k][0], method, mine[k][1])) for k in picks]
+        seconds += sum(count * _unit_seconds(timed, unit) for count, unit in work)
+    return len(options), seconds
+
+
+CALIBRATION_SWEEPS = 20
+"""CP sweeps a calibration fit of ``_study_cost`` runs (its time per sweep is what is used)."""
+
+
+def _fit_work(weight: torch.Tensor, method: str, rank: Rank) -> tuple[int, float]:
+    """(units, multiply-adds per unit) of one fit: CP's sweep cap and the work of a sweep;
+    Tucker-2 one unit, the kernel's size times its two ranks."""
+    shape = tuple(weight.shape)
+    if method == "cp":
+        return default_max_iter(shape, rank), float(sweep_work(shape, rank))  # type: ignore[arg-type]
+    return 1, float(weight.numel() * sum(rank))  # type: ignore[arg-type]
+
+
+def _time_fit(weight: torch.Tensor, method: str, rank: Rank) -> float:
+    """Seconds of one unit of ``_fit_work``: a CP sweep (of a fit forced to run
+    ``CALIBRATION_SWEEPS``), a whole Tucker-2 fit; after a warm-up, synchronised on CUDA."""
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        if method == "cp":
+            f = factorize.cp(weight, rank, max_iter=CALIBRATION_SWEEPS, tol=-math.inf)  # type: ignore[arg-type]
+            sync()
+            return (time.perf_counter() - t0) / max(f.iterations, 1)
+        factorize.tucker2(weight, rank)  # type: ignore[arg-type]
+        sync()
+        return time.perf_counter() - t0
+
+    once()
+    return once()
+
+
+def _unit_seconds(timed: list[tuple[float, float]], work: float) -> float:
+    """Seconds of a unit of ``work`` multiply-adds, on the line ``a + b x work`` through the two
+    timed units; in proportion to the nearer one where there is one, or the line would have a
+    negative coefficient."""
+    if len(timed) == 2:
+        (w0, t0), (w1, t1) = timed
+        if w1 > w0 and t1 >= t0:
+            b = (t1 - t0) / (w1 - w0)
+            return t0 + b * (work - w0)
+    ref_w, ref_t = min(timed, key=lambda x: abs(math.log(x[0] / work)))
+    return ref_t * work / ref_w
+
+
 def _probe_policy(model: nn.Module, proxy: Proxy) -> Policy:
     from rl_mtd.decompose import rank_for_ratio
 
@@ -177,11 +257,17 @@ def print_plan(
     t_step = timing.step_seconds
     # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
     # method and level, one proxy evaluation each; cached per baseline, so often free.
+    study_runs = not (
+        replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
+    )
     study_evals = (
         0
-        if replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
+        if not study_runs
+        else timing.study_evals
+        if timing.study_evals is not None
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)
     )
+    study_factor = timing.study_factor_seconds if study_evals else 0.0
     from agents.ppo import timestep_episodes  # stable-baselines3: only where needed
 
     # As the search runs them: --timesteps in whole PPO rollouts, else the episodes left, and
@@ -197,7 +283,7 @@ def print_plan(
         "baseline": cfg.baseline_epochs * steps_per_epoch * t_step * (1 - (baseline_done or 0))
         if need_baseline
         else 0.0,
-        "study": study_evals * _study_eval_seconds(cfg, timing),
+        "study": study_evals * _study_eval_seconds(cfg, timing) + study_factor,
         "search": 0.0 if replay_path else episodes_left * timing.episode_seconds,
         # --final-check: a short fine-tune of each candidate (search time).
         "final check": 0.0
@@ -256,8 +342,9 @@ def print_plan(
         *(
             [
                 f"  2. sensitivity study: up to {study_evals} proxy evaluations with "
-                f"{cfg.study_steps} repair steps each (~{_fmt(est['study'])}; none if cached "
-                "for this baseline)"
+                f"{cfg.study_steps} repair steps each (~{_fmt(est['study'])}"
+                + (f", of which ~{_fmt(study_factor)} factorising" if study_factor else "")
+                + "; none if cached for this baseline)"
             ]
             if study_evals
             else []

@@ -202,9 +202,14 @@ def default_max_iter(shape: tuple[int, ...], rank: int) -> int:
     ``SWEEP_WORK`` over the multiply-adds of one sweep: two contractions of the kernel with a
     channel factor, the (R x R) Cholesky solves and the solves' right-hand sides.
     """
+    return int(min(MAX_SWEEPS, max(MIN_SWEEPS, SWEEP_WORK // max(sweep_work(shape, rank), 1))))
+
+
+def sweep_work(shape: tuple[int, ...], rank: int) -> int:
+    """Multiply-adds of one CP-ALS sweep of a kernel of ``shape`` at ``rank`` (see
+    ``default_max_iter``)."""
     o, i, kh, kw = shape
-    per_sweep = 2 * o * i * kh * kw * rank + 4 * rank**3 + 2 * rank**2 * (o + i + kh + kw)
-    return int(min(MAX_SWEEPS, max(MIN_SWEEPS, SWEEP_WORK // max(per_sweep, 1))))
+    return 2 * o * i * kh * kw * rank + 4 * rank**3 + 2 * rank**2 * (o + i + kh + kw)
 
 
 def _khatri_rao(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

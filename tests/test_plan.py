@@ -172,3 +172,83 @@ def test_the_plan_says_when_the_final_check_keeps_the_heuristic_unless_beaten(ca
             plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
         assert "then the final check: the 2 best policies" in caplog.text
         assert (said in caplog.text) == shown
+
+
+def test_the_study_is_planned_by_its_evaluations_and_its_factorising(caplog):
+    """The study's estimate: its distinct evaluations (levels sharing a rank share one) at the
+    study's cost each, plus factorising their options, which the plan names."""
+    import torch
+
+    from agents.config import RunConfig
+
+    splits = types.SimpleNamespace(train=range(1000), proxy=range(10), test=range(10))
+    timing = plan.Timing(
+        step_seconds=0.5,
+        episode_seconds=3.0,
+        n_layers=8,
+        study_evals=50,
+        study_factor_seconds=60.0,
+    )
+    cfg = RunConfig(episodes=1, warm_start="sensitivity", repair_steps=50)
+    with caplog.at_level("INFO"):
+        est = plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)
+    assert est["study"] == pytest.approx(50 * 3.0 + 60.0)
+    assert "up to 50 proxy evaluations" in caplog.text
+    assert "of which ~60 s factorising" in caplog.text
+    # Without a study (no warm start, no study observation) neither is charged.
+    cfg = RunConfig(episodes=1, warm_start="none", observe="layer")
+    assert plan.print_plan(cfg, splits, torch.device("cpu"), timing, False, None)["study"] == 0
+
+
+def test_a_fit_unit_is_read_off_the_line_through_two_timed_ones():
+    """a + b x work through (100, 1 s) and (300, 2 s); one point, or a falling line (timing
+    noise), scales the nearer point in proportion."""
+    line = [(100.0, 1.0), (300.0, 2.0)]
+    assert plan._unit_seconds(line, 500.0) == pytest.approx(3.0)
+    assert plan._unit_seconds(line, 100.0) == pytest.approx(1.0)
+    assert plan._unit_seconds([(100.0, 1.0)], 400.0) == pytest.approx(4.0)
+    falling = [(100.0, 1.0), (300.0, 0.5)]
+    assert plan._unit_seconds(falling, 250.0) == pytest.approx(0.5 * 250 / 300)
+
+
+def test_the_study_cost_sums_every_distinct_option_on_a_timed_line(monkeypatch):
+    """On a width-0.125 VGG11 with a fake clock (a unit costs 1 ms + 1 ns per multiply-add), the
+    estimate is the sum over the study's distinct options of units x that, each CP fit at its
+    sweep cap; the evaluations are the study's own entries less those sharing a rank."""
+    from rl_mtd.baselines import SENSITIVITY_LEVELS
+    from rl_mtd.baselines.sensitivity import study_entries
+    from rl_mtd.budget_table import BudgetTable
+    from rl_mtd.decompose import DECOMPOSED, conv_layers
+    from rl_mtd.factorize import default_max_iter, sweep_work
+    from rl_mtd.models import build_vgg
+
+    timed = []
+
+    def fake_time_fit(weight, method, rank):
+        timed.append(method)
+        return 1e-3 + 1e-9 * plan._fit_work(weight, method, rank)[1]
+
+    monkeypatch.setattr(plan, "_time_fit", fake_time_fit)
+    model = build_vgg("vgg11", width=0.125)
+    evals, seconds = plan._study_cost(model)
+    convs = [c for _, c in conv_layers(model)]
+    entries = study_entries(BudgetTable(model, DECOMPOSED, SENSITIVITY_LEVELS))
+    distinct = {(i, m, r) for (i, m, _), r in entries}
+    assert evals == len(distinct) < len(entries)  # the first layer's levels share ranks
+    expected = 0.0
+    for i, method, rank in distinct:
+        shape = tuple(convs[i].weight.shape)
+        if method == "cp":
+            expected += default_max_iter(shape, rank) * (1e-3 + 1e-9 * sweep_work(shape, rank))
+        else:
+            expected += 1e-3 + 1e-9 * convs[i].weight.numel() * sum(rank)
+    assert seconds == pytest.approx(expected)
+    assert sorted(timed) == ["cp", "cp", "tucker2", "tucker2"]  # two calibration fits each
+
+
+@pytest.mark.parametrize("method, rank", [("cp", 4), ("tucker2", (4, 4))])
+def test_a_calibration_fit_is_timed_for_real(method, rank):
+    import torch
+
+    torch.manual_seed(0)
+    assert 0 < plan._time_fit(torch.randn(16, 8, 3, 3), method, rank) < 5.0

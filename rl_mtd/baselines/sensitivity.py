@@ -22,7 +22,13 @@ from rl_mtd.policy import Policy
 from rl_mtd.proxy import Proxy
 from rl_mtd.settle import check_settle_points, study_points
 
-__all__ = ["SENSITIVITY_LEVELS", "SensitivityStudy", "StudyKey", "sensitivity_policy"]
+__all__ = [
+    "SENSITIVITY_LEVELS",
+    "SensitivityStudy",
+    "StudyKey",
+    "sensitivity_policy",
+    "study_entries",
+]
 
 SENSITIVITY_LEVELS: tuple[float, ...] = (2, 4, 8, 16, 32, 64)
 """Levels of the per-layer sensitivity study."""
@@ -64,12 +70,7 @@ class SensitivityStudy:
 
     def keys(self) -> list[tuple[StudyKey, Rank]]:
         """Every entry the study measures, with its rank, in layer-major order."""
-        out = []
-        for i, layer in enumerate(self.table.layers):
-            for (mi, li), (rank, params, _) in layer.options.items():
-                if params < layer.original:
-                    out.append(((i, self.methods[mi], self.levels[li]), rank))
-        return out
+        return study_entries(self.table)
 
     def run(
         self, progress: bool = False, on_result: Callable[[], None] | None = None
@@ -300,6 +301,18 @@ def sensitivity_policy(
         num_classes=proxy.num_classes,
         meta=meta,
     )
+
+
+def study_entries(table: BudgetTable) -> list[tuple[StudyKey, Rank]]:
+    """Every entry a study on ``table`` measures, with its rank, in layer-major order: each
+    option that shrinks its layer (entries of one layer and method at the same rank share one
+    evaluation and one factorisation)."""
+    return [
+        ((i, table.methods[mi], table.levels[li]), rank)
+        for i, layer in enumerate(table.layers)
+        for (mi, li), (rank, params, _) in layer.options.items()
+        if params < layer.original
+    ]
 
 
 def _same_setup(a: Proxy, b: Proxy) -> bool:
