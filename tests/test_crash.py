@@ -194,6 +194,7 @@ def test_full_disk_during_a_run_is_one_clear_line(tmp_path, monkeypatch, capsys)
     from agents import report
 
     out = tmp_path / "run"
+    real = report.write_markdown
     monkeypatch.setattr(report, "write_markdown", lambda path, _r: _enospc_at(path))
     rc = main([*RUN, "--episodes", "2", "--quiet", "--out", str(out)])
     err = capsys.readouterr().err
@@ -202,6 +203,10 @@ def test_full_disk_during_a_run_is_one_clear_line(tmp_path, monkeypatch, capsys)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert (out / "policy.json").exists() and (out / "compressed.pt").exists()
     assert _leftovers(out) == []
+    # Space freed, --resume finishes the report (it is not refused as complete).
+    monkeypatch.setattr(report, "write_markdown", real)
+    assert main(["--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "report.md").exists() and (out / "layers.png").exists()
 
 
 def _enospc_at(path: Path):
