@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from rl_mtd import factorize
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -111,6 +113,11 @@ def test_compare_gives_every_strategy_a_fresh_proxy(script, monkeypatch, tmp_pat
         return real(name, proxy, *args, **kwargs)
 
     monkeypatch.setattr(compare, "strategy_policy", spying)
+    # No pre-filled factor cache (CP-ALS of options no row uses): the rows factorise what they
+    # need as a run does, CP-ALS capped at 50 sweeps (the study's fits were most of the time;
+    # what is tested is the memos, not the factors).
+    monkeypatch.setattr(compare, "prefill_factors", lambda *a, **k: (0.0, 0))
+    monkeypatch.setattr(factorize, "MAX_SWEEPS", 50)
     monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     argv = "--width 0.125 --data synthetic:600,200 --baseline-epochs 1 --proxy-size 200 "
