@@ -197,17 +197,13 @@ def _solve(
 
 
 def default_max_iter(shape: tuple[int, ...], rank: int) -> int:
-    """The sweep cap ``cp`` uses by default for a kernel of ``shape`` at ``rank``.
-
-    ``SWEEP_WORK`` over the multiply-adds of one sweep: two contractions of the kernel with a
-    channel factor, the (R x R) Cholesky solves and the solves' right-hand sides.
-    """
+    """The sweep cap ``cp`` uses by default: ``SWEEP_WORK`` over ``sweep_work``."""
     return int(min(MAX_SWEEPS, max(MIN_SWEEPS, SWEEP_WORK // max(sweep_work(shape, rank), 1))))
 
 
 def sweep_work(shape: tuple[int, ...], rank: int) -> int:
-    """Multiply-adds of one CP-ALS sweep of a kernel of ``shape`` at ``rank`` (see
-    ``default_max_iter``)."""
+    """Multiply-adds of one CP-ALS sweep of a kernel of ``shape`` at ``rank``: two contractions
+    of the kernel with a channel factor, the (R x R) Cholesky solves and their right-hand sides."""
     o, i, kh, kw = shape
     return 2 * o * i * kh * kw * rank + 4 * rank**3 + 2 * rank**2 * (o + i + kh + kw)
 
