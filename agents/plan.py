@@ -257,12 +257,9 @@ def print_plan(
     t_step = timing.step_seconds
     # The sensitivity study (warm start, --observe study): each layer alone at each decomposed
     # method and level, one proxy evaluation each; cached per baseline, so often free.
-    study_runs = not (
-        replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
-    )
     study_evals = (
         0
-        if not study_runs
+        if replay_path or search_done or (cfg.warm_start == "none" and cfg.observe != "study")
         else timing.study_evals
         if timing.study_evals is not None
         else timing.n_layers * len(DECOMPOSED) * len(SENSITIVITY_LEVELS)

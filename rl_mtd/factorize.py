@@ -64,9 +64,8 @@ FIT_TOL = 1e-6  # stop once the relative error ||W - W_hat|| / ||W|| is this sma
 STALL_WINDOW = 10  # sweeps over which progress is measured against the tolerance
 SWAMP_ERR = 0.25  # below this relative error a stall may be a swamp: be patient
 SWAMP_TOL = 1e-9  # the stall tolerance there (mean relative improvement per sweep)
-# Default sweep cap: a fixed budget of floating-point work per fit (see ``default_max_iter``),
-# within [MIN_SWEEPS, MAX_SWEEPS]: 50 sweeps for 512x512x3x3 at rank 128 (about 1.2 s on 2 CPU
-# cores, where 100 plain sweeps took 2.2 s), 1000 for 64x32x3x3 at rank 8 (under 1 ms each).
+# Default sweep cap: a fixed work budget per fit, within [MIN_SWEEPS, MAX_SWEEPS]: 50 sweeps for
+# 512x512x3x3 at rank 128 (about 1.2 s on 2 CPU cores), 1000 for 64x32x3x3 at rank 8 (< 1 ms each).
 SWEEP_WORK = 1e10
 MIN_SWEEPS, MAX_SWEEPS = 50, 1000
 # Line search: the step is ``sweep ** (1 / power)``; after this many rejections in a row the

@@ -32,6 +32,16 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def short_cp_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CP-ALS capped at 50 sweeps, for tests of the command line and the benchmarks, not of the
+    factors (their studies' CP fits were a third of their time); tests/test_factorize.py and
+    test_decompose.py check CP uncapped."""
+    from rl_mtd import factorize
+
+    monkeypatch.setattr(factorize, "MAX_SWEEPS", 50)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Nothing goes to ~/.cache, and a user's $RL_MTD_DATA does not leak into a test; nor do the

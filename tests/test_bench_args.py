@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from rl_mtd import factorize
-
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -100,7 +98,7 @@ def test_latency_prints_each_batch_table_before_timing_the_next(script, monkeypa
 
 
 @pytest.mark.slow
-def test_compare_gives_every_strategy_a_fresh_proxy(script, monkeypatch, tmp_path):
+def test_compare_gives_every_strategy_a_fresh_proxy(script, monkeypatch, tmp_path, short_cp_fits):
     """Local search shared the study's proxy, whose memo held the heuristic's policy that the
     sensitivity row had scored: its first evaluation was free and it made fewer new ones than
     the PPO row beside it. Each strategy now starts from an empty memo, and rows.json counts the
@@ -114,10 +112,8 @@ def test_compare_gives_every_strategy_a_fresh_proxy(script, monkeypatch, tmp_pat
 
     monkeypatch.setattr(compare, "strategy_policy", spying)
     # No pre-filled factor cache (CP-ALS of options no row uses): the rows factorise what they
-    # need as a run does, CP-ALS capped at 50 sweeps (the study's fits were most of the time;
-    # what is tested is the memos, not the factors).
+    # need as a run does (and CP-ALS is capped: what is tested is the memos, not the factors).
     monkeypatch.setattr(compare, "prefill_factors", lambda *a, **k: (0.0, 0))
-    monkeypatch.setattr(factorize, "MAX_SWEEPS", 50)
     monkeypatch.setenv("RL_MTD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     argv = "--width 0.125 --data synthetic:600,200 --baseline-epochs 1 --proxy-size 200 "

@@ -16,7 +16,6 @@ from agents.cli import main
 from agents.config import RunConfig
 from agents.presets import PRESETS
 from agents.replay import HOW_MADE
-from rl_mtd import factorize
 from rl_mtd.checkpoints import save_baseline
 from rl_mtd.data import MEAN, load_cifar10, make_splits
 from rl_mtd.decompose import METHODS
@@ -92,11 +91,7 @@ LAYER_FIELDS = ("name", "method", "rank", "params", "macs")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _short_cp_fits(monkeypatch):
-    """CP-ALS capped at 50 sweeps: these tests check the command line, not the factors (the
-    studies' CP fits were a third of the warm-start tests' time)."""
-    monkeypatch.setattr(factorize, "MAX_SWEEPS", 50)
+pytestmark = pytest.mark.usefixtures("short_cp_fits")  # they check the command line
 
 
 @pytest.fixture(scope="session")
